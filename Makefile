@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Both work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# On these machines torch==2.13.0 is a CPU build on local disk; elsewhere set TORCH_SPEC="torch>=2.4"
+# (or leave your own CUDA build in place) -- the package itself only asks for torch>=2.4.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m ddpm demo --out runs/demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,8 @@
+"""ddpm: Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020), faithful to the paper."""
+
+from .diffusion import DiffusionConfig, GaussianDiffusion
+from .errors import UserError
+from .schedules import SCHEDULES, make_betas
+
+__version__ = "0.1.0"
+__all__ = ["DiffusionConfig", "GaussianDiffusion", "UserError", "SCHEDULES", "make_betas"]

@@ -1,0 +1,109 @@
+"""Typed configs: one frozen dataclass per concern, validated when built, saved as JSON.
+
+Each concern (model, diffusion, data, training) owns a dataclass in its own module and
+inherits `Config`, which gives it `to_dict`, `from_dict` (unknown keys are an error that lists
+the valid ones) and `replace`. Lists in JSON become tuples so configs stay hashable and compare
+equal after a round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, Mapping
+
+from .errors import UserError
+
+
+class Config:
+    """Mixin for frozen dataclasses. Subclasses may define `validate(self)` (called on build)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
+        self.validate()
+
+    def validate(self) -> None:  # overridden where there is something to check
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config"):
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise UserError(
+                f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
+                f"valid fields: {', '.join(names)}"
+            )
+        return cls(**{k: _coerce(cls, k, v, where) for k, v in d.items()})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(cls, name: str, value: Any, where: str) -> Any:
+    """Coerce a JSON / command-line value to the field's annotated type, or fail with one line."""
+    hints = typing.get_type_hints(cls)
+    tp = hints.get(name)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return low in ("true", "1", "yes")
+            return bool(value)
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return tp(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            inner = args[0] if args else str
+            inner = inner if inner in (int, float, str) else (lambda v: v)
+            return tuple(inner(v) for v in value)
+        if origin is typing.Union and type(None) in args:  # Optional[X]
+            inner = [a for a in args if a is not type(None)][0]
+            if inner in (int, float, str):
+                return inner(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: field {name}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def apply_overrides(cfg, pairs: list[str], where: str = "--set"):
+    """Apply `key=value` strings (as given to --set) to a config, with the same checks as JSON."""
+    changes: dict[str, Any] = {}
+    for p in pairs:
+        if "=" not in p:
+            raise UserError(f"{where} {p!r}: expected key=value")
+        k, v = p.split("=", 1)
+        changes[k.strip()] = v.strip()
+    d = cfg.to_dict()
+    names = set(d)
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
+    d.update(changes)
+    return type(cfg).from_dict(d, where=where)
+
+
+def load_json(path, where: str | None = None) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None

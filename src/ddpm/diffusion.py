@@ -1,0 +1,385 @@
+"""The diffusion process of Ho, Jain & Abbeel (2020), apart from any network.
+
+`GaussianDiffusion` owns the fixed forward chain q, the posterior q(x_{t-1} | x_t, x_0), the
+reverse chain p_θ built from a model's output, the training losses (L_simple and the true bound)
+and bits/dim. Every method takes the model (any callable `model(x_t [B,C,H,W], t [B] int64)`) as
+an argument; this module imports no network code.
+
+Indexing: code index `t = 0 … T-1` is the paper's t + 1 (PAPER.md § "Notation"). The formulas
+follow the official code (diffusion_tf/diffusion_utils_2.py, `GaussianDiffusion2`) constant for
+constant; the additions from later work (`v`, `learned_range`, `hybrid`, `cosine`) follow
+Salimans & Ho (2022) and Nichol & Dhariwal (2021) and are off by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import Config
+from .errors import UserError, check_choice
+from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .schedules import SCHEDULES, make_betas
+
+MEAN_TYPES = ("eps", "x0", "xprev", "v")
+VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
+LOSS_TYPES = ("mse", "kl", "hybrid")
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[torch.Size], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DiffusionConfig(Config):
+    """The process and its parametrisation. Defaults are the paper's CIFAR-10 choices."""
+
+    schedule: str = "linear"
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    mean_type: str = "eps"
+    var_type: str = "fixedlarge"
+    loss_type: str = "mse"
+    hybrid_lambda: float = 0.001  # λ of L_hybrid = L_simple + λ L_vlb (Nichol & Dhariwal)
+
+    def validate(self):
+        check_choice("diffusion.schedule", self.schedule, SCHEDULES)
+        check_choice("diffusion.mean_type", self.mean_type, MEAN_TYPES)
+        check_choice("diffusion.var_type", self.var_type, VAR_TYPES)
+        check_choice("diffusion.loss_type", self.loss_type, LOSS_TYPES)
+        _check_combination(self.schedule, self.mean_type, self.var_type, self.loss_type)
+
+    def betas(self) -> np.ndarray:
+        return make_betas(self.schedule, self.T, self.beta_start, self.beta_end)
+
+
+def _check_combination(schedule: Optional[str], mean_type: str, var_type: str, loss_type: str) -> None:
+    learned = var_type in ("learned", "learned_range")
+    if loss_type == "mse" and learned:
+        raise UserError(
+            f"loss_type='mse' cannot train var_type={var_type!r} (L_simple has no variance term); "
+            "use loss_type='hybrid' or 'kl', or a fixed variance ('fixedlarge', 'fixedsmall')"
+        )
+    if loss_type == "hybrid" and not learned:
+        raise UserError(
+            f"loss_type='hybrid' only makes sense with a learned variance, not var_type={var_type!r}; "
+            "use var_type='learned_range' or 'learned', or loss_type='mse'"
+        )
+
+
+class GaussianDiffusion:
+    """Forward process, posterior, reverse process, losses and bits/dim (PAPER.md §2–3).
+
+    :param betas: β_1 … β_T, float64 array [T] (see `make_betas`).
+    :param mean_type: what the network predicts: 'eps' (paper), 'x0', 'xprev', 'v'.
+    :param var_type: 'fixedlarge' (σ² = β, CIFAR-10), 'fixedsmall' (σ² = β̃, 256×256),
+        'learned' (log σ² output), 'learned_range' (interpolation between log β̃ and log β).
+    :param loss_type: 'mse' (L_simple, Algorithm 1), 'kl' (true bound, eq. 5), 'hybrid'.
+    """
+
+    def __init__(self, betas, mean_type: str = "eps", var_type: str = "fixedlarge", loss_type: str = "mse",
+                 hybrid_lambda: float = 0.001):
+        check_choice("mean_type", mean_type, MEAN_TYPES)
+        check_choice("var_type", var_type, VAR_TYPES)
+        check_choice("loss_type", loss_type, LOSS_TYPES)
+        _check_combination(None, mean_type, var_type, loss_type)
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or len(betas) < 2:
+            raise UserError(f"betas must be a 1-D array of at least 2 steps (got shape {betas.shape}); "
+                            "the clipped posterior log-variance at t=0 borrows the value at t=1")
+        if not ((betas > 0).all() and (betas <= 1).all()):
+            raise UserError("every β must lie in (0, 1]")
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        if alphas_cumprod[-1] == 0.0 and mean_type == "eps":
+            raise UserError(
+                "this schedule reaches ᾱ_T = 0 (e.g. 'jsd', whose last β is 1), where x_0 cannot be recovered "
+                "from ε; use mean_type='x0', 'v' or 'xprev', or another schedule"
+            )
+        self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
+        self.hybrid_lambda = float(hybrid_lambda)
+        self.num_timesteps = T = len(betas)
+
+        # All tables in float64 (PAPER.md: "computed in float64 and only then cast").
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)  # β̃_t, eq. 7
+        with np.errstate(divide="ignore"):
+            tables = dict(
+                betas=betas,
+                alphas_cumprod=alphas_cumprod,
+                alphas_cumprod_prev=alphas_cumprod_prev,
+                sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+                sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+                log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+                sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+                sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1),
+                posterior_variance=posterior_variance,
+                # β̃ is 0 at t = 0: its log is "clipped" by borrowing the value at t = 1.
+                posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+                posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+                posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+                # fixedlarge: σ² = β_t, but the log-variance at t = 0 is log β̃_1 for a better decoder
+                # likelihood (the official code's choice for CIFAR-10).
+                fixedlarge_variance=betas,
+                fixedlarge_log_variance=np.log(np.append(posterior_variance[1], betas[1:])),
+            )
+        assert all(v.shape == (T,) for v in tables.values())
+        self._tables64 = {k: torch.from_numpy(v) for k, v in tables.items()}
+        self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig) -> "GaussianDiffusion":
+        return cls(cfg.betas(), cfg.mean_type, cfg.var_type, cfg.loss_type, cfg.hybrid_lambda)
+
+    # ------------------------------------------------------------------ tables and broadcasting
+    def table(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Table `name` [T] on `like`'s device, cast once and cached (never below float32)."""
+        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+        key = (like.device, dtype)
+        if key not in self._cache:
+            self._cache[key] = {k: v.to(device=like.device, dtype=dtype) for k, v in self._tables64.items()}
+        return self._cache[key][name]
+
+    def extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """table[t] reshaped to [B, 1, 1, …] to broadcast against x [B, C, H, W]."""
+        out = self.table(name, x)[t]
+        return out.view(t.shape[0], *([1] * (x.ndim - 1)))
+
+    # ------------------------------------------------------------------ forward process
+    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
+        """q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) (eq. 4) -> (mean, variance, log_variance)."""
+        mean = self.extract("sqrt_alphas_cumprod", t, x0) * x0
+        variance = self.extract("sqrt_one_minus_alphas_cumprod", t, x0) ** 2
+        log_variance = self.extract("log_one_minus_alphas_cumprod", t, x0)
+        return mean, variance.expand_as(x0), log_variance.expand_as(x0)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0) = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (eq. 4)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return self.extract("sqrt_alphas_cumprod", t, x0) * x0 + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+
+    def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I) (eq. 6–7) -> (mean, variance, clipped log_variance)."""
+        mean = self.extract("posterior_mean_coef1", t, x_t) * x0 + self.extract("posterior_mean_coef2", t, x_t) * x_t
+        variance = self.extract("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self.extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        return mean, variance, log_variance
+
+    # ------------------------------------------------------------------ parametrisations
+    def predict_x0_from_eps(self, x_t, t, eps):
+        # x_0 = √(1/ᾱ_t) x_t − √(1/ᾱ_t − 1) ε  (eq. 4 solved for x_0)
+        return self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+
+    def predict_eps_from_x0(self, x_t, t, x0):
+        return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self.extract("sqrt_recipm1_alphas_cumprod", t, x_t)
+
+    def predict_x0_from_xprev(self, x_t, t, xprev):
+        # μ̃ = c1 x_0 + c2 x_t  =>  x_0 = (μ̃ − c2 x_t) / c1
+        c1 = self.extract("posterior_mean_coef1", t, x_t)
+        return (xprev - self.extract("posterior_mean_coef2", t, x_t) * x_t) / c1
+
+    def predict_x0_from_v(self, x_t, t, v):
+        # v = √ᾱ ε − √(1−ᾱ) x_0 (Salimans & Ho 2022)  =>  x_0 = √ᾱ x_t − √(1−ᾱ) v
+        return self.extract("sqrt_alphas_cumprod", t, x_t) * x_t - self.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v
+
+    def v_target(self, x0, t, noise):
+        return self.extract("sqrt_alphas_cumprod", t, x0) * noise - self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+
+    # ------------------------------------------------------------------ reverse process
+    def model_output_channels(self, data_channels: int) -> int:
+        """How many channels the network must output: 2C when it also predicts a variance."""
+        return 2 * data_channels if self.var_type in ("learned", "learned_range") else data_channels
+
+    def p_mean_variance(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                        model_output: Optional[torch.Tensor] = None) -> dict:
+        """p_θ(x_{t-1} | x_t) = N(μ_θ(x_t, t), σ_t² I) (§3.2).
+
+        :param model_output: the network's output for (x_t, t), if already computed.
+        :return: dict(mean, variance, log_variance, pred_x0, model_output), each [B, C, H, W].
+        """
+        if model_output is None:
+            model_output = model(x_t, t)
+        # A bf16 network output is brought back to x_t's dtype before any formula touches it.
+        model_output = model_output.to(x_t.dtype)
+        B, C = x_t.shape[:2]
+        if self.var_type in ("learned", "learned_range"):
+            assert model_output.shape[1] == 2 * C, f"a learned variance needs {2 * C} output channels, got {model_output.shape[1]}"
+            out, var_out = model_output.split(C, dim=1)
+            if self.var_type == "learned":
+                log_variance = var_out
+            else:  # Nichol & Dhariwal eq. 15: interpolate between log β̃_t and log β_t
+                frac = (var_out + 1) / 2
+                min_log = self.extract("posterior_log_variance_clipped", t, x_t)
+                max_log = self.extract("betas", t, x_t).log()
+                log_variance = frac * max_log + (1 - frac) * min_log
+            variance = log_variance.exp()
+        else:
+            assert model_output.shape[1] == C, f"a fixed variance needs {C} output channels, got {model_output.shape[1]}"
+            out = model_output
+            var_name, log_var_name = {
+                "fixedlarge": ("fixedlarge_variance", "fixedlarge_log_variance"),
+                "fixedsmall": ("posterior_variance", "posterior_log_variance_clipped"),
+            }[self.var_type]
+            variance = self.extract(var_name, t, x_t).expand_as(x_t)
+            log_variance = self.extract(log_var_name, t, x_t).expand_as(x_t)
+
+        maybe_clip = (lambda x: x.clamp(-1.0, 1.0)) if clip_denoised else (lambda x: x)
+        if self.mean_type == "xprev":
+            pred_x0 = maybe_clip(self.predict_x0_from_xprev(x_t, t, out))
+            mean = out
+        else:
+            if self.mean_type == "eps":
+                pred_x0 = self.predict_x0_from_eps(x_t, t, out)
+            elif self.mean_type == "x0":
+                pred_x0 = out
+            else:
+                pred_x0 = self.predict_x0_from_v(x_t, t, out)
+            pred_x0 = maybe_clip(pred_x0)
+            mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
+        return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0, model_output=model_output)
+
+    # ------------------------------------------------------------------ losses
+    def vb_terms_bpd(self, model: Model, x0, x_t, t, clip_denoised: bool = True, model_output=None) -> dict:
+        """One term of the bound (eq. 5) in bits/dim: KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) for t > 0,
+        the discretized decoder −log p_θ(x_0 | x_1) (eq. 13) at t = 0. -> dict(output=[B], pred_x0, out)."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_output=model_output)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / np.log(2.0)
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / np.log(2.0)
+        return dict(output=torch.where(t == 0, decoder_nll, kl), pred_x0=out["pred_x0"], out=out)
+
+    def training_losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> dict:
+        """Per-example training loss (Algorithm 1 for 'mse') -> dict(loss=[B], and its parts).
+
+        'mse': L_simple = ‖target − network(x_t, t)‖², mean over pixels, target ε / x_0 / μ̃ / v.
+        'kl': the term of the true bound at t in bits/dim (unclipped x̂_0, as the official code).
+        'hybrid': L_simple + λ·T·L_t with the mean detached inside the bound (Nichol & Dhariwal).
+        """
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        if self.loss_type == "kl":
+            vb = self.vb_terms_bpd(model, x0, x_t, t, clip_denoised=False)["output"]
+            return dict(loss=vb, vb=vb)
+        model_output = model(x_t, t)
+        C = x0.shape[1]
+        if self.mean_type == "eps":
+            target = noise
+        elif self.mean_type == "x0":
+            target = x0
+        elif self.mean_type == "xprev":
+            target = self.q_posterior_mean_variance(x0, x_t, t)[0]
+        else:
+            target = self.v_target(x0, t, noise)
+        mse = mean_flat((target - model_output[:, :C].to(target.dtype)) ** 2)
+        if self.loss_type == "mse":
+            return dict(loss=mse, mse=mse)
+        # hybrid: the bound only trains the variance; the mean's gradient comes from L_simple alone.
+        frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
+        vb = self.vb_terms_bpd(model, x0, x_t, t, clip_denoised=False, model_output=frozen)["output"]
+        return dict(loss=mse + self.hybrid_lambda * self.num_timesteps * vb, mse=mse, vb=vb)
+
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim, [B]. No parameters; ≈ 0 for the paper's schedule."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean, _, log_variance = self.q_mean_variance(x0, t)
+        return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / np.log(2.0)
+
+    @torch.no_grad()
+    def calc_bpd_loop(self, model: Model, x0: torch.Tensor, clip_denoised: bool = True,
+                      noise_fn: Optional[NoiseFn] = None, progress: bool = False) -> dict:
+        """Bits/dim of the full bound, L_T + Σ_{t>1} L_{t-1} + L_0 (eq. 5), with fresh noise at each t.
+
+        Terms are visited from t = T-1 down to 0 (the official order; `noise_fn` is called once per t,
+        in that order). -> dict(total_bpd [B], prior_bpd [B], vb [B, T], mse [B, T] (ε), x0_mse [B, T]).
+        """
+        B, T = x0.shape[0], self.num_timesteps
+        noise_fn = noise_fn or (lambda shape: torch.randn(shape, device=x0.device, dtype=x0.dtype))
+        vb, mse, x0_mse = (torch.zeros(B, T, device=x0.device, dtype=torch.float32) for _ in range(3))
+        for i in _progress(range(T - 1, -1, -1), progress, "bits/dim"):
+            t = torch.full((B,), i, device=x0.device, dtype=torch.long)
+            noise = noise_fn(x0.shape)
+            x_t = self.q_sample(x0, t, noise)
+            terms = self.vb_terms_bpd(model, x0, x_t, t, clip_denoised=clip_denoised)
+            vb[:, i] = terms["output"]
+            x0_mse[:, i] = mean_flat((terms["pred_x0"] - x0) ** 2)
+            eps = self.predict_eps_from_x0(x_t, t, terms["pred_x0"])
+            mse[:, i] = mean_flat((eps - noise) ** 2)
+        prior = self.prior_bpd(x0)
+        return dict(total_bpd=vb.sum(dim=1) + prior, prior_bpd=prior, vb=vb, mse=mse, x0_mse=x0_mse)
+
+    # ------------------------------------------------------------------ sampling
+    def p_sample(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                 noise: Optional[torch.Tensor] = None) -> dict:
+        """One step of Algorithm 2: x_{t-1} = μ_θ(x_t, t) + σ_t z, with z = 0 at t = 0.
+        -> dict(sample, pred_x0)."""
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
+        if noise is None:
+            noise = torch.randn_like(x_t)
+        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+        return dict(sample=out["mean"] + nonzero * (0.5 * out["log_variance"]).exp() * noise, pred_x0=out["pred_x0"])
+
+    def ddim_step(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, t_prev: int, eta: float = 0.0,
+                  clip_denoised: bool = True, noise: Optional[torch.Tensor] = None) -> dict:
+        """One DDIM step from t to t_prev < t (Song et al. 2021, eq. 12); η = 1 is ancestral-like,
+        η = 0 deterministic. t_prev = -1 means "to x_0" (ᾱ = 1)."""
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
+        eps = self.predict_eps_from_x0(x_t, t, out["pred_x0"])
+        a_t = self.extract("alphas_cumprod", t, x_t)
+        a_prev = self.extract("alphas_cumprod_prev", torch.full_like(t, t_prev + 1), x_t)  # ᾱ at t_prev; 1 at -1
+        sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+        mean = out["pred_x0"] * a_prev.sqrt() + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if noise is None:
+            noise = torch.randn_like(x_t)
+        nonzero = float(t_prev >= 0)
+        return dict(sample=mean + nonzero * sigma * noise, pred_x0=out["pred_x0"])
+
+    @torch.no_grad()
+    def reverse_loop(self, model: Model, x_T: torch.Tensor, timesteps: Sequence[int], step: Callable,
+                     noise_fn: Optional[NoiseFn] = None, progress: bool = False,
+                     callback: Optional[Callable[[int, dict], None]] = None) -> torch.Tensor:
+        """The one reverse loop every sampler shares: x ← step(model, x, t, t_prev, noise)["sample"]
+        over `timesteps` (descending code indices). `step` is `self.ancestral_step` or a DDIM step;
+        `noise_fn(shape)` supplies z (inject a per-image RNG there); `callback(t, out)` sees each
+        step's dict (progressive generation reads out["pred_x0"])."""
+        noise_fn = noise_fn or (lambda shape: torch.randn(shape, device=x_T.device, dtype=x_T.dtype))
+        x = x_T
+        ts = [int(s) for s in timesteps]
+        for i, t_int in enumerate(_progress(ts, progress, "sampling")):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            t = torch.full((x.shape[0],), t_int, device=x.device, dtype=torch.long)
+            out = step(model, x, t, t_prev, noise_fn(x.shape))
+            if callback is not None:
+                callback(t_int, out)
+            x = out["sample"]
+        return x
+
+    def ancestral_step(self, clip_denoised: bool = True) -> Callable:
+        """Algorithm 2's step in the reverse loop's signature (requires consecutive timesteps)."""
+        def step(model, x, t, t_prev, noise):
+            return self.p_sample(model, x, t, clip_denoised=clip_denoised, noise=noise)
+        return step
+
+    def ddim(self, eta: float = 0.0, clip_denoised: bool = True) -> Callable:
+        def step(model, x, t, t_prev, noise):
+            return self.ddim_step(model, x, t, t_prev, eta=eta, clip_denoised=clip_denoised, noise=noise)
+        return step
+
+    def p_sample_loop(self, model: Model, shape, *, x_T: Optional[torch.Tensor] = None, noise_fn: Optional[NoiseFn] = None,
+                      device=None, clip_denoised: bool = True, progress: bool = False, callback=None) -> torch.Tensor:
+        """Algorithm 2: x_T ~ N(0, I), then T ancestral steps down to x_0. -> [B, C, H, W]."""
+        if x_T is None:
+            x_T = noise_fn(torch.Size(shape)) if noise_fn is not None else torch.randn(*shape, device=device)
+        return self.reverse_loop(model, x_T, range(self.num_timesteps - 1, -1, -1), self.ancestral_step(clip_denoised),
+                                 noise_fn=noise_fn, progress=progress, callback=callback)
+
+
+def _progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
