@@ -1,0 +1,766 @@
+"""Data sets: every supported source decoded into one in-memory uint8 tensor [N, C, H, W].
+
+`load_images(DataConfig(...))` returns an `ImageSet`; the training loop turns a batch into the
+model's range with `to_model_range` (x / 127.5 - 1, the paper's Sec. 3.3 scaling) and samples
+back with `to_uint8`. Random horizontal flips (the paper's CIFAR-10 / LSUN / CelebA-HQ
+augmentation) are applied by the training loop; `DataConfig.random_flip` only carries the flag.
+
+Sources (`DataConfig.source`):
+  fashion-mnist-10k        embedded in the package: the first 1,000 images of each class of the
+                           Fashion-MNIST train set (10,000 x 28x28x1, MIT licence, see
+                           assets/FASHION_MNIST_LICENSE and scripts/make_fashion_mnist_10k.py)
+  fashion-mnist[:DIR]      the full release as idx files, from DIR or from Debian's
+                           /usr/share/datasets/fashion-mnist/ (apt-get install dataset-fashion-mnist)
+  cifar10:PATH             cifar-10-python.tar.gz, its cifar-10-batches-py folder, or a folder (or
+                           tarball) of images with train/ and test/ subfolders
+  PATH                     recognised by content: a folder of images (recursive, .png .jpg .jpeg
+                           .webp; a train/ or test/ subfolder matching the split is used when
+                           present), CIFAR-10 python batches, idx files, .npz / .npy, an LMDB folder
+                           (data.mdb; values are encoded images, as in LSUN), a tarball of images
+
+One preprocessing rule for every source: convert the pixel mode to grayscale or RGB, centre-crop
+to a square, resize to `resolution`. The crop and resize are those of the official DDPM LSUN data,
+made by StyleGAN2's dataset_tool.py (`create_lsun`): crop the largest centred square (offset
+(size - side) // 2), then PIL's antialiased Lanczos resize (`PIL.Image.ANTIALIAS`, today
+`Image.Resampling.LANCZOS`). Images smaller than `resolution` are upsampled with the same filter,
+so mixed sizes are fine once a resolution is set.
+
+Everything is held in memory: right for CIFAR-10 (150 MB) and MNIST-scale data, and for folders
+or LMDBs up to a few hundred thousand small images; full LSUN (3M images at 256x256, ~600 GB)
+would not fit and needs a subset prepared beforehand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import importlib.resources
+import io
+import os
+import pickle
+import re
+import struct
+import sys
+import tarfile
+import warnings
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import Config
+from .errors import UserError, check_choice
+
+SPLITS = ("train", "test")
+CHANNELS = ("auto", "rgb", "gray")
+ON_ERROR = ("stop", "skip")
+NAMED_SOURCES = ("fashion-mnist-10k", "fashion-mnist", "cifar10")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+EMBEDDED_NAME = "fashion-mnist-10k"
+EMBEDDED_FILE = "fashion_mnist_10k.npz"
+# Where Debian's `dataset-fashion-mnist` package installs the four idx .gz files.
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+PROGRESS_MIN_ITEMS = 5000  # show a progress bar above this many images to decode
+# PIL releases the GIL while decoding, so threads overlap; two saturate a 2-core machine and
+# the pool grows with the machine (50,000 CIFAR-10 JPEGs: ~11 s on 2 cores).
+DECODE_THREADS = max(2, min(8, os.cpu_count() or 2))
+
+
+@dataclass(frozen=True)
+class DataConfig(Config):
+    source: str = EMBEDDED_NAME  # a named source (NAMED_SOURCES, some with ":PATH") or a path
+    split: str = "train"  # "train" or "test"
+    resolution: Optional[int] = None  # side of the square images; None = the data's own size
+    channels: str = "auto"  # "auto" keeps gray data 1-channel and colour 3; "rgb" / "gray" force
+    on_error: str = "stop"  # an unreadable image file: "stop" (UserError) or "skip" (counted)
+    random_flip: bool = True  # horizontal flips, applied by the training loop (not here)
+
+    def validate(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise UserError(
+                f"data.source={self.source!r} is empty; give a named source "
+                f"({', '.join(NAMED_SOURCES)}) or a path to images"
+            )
+        check_choice("data.split", self.split, SPLITS)
+        check_choice("data.channels", self.channels, CHANNELS)
+        check_choice("data.on_error", self.on_error, ON_ERROR)
+        r = self.resolution
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise UserError(
+                f"data.resolution={r!r} is not valid; give a positive integer, or null for the data's own size"
+            )
+        if not isinstance(self.random_flip, bool):
+            raise UserError(f"data.random_flip={self.random_flip!r} is not valid; give true or false")
+        name, sep, arg = self.source.partition(":")
+        if name == EMBEDDED_NAME and sep:
+            raise UserError(
+                f"data.source={self.source!r}: {EMBEDDED_NAME} is embedded and takes no path; "
+                f"write just {EMBEDDED_NAME}"
+            )
+
+
+@dataclass
+class ImageSet:
+    """A whole data set in memory. `images` is uint8 [N, C, H, W] with H == W."""
+
+    images: torch.Tensor
+    source_description: str  # one line for logs and provenance
+    skipped: list[str] = field(default_factory=list)  # unreadable files skipped (on_error="skip")
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 {0..255} -> float32 [-1, 1] by x / 127.5 - 1 (Sec. 3.3: "scaled linearly to [-1, 1]")."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"to_model_range expects a uint8 tensor, got {x.dtype}")
+    return x.to(torch.float32) / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_model_range`: [-1, 1] -> uint8, rounded to nearest (not truncated), clamped."""
+    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def data_fingerprint(images: Union[torch.Tensor, np.ndarray]) -> str:
+    """sha256 hex of the uint8 pixel bytes in C order (of [N, C, H, W] for an ImageSet's images).
+
+    The shape is not hashed: record it beside the fingerprint.
+    """
+    a = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if a.dtype != np.uint8:
+        raise TypeError(f"data_fingerprint expects uint8 pixels, got {a.dtype}")
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def load_images(cfg: DataConfig) -> ImageSet:
+    """Load the source named by `cfg` into memory, preprocessed (see the module docstring)."""
+    raw = _open_source(cfg)
+    if raw.array is not None:
+        return _finish_array(raw, cfg)
+    return _finish_items(raw, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources. Each returns a `_Raw`: either decoded pixels (uint8 NHWC) or encoded files to decode.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Raw:
+    description: str
+    array: Optional[np.ndarray] = None  # uint8 [N, H, W, C], C in {1, 3}
+    items: Optional[list] = None  # [(name for messages, path or encoded bytes)]
+
+
+def _open_source(cfg: DataConfig) -> _Raw:
+    name, sep, arg = cfg.source.partition(":")
+    if name == EMBEDDED_NAME and not sep:
+        return _load_embedded(cfg.split)
+    if name == "fashion-mnist":
+        return _load_fashion_mnist(arg or None, cfg.split)
+    if name == "cifar10":
+        if not arg:
+            raise UserError(
+                "data.source=cifar10 needs a path: cifar10:/path/to/cifar-10-python.tar.gz, "
+                "cifar10:/path/to/cifar-10-batches-py, or cifar10:/path/to/images with train/ and test/ subfolders"
+            )
+        raw = _load_path(_existing_path(arg, cfg.source), cfg.split)
+        raw.description = f"CIFAR-10 {cfg.split} from {raw.description}"
+        return raw
+    return _load_path(_existing_path(cfg.source, cfg.source), cfg.split)
+
+
+def _existing_path(text: str, source: str) -> Path:
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise UserError(
+            f"data.source={source!r}: {p} does not exist; give an existing folder or file, "
+            f"or a named source ({', '.join(NAMED_SOURCES)})"
+        )
+    return p
+
+
+def _load_path(path: Path, split: str) -> _Raw:
+    """Recognise a path by its content."""
+    if path.is_dir():
+        if (path / "data.mdb").is_file():
+            return _load_lmdb(path)
+        batches = _cifar_batches_dir(path)
+        if batches is not None:
+            return _load_cifar_dir(batches, split)
+        if (path / "cifar-10-python.tar.gz").is_file():
+            return _load_tar(path / "cifar-10-python.tar.gz", split)
+        if any("idx3" in p.name for p in path.iterdir() if p.is_file()):
+            return _load_idx_dir(path, split)
+        return _load_folder(path, split)
+    low = path.name.lower()
+    if low.endswith((".npz", ".npy")):
+        return _load_npz(path, split)
+    if low.endswith((".tar", ".tar.gz", ".tgz")):
+        return _load_tar(path, split)
+    if path.name == "data.mdb":
+        return _load_lmdb(path.parent)
+    if _CIFAR_BATCH.fullmatch(path.name):
+        return _Raw(f"CIFAR-10 batch {path}", array=_read_cifar_batch(_read_bytes(path), str(path)))
+    if "idx" in low or "ubyte" in low:
+        return _load_idx_file(path)
+    raise UserError(
+        f"{path}: not a recognised data source; give a folder of images (.png .jpg .jpeg .webp), "
+        "CIFAR-10 python batches or tarball, an idx file, an .npz/.npy of uint8 images, or an LMDB folder"
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e}); check the file's permissions") from None
+
+
+# --- image folders ----------------------------------------------------------------------------
+
+
+def _load_folder(root: Path, split: str) -> _Raw:
+    root = _descend_single_child(root)
+    subdirs = {p.name for p in root.iterdir() if p.is_dir()}
+    if subdirs & set(SPLITS):
+        if split not in subdirs:
+            have = "/, ".join(sorted(subdirs & set(SPLITS)))
+            raise UserError(
+                f"{root}: has a {have}/ subfolder but no {split}/ for data.split={split}; add it or choose another split"
+            )
+        root = root / split
+    files = _list_images(root)
+    if not files:
+        raise UserError(
+            f"{root}: no image files ({' '.join(IMAGE_EXTENSIONS)}) found, searched recursively; "
+            "point data.source at a folder of images or a supported data set file"
+        )
+    return _Raw(f"image folder {root} ({len(files)} files)", items=[(str(f), f) for f in files])
+
+
+def _descend_single_child(root: Path) -> Path:
+    """Go down folders that hold nothing but one folder (an archive's top level, e.g. cifar10-jpeg/),
+    stopping above a train/ or test/ folder so the split check still sees it."""
+    while True:
+        entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+        if len(entries) != 1 or not entries[0].is_dir() or entries[0].name in SPLITS:
+            return root
+        root = entries[0]
+
+
+def _list_images(root: Path) -> list[Path]:
+    """Image files under root, recursively, sorted by relative path. Hidden files and folders
+    (".x") are left out: macOS leaves "._name.jpg" metadata files that are not images."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in filenames:
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(dirpath, f))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+# --- tarballs (CIFAR-10 python release, or images) --------------------------------------------
+
+_CIFAR_BATCH = re.compile(r"data_batch_(\d+)|test_batch")
+
+
+def _load_tar(path: Path, split: str) -> _Raw:
+    batches: dict[str, bytes] = {}
+    images: dict[str, bytes] = {}
+    has_split_dirs = False
+    try:
+        # One streaming pass in archive order: seeking back in a .gz restarts decompression.
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                parts = PurePosixPath(m.name).parts
+                if _CIFAR_BATCH.fullmatch(parts[-1]):
+                    batches[parts[-1]] = tar.extractfile(m).read()
+                elif parts[-1].lower().endswith(IMAGE_EXTENSIONS) and not any(p.startswith(".") for p in parts):
+                    in_split = set(parts[:-1]) & set(SPLITS)
+                    has_split_dirs |= bool(in_split)
+                    if not in_split or split in in_split:
+                        images[m.name] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: cannot read the tar archive ({e}); re-download or re-create it") from None
+    if batches:
+        names = _cifar_split_names(batches, split)
+        if not names:
+            raise UserError(f"{path}: holds CIFAR-10 batches but none for data.split={split} ({_cifar_expected(split)})")
+        arr = np.concatenate([_read_cifar_batch(batches[n], f"{path}:{n}") for n in names])
+        return _Raw(f"CIFAR-10 python tarball {path} ({', '.join(names)})", array=arr)
+    if has_split_dirs:
+        images = {k: v for k, v in images.items() if split in PurePosixPath(k).parts[:-1]}
+    if not images:
+        raise UserError(
+            f"{path}: no CIFAR-10 batches and no image files ({' '.join(IMAGE_EXTENSIONS)}) for data.split={split} "
+            "in this archive; give cifar-10-python.tar.gz or a tarball of images"
+        )
+    names = sorted(images)
+    return _Raw(f"image tarball {path} ({len(names)} files)", items=[(f"{path}:{n}", images[n]) for n in names])
+
+
+# --- CIFAR-10 python release (pickled batches) -----------------------------------------------
+
+
+def _cifar_batches_dir(path: Path) -> Optional[Path]:
+    for d in (path, path / "cifar-10-batches-py"):
+        if d.is_dir() and any(_CIFAR_BATCH.fullmatch(p.name) for p in d.iterdir()):
+            return d
+    return None
+
+
+def _cifar_expected(split: str) -> str:
+    return "data_batch_1 .. data_batch_5" if split == "train" else "test_batch"
+
+
+def _cifar_split_names(names, split: str) -> list[str]:
+    if split == "test":
+        return [n for n in names if n == "test_batch"]
+    return sorted((n for n in names if n.startswith("data_batch_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+
+
+def _load_cifar_dir(d: Path, split: str) -> _Raw:
+    names = _cifar_split_names([p.name for p in d.iterdir() if _CIFAR_BATCH.fullmatch(p.name)], split)
+    if not names:
+        raise UserError(f"{d}: no CIFAR-10 batch for data.split={split} (expected {_cifar_expected(split)})")
+    arr = np.concatenate([_read_cifar_batch(_read_bytes(d / n), str(d / n)) for n in names])
+    return _Raw(f"CIFAR-10 python batches {d} ({', '.join(names)})", array=arr)
+
+
+def _numpy_global(name: str, module: str):
+    """numpy's pickle helper `name` from `numpy._core.<module>` (numpy >= 2) or `numpy.core.<module>`."""
+    for package in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{package}.{module}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"numpy has no {module}.{name}")
+
+
+# The only globals a CIFAR-10 batch references: a numpy array is rebuilt from ndarray + dtype by
+# _reconstruct (protocols 0-4, `numpy.core` before numpy 2, `numpy._core` after) or _frombuffer
+# (protocol 5). Both names map to today's objects, so the deprecated numpy.core is never imported.
+_PICKLE_ALLOWED = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+for _package in ("numpy.core", "numpy._core"):
+    _PICKLE_ALLOWED[(f"{_package}.multiarray", "_reconstruct")] = _numpy_global("_reconstruct", "multiarray")
+    _PICKLE_ALLOWED[(f"{_package}.numeric", "_frombuffer")] = _numpy_global("_frombuffer", "numeric")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles plain containers (dict, list, bytes, str, int: pickle opcodes, no globals) and
+    numpy arrays; any other global, such as os.system in a hostile file, is refused before it
+    is looked up, so nothing in the file can run code."""
+
+    def find_class(self, module: str, name: str):
+        obj = _PICKLE_ALLOWED.get((module, name))
+        if obj is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return obj
+
+
+def _read_cifar_batch(raw: bytes, where: str) -> np.ndarray:
+    """One batch of the python release -> uint8 [N, 32, 32, 3]. The file is a pickled dict (of
+    Python 2 str keys, read as bytes as the CIFAR-10 page advises) with b"data": uint8
+    [N, 3072], each row the 1024 red, then green, then blue values of a 32x32 image, row-major."""
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise UserError(
+            f"{where}: refused to unpickle: the file calls {e}, which a CIFAR-10 batch never does "
+            "(a hostile or foreign file); use the official cifar-10-python.tar.gz"
+        ) from None
+    except Exception as e:  # a malformed pickle can fail in many ways; all mean "not a batch"
+        raise UserError(
+            f"{where}: not a readable CIFAR-10 python batch ({type(e).__name__}: {e}); "
+            "re-download cifar-10-python.tar.gz"
+        ) from None
+    data = obj.get(b"data", obj.get("data")) if isinstance(obj, dict) else None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise UserError(
+            f"{where}: not a CIFAR-10 python batch (expected a dict with b'data' a uint8 [N, 3072] array); "
+            "re-download cifar-10-python.tar.gz"
+        )
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+# --- idx files (MNIST, Fashion-MNIST) ---------------------------------------------------------
+
+# Type byte of the idx header -> numpy dtype (data is big-endian), per the MNIST page.
+_IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Union[str, Path]) -> np.ndarray:
+    """Read an idx file (raw or gzip): 2 zero bytes, a type byte, a dimension count, the
+    dimensions as big-endian uint32, then the data in C order. Returns a read-only array."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{path}: corrupt gzip data ({e}); re-download the file") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES or raw[3] == 0:
+        raise UserError(
+            f"{path}: not an idx file (starts with {raw[:4].hex() or 'nothing'}; expected 0000, a type byte "
+            "08/09/0b/0c/0d/0e and a dimension count); give an idx file such as train-images-idx3-ubyte.gz"
+        )
+    ndim, dtype = raw[3], np.dtype(_IDX_TYPES[raw[2]])
+    start = 4 + 4 * ndim
+    if len(raw) < start:
+        raise UserError(f"{path}: idx header is cut short ({len(raw)} bytes for {ndim} dimensions); re-download the file")
+    dims = struct.unpack(f">{ndim}I", raw[4:start])
+    need = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - start != need:
+        raise UserError(
+            f"{path}: idx header says shape {list(dims)} ({need} data bytes) but the file holds "
+            f"{len(raw) - start}; the file is truncated or corrupt, re-download it"
+        )
+    return np.frombuffer(raw, dtype, offset=start).reshape(dims)
+
+
+def _idx_images(path: Path) -> np.ndarray:
+    a = read_idx(path)
+    if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[3] not in (1, 3)):
+        raise UserError(
+            f"{path}: idx data is {a.dtype} of shape {list(a.shape)}, not uint8 images [N, H, W] "
+            "(a labels file?); give the images file, e.g. train-images-idx3-ubyte.gz"
+        )
+    return a[..., None] if a.ndim == 3 else a
+
+
+def _load_idx_file(path: Path) -> _Raw:
+    return _Raw(f"idx file {path}", array=_idx_images(path))
+
+
+def _find_idx_images(d: Path, split: str) -> Optional[Path]:
+    """`train-images-idx3-ubyte[.gz]` or `t10k-...` (also the `train-images.idx3-ubyte` spelling)."""
+    prefix = "train" if split == "train" else "t10k"
+    found = sorted(
+        p for p in d.iterdir() if p.is_file() and p.name.startswith(prefix) and "images" in p.name and "idx3" in p.name
+    )
+    return found[0] if found else None
+
+
+def _load_idx_dir(d: Path, split: str) -> _Raw:
+    f = _find_idx_images(d, split)
+    if f is None:
+        prefix = "train" if split == "train" else "t10k"
+        raise UserError(f"{d}: no {prefix}-images-idx3-ubyte[.gz] for data.split={split}; add it or choose another split")
+    return _Raw(f"idx file {f}", array=_idx_images(f))
+
+
+def _load_fashion_mnist(arg: Optional[str], split: str) -> _Raw:
+    d = Path(arg).expanduser() if arg else FASHION_MNIST_DEBIAN_DIR
+    if not d.is_dir():
+        if arg:
+            raise UserError(
+                f"data.source=fashion-mnist:{arg}: {d} is not a folder; "
+                "give the folder holding train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz"
+            )
+        raise UserError(
+            f"data.source=fashion-mnist: {d} not found; install it with `apt-get install dataset-fashion-mnist` "
+            "or give its folder as fashion-mnist:/path/to/dir"
+        )
+    raw = _load_idx_dir(d, split)
+    raw.description = f"Fashion-MNIST {split} from {raw.description}"
+    return raw
+
+
+# --- .npz / .npy ------------------------------------------------------------------------------
+
+
+def _load_npz(path: Path, split: str) -> _Raw:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError as e:  # a .npy of Python objects
+        raise UserError(f"{path}: cannot load ({e}); pickled objects are refused, save the images as a uint8 array") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable .npz/.npy file ({e}); re-create it with np.savez(path, x=images)") from None
+    if isinstance(z, np.ndarray):
+        key, arr = None, z
+    else:
+        with z:
+            keys = list(z.files)
+            only = keys[0] if len(keys) == 1 else None
+            key = next((k for k in (f"x_{split}", "x", "images", "arr_0") if k in keys), only)
+            if key is None:
+                raise UserError(
+                    f"{path}: cannot tell which array holds the images (arrays: {', '.join(keys) or 'none'}); "
+                    "name it 'x' or 'images', or save only one array"
+                )
+            try:
+                arr = z[key]
+            except ValueError:
+                raise UserError(
+                    f"{path}: array {key!r} holds Python objects, refused because loading them runs pickle; "
+                    "save the images as a uint8 array, e.g. np.savez(path, x=images.astype(np.uint8))"
+                ) from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise UserError(f"{path}: array {key!r} is corrupt ({e}); re-create the file") from None
+    where = f"{path}" + (f" array {key!r}" if key else "")
+    if arr.dtype != np.uint8:
+        raise UserError(
+            f"{where}: dtype {arr.dtype}, expected uint8 pixels 0..255; convert first, "
+            "e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1]"
+        )
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    elif arr.ndim != 4 or arr.shape[3] not in (1, 3):
+        hint = "; it looks like NCHW, transpose it to NHWC" if arr.ndim == 4 and arr.shape[1] in (1, 3) else ""
+        raise UserError(
+            f"{where}: shape {list(arr.shape)}, expected uint8 images [N, H, W] or [N, H, W, C] with C = 1 or 3{hint}"
+        )
+    return _Raw(f"array file {where}", array=arr)
+
+
+# --- LMDB (LSUN) ------------------------------------------------------------------------------
+
+
+def _load_lmdb(path: Path) -> _Raw:
+    try:
+        import lmdb
+    except ImportError:
+        raise UserError(
+            f"{path}: reading an LMDB data set needs the lmdb package; run `pip install lmdb` (or pip install 'ddpm[lmdb]')"
+        ) from None
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+    except lmdb.Error as e:
+        raise UserError(f"{path}: cannot open as LMDB ({e}); give the folder holding data.mdb") from None
+    try:
+        with env.begin(write=False) as txn:
+            # Keys in LMDB's sorted order; a key may be any bytes (LSUN uses hex ids).
+            items = [(f"{path} key {k.decode('utf-8', 'backslashreplace')}", bytes(v)) for k, v in txn.cursor()]
+    except lmdb.Error as e:
+        raise UserError(f"{path}: LMDB read failed ({e}); the database may be corrupt") from None
+    finally:
+        env.close()
+    if not items:
+        raise UserError(f"{path}: the LMDB holds no entries; give an LMDB of encoded images (such as LSUN's)")
+    return _Raw(f"LMDB {path} ({len(items)} entries)", items=items)
+
+
+# --- embedded Fashion-MNIST subset ------------------------------------------------------------
+
+
+def _load_embedded(split: str) -> _Raw:
+    if split != "train":
+        raise UserError(
+            f"data.source={EMBEDDED_NAME} is a subset of the Fashion-MNIST train split and has no {split} split; "
+            "use data.source=fashion-mnist (apt-get install dataset-fashion-mnist) for the test split"
+        )
+    res = importlib.resources.files("ddpm").joinpath("assets", EMBEDDED_FILE)
+    with importlib.resources.as_file(res) as p:
+        if not Path(p).is_file():
+            raise UserError(
+                f"{p}: the embedded {EMBEDDED_NAME} file is missing; reinstall ddpm or run scripts/make_fashion_mnist_10k.py"
+            )
+        raw = _load_npz(Path(p), split)
+    raw.description = f"{EMBEDDED_NAME} (embedded: first 1,000 per class of the Fashion-MNIST train set)"
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing: pixel mode -> L or RGB, centre crop, resize; then one uint8 [N, C, H, W] tensor.
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_gray_or_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> "L" or "RGB".
+
+    Transparency (RGBA, LA, PA, P with a transparent colour) is composited on white, as a viewer
+    shows it; the colour stored under fully transparent pixels is often arbitrary. 16-bit
+    grayscale (I;16*, and I, which older Pillow gives for 16-bit PNG) maps to 8 bits by
+    round(v / 257), so 65535 -> 255; PIL's own convert("L") would clip above 255 instead.
+    P becomes RGB (the palette is colour); CMYK, YCbCr, LAB, HSV go through PIL's RGB conversion.
+    """
+    mode = im.mode
+    if mode in ("L", "RGB"):
+        return im
+    if mode == "1":
+        return im.convert("L")
+    if mode == "I" or mode.startswith("I;16"):
+        v = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        return Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if mode == "F":
+        return Image.fromarray(np.clip(np.rint(np.asarray(im)), 0, 255).astype(np.uint8), "L")
+    if mode in ("LA", "La"):
+        return _on_white(im.convert("RGBA")).convert("L")  # gray -> RGB -> L is exact
+    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+        return _on_white(im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _crop_resize(im: Image.Image, resolution: Optional[int]) -> Image.Image:
+    """Largest centred square, then Lanczos (antialiased) to resolution, as StyleGAN2's
+    dataset_tool.py prepared the official DDPM LSUN data. Smaller images are upsampled."""
+    w, h = im.size
+    s = min(w, h)
+    if w != h:
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s))
+    if resolution is not None and s != resolution:
+        im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return im
+
+
+def _rgb_to_gray(a: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] -> [..., 1] with PIL's convert("L") integer formula (ITU-R 601-2 luma)."""
+    a = a.astype(np.uint32)
+    y = (a[..., 0] * 19595 + a[..., 1] * 38470 + a[..., 2] * 7471 + 0x8000) >> 16
+    return y.astype(np.uint8)[..., None]
+
+
+def _prepare(src, resolution: Optional[int], channels: str):
+    """One image (path, encoded bytes, or HWC array) -> (uint8 HWC array, native square side).
+    Returns (None, reason) for an unreadable file instead of raising, so the caller decides."""
+    try:
+        if isinstance(src, np.ndarray):
+            im = Image.fromarray(src[..., 0] if src.shape[2] == 1 else src)
+        else:
+            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as f:
+                f.load()  # decode now, inside the try: open() only reads the header
+                im = _to_gray_or_rgb(f)
+    except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ...)
+        return None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    # Channel conversion before the resize, the same order as for arrays in _finish_array.
+    if channels == "rgb" and im.mode == "L":
+        im = im.convert("RGB")
+    elif channels == "gray" and im.mode == "RGB":
+        im = im.convert("L")
+    side = min(im.size)
+    a = np.asarray(_crop_resize(im, resolution))
+    return (a[..., None] if a.ndim == 2 else a), side
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=total <= PROGRESS_MIN_ITEMS)
+
+
+def _map_prepare(sources: list, cfg: DataConfig, desc: str):
+    """Run _prepare over sources on a thread pool, in order, with a progress bar."""
+    bar = _progress(len(sources), desc)
+    pool = ThreadPoolExecutor(DECODE_THREADS)
+    try:
+        for r in pool.map(lambda s: _prepare(s, cfg.resolution, cfg.channels), sources):
+            bar.update()
+            yield r
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a UserError mid-way stops the rest
+        bar.close()
+
+
+def _finish_items(raw: _Raw, cfg: DataConfig) -> ImageSet:
+    names = [n for n, _ in raw.items]
+    arrays, sides, kept, skipped = [], [], [], []
+    with contextlib.closing(_map_prepare([s for _, s in raw.items], cfg, "decoding images")) as results:
+        for name, (a, info) in zip(names, results):
+            if a is None:
+                if cfg.on_error == "stop":
+                    raise UserError(
+                        f"{name}: cannot read image ({info}); fix or delete the file, or set data.on_error=skip"
+                    )
+                skipped.append(name)
+                continue
+            arrays.append(a)
+            sides.append(info)
+            kept.append(name)
+    if not arrays:
+        raise UserError(
+            f"{raw.description}: none of the {len(names)} files is a readable image (first: {skipped[0]}); check the files"
+        )
+    if skipped:
+        warnings.warn(
+            f"data: skipped {len(skipped)} unreadable image(s) of {len(names)} in {raw.description} "
+            f"(data.on_error=skip); first: {skipped[0]}",
+            stacklevel=3,
+        )
+    first = arrays[0].shape[0]
+    for name, a in zip(kept, arrays):
+        if a.shape[0] != first:
+            raise UserError(
+                f"{raw.description}: images differ in size after the centre crop ({first}x{first} in {kept[0]}, "
+                f"{a.shape[0]}x{a.shape[0]} in {name}); set data.resolution to resize them all"
+            )
+    c = max(a.shape[2] for a in arrays)  # "auto" with gray and colour files mixed: all RGB
+    out = np.empty((len(arrays), first, first, c), np.uint8)
+    for i, a in enumerate(arrays):
+        out[i] = a  # broadcasting repeats a gray image over 3 channels
+    notes = _resize_notes(np.array(sides), cfg.resolution)
+    return _image_set(out, raw.description + notes, skipped)
+
+
+def _finish_array(raw: _Raw, cfg: DataConfig) -> ImageSet:
+    a = raw.array
+    if a.shape[0] == 0:
+        raise UserError(f"{raw.description}: holds no images; give a non-empty data set")
+    n, h, w, c = a.shape
+    if h == w and cfg.resolution in (None, h):  # no resampling: stay vectorised
+        if cfg.channels == "rgb" and c == 1:
+            a = np.repeat(a, 3, axis=3)
+        elif cfg.channels == "gray" and c == 3:
+            a = _rgb_to_gray(a)
+        return _image_set(a, raw.description, [])
+    with contextlib.closing(_map_prepare(list(a), cfg, "resizing images")) as results:
+        out = [r[0] for r in results]
+    notes = _resize_notes(np.full(n, min(h, w)), cfg.resolution)
+    return _image_set(np.stack(out), raw.description + notes, [])
+
+
+def _resize_notes(sides: np.ndarray, resolution: Optional[int]) -> str:
+    if resolution is None:
+        return ""
+    note = f", centre-cropped and Lanczos-resized to {resolution}x{resolution}"
+    up = int((sides < resolution).sum())
+    return note + (f" ({up} of {len(sides)} upsampled)" if up else "")
+
+
+def _image_set(nhwc: np.ndarray, description: str, skipped: list[str]) -> ImageSet:
+    nchw = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))
+    if not nchw.flags.writeable:  # a view of a read-only buffer (e.g. an idx file's bytes)
+        nchw = nchw.copy()
+    images = torch.from_numpy(nchw)
+    n, c, h, w = images.shape
+    desc = f"{description}; {n} images {c}x{h}x{w}" + (f", {len(skipped)} unreadable skipped" if skipped else "")
+    return ImageSet(images=images, source_description=desc, skipped=skipped)
