@@ -3,6 +3,7 @@
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .errors import UserError
 from .schedules import SCHEDULES, make_betas
+from .unet import UNet, UNetConfig
 
 __version__ = "0.1.0"
-__all__ = ["DiffusionConfig", "GaussianDiffusion", "UserError", "SCHEDULES", "make_betas"]
+__all__ = ["DiffusionConfig", "GaussianDiffusion", "UserError", "SCHEDULES", "make_betas", "UNet", "UNetConfig"]

@@ -1,0 +1,492 @@
+"""Weights in and out: diffusers' UNet2DModel and the official TensorFlow variable names.
+
+Three layouts of the same network (unet.py's `UNet`):
+- `ddpm`: our state dict. Its names mirror the TF scopes, `down.0.block.1.conv1.weight`, and
+  are those of the PyTorch ports of the release (pesser/pytorch_diffusion, ermongroup/ddim).
+- `diffusers`: `UNet2DModel` with the DDPM layout of google/ddpm-cifar10-32 and
+  google/ddpm-{church,bedroom,cat,celebahq}-256: `down_blocks.0.resnets.1.conv1.weight`, and the
+  up path numbered from the deepest level.
+- `tf`: the official checkpoint's variable names, `model/down_0/block_1/conv1/W`, with TF's
+  layouts: conv W [kh, kw, in, out], dense and 1x1 "nin" W [in, out], GroupNorm gamma/beta.
+
+The layouts correspond one to one, so conversion is a rename plus transposes and outputs agree
+to float rounding. Every function here works on state dicts without importing diffusers; only
+`unet_to_diffusers`, which returns a diffusers model, needs it.
+
+Files (`convert_file`, `ddpm convert`), never unpickled with code execution:
+- ddpm: one `.safetensors` file as `checkpoint.save_weights` writes it (config `{"model": ...}`
+  in its header, checksummed). Also read: a training checkpoint (its EMA weights, which the
+  paper evaluates), or a plain safetensors state dict with its UNetConfig at NAME.json or --config.
+- tf: the same, with the official names and layouts. Also read: a plain safetensors file of
+  tensors dumped from an official checkpoint (names with or without `model/`; where a
+  variable has an `/ExponentialMovingAverage` copy, that EMA copy is taken), plus --config
+  (TF checkpoints carry no config).
+- diffusers: a directory as `UNet2DModel.save_pretrained` writes it (`config.json` +
+  `diffusion_pytorch_model.safetensors`, loadable with `from_pretrained`), or NAME.safetensors
+  with the diffusers config at NAME.json.
+- pt (read only): a `torch.save` state dict in our names, which are those of the PyTorch ports
+  of the release (pesser/pytorch_diffusion, ermongroup/ddim `model-790000.ckpt`), read with
+  `torch.load(weights_only=True)`; needs --config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from .config import load_json
+from .errors import UserError, check_choice
+from .unet import GROUPS, NORM_EPS, UNet, UNetConfig, config_from_dict
+
+READ_FORMATS = ("ddpm", "diffusers", "tf", "pt")
+WRITE_FORMATS = ("ddpm", "diffusers", "tf")
+
+# ---------------------------------------------------------------------------------------------
+# diffusers config <-> UNetConfig
+# ---------------------------------------------------------------------------------------------
+
+# UNet2DModel's own defaults (diffusers 0.42) for the fields we check: a config.json leaves out
+# the fields that had their default value, and diffusers fills them in when it loads.
+_DIFFUSERS_DEFAULTS = {
+    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (224, 448, 672, 896), "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0,
+    "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
+    "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
+    "class_embed_type": None, "num_class_embeds": None,
+}
+
+
+def diffusers_config(cfg: UNetConfig) -> dict:
+    """The UNet2DModel config of the same network (the layout of google/ddpm-cifar10-32)."""
+    if cfg.ch_mult[0] != 1:
+        # diffusers' conv_in outputs block_out_channels[0]; the official conv_in outputs ch.
+        raise UserError(f"ch_mult={cfg.ch_mult}: diffusers' UNet2DModel needs ch_mult[0] == 1 to hold this network")
+    if not cfg.resamp_with_conv:
+        raise UserError("resamp_with_conv=False: diffusers' UNet2DModel has no avg-pool/no-conv resampling in this layout")
+    attn = [r in cfg.attn_resolutions for r in cfg.level_resolutions()]
+    return {
+        "sample_size": cfg.resolution,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "mid_block_type": "UNetMidBlock2D",
+        "norm_eps": NORM_EPS,
+        "norm_num_groups": GROUPS,
+        "downsample_padding": 0,  # diffusers then pads right/bottom by 1: TF "SAME"
+        "flip_sin_to_cos": False,  # [sin, cos], as the paper's code
+        "freq_shift": 1,  # divides ln(1e4) by (half - 1), as the paper's code
+        "act_fn": "silu",
+        "attention_head_dim": None,  # one head as wide as the block
+        "resnet_time_scale_shift": "default",
+        "time_embedding_type": "positional",
+        "center_input_sample": False,
+        "add_attention": True,
+        "dropout": cfg.dropout,
+    }
+
+
+def config_from_diffusers(d: Mapping) -> UNetConfig:
+    """The UNetConfig of a UNet2DModel config (a `model.config` or a config.json dict).
+
+    Refuses, naming the field, any config that is not the DDPM layout (a different time
+    embedding, padding, norm, head count...), since its weights would load but compute another
+    function.
+    """
+    get = lambda k: d.get(k, _DIFFUSERS_DEFAULTS.get(k))  # noqa: E731
+    expect = {
+        "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "norm_num_groups": GROUPS,
+        "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
+        "center_input_sample": False, "add_attention": True, "mid_block_type": "UNetMidBlock2D",
+        "mid_block_scale_factor": 1, "downsample_type": "conv", "upsample_type": "conv",
+        "class_embed_type": None, "num_class_embeds": None,
+    }
+    for k, want in expect.items():
+        if get(k) != want:
+            raise UserError(f"diffusers config {k}={get(k)!r} is not the DDPM layout (needs {want!r})")
+    if get("act_fn") not in ("silu", "swish"):
+        raise UserError(f"diffusers config act_fn={get('act_fn')!r} is not the DDPM layout (needs 'silu')")
+    if abs(float(get("norm_eps")) - NORM_EPS) > 1e-12:
+        raise UserError(f"diffusers config norm_eps={get('norm_eps')!r} is not the DDPM layout (needs {NORM_EPS})")
+    if get("attn_norm_num_groups") not in (None, GROUPS):
+        raise UserError(f"diffusers config attn_norm_num_groups={get('attn_norm_num_groups')!r} must be None or {GROUPS}")
+
+    widths = [int(c) for c in get("block_out_channels")]
+    ch = widths[0]
+    if any(w % ch for w in widths):
+        raise UserError(f"diffusers config block_out_channels={widths}: every width must be a multiple of the first")
+    if get("time_embedding_dim") not in (None, 4 * ch):
+        raise UserError(f"diffusers config time_embedding_dim={get('time_embedding_dim')!r} must be None or {4 * ch}")
+    down, up = list(get("down_block_types")), list(get("up_block_types"))
+    if len(down) != len(widths) or any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down):
+        raise UserError(f"diffusers config down_block_types={down}: need one DownBlock2D/AttnDownBlock2D per width")
+    mirrored = [t.replace("Down", "Up") for t in reversed(down)]
+    if up != mirrored:
+        raise UserError(f"diffusers config up_block_types={up}: the DDPM layout mirrors the down path: {mirrored}")
+
+    size = get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise UserError(f"diffusers config sample_size={size}: only square images are supported")
+        size = size[0]
+    if size is None:
+        raise UserError("diffusers config has no sample_size; the attention placement needs the resolution")
+    size = int(size)
+    attn_levels = [i for i, t in enumerate(down) if t.startswith("Attn")]
+    head_dim = get("attention_head_dim")
+    if head_dim is not None:  # must still mean one head at every attention (and the middle)
+        for w in [widths[i] for i in attn_levels] + [widths[-1]]:
+            if w // int(head_dim) != 1:
+                raise UserError(f"diffusers config attention_head_dim={head_dim} gives {w // int(head_dim)} heads "
+                                f"at width {w}; the DDPM layout has one head (attention_head_dim=None)")
+    return UNetConfig(
+        in_channels=int(get("in_channels")), out_channels=int(get("out_channels")), ch=ch,
+        ch_mult=tuple(w // ch for w in widths), num_res_blocks=int(get("layers_per_block")),
+        attn_resolutions=tuple(size // 2**i for i in attn_levels), dropout=float(get("dropout") or 0.0),
+        resamp_with_conv=True, resolution=size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+
+_RES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
+        "nin_shortcut": "conv_shortcut"}
+_ATT = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _diffusers_name(name: str, levels: int) -> str:
+    """Our parameter name -> UNet2DModel's. The up path is numbered from the deepest level there."""
+    top = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
+           "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+    module, param = name.rsplit(".", 1)
+    if module in top:
+        return f"{top[module]}.{param}"
+    if m := re.fullmatch(r"mid\.(block_1|attn_1|block_2)\.(\w+)", module):
+        part, leaf = m.groups()
+        inner = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"}[part]
+        return f"mid_block.{inner}.{(_ATT if part == 'attn_1' else _RES)[leaf]}.{param}"
+    if m := re.fullmatch(r"(down|up)\.(\d+)\.(block|attn)\.(\d+)\.(\w+)", module):
+        path, i, kind, j, leaf = m.groups()
+        i = int(i) if path == "down" else levels - 1 - int(i)
+        inner = "resnets" if kind == "block" else "attentions"
+        return f"{path}_blocks.{i}.{inner}.{j}.{(_RES if kind == 'block' else _ATT)[leaf]}.{param}"
+    if m := re.fullmatch(r"down\.(\d+)\.downsample\.conv", module):
+        return f"down_blocks.{m.group(1)}.downsamplers.0.conv.{param}"
+    if m := re.fullmatch(r"up\.(\d+)\.upsample\.conv", module):
+        return f"up_blocks.{levels - 1 - int(m.group(1))}.upsamplers.0.conv.{param}"
+    raise AssertionError(f"no diffusers name for {name}")  # a parameter unet.py added without a mapping
+
+
+def _tf_name(name: str, is_norm: bool) -> str:
+    """Our parameter name -> the official TF variable name, e.g. model/down_0/block_1/conv1/W."""
+    module, param = name.rsplit(".", 1)
+    module = re.sub(r"\b(down|up|block|attn)\.(\d+)\b", r"\1_\2", module)
+    module = re.sub(r"\bdense\.(\d+)\b", r"dense\1", module).replace(".", "/")  # temb.dense.0 -> temb/dense0
+    leaf = {"weight": "gamma", "bias": "beta"}[param] if is_norm else {"weight": "W", "bias": "b"}[param]
+    return f"model/{module}/{leaf}"
+
+
+def _meta_unet(cfg: UNetConfig) -> UNet:
+    # Built on the meta device: no time spent on a random init that loading overwrites.
+    with torch.device("meta"):
+        return UNet.from_config(cfg)
+
+
+def _load(model: nn.Module, state: dict, where: str) -> nn.Module:
+    """Assign `state` (already in `model`'s names and shapes) to a meta-device model, strictly."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise UserError(f"{where}: the weights do not fit the config: {'; '.join(parts)}; check the config")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise UserError(f"{where}: {k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}; check the config")
+    model.load_state_dict({k: v.contiguous().clone() for k, v in state.items()}, strict=True, assign=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers
+# ---------------------------------------------------------------------------------------------
+
+
+def to_diffusers_state_dict(unet: UNet) -> dict[str, torch.Tensor]:
+    """Our weights under UNet2DModel's names; attention 1x1 convs become Linear [out, in]."""
+    levels = len(unet.config.ch_mult)
+    diffusers_config(unet.config)  # refuses networks diffusers cannot hold
+    out = {}
+    for k, v in unet.state_dict().items():
+        dk = _diffusers_name(k, levels)
+        if ".attentions." in dk and v.ndim == 4:
+            v = v[:, :, 0, 0]  # [out, in, 1, 1] -> [out, in]
+        out[dk] = v.detach().clone().contiguous()
+    return out
+
+
+def from_diffusers_state_dict(state: Mapping[str, torch.Tensor], cfg: UNetConfig, where: str = "diffusers weights") -> UNet:
+    model = _meta_unet(cfg)
+    levels = len(cfg.ch_mult)
+    ours = {}
+    for k, target in model.state_dict().items():
+        dk = _diffusers_name(k, levels)
+        if dk not in state:
+            raise UserError(f"{where}: no tensor {dk} (for {k}); the weights do not fit the config {cfg.to_dict()}")
+        v = state[dk]
+        if target.ndim == 4 and v.ndim == 2:
+            v = v[:, :, None, None]  # Linear [out, in] -> 1x1 conv [out, in, 1, 1]
+        ours[k] = v
+    extra = sorted(set(state) - {_diffusers_name(k, levels) for k in ours})
+    if extra:
+        raise UserError(f"{where}: {len(extra)} tensors the config has no place for (e.g. {', '.join(extra[:3])}); check the config")
+    return _load(model, ours, where)
+
+
+def unet_from_diffusers(model_or_state_dict, config: UNetConfig | Mapping | None = None) -> UNet:
+    """A UNet from a diffusers UNet2DModel (its config is read) or a bare diffusers state dict.
+
+    A state dict alone does not say the image size, which places the attention, so it needs
+    `config`: a UNetConfig, or the diffusers config dict (config.json) it came with.
+    """
+    if hasattr(model_or_state_dict, "state_dict") and hasattr(model_or_state_dict, "config"):
+        state = model_or_state_dict.state_dict()
+        if config is None:
+            config = dict(model_or_state_dict.config)
+    else:
+        state = model_or_state_dict
+        if config is None:
+            raise UserError("unet_from_diffusers: a bare state dict needs config= (a UNetConfig or the diffusers config.json dict)")
+    cfg = config if isinstance(config, UNetConfig) else config_from_diffusers(config)
+    return from_diffusers_state_dict(state, cfg)
+
+
+def unet_to_diffusers(unet: UNet):
+    """The same network as a diffusers `UNet2DModel` (needs the `diffusers` package)."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise UserError("unet_to_diffusers needs the diffusers package: pip install diffusers") from None
+    with torch.device("meta"):
+        model = UNet2DModel(**diffusers_config(unet.config))
+    _load(model, to_diffusers_state_dict(unet), "unet_to_diffusers")
+    return model.train(unet.training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Official TensorFlow names
+# ---------------------------------------------------------------------------------------------
+
+
+def _norm_params(model: nn.Module) -> set[str]:
+    return {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.GroupNorm) for p in ("weight", "bias")}
+
+
+def unet_to_tf_state_dict(unet: UNet) -> dict[str, torch.Tensor]:
+    """Our weights under the official TF names and layouts (the inverse of unet_from_tf_state_dict)."""
+    norms = _norm_params(unet)
+    out = {}
+    for k, v in unet.state_dict().items():
+        v = v.detach()
+        if v.ndim == 4 and v.shape[2:] == (1, 1):  # every 1x1 conv here is a TF `nin`
+            v = v[:, :, 0, 0].t()  # [out, in, 1, 1] -> [in, out]
+        elif v.ndim == 4:
+            v = v.permute(2, 3, 1, 0)  # conv: [out, in, kh, kw] -> [kh, kw, in, out]
+        elif v.ndim == 2:
+            v = v.t()  # dense: [out, in] -> [in, out]
+        out[_tf_name(k, k in norms)] = v.contiguous().clone()
+    return out
+
+
+_TF_SLOTS = ("/ExponentialMovingAverage", "/Adam", "/Adam_1")  # per-variable copies in a TF checkpoint
+
+
+def unet_from_tf_state_dict(state: Mapping[str, torch.Tensor], config: UNetConfig, ema: bool = True,
+                            where: str = "tf weights") -> UNet:
+    """A UNet from tensors named as in the official checkpoints (`model/down_0/block_0/conv1/W`).
+
+    Layouts are TF's: conv W [kh, kw, in, out] -> [out, in, kh, kw]; dense W [in, out] -> [out, in];
+    nin (q, k, v, proj_out, nin_shortcut) W [in, out] -> [out, in, 1, 1]. The `model/` prefix is
+    optional. A dump of a whole TF checkpoint also works: with `ema` (the weights the paper
+    evaluates) each variable's `.../ExponentialMovingAverage` copy is taken where there is one;
+    Adam slots and variables outside `model/` (global_step...) are ignored.
+    """
+    if not any(k.startswith("model/") for k in state):
+        state = {f"model/{k}": v for k, v in state.items()}
+    model = _meta_unet(config)
+    norms = _norm_params(model)
+    ours, names = {}, set()
+    for k, target in model.state_dict().items():
+        tk = _tf_name(k, k in norms)
+        names.add(tk)
+        if ema and f"{tk}/ExponentialMovingAverage" in state:
+            tk = f"{tk}/ExponentialMovingAverage"
+        if tk not in state:
+            raise UserError(f"{where}: no tensor {tk} (for {k}); the weights do not fit the config {config.to_dict()}")
+        v = torch.as_tensor(state[tk])
+        if target.ndim == 4 and v.ndim == 2:
+            v = v.t()[:, :, None, None]  # nin [in, out] -> [out, in, 1, 1]
+        elif target.ndim == 4 and v.ndim == 4:
+            v = v.permute(3, 2, 0, 1)  # [kh, kw, in, out] -> [out, in, kh, kw]
+        elif target.ndim == 2 and v.ndim == 2:
+            v = v.t()
+        ours[k] = v
+    base = lambda k: next((k[: -len(x)] for x in _TF_SLOTS if k.endswith(x)), k)  # noqa: E731
+    extra = sorted(k for k in state if k.startswith("model/") and base(k) not in names)
+    if extra:
+        raise UserError(f"{where}: {len(extra)} tensors the config has no place for (e.g. {', '.join(extra[:3])}); check the config")
+    return _load(model, ours, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _config_arg(config) -> UNetConfig | None:
+    if config is None or isinstance(config, UNetConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        return config_from_dict(load_json(config), str(config))
+    return config_from_dict(dict(config), "config")
+
+
+def _ddpm_header(path: Path) -> str | None:
+    """The `format` in a ddpm safetensors header (weights or training checkpoint), else None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["ddpm"])["format"]
+    except Exception:  # not safetensors, or no ddpm header: the plain readers say which
+        return None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise UserError(f"{path}: not a readable safetensors file ({e}); a torch.save file is read with --from pt") from None
+
+
+def _read_torch_save(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True: torch's restricted unpickler, which builds tensors and containers and
+    # refuses anything that would run code. Still: only convert files you trust.
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's long message suggests weights_only=False, which we never do
+        raise UserError(f"{path}: not a torch.save file that loads with weights_only=True ({type(e).__name__}); "
+                        f"it holds more than tensors and plain containers, so it is not read") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    return dict(obj)
+
+
+def _plain_config(src: Path, cfg: UNetConfig | None) -> UNetConfig:
+    if cfg is not None:
+        return cfg
+    if not _sidecar(src).is_file():
+        raise UserError(f"{src} carries no config and there is no {_sidecar(src)}; pass --config with a UNetConfig JSON")
+    return config_from_dict(load_json(_sidecar(src)), str(_sidecar(src)))
+
+
+def read_unet(src, fmt: str, config=None) -> UNet:
+    """Read a network stored in `fmt` (see the module docstring for the layouts it accepts).
+
+    `config` (a UNetConfig, a dict or a JSON path) replaces the config the source carries.
+    """
+    check_choice("format", fmt, READ_FORMATS)
+    src, cfg = Path(src), _config_arg(config)
+    if not src.exists():
+        raise UserError(f"{src}: not found; give a .safetensors file" + (" or a diffusers model directory" if fmt == "diffusers" else ""))
+    if fmt == "diffusers":
+        weights, cfg_path = (src / "diffusion_pytorch_model.safetensors", src / "config.json") if src.is_dir() \
+            else (src, _sidecar(src))
+        if cfg is None:
+            if not cfg_path.is_file():
+                raise UserError(f"{src}: no diffusers config at {cfg_path}; pass --config with a UNetConfig JSON")
+            cfg = config_from_diffusers(load_json(cfg_path))
+        return from_diffusers_state_dict(_read_safetensors(weights), cfg, where=str(weights))
+    if fmt == "pt":
+        return _load(_meta_unet(_plain_config(src, cfg)), _read_torch_save(src), str(src))
+
+    from . import checkpoint
+
+    header = _ddpm_header(src)
+    if header == checkpoint.CHECKPOINT_FORMAT:  # a training checkpoint: its EMA weights, as the paper evaluates
+        state = checkpoint.load_checkpoint(src)
+        tensors, stored = state["ema"], state.get("config")
+    elif header == checkpoint.WEIGHTS_FORMAT:
+        tensors, stored = checkpoint.load_weights(src)
+    else:  # a plain safetensors file, e.g. tensors pulled out of an official TF checkpoint
+        tensors, stored = _read_safetensors(src), None
+    if cfg is None:
+        cfg = config_from_dict(stored, str(src)) if stored else _plain_config(src, None)
+    if fmt == "tf":
+        return unet_from_tf_state_dict(tensors, cfg, where=str(src))
+    return _load(_meta_unet(cfg), tensors, str(src))
+
+
+def write_unet(unet: UNet, dst, fmt: str) -> list[Path]:
+    """Write `unet` in `fmt`; returns the files written.
+
+    ddpm and tf: one `.safetensors` file written by checkpoint.save_weights (atomic, checksummed),
+    the config `{"model": UNetConfig}` in its header. diffusers: a directory as save_pretrained
+    writes it, or NAME.safetensors with the diffusers config at NAME.json.
+    """
+    check_choice("format", fmt, WRITE_FORMATS)
+    dst = Path(dst)
+    if fmt == "diffusers":
+        state = to_diffusers_state_dict(unet)
+        config = {"_class_name": "UNet2DModel", **diffusers_config(unet.config)}
+        weights, cfg_path = (dst, _sidecar(dst)) if dst.suffix == ".safetensors" else \
+            (dst / "diffusion_pytorch_model.safetensors", dst / "config.json")
+        from safetensors.torch import save_file
+
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(weights), metadata={"format": "pt"})
+        cfg_path.write_text(json.dumps(config, indent=2) + "\n")
+        return [weights, cfg_path]
+
+    from .checkpoint import save_weights
+
+    state = unet_to_tf_state_dict(unet) if fmt == "tf" else {k: v.detach() for k, v in unet.state_dict().items()}
+    return [save_weights(dst, state, {"model": unet.config.to_dict()})]
+
+
+def convert_file(src, dst, src_format: str, dst_format: str, config=None) -> list[Path]:
+    """`ddpm convert`: read weights in one layout, write them in another. Returns the files written.
+
+    `config` (a UNetConfig, a dict, or a JSON path) replaces the config the source carries; it is
+    needed for files that carry none (a plain TF-named safetensors file, a torch.save state dict).
+    """
+    check_choice("--from", src_format, READ_FORMATS)
+    check_choice("--to", dst_format, WRITE_FORMATS)
+    return write_unet(read_unet(src, src_format, config), dst, dst_format)
