@@ -1,0 +1,92 @@
+"""torchrun / DDP helpers that degrade to one process.
+
+`init()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts a process group
+(NCCL on GPU, gloo on CPU); without torchrun it returns world size 1 and nothing else changes.
+A rank that dies makes the others fail their next collective within `DDPM_DIST_TIMEOUT` seconds
+(default 600) instead of hanging forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def init(device: str = "auto") -> DistInfo:
+    """Join torchrun's process group if there is one; otherwise the world is this process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo(device=pick_device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        timeout = datetime.timedelta(seconds=float(os.environ.get("DDPM_DIST_TIMEOUT", "600")))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout,
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_tensor(x: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
+    """Every rank's copy of a same-shaped tensor, in rank order ([x] in one process)."""
+    if info.world_size == 1:
+        return [x]
+    # NCCL only moves CUDA tensors; gloo only CPU ones.
+    src = x.to(info.device) if info.device.type == "cuda" else x.cpu()
+    out = [torch.empty_like(src) for _ in range(info.world_size)]
+    dist.all_gather(out, src)
+    return [o.cpu() for o in out]
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's value on every rank (for small JSON-able decisions such as 'stop now')."""
+    if info.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def derive_seed(*ints: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of integers, e.g. (seed, step) or (seed, image index).
+
+    Every random draw of training and sampling is seeded this way, so a result depends only on
+    these numbers: not on the batch size, the number of processes, or where a run was resumed.
+    """
+    return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, dtype=np.uint64)[0] >> 1)

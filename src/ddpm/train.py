@@ -1,0 +1,469 @@
+"""Training (Algorithm 1 with the paper's recipe) as one function of explicit configs.
+
+    run = RunConfig.from_preset("cifar10", data="cifar10:/data/cifar-10-python.tar.gz")
+    train("runs/cifar10", run)          # killed at any moment? run the same call again.
+
+Determinism is by construction, not by saved state alone: every random draw of step s (the data
+order, t, ε, the flips, dropout) is seeded from (seed, s) and, for dropout, the rank. A resumed
+run therefore equals an uninterrupted one bit for bit on the same machine, and the inputs of a
+step do not depend on the number of processes (the global batch is drawn, then sliced by rank).
+The checkpoint still stores every RNG state (per rank) and the data position, for the record.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, apply_overrides, load_json
+from .data import DataConfig, ImageSet, load_images, to_model_range
+from .diffusion import DiffusionConfig, GaussianDiffusion
+from .distributed import DistInfo, all_gather_tensor, barrier, derive_seed, init as dist_init
+from .errors import UserError, check_choice
+from .unet import UNet, UNetConfig, get_preset
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """The optimisation recipe. Defaults are the paper's CIFAR-10 values (Appendix B)."""
+
+    steps: int = 800_000
+    batch_size: int = 128  # the global batch, split over processes
+    lr: float = 2e-4
+    warmup: int = 5000  # linear learning-rate warm-up, in steps
+    grad_clip: float = 1.0  # global-norm clipping
+    ema_decay: float = 0.9999
+    adam_eps: float = 1e-8
+    seed: int = 0
+    checkpoint_every: int = 5000
+    keep_last: int = 3
+    milestone_every: int = 100_000  # checkpoints kept forever
+    log_every: int = 100  # losses are read from the device (a host sync) only this often
+    sample_every: int = 0  # EMA sample grid every N steps (0: never during training)
+    sample_n: int = 64
+    precision: str = "fp32"  # "bf16": autocast the network in bfloat16
+    device: str = "auto"
+    tensorboard: bool = False
+
+    def validate(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_n"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"train.{name}={v!r} must be a positive integer")
+        for name in ("warmup", "sample_every", "milestone_every", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise UserError(f"train.{name}={v!r} must be an integer >= 0")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"train.lr={self.lr!r} must be a positive number (the paper uses 2e-4 for CIFAR-10)")
+        if not self.grad_clip > 0:
+            raise UserError(f"train.grad_clip={self.grad_clip!r} must be positive (the paper clips at 1.0)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (the paper uses 0.9999)")
+        check_choice("train.precision", self.precision, PRECISIONS)
+        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+
+
+# Fields that may change when a run is resumed; any other change is refused.
+RESUMABLE_CHANGES = {"train": {"steps", "checkpoint_every", "keep_last", "milestone_every", "log_every",
+                               "sample_every", "sample_n", "device", "tensorboard"}}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is: the model, the process, the data, the recipe. Saved as config.json."""
+
+    model: UNetConfig
+    diffusion: DiffusionConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k).to_dict() for k in ("model", "diffusion", "data", "train")}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        kinds = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+        unknown = sorted(set(d) - set(kinds))
+        if unknown:
+            raise UserError(f"{where}: unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(kinds)}")
+        return cls(**{k: kinds[k].from_dict(d.get(k, {}), where=f"{where} [{k}]") for k in kinds})
+
+    @classmethod
+    def from_preset(cls, name: str, data: Optional[str] = None) -> "RunConfig":
+        check_choice("preset", name, list(PRESETS))
+        run = PRESETS[name]
+        return run if data is None else run.replace(data=run.data.replace(source=data))
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, pairs: list[str]) -> "RunConfig":
+        """Apply `section.key=value` strings (e.g. `train.lr=1e-4`, `model.ch=64`)."""
+        by_section: dict[str, list[str]] = {}
+        for p in pairs:
+            key = p.split("=", 1)[0]
+            if "." not in key:
+                raise UserError(f"--set {p!r}: write section.key=value with a section of model, diffusion, data, train")
+            section, rest = p.split(".", 1)
+            if section not in ("model", "diffusion", "data", "train"):
+                raise UserError(f"--set {p!r}: unknown section {section!r}; valid sections: model, diffusion, data, train")
+            by_section.setdefault(section, []).append(rest)
+        changes = {s: apply_overrides(getattr(self, s), ps, where=f"--set {s}.") for s, ps in by_section.items()}
+        return self.replace(**changes)
+
+
+def _preset(model: str, diffusion: DiffusionConfig, data: DataConfig, train: TrainConfig) -> RunConfig:
+    return RunConfig(model=get_preset(model), diffusion=diffusion, data=data, train=train)
+
+
+_256 = dict(batch_size=64, lr=2e-5, checkpoint_every=5000, sample_every=50_000)
+PRESETS: dict[str, RunConfig] = {
+    # PAPER.md's table of Appendix B, column by column.
+    "cifar10": _preset("cifar10", DiffusionConfig(var_type="fixedlarge"), DataConfig(source="cifar10"),
+                       TrainConfig(steps=800_000, sample_every=10_000)),
+    "celebahq256": _preset("celebahq256", DiffusionConfig(var_type="fixedsmall"), DataConfig(source="celebahq", resolution=256),
+                           TrainConfig(steps=500_000, **_256)),
+    "lsun_church256": _preset("lsun256", DiffusionConfig(var_type="fixedsmall"), DataConfig(source="lsun_church", resolution=256),
+                              TrainConfig(steps=1_200_000, **_256)),
+    # The paper trained Bedroom without flips; the official script trained Cat without them.
+    "lsun_bedroom256": _preset("lsun256", DiffusionConfig(var_type="fixedsmall"),
+                               DataConfig(source="lsun_bedroom", resolution=256, random_flip=False),
+                               TrainConfig(steps=2_400_000, **_256)),
+    "lsun_cat256": _preset("lsun256", DiffusionConfig(var_type="fixedsmall"),
+                           DataConfig(source="lsun_cat", resolution=256, random_flip=False),
+                           TrainConfig(steps=1_800_000, **_256)),
+    # The CPU demo: 28x28 Fashion-MNIST on 2 cores in about 10 minutes. Shorter warm-up, a higher
+    # learning rate and a faster EMA than the paper because the run is a few thousand steps long.
+    "demo": _preset("demo", DiffusionConfig(var_type="fixedlarge"), DataConfig(source="fashion-mnist-10k"),
+                    TrainConfig(steps=2000, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.995,
+                                checkpoint_every=250, milestone_every=0, log_every=25, device="cpu")),
+    # For tests: a model of a few thousand parameters and a handful of steps.
+    "tiny": _preset("tiny", DiffusionConfig(), DataConfig(source="fashion-mnist-10k", resolution=32),
+                    TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup=5, ema_decay=0.9, checkpoint_every=5,
+                                milestone_every=0, log_every=5, device="cpu")),
+}
+
+
+def resolve_model(run: RunConfig, images: ImageSet) -> RunConfig:
+    """Fit the model's channels to the data (and the output to the variance type)."""
+    c = images.channels
+    model = run.model.replace(in_channels=c, out_channels=GaussianDiffusion.from_config(run.diffusion).model_output_channels(c))
+    if images.resolution != model.resolution:
+        raise UserError(
+            f"the data are {images.resolution}x{images.resolution} but the model is built for {model.resolution}x{model.resolution}; "
+            f"set data.resolution={model.resolution} (to resize the data) or model.resolution={images.resolution}"
+        )
+    return run.replace(model=model)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to `lr` over `warmup` steps (step counts updates already made), then constant."""
+    return cfg.lr * min((step + 1) / cfg.warmup, 1.0) if cfg.warmup > 0 else cfg.lr
+
+
+class DataOrder:
+    """Which data indices form global batch s: epochs are seeded permutations laid end to end, and
+    batch s is positions [sB, (s+1)B) of that sequence. A pure function of (seed, s)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = n, batch, seed
+        self._epoch, self._perm = -1, None
+
+    def _perm_of(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, 0xDA7A, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        start = step * self.batch
+        parts, pos = [], start
+        while pos < start + self.batch:
+            epoch, off = divmod(pos, self.n)
+            take = min(self.n - off, start + self.batch - pos)
+            parts.append(self._perm_of(epoch)[off: off + take])
+            pos += take
+        return torch.cat(parts)
+
+
+def _ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    # ema ← decay·ema + (1 − decay)·θ, one fused foreach kernel per dtype group.
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_resume_compatible(saved: dict, new: RunConfig, path: Path) -> None:
+    """Refuse to resume with a changed setting that would make the run something else."""
+    new_d = new.to_dict()
+    for section, fields in new_d.items():
+        old_fields = saved.get(section, {})
+        for k, v in fields.items():
+            if k in RESUMABLE_CHANGES.get(section, set()):
+                continue
+            if k in old_fields and old_fields[k] != v:
+                raise UserError(
+                    f"{path}: this run was started with {section}.{k}={old_fields[k]!r}, now {v!r}; "
+                    f"resume with the same setting, or start a new run in another --out directory"
+                )
+
+
+def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progress: bool = True,
+          dist: Optional[DistInfo] = None) -> dict:
+    """Train (or resume) the run in `run_dir`. Returns {"step", "loss", "run_dir"}.
+
+    :param images: the data, if already loaded (otherwise `run.data` is loaded on every rank).
+    :param dist: the process group (default: from torchrun's environment, or a single process).
+    """
+    run_dir = Path(run_dir)
+    cfg = run.train
+    dist = dist or dist_init(cfg.device)
+    if cfg.batch_size % dist.world_size:
+        raise UserError(f"train.batch_size={cfg.batch_size} is not divisible by the {dist.world_size} processes; "
+                        f"use a multiple of {dist.world_size} (the batch size is the global batch)")
+    if images is None:
+        images = load_images(run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution))
+    run = resolve_model(run, images)
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        check_resume_compatible(load_json(config_path), run, config_path)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(config_path, run.to_dict())
+    barrier()
+
+    device = dist.device
+    diffusion = GaussianDiffusion.from_config(run.diffusion)
+    torch.manual_seed(derive_seed(cfg.seed, 0x1A17))  # the initial weights: same on every rank
+    model = UNet.from_config(run.model).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # kept apart, never swapped in
+    params = [p for p in model.parameters()]
+    # foreach Adam on CPU; fused on CUDA (one kernel for all parameters).
+    opt = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+
+    start = 0
+    found = ckpt.latest_checkpoint(run_dir)
+    if found is not None:
+        path, state = found
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        rng = state.get("rng", {}).get(f"rank{dist.rank}")
+        if rng:
+            ckpt.set_rng_state(rng)
+        if dist.is_main:
+            _log(f"resuming {run_dir} from {path.name} (step {start})")
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
+    net = model
+    if dist.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    ema_params = [p for p in ema.parameters()]
+    order = DataOrder(len(images), cfg.batch_size, cfg.seed)
+    local = cfg.batch_size // dist.world_size
+    lo, hi = dist.rank * local, (dist.rank + 1) * local
+    data = images.images  # uint8 [N, C, H, W]; moved to the GPU whole when it is small
+    if device.type == "cuda" and data.numel() < 4 * 2**30:
+        data = data.to(device)
+    shape = tuple(data.shape[1:])
+    T = diffusion.num_timesteps
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    logger = _Logger(run_dir, cfg, enabled=dist.is_main)
+    bar = _bar(start, cfg.steps, enabled=progress and dist.is_main)
+    sums = torch.zeros(2, 4, device=device)  # loss sum / count per timestep quartile
+    gn_sum = torch.zeros((), device=device)
+    last_loss, t0, steps_timed = float("nan"), time.perf_counter(), 0
+    model.train()
+    for step in range(start, cfg.steps):
+        # ---- the step's randomness: a function of (seed, step), drawn for the global batch
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, step))
+        idx = order.indices(step)[lo:hi]
+        t = torch.randint(0, T, (cfg.batch_size,), generator=g)[lo:hi].to(device)
+        noise = torch.randn((cfg.batch_size, *shape), generator=g)[lo:hi].to(device)
+        flip = (torch.rand(cfg.batch_size, generator=g) < 0.5)[lo:hi].to(device)
+        torch.manual_seed(derive_seed(cfg.seed, step, dist.rank))  # dropout
+        x0 = to_model_range(data[idx.to(data.device)].to(device, non_blocking=True))
+        if run.data.random_flip:
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+
+        # ---- Algorithm 1
+        with autocast:
+            losses = diffusion.training_losses(net, x0, t, noise)
+        loss = losses["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.step()
+        _ema_update(ema_params, params, cfg.ema_decay)
+
+        # ---- bookkeeping on the device; read back only every log_every steps
+        q = (t * 4) // T
+        sums[0].index_add_(0, q, losses["loss"].detach().float())
+        sums[1].index_add_(0, q, torch.ones_like(q, dtype=sums.dtype))
+        gn_sum += grad_norm.detach().float()
+        done = step + 1
+        steps_timed += 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            s = sums.cpu()
+            total = s[0].sum().item() / max(s[1].sum().item(), 1)
+            if not math.isfinite(total):
+                raise TrainingDiverged(_diverged_message(run_dir, done))
+            elapsed = time.perf_counter() - t0
+            rec = dict(step=done, loss=total, lr=lr_at(step, cfg), grad_norm=gn_sum.item() / steps_timed,
+                       img_per_s=steps_timed * cfg.batch_size / max(elapsed, 1e-9),
+                       **{f"loss_q{i}": (s[0, i] / s[1, i]).item() if s[1, i] > 0 else None for i in range(4)})
+            logger.log(rec)
+            bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+            last_loss = total
+            sums.zero_(); gn_sum.zero_(); t0, steps_timed = time.perf_counter(), 0
+        bar.update(1)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            # Never write a checkpoint from a diverged state (one sync per checkpoint).
+            if not (torch.isfinite(sums).all() and torch.isfinite(gn_sum) and torch.isfinite(loss)):
+                raise TrainingDiverged(_diverged_message(run_dir, done))
+            _save(run_dir, done, model, ema, opt, run, cfg, dist)
+        if cfg.sample_every and done % cfg.sample_every == 0 and dist.is_main:
+            write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n, cfg.seed, device)
+    bar.close()
+    logger.close()
+    return dict(step=cfg.steps, loss=last_loss, run_dir=str(run_dir))
+
+
+def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist: DistInfo) -> None:
+    # Every rank's RNG state goes into the one file rank 0 writes.
+    mine = ckpt.get_rng_state()
+    rng = {f"rank{r}": {} for r in range(dist.world_size)}
+    for key, value in mine.items():
+        for r, v in enumerate(all_gather_tensor(value, dist)):
+            rng[f"rank{r}"][key] = v
+    if dist.is_main:
+        state = dict(step=step, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=rng,
+                     data_position=step * cfg.batch_size, config=run.to_dict())
+        ckpt.save_checkpoint(run_dir, step, state, keep_last=cfg.keep_last, milestone_every=cfg.milestone_every or None)
+    barrier()
+
+
+def _diverged_message(run_dir: Path, step: int) -> str:
+    found = ckpt.list_checkpoints(run_dir)
+    last = f"the last good checkpoint {found[-1][1].name} is intact" if found else "no checkpoint was written yet"
+    return (f"the loss became NaN or infinite by step {step}; {last}. Lower train.lr or raise train.warmup, "
+            f"then run the same command again to resume from it")
+
+
+def write_sample_grid(ema: torch.nn.Module, diffusion: GaussianDiffusion, run: RunConfig, path: Path, n: int, seed: int,
+                      device, progress: bool = False) -> Path:
+    """n EMA samples (Algorithm 2) as one PNG grid."""
+    from .sampling import make_grid, sample, save_png, to_uint8_images
+
+    m = run.model
+    x = sample(ema, diffusion, (m.in_channels, m.resolution, m.resolution), seed=seed, indices=range(n), device=device,
+               progress=progress)
+    return save_png(make_grid(to_uint8_images(x)), path)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from: they will be written again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class _Logger:
+    """metrics.jsonl always; TensorBoard when asked for and installed."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool):
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("train.tensorboard=true needs TensorBoard: pip install 'ddpm[tensorboard]'") from None
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and v is not None:
+                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _NoBar:
+    def update(self, n=1): pass
+    def set_postfix(self, **kw): pass
+    def close(self): pass
+
+
+def _bar(start: int, total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def load_run(path, weights: str = "ema", device="cpu") -> tuple[RunConfig, torch.nn.Module, GaussianDiffusion, Path]:
+    """A trained network from a run directory (its newest valid checkpoint) or a checkpoint file.
+
+    :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
+    :return: (run config, network in eval mode on `device`, diffusion, checkpoint path).
+    """
+    check_choice("weights", weights, ("ema", "model"))
+    path = Path(path)
+    if path.is_dir():
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise UserError(f"{path}: no checkpoint in this run directory; train first (ddpm train --out {path})")
+        file, state = found
+    elif path.exists():
+        file, state = path, ckpt.load_checkpoint(path)
+    else:
+        raise UserError(f"{path}: no such run directory or checkpoint file")
+    run = RunConfig.from_dict(state["config"], where=str(file))
+    net = UNet.from_config(run.model)
+    net.load_state_dict(state[weights])
+    return run, net.to(device).eval().requires_grad_(False), GaussianDiffusion.from_config(run.diffusion), file

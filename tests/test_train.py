@@ -1,0 +1,161 @@
+"""Training: resume equals no interruption, DDP equals one process, the recipe's definitions."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from ddpm.distributed import DistInfo
+from ddpm.errors import UserError
+from ddpm.train import DataOrder, RunConfig, TrainConfig, TrainingDiverged, lr_at, train
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    # 24 small grayscale images: a bright square at a random place on a dark background.
+    rng = np.random.default_rng(0)
+    x = np.full((24, 32, 32), 20, np.uint8)
+    for i in range(24):
+        r, c = rng.integers(0, 24, 2)
+        x[i, r:r + 8, c:c + 8] = 230
+    p = tmp_path_factory.mktemp("data") / "squares.npz"
+    np.savez(p, x=x)
+    return p
+
+
+def _cmd(npz, out, steps, *extra):
+    return [PY, "-m", "ddpm", "train", "--preset", "tiny", "--data", str(npz), "--out", str(out),
+            "--steps", str(steps), "--checkpoint-every", "2", "--no-progress", *extra]
+
+
+def _env():
+    # one thread per process: bitwise reproducibility across processes needs the same reduction order
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _final_state(run_dir):
+    path, state = latest_checkpoint(run_dir)
+    return state
+
+
+def _assert_states_equal(a, b):
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for i, s in a["optimizer"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), ("optimizer", i, k)
+    assert a["step"] == b["step"]
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_equals_an_uninterrupted_run(npz, tmp_path):
+    steps = 10
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_cmd(npz, ref, steps), check=True, env=_env(), capture_output=True)
+    proc = subprocess.Popen(_cmd(npz, killed, steps), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(s >= 4 for s, _ in list_checkpoints(killed)):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # half way, mid-step or mid-write
+    proc.wait()
+    steps_done = max(s for s, _ in list_checkpoints(killed))
+    assert 4 <= steps_done < steps, "the kill must land half way for this test to mean anything"
+    r = subprocess.run(_cmd(npz, killed, steps), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    _assert_states_equal(_final_state(ref), _final_state(killed))
+    # the metrics log holds each logged step once, as if nothing happened
+    steps_logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == sorted(set(steps_logged))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(npz, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    steps = 3
+    subprocess.run(_cmd(npz, one, steps), check=True, env=_env(), capture_output=True)
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ddpm", "train",
+                        "--preset", "tiny", "--data", str(npz), "--out", str(two), "--steps", str(steps),
+                        "--checkpoint-every", "2", "--no-progress"], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _final_state(one), _final_state(two)
+    worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    print(f"max |θ_1proc − θ_2proc| after {steps} steps: {worst:.3e}")
+    assert worst < 5e-5  # measured 5.0e-6: Adam's first steps are sign-like and amplify rounding
+    assert any(not torch.equal(a["model"][k], load_checkpoint(list_checkpoints(one)[0][1])["model"][k]) for k in a["model"])
+    # every rank's RNG state is in the checkpoint
+    assert set(b["rng"]) == {"rank0", "rank1"}
+
+
+def _tiny(npz, **train):
+    run = RunConfig.from_preset("tiny", data=str(npz))
+    return run.replace(train=run.train.replace(**train))
+
+
+def test_ema_follows_its_definition_and_is_never_swapped_in(npz, tmp_path):
+    d = 0.7
+    train(tmp_path, _tiny(npz, steps=3, checkpoint_every=1, keep_last=5, ema_decay=d), progress=False)
+    (_, p2), (_, p3) = list_checkpoints(tmp_path)[1:3]
+    s2, s3 = load_checkpoint(p2), load_checkpoint(p3)
+    for k, v in s3["ema"].items():
+        if v.is_floating_point():
+            # ema_3 = d · ema_2 + (1 − d) · θ_3
+            assert torch.allclose(v, d * s2["ema"][k] + (1 - d) * s3["model"][k], atol=1e-6), k
+    assert any(not torch.equal(s3["ema"][k], s3["model"][k]) for k in s3["model"])
+
+
+def test_warmup_is_linear_then_constant():
+    cfg = TrainConfig(lr=2e-4, warmup=5000)
+    assert lr_at(0, cfg) == pytest.approx(2e-4 / 5000)
+    assert lr_at(2499, cfg) == pytest.approx(1e-4)
+    assert lr_at(4999, cfg) == pytest.approx(2e-4) and lr_at(10**6, cfg) == 2e-4
+
+
+def test_every_epoch_visits_every_image_once():
+    order = DataOrder(n=10, batch=4, seed=3)
+    seq = torch.cat([order.indices(s) for s in range(10)])  # 40 positions = 4 epochs
+    for e in range(4):
+        assert sorted(seq[10 * e: 10 * e + 10].tolist()) == list(range(10))
+    assert not torch.equal(seq[:10], seq[10:20])  # epochs are reshuffled
+    assert torch.equal(DataOrder(10, 4, 3).indices(7), order.indices(7))  # a pure function of the step
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(npz, tmp_path):
+    # An absurd learning rate blows the weights up within a few steps of Adam.
+    run = _tiny(npz, steps=8, checkpoint_every=2, log_every=1, lr=1e30, warmup=0)
+    with pytest.raises(TrainingDiverged) as e:
+        train(tmp_path, run, progress=False)
+    assert "NaN or infinite" in str(e.value) and "run the same command again" in str(e.value)
+    for _, p in list_checkpoints(tmp_path):  # whatever was written before is finite and loads
+        assert all(torch.isfinite(t).all() for t in load_checkpoint(p)["model"].values())
+
+
+def test_a_changed_setting_is_refused_on_resume(npz, tmp_path):
+    train(tmp_path, _tiny(npz, steps=2), progress=False)
+    with pytest.raises(UserError, match=r"train.lr=0.001, now 0.0005"):
+        train(tmp_path, _tiny(npz, steps=4, lr=5e-4), progress=False)
+    train(tmp_path, _tiny(npz, steps=4), progress=False)  # more steps is fine
+    assert latest_checkpoint(tmp_path)[1]["step"] == 4
+
+
+def test_batch_must_divide_over_processes(npz, tmp_path):
+    with pytest.raises(UserError, match="not divisible by the 3 processes"):
+        train(tmp_path, _tiny(npz, batch_size=8), progress=False, dist=DistInfo(world_size=3))
+
+
+def test_cli_prints_one_line_for_a_bad_setting(npz, tmp_path):
+    r = subprocess.run(_cmd(npz, tmp_path, 2, "--set", "train.lr=-1"), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("ddpm train: error: train.lr=-1.0 must be a positive number")
+    assert "Traceback" not in r.stderr
