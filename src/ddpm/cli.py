@@ -145,7 +145,7 @@ def cmd_train(args):
     from .train import train
 
     run = resolve_train_config(args)
-    print(json.dumps(run.to_dict(), indent=2), file=sys.stderr)
+    print(json.dumps(run.to_dict(), indent=2))  # stdout: stderr is kept for progress and errors
     res = train(args.out, run, progress=not args.no_progress)
     print(f"trained {res['step']} steps; last logged loss {res['loss']:.5f}; run directory {res['run_dir']}", file=sys.stderr)
 
@@ -459,3 +459,140 @@ def _reconstruct_args(p):
 
 
 cmd_reconstruct.add_arguments = _reconstruct_args
+
+
+# ---------------------------------------------------------------------------------------------
+# FID and Inception Score (docs/FID.md): fid-ref, fid, eval
+# ---------------------------------------------------------------------------------------------
+
+
+def _fid_inception_args(p):
+    p.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (default: $DDPM_INCEPTION_WEIGHTS, then "
+                        "~/.cache/ddpm/pt_inception-2015-12-05-6726825d.pth); never downloaded")
+    p.add_argument("--inception-sha256", metavar="HEX", default="6726825d",
+                   help="the weights file's sha256 must start with HEX (default: the official file's 6726825d); "
+                        "give your own file's hash for other weights, or 'none' to skip the check (recorded)")
+    p.add_argument("--inception-batch", type=int, default=100, metavar="B", help="images per Inception forward, per process")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _fid_inception(args, dist):
+    from .metrics.inception import load_inception
+
+    sha = None if str(args.inception_sha256).lower() == "none" else args.inception_sha256
+    return load_inception(args.inception_weights, expected_sha256=sha, device=dist.device)
+
+
+def _fid_dist(args):
+    import torch
+
+    from .distributed import init
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+    return init(args.device)
+
+
+@command("fid-ref", "reference statistics for FID (μ, Σ of Inception pool-3 features) of a data set, with provenance")
+def cmd_fid_ref(args):
+    from .data import DataConfig
+    from .metrics.evaluate import reference_stats
+    from .metrics.fid import save_stats
+
+    dist = _fid_dist(args)
+    data = DataConfig(source=args.data, split=args.split, resolution=args.resolution, channels=args.channels)
+    inc = _fid_inception(args, dist)
+    stats = reference_stats(data, inc, batch=args.inception_batch, dist=dist, progress=not args.no_progress)
+    if dist.is_main:
+        save_stats(args.out, stats)
+        p = stats.provenance
+        print(f"wrote {args.out}: {p['n_images']} images of {p['source_description']} (sha256 {p['data_sha256'][:12]}…), "
+              f"Inception weights sha256 {p['inception']['weights_sha256'][:12]}…; the data's own IS {p['is_mean']:.3f} "
+              f"± {p['is_std']:.3f}")
+
+
+def _fid_ref_args(p):
+    p.add_argument("--data", required=True, help="data source, as for train (e.g. cifar10:/path/cifar-10-python.tar.gz)")
+    p.add_argument("--split", default="train", choices=("train", "test"), help="default train (the paper's FID reference)")
+    p.add_argument("--out", required=True, metavar="STATS.npz")
+    p.add_argument("--resolution", type=int, default=None, help="resize as for training (default: the data's own size)")
+    p.add_argument("--channels", default="auto", choices=("auto", "rgb", "gray"))
+    _fid_inception_args(p)
+
+
+cmd_fid_ref.add_arguments = _fid_ref_args
+
+
+@command("fid", "FID of samples (a folder of PNGs or an .npz of uint8) against reference statistics, and their IS")
+def cmd_fid(args):
+    import json
+
+    from .metrics.evaluate import fid_report
+
+    dist = _fid_dist(args)
+    inc = _fid_inception(args, dist)
+    rep = fid_report(args.samples, args.ref, inc, batch=args.inception_batch, dist=dist, progress=not args.no_progress)
+    if dist.is_main:
+        if args.out:
+            from .sampling import write_json_atomic
+
+            write_json_atomic(args.out, rep)
+        for ref, v in rep["fid"].items():
+            print(f"FID {v:.4f}  ({rep['samples']['n_images']} samples against {ref})")
+        print(f"IS  {rep['is_mean']:.4f} ± {rep['is_std']:.4f} ({rep['is_splits']} splits; {rep['is_1split']:.4f} over all)")
+        for note in rep["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+        if args.out:
+            print(f"wrote {args.out}")
+        elif args.json:
+            print(json.dumps(rep, indent=2))
+
+
+def _fid_args(p):
+    p.add_argument("--samples", required=True, metavar="DIR|NPZ", help="a folder of image files or an .npz of uint8 images")
+    p.add_argument("--ref", required=True, action="append", metavar="STATS.npz", help="reference statistics (repeatable)")
+    p.add_argument("--out", default=None, metavar="REPORT.json", help="write the full report here")
+    p.add_argument("--json", action="store_true", help="print the full report")
+    _fid_inception_args(p)
+
+
+cmd_fid.add_arguments = _fid_args
+
+
+@command("eval", "the paper's evaluation of a run: EMA samples, FID (train and test), IS and bits/dim into one JSON")
+def cmd_eval(args):
+    from .metrics.evaluate import evaluate_run
+
+    dist = _fid_dist(args)
+    sha = None if str(args.inception_sha256).lower() == "none" else args.inception_sha256
+    rep = evaluate_run(args.run, args.n, out_dir=args.out, batch=args.batch, seed=args.seed, ref_train=args.ref_train,
+                       ref_test=args.ref_test, bpd_n=args.bpd_n, bpd_batch=args.bpd_batch,
+                       inception_batch=args.inception_batch, weights=args.inception_weights, expected_sha256=sha,
+                       dist=dist, progress=not args.no_progress)
+    if dist.is_main:
+        fid = rep["fid"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+        bpd = rep["bits_per_dim"]
+        print(f"FID train {fmt(fid.get('train'))}, test {fmt(fid.get('test'))}; IS {rep['inception_score']['is_mean']:.4f} "
+              f"± {rep['inception_score']['is_std']:.4f}; bits/dim {fmt(bpd['total_bpd'] if bpd else None)} "
+              f"({rep['n_samples']} samples, {rep['checkpoint']})")
+        for note in rep["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+
+
+def _eval_args(p):
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory (its newest checkpoint) or a checkpoint file")
+    p.add_argument("--n", type=int, default=50_000, help="samples (default 50,000, the paper's protocol)")
+    p.add_argument("--batch", type=int, default=256, help="samples per forward pass, per process")
+    p.add_argument("--seed", type=int, default=0, help="sample i always comes from seed (SEED, i)")
+    p.add_argument("--out", default=None, metavar="DIR", help="default RUN_DIR/eval/<checkpoint name>")
+    p.add_argument("--ref-train", default=None, metavar="STATS.npz", help="default: computed from the run's data, cached in RUN_DIR/eval")
+    p.add_argument("--ref-test", default=None, metavar="STATS.npz", help="default: computed from the run's data, cached in RUN_DIR/eval")
+    p.add_argument("--bpd-n", type=int, default=None, help="bits/dim of the first N test images (default all; 0 skips)")
+    p.add_argument("--bpd-batch", type=int, default=64)
+    _fid_inception_args(p)
+
+
+cmd_eval.add_arguments = _eval_args

@@ -50,13 +50,19 @@ class DiffusionConfig(Config):
         check_choice("diffusion.mean_type", self.mean_type, MEAN_TYPES)
         check_choice("diffusion.var_type", self.var_type, VAR_TYPES)
         check_choice("diffusion.loss_type", self.loss_type, LOSS_TYPES)
-        _check_combination(self.schedule, self.mean_type, self.var_type, self.loss_type)
+        _check_combination(self.betas(), self.mean_type, self.var_type, self.loss_type)
 
     def betas(self) -> np.ndarray:
         return make_betas(self.schedule, self.T, self.beta_start, self.beta_end)
 
 
-def _check_combination(schedule: Optional[str], mean_type: str, var_type: str, loss_type: str) -> None:
+def _check_combination(betas: np.ndarray, mean_type: str, var_type: str, loss_type: str) -> None:
+    """Refuse settings that cannot work together, with one line that says what would."""
+    if np.prod(1.0 - betas) == 0.0 and mean_type == "eps":
+        raise UserError(
+            "this schedule reaches ᾱ_T = 0 (e.g. 'jsd', whose last β is 1), where x_0 cannot be recovered "
+            "from ε; use mean_type='x0', 'v' or 'xprev', or another schedule"
+        )
     learned = var_type in ("learned", "learned_range")
     if loss_type == "mse" and learned:
         raise UserError(
@@ -85,19 +91,14 @@ class GaussianDiffusion:
         check_choice("mean_type", mean_type, MEAN_TYPES)
         check_choice("var_type", var_type, VAR_TYPES)
         check_choice("loss_type", loss_type, LOSS_TYPES)
-        _check_combination(None, mean_type, var_type, loss_type)
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 2:
             raise UserError(f"betas must be a 1-D array of at least 2 steps (got shape {betas.shape}); "
                             "the clipped posterior log-variance at t=0 borrows the value at t=1")
         if not ((betas > 0).all() and (betas <= 1).all()):
             raise UserError("every β must lie in (0, 1]")
+        _check_combination(betas, mean_type, var_type, loss_type)
         alphas_cumprod = np.cumprod(1.0 - betas)
-        if alphas_cumprod[-1] == 0.0 and mean_type == "eps":
-            raise UserError(
-                "this schedule reaches ᾱ_T = 0 (e.g. 'jsd', whose last β is 1), where x_0 cannot be recovered "
-                "from ε; use mean_type='x0', 'v' or 'xprev', or another schedule"
-            )
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
         self.hybrid_lambda = float(hybrid_lambda)
         self.num_timesteps = T = len(betas)

@@ -122,7 +122,7 @@ class RunConfig:
             if section not in ("model", "diffusion", "data", "train"):
                 raise UserError(f"--set {p!r}: unknown section {section!r}; valid sections: model, diffusion, data, train")
             by_section.setdefault(section, []).append(rest)
-        changes = {s: apply_overrides(getattr(self, s), ps, where=f"--set {s}.") for s, ps in by_section.items()}
+        changes = {s: apply_overrides(getattr(self, s), ps, where=f"--set {s}") for s, ps in by_section.items()}
         return self.replace(**changes)
 
 
