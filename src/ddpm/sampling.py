@@ -188,7 +188,7 @@ def check_settings(path, meta: dict) -> None:
     path = Path(path)
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        diff = [k for k in [*meta, *(k for k in old if k not in meta)] if old.get(k) != meta.get(k)]
         if diff:
             k = diff[0]
             raise UserError(f"{path}: the files here were made with {k}={old.get(k)!r}, now {meta.get(k)!r}; "

@@ -1,0 +1,490 @@
+"""The paper's experiments beyond sample quality (§4.2–4.4, Appendix D), as library functions.
+
+- `evaluate_nll`: bits/dim of the true bound (eq. 5) per test image, with its parts, resumable.
+- `rate_distortion`: progressive lossy compression (§4.3, Fig. 5) from `evaluate_nll`'s terms.
+- `progressive_generation`: x̂_0 predicted along sampling chains (Fig. 6).
+- `shared_latent_samples`: several samples continued from one shared x_t (Fig. 7).
+- `interpolate`: mix two images' x_t linearly, decode (Fig. 8 and the coarse-to-fine figure).
+- `reconstruct`: one image noised to x_t and brought back, for several t.
+
+Indexing. The network and `GaussianDiffusion` use code indices 0 … T-1 (the paper's t-1). Here
+"paper t" (0 … T) counts diffusion steps: x_t ~ q(x_t | x_0) is made at code index t-1, and
+decoding it takes the t reverse steps of code indices t-1 … 0; t = 0 is the image itself.
+`progressive_generation` takes code indices (what the network sees), as the sampler's callback.
+Every random draw comes from a per-image generator seeded by (seed, image index), so results do
+not depend on batch size or the number of processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .data import to_model_range
+from .diffusion import GaussianDiffusion
+from .distributed import DistInfo, barrier, broadcast_object, derive_seed
+from .errors import UserError
+from .sampling import (ImageNoise, check_paper_t, check_settings, ddim_timesteps, denoise_from, diffuse, sample,
+                       shard, write_json_atomic, _image_bar)
+
+# Salts that keep the seed streams of different roles apart (encoding noise vs decoding noise).
+_DECODE = 0xDEC0DE
+_CONTINUE = 0xC0417
+
+
+# ---------------------------------------------------------------------------------------------
+# Bits/dim (eq. 5) on a test set
+# ---------------------------------------------------------------------------------------------
+
+NLL_META = "nll.json"
+
+
+def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: int, out_dir, dist: Optional[DistInfo] = None,
+                 progress: bool = True, *, device=None, model_tag: str = "", clip_denoised: bool = True) -> dict:
+    """Bits/dim of the true variational bound L_T + Σ_{t>1} L_{t-1} + L_0 (eq. 5) for each image.
+
+    As the official code (`calc_bpd_loop`): each term with fresh noise, x̂_0 clipped to [-1, 1].
+    The noise of image i comes from seed (seed, i), so results do not depend on `batch` or the
+    number of processes. Each finished batch is saved to `out_dir/parts/batch-{first:06d}.npz`
+    (atomically) and skipped when the function runs again; the processes of `dist` take disjoint
+    batches and rank 0 merges. Writes into `out_dir`:
+
+    - `summary.json`: means over images (bits/dim) of the total and of its parts: the prior L_T
+      (`prior_bpd`), the decoder L_0 (`decoder_bpd`, code index 0) and Σ L_t over code indices
+      1 … T-1 (`diffusion_bpd`); total = prior + decoder + diffusion.
+    - `per_image.csv`: the same four numbers per image.
+    - `per_t.csv`: per code index t (paper t+1), the mean term (bits/dim), ε MSE and x̂_0 MSE.
+    - `bpd.npz`: the arrays (indices, total_bpd [N], prior_bpd [N], vb/mse/x0_mse [N, T]).
+
+    :param images: uint8 [N, C, H, W] (tensor or array) in {0 … 255}.
+    :param batch: images per forward pass and per saved part, per process.
+    :param model_tag: recorded with the seed in `nll.json`; a rerun with other settings is refused.
+    :return: the summary dict (on every rank).
+    """
+    images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise UserError(f"images must be uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
+    N, T = int(images.shape[0]), diffusion.num_timesteps
+    if N < 1:
+        raise UserError("no images to evaluate; give a data set with at least one image")
+    if isinstance(batch, bool) or int(batch) != batch or batch < 1:
+        raise UserError(f"batch={batch!r}: give a batch size of at least 1")
+    dist = dist or DistInfo()
+    device = torch.device(device) if device is not None else dist.device
+    out_dir = Path(out_dir)
+    parts = out_dir / "parts"
+
+    batches = None
+    if dist.is_main:
+        parts.mkdir(parents=True, exist_ok=True)
+        check_settings(out_dir / NLL_META, dict(seed=int(seed), T=T, clip_denoised=bool(clip_denoised),
+                                                 shape=list(images.shape[1:]), model=model_tag))
+        covered = set()
+        for f, part in _read_parts(parts):
+            inside = part["indices"] < N  # an earlier run may have had more images
+            idx = part["indices"][inside]
+            if not np.array_equal(part["digest"][inside], _digests(images[torch.from_numpy(idx)])):
+                raise UserError(f"{f}: was computed on other images than these; write to another --out directory")
+            covered.update(int(i) for i in idx)
+        todo = [i for i in range(N) if i not in covered]
+        batches = [todo[k:k + int(batch)] for k in range(0, len(todo), int(batch))]
+    batches = broadcast_object(batches, dist)
+    mine = shard(batches, dist.rank, dist.world_size)
+
+    bar = _image_bar(sum(len(b) for b in mine), "bits/dim", progress and dist.is_main)
+    for idx in mine:
+        x0 = to_model_range(images[torch.tensor(idx)]).to(device)
+        res = diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised, noise_fn=ImageNoise(seed, idx, device),
+                                      progress=progress and dist.is_main)
+        arrays = {k: res[k].float().cpu().numpy() for k in ("prior_bpd", "vb", "mse", "x0_mse")}
+        _save_npz_atomic(parts / f"batch-{idx[0]:06d}.npz", indices=np.asarray(idx, np.int64),
+                         digest=_digests(images[torch.tensor(idx)]), **arrays)
+        bar.update(len(idx))
+    bar.close()
+    barrier()
+
+    summary = None
+    if dist.is_main:
+        bpd = _merge_parts(parts, N, T)
+        summary = _write_nll_results(out_dir, bpd, seed=int(seed), clip_denoised=bool(clip_denoised))
+    barrier()
+    return broadcast_object(summary, dist)
+
+
+def _read_parts(parts: Path):
+    for f in sorted(parts.glob("batch-*.npz")):
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                part = {k: z[k] for k in z.files}
+        except Exception:  # a part killed mid-write never has its final name; this is damage: redo it
+            continue
+        if not {"indices", "digest", "prior_bpd", "vb", "mse", "x0_mse"} <= set(part):
+            continue
+        yield f, part
+
+
+def _digests(images: torch.Tensor) -> np.ndarray:
+    """The first 8 bytes of each image's sha256, uint8 [B, 8]: which images a saved part belongs to."""
+    import hashlib
+
+    a = images.cpu().numpy()
+    return np.array([np.frombuffer(hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest()[:8], np.uint8) for x in a],
+                    np.uint8).reshape(len(a), 8)
+
+
+def _merge_parts(parts: Path, N: int, T: int) -> dict:
+    out = dict(prior_bpd=np.full(N, np.nan), vb=np.full((N, T), np.nan, np.float32),
+               mse=np.full((N, T), np.nan, np.float32), x0_mse=np.full((N, T), np.nan, np.float32))
+    seen = np.zeros(N, bool)
+    for f, part in _read_parts(parts):
+        idx = part["indices"]
+        keep = idx < N
+        if part["vb"].shape[1] != T:
+            raise UserError(f"{f}: has {part['vb'].shape[1]} terms but the model has T={T}; write to another --out directory")
+        for k in out:
+            out[k][idx[keep]] = part[k][keep]
+        seen[idx[keep]] = True
+    if not seen.all():
+        raise UserError(f"{parts}: results for {int((~seen).sum())} images are missing; run the same command again")
+    out["prior_bpd"] = out["prior_bpd"].astype(np.float32)
+    out["indices"] = np.arange(N, dtype=np.int64)
+    return out
+
+
+def _write_nll_results(out_dir: Path, bpd: dict, seed: int, clip_denoised: bool) -> dict:
+    vb = bpd["vb"].astype(np.float64)
+    prior = bpd["prior_bpd"].astype(np.float64)
+    decoder, diffusion_terms = vb[:, 0], vb[:, 1:].sum(axis=1)
+    total = prior + decoder + diffusion_terms  # float64: the parts add up to the total exactly
+    bpd = dict(bpd, total_bpd=total)
+    N, T = vb.shape
+    _save_npz_atomic(out_dir / "bpd.npz", **bpd)
+
+    with _atomic_text(out_dir / "per_image.csv") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "total_bpd", "prior_bpd", "decoder_bpd", "diffusion_bpd"])
+        for i in range(N):
+            w.writerow([i, f"{total[i]:.6f}", f"{prior[i]:.6e}", f"{decoder[i]:.6f}", f"{diffusion_terms[i]:.6f}"])
+    with _atomic_text(out_dir / "per_t.csv") as f:
+        w = csv.writer(f)
+        w.writerow(["t", "paper_t", "vb_bpd", "eps_mse", "x0_mse"])
+        vb_m, mse_m, x0_m = vb.mean(0), bpd["mse"].astype(np.float64).mean(0), bpd["x0_mse"].astype(np.float64).mean(0)
+        for t in range(T):
+            w.writerow([t, t + 1, f"{vb_m[t]:.6e}", f"{mse_m[t]:.6e}", f"{x0_m[t]:.6e}"])
+    summary = dict(
+        n=N, T=T, seed=seed, clip_denoised=clip_denoised,
+        total_bpd=float(total.mean()),
+        total_bpd_stderr=float(total.std(ddof=1) / math.sqrt(N)) if N > 1 else float("nan"),
+        prior_bpd=float(prior.mean()),  # L_T
+        decoder_bpd=float(decoder.mean()),  # L_0
+        diffusion_bpd=float(diffusion_terms.mean()),  # Σ_{t>1} L_{t-1}: code indices 1 … T-1
+    )
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def load_bpd(out_dir) -> dict:
+    """The arrays `evaluate_nll` wrote to `out_dir/bpd.npz`."""
+    path = Path(out_dir) / "bpd.npz"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run `ddpm nll --out {out_dir}` first")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ---------------------------------------------------------------------------------------------
+# Progressive lossy compression (§4.3, Fig. 5)
+# ---------------------------------------------------------------------------------------------
+
+
+def rate_distortion(bpd: dict) -> dict:
+    """Rate and distortion of progressive lossy compression (§4.3, Fig. 5).
+
+    The receiver gets x_T, x_{T-1}, …, x_t in turn (paper t = T … 1). Sending x_T costs the prior
+    term L_T; sending paper x_s given x_{s+1} costs the KL term at code index s (`vb[:, s]`), so
+
+        rate(t)       = mean over images of [ prior_bpd + Σ_{code i ≥ t} vb[:, i] ]   (bits/dim)
+        distortion(t) = 127.5 · sqrt( mean over images of x0_mse[:, t-1] )             (RMSE, 0–255)
+
+    where x0_mse[:, t-1] is the squared error of x̂_0 predicted from x_t (code index t-1) on the
+    [-1, 1] scale. rate(T) is the prior term; rate(1) = total − L_0 (the paper's 1.78 bits/dim for
+    CIFAR-10, with L_0 = 1.97 bits/dim the distortion in bits and RMSE 0.95).
+
+    :param bpd: `evaluate_nll`'s arrays (`load_bpd`): prior_bpd [N], vb [N, T], x0_mse [N, T].
+    :return: dict(t [T] = T … 1, steps = T − t (reverse steps taken), rate [T], distortion_rmse [T],
+        and the scalars prior_bpd, decoder_bpd, total_bpd).
+    """
+    vb = np.asarray(bpd["vb"], np.float64)
+    prior = np.asarray(bpd["prior_bpd"], np.float64)
+    x0_mse = np.asarray(bpd["x0_mse"], np.float64)
+    if vb.ndim != 2 or x0_mse.shape != vb.shape or prior.shape != vb.shape[:1]:
+        raise UserError(f"rate_distortion needs prior_bpd [N], vb [N, T], x0_mse [N, T]; got {prior.shape}, {vb.shape}, {x0_mse.shape}")
+    T = vb.shape[1]
+    vb_mean = vb.mean(axis=0)
+    tail = np.append(np.cumsum(vb_mean[::-1])[::-1], 0.0)  # tail[s] = Σ_{code i ≥ s} vb_mean[i]; tail[T] = 0
+    t = np.arange(T, 0, -1)
+    rate = prior.mean() + tail[t]
+    distortion = 127.5 * np.sqrt(x0_mse.mean(axis=0)[t - 1])
+    return dict(t=t, steps=T - t, rate=rate, distortion_rmse=distortion, prior_bpd=float(prior.mean()),
+                decoder_bpd=float(vb_mean[0]), total_bpd=float(prior.mean() + vb_mean.sum()))
+
+
+def write_rate_distortion(rd: dict, out_dir) -> dict:
+    """`rate_distortion.csv` and `rate_distortion.png` (Fig. 5's three panels) in `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out_dir / "rate_distortion.csv", out_dir / "rate_distortion.png"
+    with _atomic_text(csv_path) as f:
+        w = csv.writer(f)
+        w.writerow(["t", "reverse_steps", "rate_bpd", "distortion_rmse"])
+        for t, s, r, d in zip(rd["t"], rd["steps"], rd["rate"], rd["distortion_rmse"]):
+            w.writerow([int(t), int(s), f"{r:.6f}", f"{d:.6f}"])
+    plot_rate_distortion(rd, png_path)
+    return dict(csv=str(csv_path), png=str(png_path))
+
+
+def plot_rate_distortion(rd: dict, path) -> Path:
+    """Fig. 5 drawn with Pillow: distortion vs steps, rate vs steps, distortion vs rate."""
+    from PIL import Image, ImageDraw
+
+    from .sampling import save_png
+
+    W, H = 380, 300
+    img = Image.new("RGB", (3 * W, H), "white")
+    draw = ImageDraw.Draw(img)
+    steps, rate, dist = rd["steps"], rd["rate"], rd["distortion_rmse"]
+    _panel(img, draw, (0, 0, W, H), steps, dist, "Reverse process steps (T - t)", "Distortion (RMSE)")
+    _panel(img, draw, (W, 0, 2 * W, H), steps, rate, "Reverse process steps (T - t)", "Rate (bits/dim)")
+    _panel(img, draw, (2 * W, 0, 3 * W, H), rate, dist, "Rate (bits/dim)", "Distortion (RMSE)")
+    return save_png(np.asarray(img), path)
+
+
+def _font(size: int = 12):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Round tick values (1, 2 or 5 × 10^k apart) covering [lo, hi]."""
+    if not hi > lo:
+        hi = lo + (abs(lo) or 1.0)
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+
+
+def _panel(img, draw, box, xs, ys, xlabel: str, ylabel: str) -> None:
+    from PIL import Image, ImageDraw
+
+    font = _font(12)
+    x0, y0, x1, y1 = box
+    left, right, top, bottom = x0 + 62, x1 - 14, y0 + 14, y1 - 46  # the plotting area
+    xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+    xlo, xhi, ylo, yhi = xs.min(), xs.max(), ys.min(), ys.max()
+    xt, yt = _nice_ticks(xlo, xhi), _nice_ticks(ylo, yhi)
+    xlo, xhi, ylo, yhi = min(xlo, xt[0]), max(xhi, xt[-1]), min(ylo, yt[0]), max(yhi, yt[-1])
+    xhi, yhi = (xhi if xhi > xlo else xlo + 1), (yhi if yhi > ylo else ylo + 1)
+    px = lambda v: left + (v - xlo) / (xhi - xlo) * (right - left)
+    py = lambda v: bottom - (v - ylo) / (yhi - ylo) * (bottom - top)
+    for v in xt:
+        draw.line([(px(v), top), (px(v), bottom)], fill=(230, 230, 230))
+        draw.line([(px(v), bottom), (px(v), bottom + 4)], fill="black")
+        draw.text((px(v), bottom + 6), _fmt(v), fill="black", font=font, anchor="ma")
+    for v in yt:
+        draw.line([(left, py(v)), (right, py(v))], fill=(230, 230, 230))
+        draw.line([(left - 4, py(v)), (left, py(v))], fill="black")
+        draw.text((left - 6, py(v)), _fmt(v), fill="black", font=font, anchor="rm")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.line([(px(a), py(b)) for a, b in zip(xs, ys)], fill=(31, 119, 180), width=2)
+    draw.text(((left + right) / 2, y1 - 6), xlabel, fill="black", font=font, anchor="md")
+    # The y label, drawn horizontally on its own picture and turned a quarter.
+    tw = int(draw.textlength(ylabel, font=font)) + 4
+    lab = Image.new("RGB", (tw, 16), "white")
+    ImageDraw.Draw(lab).text((2, 1), ylabel, fill="black", font=font)
+    lab = lab.rotate(90, expand=True)
+    img.paste(lab, (x0 + 2, int((top + bottom) / 2 - lab.height / 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Progressive generation (Fig. 6) and samples sharing an x_t (Fig. 7)
+# ---------------------------------------------------------------------------------------------
+
+
+def progressive_generation(model, diffusion: GaussianDiffusion, shape, times: Sequence[int], n_chains: int, seed: int,
+                           device="cpu", *, progress: bool = False, **sampler_opts) -> dict:
+    """x̂_0 predicted along sampling chains at chosen code indices `times` (Fig. 6).
+
+    The chains are samples 0 … n_chains-1 of seed `seed` (`sampling.sample`, so chain i is image i
+    of `ddpm sample` with the same seed and sampler); the step at code index t shows the x̂_0 the
+    network predicts from its input (the paper's x_{t+1}).
+
+    :param times: code indices, each a step of the sampler (all of 0 … T-1 for ancestral).
+    :return: dict(times, pred_x0 [n_chains, len(times), C, H, W], samples [n_chains, C, H, W]).
+    """
+    T = diffusion.num_timesteps
+    if n_chains < 1:
+        raise UserError(f"n_chains={n_chains}: give at least one chain")
+    if sampler_opts.get("sampler", "ancestral") == "ddim":
+        steps = ddim_timesteps(T, sampler_opts.get("ddim_steps", 50), sampler_opts.get("ddim_spacing", "uniform"))
+    else:
+        steps = list(range(T - 1, -1, -1))
+    times = [int(t) for t in times]
+    missing = [t for t in times if t not in set(steps)]
+    if not times or missing:
+        raise UserError(f"times {missing or '(none)'} are not steps of this sampler; give code indices from "
+                        f"{'0 … ' + str(T - 1) if len(steps) == T else ', '.join(map(str, steps))}")
+    keep = {}
+
+    def callback(t, out):
+        if t in times:
+            keep[t] = out["pred_x0"].float().cpu()
+
+    x = sample(model, diffusion, tuple(shape), seed=seed, indices=range(n_chains), device=device, progress=progress,
+               callback=callback, **sampler_opts)
+    return dict(times=times, pred_x0=torch.stack([keep[t] for t in times], dim=1), samples=x.float().cpu())
+
+
+def shared_latent_samples(model, diffusion: GaussianDiffusion, shape, share_t: Sequence[int], k: int, seed: int,
+                          device="cpu", *, clip_denoised: bool = True, progress: bool = False) -> dict:
+    """Samples that share an intermediate x_t (Fig. 7): one chain (image 0 of `seed`) is run from
+    x_T down to each paper time t in `share_t`; from that same x_t, k chains continue to x_0 with
+    their own noise (images 1 … k of seed (seed, salt)).
+
+    :param share_t: paper times in 0 … T (T: only x_T is shared; 0: the finished sample is).
+    :return: dict(share_t, x_t [len(share_t), C, H, W], samples [len(share_t), k, C, H, W]).
+    """
+    T = diffusion.num_timesteps
+    share_t = [check_paper_t(t, T, "share t") for t in share_t]
+    if not share_t or k < 1:
+        raise UserError("give at least one shared t and k >= 1 continuations")
+    shape = tuple(shape)
+    base_noise = ImageNoise(seed, [0], device)
+    x, cur, at = base_noise(torch.Size((1, *shape))), T, {}
+    for s in sorted(set(share_t), reverse=True):  # one chain, stopped at each shared t in turn
+        x = diffusion.reverse_loop(model, x, range(cur - 1, s - 1, -1), diffusion.ancestral_step(clip_denoised),
+                                   noise_fn=base_noise, progress=progress)
+        cur, at[s] = s, x
+    rows = []
+    for s in share_t:
+        noise = ImageNoise(derive_seed(seed, _CONTINUE), range(1, k + 1), device)
+        rows.append(denoise_from(model, diffusion, at[s].expand(k, *shape).clone(), s, noise,
+                                 clip_denoised=clip_denoised, progress=progress).float().cpu())
+    return dict(share_t=share_t, x_t=torch.cat([at[s] for s in share_t]).float().cpu(), samples=torch.stack(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolation (Fig. 8) and reconstruction
+# ---------------------------------------------------------------------------------------------
+
+
+def interpolate(model, diffusion: GaussianDiffusion, x0_a: torch.Tensor, x0_b: torch.Tensor, ts: Sequence[int],
+                lambdas: Sequence[float], seed: int, *, clip_denoised: bool = True, progress: bool = False) -> dict:
+    """Interpolation in latent space (§4.4, Fig. 8): x_t ~ q(x_t | x_0) and x'_t ~ q(x'_t | x'_0),
+    x̄_t = (1 − λ) x_t + λ x'_t, decoded by the reverse process; the decoding noise is the same for
+    every λ. Several t give the coarse-to-fine figure: more steps, coarser and more varied.
+
+    :param x0_a, x0_b: the two images in [-1, 1], [C, H, W] (on the model's device).
+    :param ts: paper times, 0 … T (0: no noise and no reverse steps, a pixel-space blend).
+    :return: dict(t, lambdas, images [len(ts), len(lambdas), C, H, W]) in [-1, 1].
+    """
+    T = diffusion.num_timesteps
+    ts = [check_paper_t(t, T, "t") for t in ts]
+    lam = torch.tensor([float(v) for v in lambdas], dtype=x0_a.dtype, device=x0_a.device)
+    if not ts or lam.numel() == 0:
+        raise UserError("give at least one t and one λ")
+    shape, K = tuple(x0_a.shape), lam.numel()
+    rows = []
+    for t in ts:
+        eps = ImageNoise(seed, [0, 1], x0_a.device, x0_a.dtype)(torch.Size((2, *shape)))  # encoding noise of a and b
+        x_a, x_b = diffuse(diffusion, x0_a[None], t, eps[:1]), diffuse(diffusion, x0_b[None], t, eps[1:])
+        x_t = (1 - lam).view(-1, 1, 1, 1) * x_a + lam.view(-1, 1, 1, 1) * x_b  # [K, C, H, W]
+        decode_noise = ImageNoise(derive_seed(seed, _DECODE), [0] * K, x0_a.device, x0_a.dtype)  # K equal streams
+        rows.append(denoise_from(model, diffusion, x_t, t, decode_noise, clip_denoised=clip_denoised,
+                                 progress=progress).float().cpu())
+    return dict(t=ts, lambdas=lam.cpu().tolist(), images=torch.stack(rows))
+
+
+def reconstruct(model, diffusion: GaussianDiffusion, x0: torch.Tensor, ts: Sequence[int], seed: int, *,
+                clip_denoised: bool = True, progress: bool = False) -> dict:
+    """One image noised to x_t ~ q(x_t | x_0) and brought back by the reverse process, for each
+    paper time t in `ts` (0 … T): small t keeps the details, large t only the coarse layout.
+
+    :param x0: the image in [-1, 1], [C, H, W].
+    :return: dict(t, x_t [len(ts), C, H, W], x0 [len(ts), C, H, W]) in model range.
+    """
+    T = diffusion.num_timesteps
+    ts = [check_paper_t(t, T, "t") for t in ts]
+    if not ts:
+        raise UserError("give at least one t")
+    noisy, back = [], []
+    for t in ts:
+        eps = ImageNoise(seed, [0], x0.device, x0.dtype)(torch.Size((1, *x0.shape)))
+        x_t = diffuse(diffusion, x0[None], t, eps)
+        noisy.append(x_t.float().cpu())
+        back.append(denoise_from(model, diffusion, x_t, t, ImageNoise(derive_seed(seed, _DECODE), [0], x0.device, x0.dtype),
+                                 clip_denoised=clip_denoised, progress=progress).float().cpu())
+    return dict(t=ts, x_t=torch.cat(noisy), x0=torch.cat(back))
+
+
+def load_image(path, channels: int, resolution: int) -> torch.Tensor:
+    """One picture file as the model sees data: converted to gray (channels=1) or RGB (3), the
+    largest centred square cropped and Lanczos-resized to `resolution` (data.py's preprocessing).
+    -> uint8 [C, H, W]."""
+    from .data import _prepare
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such image file")
+    a, info = _prepare(path, resolution, {1: "gray", 3: "rgb"}[channels])
+    if a is None:
+        raise UserError(f"{path}: cannot read image ({info}); give a PNG, JPEG or WebP file")
+    return torch.from_numpy(a.transpose(2, 0, 1).copy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic file helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_npz_atomic(path: Path, **arrays) -> Path:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+class _atomic_text:
+    """`with _atomic_text(path) as f:` writes a text file under a temporary name, then moves it."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = Path(path), Path(path).with_name(f".tmp-{Path(path).name}-{os.getpid()}")
+
+    def __enter__(self):
+        self.f = open(self.tmp, "w", newline="")
+        return self.f
+
+    def __exit__(self, exc_type, *rest):
+        self.f.close()
+        if exc_type is None:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
