@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+# FID tests: torch-fidelity without its declared torchvision, which would replace the torch above
+# (ddpm imports only its Inception modules, which need no torchvision; docs/FID.md).
+	$(PY) -m pip install -q --no-deps "torch-fidelity>=0.4,<0.5"
 	touch $@
 
 install: $(VENV)/.installed

@@ -298,7 +298,8 @@ def _nll_args(p):
 cmd_nll.add_arguments = _nll_args
 
 
-@command("rate-distortion", "progressive lossy compression (Fig. 5): rate and distortion at every t, CSV and plot")
+@command("rate-distortion", "progressive lossy compression (Fig. 5): rate and distortion at every t, CSV and plot; "
+                            "evaluates bits/dim into --out first (resumable), or reuses --from-nll DIR")
 def cmd_rate_distortion(args):
     from .experiments import evaluate_nll, load_bpd, rate_distortion, write_rate_distortion
 

@@ -1,0 +1,541 @@
+"""Evaluation as streams: images -> Inception features -> statistics -> distances, and the reports.
+
+    source  = open_images("runs/x/eval/samples")            # a folder of PNGs, an .npz, or pixels
+    inc     = load_inception()                               # checked weights, never downloaded
+    fs, iss = measure(source, inc)                           # float64 accumulators, any #processes
+    ref     = load_stats("cifar10-train.npz")                # ddpm fid-ref
+    fid     = fid_from_stats(FIDStats.from_features(fs), ref)
+
+Every image reaches the network as the uint8 pixels a user would save (samples are rounded by
+`sampling.to_uint8_images`, never truncated; sample folders are read back from the PNG files).
+Under torchrun each process measures a contiguous block of the images and the statistics are
+merged in rank order, so every process works and the result does not depend on their number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, load_stats, save_stats
+from .inception import FEATURE_DIM, NUM_CLASSES, InceptionV3
+
+PROTOCOL = ("Inception-v3 2015-12-05 weights (pt_inception-2015-12-05-6726825d.pth), pool-3 2048-d features, "
+            "TF1 bilinear resize to 299 (no antialiasing), uint8 inputs, statistics and distance in float64; "
+            "the paper: 50,000 EMA samples (Algorithm 2) against the 50,000 training images")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Image sources: n images, read by index as uint8 [B, C, H, W]
+# ---------------------------------------------------------------------------------------------
+
+
+class ImageSource:
+    n: int
+    description: str
+
+    def read(self, indices: Sequence[int]) -> torch.Tensor:  # uint8 [B, C, H, W]
+        raise NotImplementedError
+
+
+class ArraySource(ImageSource):
+    """Pixels in memory, uint8 [N, C, H, W] (e.g. an `ImageSet`'s images)."""
+
+    def __init__(self, images: torch.Tensor, description: str = "images in memory"):
+        images = torch.as_tensor(images)
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise UserError(f"{description}: expected uint8 [N, C, H, W] pixels, got {images.dtype} {list(images.shape)}")
+        self.images, self.n, self.description = images, len(images), description
+
+    def read(self, indices):
+        return self.images[torch.as_tensor(list(indices), dtype=torch.long)]
+
+
+class FolderSource(ImageSource):
+    """The image files of a folder (not recursive), in file-name order; in a folder written by
+    `ddpm sample` / `ddpm eval` only the numbered samples. Gray files stay 1-channel (repeated to
+    RGB by the network wrapper); anything else is converted to RGB."""
+
+    def __init__(self, root: Path):
+        self.files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if (root / "sampling.json").is_file():  # a `ddpm sample` folder: 000000.png …, not grid.png
+            self.files = [p for p in self.files if re.fullmatch(r"\d+\.png", p.name)]
+        if not self.files:
+            raise UserError(f"{root}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder")
+        self.n, self.description = len(self.files), f"{len(self.files)} image files in {root}"
+        lossy = [p for p in self.files if p.suffix.lower() in (".jpg", ".jpeg", ".webp")]
+        if lossy:
+            print(f"warning: {root}: {len(lossy)} images are in a lossy format ({lossy[0].name}); the FID protocol "
+                  f"measures lossless PNGs", file=sys.stderr)
+
+    def read(self, indices):
+        from PIL import Image
+
+        out = []
+        for i in indices:
+            with Image.open(self.files[i]) as im:
+                im = im.convert("L" if im.mode in ("L", "1", "I;16", "I") else "RGB")
+                a = np.asarray(im)
+            out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        shapes = {a.shape for a in out}
+        if len(shapes) > 1:
+            raise UserError(f"{self.description}: images of different sizes or modes {sorted(shapes)[:2]}; "
+                            f"FID statistics need one size")
+        return torch.from_numpy(np.stack(out))
+
+
+class NpzSource(ImageSource):
+    """A uint8 array in an .npz (key `x` as `ddpm sample` writes it, else `samples`, `images`,
+    `arr_0`), [N, H, W, C], [N, C, H, W] or [N, H, W]; read row by row, never whole."""
+
+    KEYS = ("x", "samples", "images", "arr_0")
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+                key = next((k for k in self.KEYS if k in names), names[0] if len(names) == 1 else None)
+                if key is None:
+                    raise UserError(f"{path}: holds {', '.join(names)}; expected one array or one named "
+                                    f"{', '.join(self.KEYS)}")
+                with zf.open(key + ".npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = read_header(f)
+                    self.offset = f.tell()
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+        self.key = key
+        if dtype != np.uint8:
+            raise UserError(f"{path}: '{key}' holds {dtype} pixels; FID is measured on the uint8 images a user would "
+                            f"save: round them ((x + 1) * 127.5, rounded, clipped to 0..255) first")
+        if fortran or len(shape) not in (3, 4):
+            raise UserError(f"{path}: '{key}' has shape {shape}; expected [N, H, W, C], [N, C, H, W] or [N, H, W] in C order")
+        if len(shape) == 3:
+            self.layout, shape = "NHW", shape
+        elif shape[-1] in (1, 3):
+            self.layout = "NHWC"
+        elif shape[1] in (1, 3):
+            self.layout = "NCHW"
+        else:
+            raise UserError(f"{path}: '{key}' has shape {shape}: cannot tell the channel axis (1 or 3 channels)")
+        self.shape, self.n = tuple(shape), int(shape[0])
+        self.row = int(np.prod(shape[1:]))
+        self.description = f"{self.n} images in {path} ['{key}', {self.layout}]"
+
+    def read(self, indices):
+        indices = list(indices)
+        out = np.empty((len(indices), self.row), np.uint8)
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.key + ".npy") as f:
+            pos = None
+            for j, i in enumerate(indices):
+                want = self.offset + i * self.row
+                if pos != want:
+                    f.seek(want)
+                buf = f.read(self.row)
+                if len(buf) != self.row:
+                    raise UserError(f"{self.path}: truncated at image {i}")
+                out[j] = np.frombuffer(buf, np.uint8)
+                pos = want + self.row
+        a = out.reshape(len(indices), *self.shape[1:])
+        if self.layout == "NHW":
+            a = a[:, None]
+        elif self.layout == "NHWC":
+            a = a.transpose(0, 3, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def open_images(path: Union[str, Path]) -> ImageSource:
+    """A folder of image files or an .npz of uint8 pixels."""
+    p = Path(path)
+    if p.is_dir():
+        return FolderSource(p)
+    if p.is_file() and p.suffix == ".npz":
+        return NpzSource(p)
+    if p.is_file() and p.suffix == ".npy":
+        raise UserError(f"{p}: save the samples as .npz (np.savez(path, x=uint8 array)) or as a folder of PNGs")
+    raise UserError(f"{p}: no such folder of images or .npz file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: a process's block of a source -> merged float64 statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def block(n: int, rank: int, world_size: int) -> range:
+    """Process `rank`'s contiguous share of 0 … n-1; the shares differ in size by at most one."""
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+def _merge_over_ranks(fs: FeatureStats, iss: ISStats, dist) -> tuple[FeatureStats, ISStats]:
+    if dist is None or dist.world_size == 1:
+        return fs, iss
+    from ..distributed import all_gather_tensor
+
+    packed = torch.from_numpy(np.concatenate([fs.pack(), iss.pack()]))
+    merged_fs, merged_is = FeatureStats(fs.dim), ISStats(iss.n_total, iss.num_classes, iss.splits)
+    k = len(fs.pack())
+    for v in all_gather_tensor(packed, dist):  # rank order: the same result on every process
+        v = v.numpy()
+        merged_fs.merge(FeatureStats.unpack(v[:k], fs.dim))
+        merged_is.merge_packed(v[k:])
+    return merged_fs, merged_is
+
+
+def measure_batches(batches, n_total: int, inception: InceptionV3, dist=None,
+                    splits: int = IS_SPLITS) -> tuple[FeatureStats, ISStats, Optional[str]]:
+    """Statistics of an iterable of (indices, uint8 [B, C, H, W]) over this process's images,
+    merged over all processes. Also the sha256 of the pixels (uint8 [N, C, H, W], C order, the
+    definition of `data.data_fingerprint`) when one process saw every image in order, else None."""
+    fs, iss = FeatureStats(FEATURE_DIM), ISStats(n_total, NUM_CLASSES, splits)
+    h, expect = hashlib.sha256(), 0
+    for idx, images in batches:
+        pool3, logits = inception(images)
+        fs.update(pool3)
+        iss.update(logits, idx)
+        if h is not None:
+            if list(idx) != list(range(expect, expect + len(idx))):
+                h = None
+            else:
+                h.update(np.ascontiguousarray(images.numpy()).tobytes())
+                expect += len(idx)
+    fs, iss = _merge_over_ranks(fs, iss, dist)
+    if fs.n != n_total:
+        raise RuntimeError(f"measured {fs.n} of {n_total} images")
+    whole = h is not None and expect == n_total and (dist is None or dist.world_size == 1)
+    return fs, iss, h.hexdigest() if whole else None
+
+
+def measure(source: ImageSource, inception: InceptionV3, *, batch: int = 100, dist=None, progress: bool = False,
+            splits: int = IS_SPLITS) -> tuple[FeatureStats, ISStats, Optional[str]]:
+    """`measure_batches` over a source, each process reading its own block."""
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    mine = block(source.n, rank, world)
+    bar = _bar(len(mine), "inception", progress and rank == 0)
+
+    def batches():
+        for s in range(mine.start, mine.stop, batch):
+            idx = list(range(s, min(s + batch, mine.stop)))
+            yield idx, source.read(idx)
+            bar.update(len(idx))
+
+    try:
+        return measure_batches(batches(), source.n, inception, dist, splits)
+    finally:
+        bar.close()
+
+
+def pixels_sha256(source: ImageSource, batch: int = 1000) -> str:
+    """sha256 of a source's pixels as uint8 [N, C, H, W] in C order (`data.data_fingerprint`'s
+    definition), read in order."""
+    h = hashlib.sha256()
+    for s in range(0, source.n, batch):
+        h.update(np.ascontiguousarray(source.read(range(s, min(s + batch, source.n))).numpy()).tobytes())
+    return h.hexdigest()
+
+
+def _stats_provenance(inception: InceptionV3, **extra) -> dict:
+    import ddpm
+
+    return dict(extra, inception=dict(inception.info), protocol=PROTOCOL, dtype="float64",
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ddpm_version=ddpm.__version__,
+                torch_version=torch.__version__, device=inception.device.type)
+
+
+def reference_stats(data, inception: InceptionV3, *, batch: int = 100, dist=None, progress: bool = False,
+                    images=None) -> FIDStats:
+    """FID statistics of a data set (no augmentation: the images as stored, after the package's one
+    preprocessing rule), with their provenance and the data's own Inception Score.
+
+    :param data: a `data.DataConfig` (source, split, resolution, channels).
+    :param images: the `ImageSet` of `data`, if already loaded.
+    """
+    from ..data import data_fingerprint, load_images
+
+    images = images if images is not None else load_images(data)
+    fs, iss, _ = measure(ArraySource(images.images, images.source_description), inception, batch=batch, dist=dist,
+                         progress=progress)
+    prov = _stats_provenance(
+        inception, kind="reference", data_source=data.source, source_description=images.source_description,
+        split=data.split, resolution=images.resolution, channels=images.channels, n_images=len(images),
+        data_sha256=data_fingerprint(images.images), data_sha256_of="uint8 [N, C, H, W] pixels, C order",
+        augmentation="none (no flips)", skipped_files=images.num_skipped, **iss.result())
+    return FIDStats.from_features(fs, prov)
+
+
+def samples_stats(source: ImageSource, inception: InceptionV3, *, batch: int = 100, dist=None,
+                  progress: bool = False, **provenance) -> tuple[FIDStats, dict]:
+    """FID statistics and Inception Score of a set of samples."""
+    fs, iss, sha = measure(source, inception, batch=batch, dist=dist, progress=progress)
+    if sha is None and (dist is None or dist.is_main):  # several processes each saw a block
+        sha = pixels_sha256(source)
+    is_ = iss.result()
+    prov = _stats_provenance(inception, kind="samples", samples=source.description, n_images=source.n,
+                             pixels_sha256=sha, **is_, **provenance)
+    return FIDStats.from_features(fs, prov), is_
+
+
+def _n_note(n: int, ref_n: int) -> Optional[str]:
+    if n < 50_000 or ref_n < 50_000:
+        return (f"{n} samples against {ref_n} reference images: the paper's protocol is 50,000 against 50,000; FID from "
+                f"fewer images is biased upwards and not comparable with published numbers")
+    return None
+
+
+def fid_report(samples: Union[str, Path], refs: Sequence[Union[str, Path]], inception: InceptionV3, *,
+               batch: int = 100, dist=None, progress: bool = False) -> dict:
+    """`ddpm fid`: FID of samples (a folder of PNGs or an .npz) against each reference statistics
+    file, and their Inception Score, with what was measured against what."""
+    refs = [(str(r), load_stats(r)) for r in refs]
+    source = open_images(samples)
+    stats, is_ = samples_stats(source, inception, batch=batch, dist=dist, progress=progress)
+    out = dict(samples=stats.provenance, **is_, fid={})
+    for path, ref in refs:
+        out["fid"][path] = fid_from_stats(stats, ref, where=path)
+    out["references"] = {path: _ref_summary(ref) for path, ref in refs}
+    notes = [_n_note(stats.n, ref.n) for _, ref in refs]
+    notes += [f"{p}: no provenance (statistics from another tool); check they were made with the same protocol"
+              for p, ref in refs if not ref.provenance]
+    out["notes"] = sorted({x for x in notes if x})
+    return out
+
+
+def _ref_summary(ref: FIDStats) -> dict:
+    p = ref.provenance
+    keys = ("data_source", "source_description", "split", "n_images", "data_sha256", "resolution", "augmentation")
+    return dict({k: p[k] for k in keys if k in p}, inception_sha256=p.get("inception", {}).get("weights_sha256"),
+                n=ref.n)
+
+
+# ---------------------------------------------------------------------------------------------
+# ddpm eval: samples (EMA, Algorithm 2) -> FID against train and test, IS, bits/dim -> one JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def _valid_cache(path: Path, images, inception: InceptionV3, dist=None) -> Optional[FIDStats]:
+    """The statistics at `path` if they were made from these pixels with these weights, else None.
+    Process 0 decides for all, so every process takes the same branch (then a collective)."""
+    from ..data import data_fingerprint
+    from ..distributed import broadcast_object
+
+    ok = False
+    if (dist is None or dist.is_main) and Path(path).is_file():
+        p = load_stats(path).provenance
+        ok = (p.get("data_sha256") == data_fingerprint(images.images)
+              and p.get("inception", {}).get("weights_sha256") == inception.info["weights_sha256"])
+    if dist is not None:
+        ok = broadcast_object(ok, dist)
+    return load_stats(path) if ok else None
+
+
+def cached_reference(path: Path, data, inception: InceptionV3, *, batch: int, dist=None, progress: bool = False) -> FIDStats:
+    """Reference statistics of `data`, reused from `path` when they were made from the same pixels
+    (sha256) with the same Inception weights, else computed and written there."""
+    from ..data import load_images
+    from ..distributed import barrier
+
+    images = load_images(data)
+    old = _valid_cache(path, images, inception, dist)
+    if old is not None:
+        return old
+    stats = reference_stats(data, inception, batch=batch, dist=dist, progress=progress, images=images)
+    if dist is None or dist.is_main:
+        save_stats(path, stats)
+    barrier()
+    return stats
+
+
+def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, seed: int = 0, ref_train=None,
+                 ref_test=None, bpd_n: Optional[int] = None, bpd_batch: int = 64, inception_batch: int = 100,
+                 weights=None, expected_sha256="6726825d", device: str = "auto", dist=None,
+                 progress: bool = True, sampler_opts: Optional[dict] = None) -> dict:
+    """`ddpm eval`: the paper's evaluation of a run's EMA weights, into one JSON report.
+
+    1. n samples with Algorithm 2 from the EMA weights, saved as PNGs (+ samples.npz) under
+       OUT/samples (resumable; image i from seed (seed, i); split over processes);
+    2. their FID against the training split and the test split of the run's data (reference
+       statistics from `ref_train` / `ref_test`, else computed once and cached in RUN_DIR/eval/),
+       and their Inception Score (10 splits, and over all samples as the official code);
+    3. bits/dim of the test split (the first `bpd_n` images; None: all; 0: skip), by
+       `experiments.evaluate_nll` into OUT/nll (resumable);
+    4. OUT/eval.json with every number and what it was measured against.
+
+    :param out_dir: default RUN_DIR/eval/<checkpoint name>.
+    """
+    from ..distributed import init as dist_init
+    from ..sampling import sample_to_dir
+    from ..train import load_run
+    from .inception import load_inception
+
+    t0 = time.time()
+    dist = dist or dist_init(device)
+    run_dir = Path(run_dir)
+    run, ema, diffusion, ckpt_file = load_run(run_dir, weights="ema", device=dist.device)
+    base = run_dir if run_dir.is_dir() else run_dir.parent
+    out_dir = Path(out_dir) if out_dir is not None else base / "eval" / ckpt_file.stem
+    m = run.model
+    shape = (m.in_channels, m.resolution, m.resolution)
+    inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
+    log = _log if dist.is_main else (lambda *_: None)
+
+    # 1. samples, as the files a user would save
+    log(f"eval: {n} EMA samples (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}")
+    res = sample_to_dir(ema, diffusion, out_dir / "samples", n, batch, seed, shape, dist, device=dist.device,
+                        progress=progress, model_tag=f"{ckpt_file.name} (ema)", **(sampler_opts or {}))
+    source = NpzSource(Path(res["npz"]))  # the PNGs' pixels, read back from the files
+    stats, is_ = samples_stats(source, inception, batch=inception_batch, dist=dist, progress=progress,
+                               run=str(base), checkpoint=str(ckpt_file), weights="ema", seed=seed,
+                               sampler={"sampler": "ancestral", **(sampler_opts or {}), "T": diffusion.num_timesteps})
+    report = dict(run=str(base), checkpoint=str(ckpt_file), weights="ema (the paper evaluates the EMA weights)",
+                  n_samples=n, seed=seed, samples_dir=str(out_dir / "samples"), protocol=PROTOCOL,
+                  inception=dict(inception.info), inception_score=is_, samples_pixels_sha256=stats.provenance["pixels_sha256"])
+
+    # 2. FID against the training and test splits
+    data = run.data if run.data.resolution else run.data.replace(resolution=m.resolution)
+    report["fid"], report["references"], notes = {}, {}, []
+    for split, given in (("train", ref_train), ("test", ref_test)):
+        if given is not None:
+            ref = load_stats(given)
+        else:
+            try:
+                ref = cached_reference(base / "eval" / f"ref-{split}.npz", data.replace(split=split), inception,
+                                       batch=inception_batch, dist=dist, progress=progress)
+            except UserError as e:
+                if split == "train":  # the paper's number: no report without it
+                    raise UserError(f"FID against the training split: {e} (or pass --ref-train STATS.npz)") from None
+                report["fid"][split] = None  # e.g. a data set without a test split
+                notes.append(f"no FID against the {split} split: {e}")
+                log(f"eval: warning: no FID against the {split} split: {e}")
+                continue
+        report["fid"][split] = fid_from_stats(stats, ref, where=str(given or f"the {split} reference"))
+        report["references"][split] = _ref_summary(ref)
+        notes.append(_n_note(n, ref.n))
+
+    # 3. bits/dim on the test split
+    report["bits_per_dim"] = None
+    if bpd_n != 0:
+        from ..data import load_images
+
+        try:
+            test = load_images(data.replace(split="test"))
+        except UserError as e:
+            notes.append(f"no bits/dim: {e}")
+            log(f"eval: warning: no bits/dim: {e}")
+        else:
+            from ..experiments import evaluate_nll
+
+            imgs = test.images[: bpd_n] if bpd_n else test.images
+            log(f"eval: bits/dim of {len(imgs)} test images ({diffusion.num_timesteps} terms each) into {out_dir / 'nll'}")
+            nll = evaluate_nll(ema, diffusion, imgs, bpd_batch, seed, out_dir / "nll", dist, progress, device=dist.device,
+                               model_tag=f"{ckpt_file.name} (ema)")
+            report["bits_per_dim"] = dict(nll, split="test", data=test.source_description)
+    report["notes"] = sorted({x for x in notes if x})
+    report["seconds"] = round(time.time() - t0, 1)
+    if dist.is_main:
+        from ..sampling import write_json_atomic
+
+        write_json_atomic(out_dir / "eval.json", report)
+        log(f"eval: wrote {out_dir / 'eval.json'}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# FID during training
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainingFID:
+    """FID (and IS) of the EMA weights every N steps of `train`, on every process at once.
+
+    Each process draws its contiguous block of the n samples (image i from seed (seed, i), the
+    same images at every evaluation, so the curve is not noisier than it must be), rounds them to
+    uint8, runs Inception on them, and the float64 statistics are merged over processes; process 0
+    computes the distance and shares it. No process waits for another's sampling.
+
+    :param ref: reference statistics (a path or `FIDStats`); None: computed from `images` (the
+        training set, no flips) on all processes and cached at `cache`.
+    """
+
+    def __init__(self, *, n: int = 10_000, batch: int = 250, seed: int = 0, ref=None, images=None, data=None,
+                 cache: Optional[Path] = None, weights=None, expected_sha256="6726825d", dist=None,
+                 inception_batch: int = 100):
+        from ..distributed import DistInfo, derive_seed
+        from .inception import load_inception
+
+        self.dist = dist or DistInfo()
+        self.n, self.batch, self.inception_batch = int(n), int(batch), int(inception_batch)
+        self.seed = derive_seed(seed, 0xF1D)
+        self.inception = load_inception(weights, expected_sha256=expected_sha256, device=self.dist.device)
+        if isinstance(ref, FIDStats):
+            self.ref = ref
+        elif ref is not None:
+            self.ref = load_stats(ref)
+        else:
+            if images is None or data is None or cache is None:
+                raise ValueError("TrainingFID needs ref, or images + data + cache to compute it")
+            old = _valid_cache(Path(cache), images, self.inception, self.dist)
+            if old is not None:
+                self.ref = old
+                return
+            self.ref = reference_stats(data, self.inception, batch=inception_batch, dist=self.dist, images=images)
+            if self.dist.is_main:
+                save_stats(cache, self.ref)
+
+    @torch.no_grad()
+    def __call__(self, ema, diffusion, shape) -> dict:
+        """:param shape: (C, H, W) of one sample. -> dict(fid, is_mean, is_std, fid_n, fid_seconds)
+        on every process."""
+        from ..distributed import broadcast_object
+        from ..sampling import sample, to_uint8_images
+
+        t0 = time.time()
+        mine = block(self.n, self.dist.rank, self.dist.world_size)
+
+        def batches():
+            for s in range(mine.start, mine.stop, self.batch):
+                idx = list(range(s, min(s + self.batch, mine.stop)))
+                x = to_uint8_images(sample(ema, diffusion, shape, seed=self.seed, indices=idx, device=self.dist.device))
+                for j in range(0, len(idx), self.inception_batch):
+                    yield idx[j:j + self.inception_batch], x[j:j + self.inception_batch].cpu()
+
+        fs, iss, _ = measure_batches(batches(), self.n, self.inception, self.dist)
+        rec = None
+        if self.dist.is_main:
+            r = iss.result()
+            rec = dict(fid=fid_from_stats(FIDStats.from_features(fs, {"inception": self.inception.info}), self.ref),
+                       is_mean=r["is_mean"], is_std=r["is_std"], fid_n=self.n, fid_seconds=round(time.time() - t0, 1))
+        return broadcast_object(rec, self.dist)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _NoBar:
+    def update(self, n=1): pass
+    def close(self): pass
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)

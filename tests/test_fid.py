@@ -1,0 +1,471 @@
+"""FID and IS: closed forms, another implementation of TF1's resize, files, weights, end to end.
+
+Nothing here touches the network or real Inception weights: the tests write random weights in the
+exact format of pt_inception-2015-12-05-6726825d.pth and name their sha256 explicitly.
+The Inception-v3 forward costs ~6 GFLOPs per image, so the network tests use a few images.
+"""
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.errors import UserError
+from ddpm.metrics.fid import (FeatureStats, FIDStats, ISStats, fid_from_stats, frechet_distance, inception_score,
+                              load_stats, save_stats)
+
+needs_torch_fidelity = pytest.mark.skipif(
+    importlib.util.find_spec("torch_fidelity") is None,
+    reason="torch-fidelity not installed (make install adds it with --no-deps; or pip install 'ddpm[fid]')")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Fréchet distance against closed forms
+# ---------------------------------------------------------------------------------------------
+
+
+def _orthogonal(d, rng):
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def test_frechet_distance_of_gaussians_with_a_common_eigenbasis_is_the_closed_form():
+    # Σ1 = Q D1 Qᵀ, Σ2 = Q D2 Qᵀ (full, non-diagonal matrices): tr (Σ1 Σ2)^½ = Σ √(d1 d2), so
+    # FID = ‖μ1 − μ2‖² + Σ (√d1 − √d2)².
+    rng = np.random.default_rng(0)
+    d = 64
+    q = _orthogonal(d, rng)
+    d1, d2 = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = (q * d1) @ q.T, (q * d2) @ q.T
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10, abs=1e-10)
+    assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-10, abs=1e-10)
+
+
+def test_frechet_distance_of_non_commuting_2x2_covariances_is_the_closed_form():
+    # For 2×2 M with non-negative real eigenvalues: tr √M = √(tr M + 2 √det M).
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        a, b = rng.standard_normal((2, 2)), rng.standard_normal((2, 2))
+        s1, s2 = a @ a.T + 0.1 * np.eye(2), b @ b.T + 0.1 * np.eye(2)
+        m = s1 @ s2
+        assert abs(m[0, 1] * s2[1, 0]) > 0 and not np.allclose(m, s2 @ s1)  # they do not commute
+        tr_sqrt = math.sqrt(np.trace(m) + 2 * math.sqrt(np.linalg.det(m)))
+        mu1, mu2 = rng.standard_normal(2), rng.standard_normal(2)
+        expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+        assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def test_fid_of_features_drawn_from_known_gaussians_matches_the_closed_form():
+    # Monte Carlo: statistics of 40,000 draws from each Gaussian, streamed in uneven batches.
+    rng = np.random.default_rng(2)
+    d, n = 6, 40_000
+    q = _orthogonal(d, rng)
+    d1, d2 = rng.uniform(0.5, 2.0, d), rng.uniform(0.5, 2.0, d)
+    # Means close enough that the covariance term matters; the estimate's standard error is ~0.01.
+    mu1 = rng.standard_normal(d)
+    mu2 = mu1 + 0.2 * rng.standard_normal(d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2)
+    stats = []
+    for mu, dd in ((mu1, d1), (mu2, d2)):
+        x = mu + (rng.standard_normal((n, d)) * np.sqrt(dd)) @ q.T
+        fs = FeatureStats(d)
+        for chunk in np.array_split(x, [1, 7, 1000, 25_000]):
+            fs.update(chunk)
+        stats.append(fs)
+    got = frechet_distance(stats[0].mu, stats[0].sigma, stats[1].mu, stats[1].sigma)
+    assert np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2) > 0.1  # not just the means
+    assert got == pytest.approx(expected, abs=0.04), (got, expected)
+
+
+def _official_fid(mu1, s1, mu2, s2):
+    # The official DDPM code's formula (classifier_metrics_numpy.py, from TF-GAN), written out:
+    # tr (Σ1 Σ2)^½ = tr (A Σ2 A)^½, A = Σ1^½, symmetric roots from an SVD.
+    def root(m, eps=1e-10):
+        u, s, vt = np.linalg.svd(m)
+        return u @ np.diag(np.where(s < eps, s, np.sqrt(s))) @ vt
+
+    a = root(s1)
+    return np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.trace(root(a @ s2 @ a))
+
+
+@pytest.mark.parametrize("n1,n2", [(400, 300), (400, 30), (30, 400), (20, 30)])  # full rank, then singular
+def test_frechet_distance_equals_the_official_codes_formula(n1, n2):
+    rng = np.random.default_rng(n1 + n2)
+    w = rng.standard_normal((80, 80)) / 8
+    x1 = np.maximum(rng.standard_normal((n1, 80)) @ w, 0)  # ReLU-like, correlated features
+    x2 = np.maximum((rng.standard_normal((n2, 80)) + 0.3) @ w, 0)
+    s1, s2 = np.cov(x1, rowvar=False), np.cov(x2, rowvar=False)
+    got = frechet_distance(x1.mean(0), s1, x2.mean(0), s2)
+    assert got == pytest.approx(_official_fid(x1.mean(0), s1, x2.mean(0), s2), rel=1e-9, abs=1e-9)
+
+
+def test_feature_stats_equal_numpy_mean_and_cov_in_any_grouping():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((257, 5)) * 3 + 100.0  # a large mean: the merge must not cancel
+    whole = FeatureStats(5).update(x)
+    parts = [FeatureStats(5).update(c) for c in np.array_split(x, [3, 100, 101])]  # as processes would
+    merged = FeatureStats(5)
+    for p in parts:
+        merged.merge(FeatureStats.unpack(p.pack(), 5))
+    for s in (whole, merged):
+        assert s.n == 257
+        np.testing.assert_allclose(s.mu, x.mean(0), rtol=1e-13)
+        np.testing.assert_allclose(s.sigma, np.cov(x, rowvar=False), rtol=1e-10)
+
+
+def test_fid_of_a_set_against_itself_is_zero_even_when_singular():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((10, 50))  # 10 images, 50 features: Σ has rank 9
+    s = FeatureStats(50).update(x)
+    assert abs(frechet_distance(s.mu, s.sigma, s.mu, s.sigma)) < 1e-9 * np.trace(s.sigma)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception Score
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_brute_force(logits, splits):
+    # exp(E_x KL(p(y|x) ‖ p(y))) per contiguous split, written out directly.
+    z = logits - logits.max(1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    n, scores = len(p), []
+    for k in range(splits):
+        part = p[k * n // splits:(k + 1) * n // splits]
+        q = part.mean(0)
+        scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(q)), axis=1))))
+    return np.mean(scores), np.std(scores)
+
+
+def test_inception_score_of_uniform_class_probabilities_is_one():
+    r = inception_score(np.zeros((40, 1008)))
+    assert r["is_mean"] == pytest.approx(1.0, abs=1e-12)
+    assert r["is_std"] == pytest.approx(0.0, abs=1e-12)
+    assert r["is_1split"] == pytest.approx(1.0, abs=1e-12)
+    assert r["is_splits"] == 10
+
+
+def test_inception_score_of_confident_balanced_predictions_is_the_number_of_classes():
+    k = 7
+    logits = np.zeros((10 * k * 3, 1008))
+    logits[np.arange(len(logits)), np.arange(len(logits)) % k] = 60.0  # each split sees every class equally
+    r = inception_score(logits)
+    assert r["is_mean"] == pytest.approx(k, rel=1e-9)
+    assert r["is_1split"] == pytest.approx(k, rel=1e-9)
+
+
+def test_inception_score_equals_a_direct_implementation_whatever_the_batch_order():
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((230, 1008)) * 3
+    mean, std = _is_brute_force(logits, 10)
+    iss = ISStats(230, 1008, 10)
+    order = rng.permutation(230)
+    for chunk in np.array_split(order, 9):  # batches in any order, as processes finish them
+        iss.update(logits[chunk], chunk)
+    r = iss.result()
+    assert r["is_mean"] == pytest.approx(mean, rel=1e-10)
+    assert r["is_std"] == pytest.approx(std, rel=1e-8)
+    assert r["is_1split"] == pytest.approx(_is_brute_force(logits, 1)[0], rel=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reference_stats_round_trip_with_their_provenance(tmp_path):
+    rng = np.random.default_rng(6)
+    fs = FeatureStats(8).update(rng.standard_normal((20, 8)))
+    prov = dict(data_source="cifar10:/data/x.tar.gz", split="train", data_sha256="ab" * 32,
+                inception=dict(weights_sha256="cd" * 32))
+    path = save_stats(tmp_path / "ref.npz", FIDStats.from_features(fs, prov))
+    back = load_stats(path)
+    assert back.mu.dtype == np.float64 and back.sigma.dtype == np.float64
+    np.testing.assert_array_equal(back.mu, fs.mu)
+    np.testing.assert_array_equal(back.sigma, fs.sigma)
+    assert back.n == 20
+    assert {k: back.provenance[k] for k in prov} == prov
+    assert back.provenance["n_images"] == 20 and back.provenance["format"] == "ddpm-fid-stats/1"
+    with np.load(path, allow_pickle=False) as f:  # readable by other tools: plain mu / sigma
+        assert {"mu", "sigma"} <= set(f.files)
+    # other tools' files load, with unknown provenance
+    np.savez(tmp_path / "other.npz", mu=fs.mu, sigma=fs.sigma)
+    assert load_stats(tmp_path / "other.npz").provenance == {}
+    # statistics made with other Inception weights are refused
+    other = FIDStats.from_features(fs, dict(inception=dict(weights_sha256="ef" * 32)))
+    with pytest.raises(UserError, match="Inception weights"):
+        fid_from_stats(other, back)
+    with pytest.raises(UserError, match="fid-ref"):
+        load_stats(tmp_path / "missing.npz")
+
+
+def test_sample_sources_read_every_layout_as_uint8_nchw(tmp_path):
+    from PIL import Image
+
+    from ddpm.metrics.evaluate import open_images
+
+    rng = np.random.default_rng(7)
+    nhwc = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", x=nhwc)
+    np.savez(tmp_path / "b.npz", samples=nhwc.transpose(0, 3, 1, 2))
+    want = torch.from_numpy(nhwc.transpose(0, 3, 1, 2))
+    for name in ("a.npz", "b.npz"):
+        src = open_images(tmp_path / name)
+        assert src.n == 5 and torch.equal(src.read([4, 0, 2]), want[[4, 0, 2]])
+    (tmp_path / "png").mkdir()
+    gray = rng.integers(0, 256, (3, 6, 7), dtype=np.uint8)
+    for i, g in enumerate(gray):
+        Image.fromarray(g).save(tmp_path / "png" / f"{i:06d}.png")
+    src = open_images(tmp_path / "png")
+    assert torch.equal(src.read(range(3)), torch.from_numpy(gray[:, None]))
+    np.savez(tmp_path / "f.npz", x=nhwc.astype(np.float32))
+    with pytest.raises(UserError, match="uint8"):
+        open_images(tmp_path / "f.npz")
+
+
+# ---------------------------------------------------------------------------------------------
+# TF1 bilinear resize (torch-fidelity's), against hand-computed values and TF's kernel in NumPy
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_torch_fidelity
+def test_resize_equals_tf1_bilinear_on_examples_computed_by_hand():
+    from ddpm.metrics.inception import tf1_resize_bilinear
+
+    # TF1 (align_corners=False, no half-pixel centres): source = output index × in/out, neighbours
+    # floor and floor+1 clamped to the edge. 2×2 → 4×4, scale 1/2: sources 0, 0.5, 1, 1.5.
+    x = torch.tensor([[0.0, 10.0], [20.0, 30.0]]).view(1, 1, 2, 2)
+    want = torch.tensor([[0, 5, 10, 10], [10, 15, 20, 20], [20, 25, 30, 30], [20, 25, 30, 30]], dtype=torch.float32)
+    assert torch.equal(tf1_resize_bilinear(x, 4)[0, 0], want)
+    # 3×3 → 2×2, scale 3/2: sources 0 and 1.5.
+    x = torch.arange(9.0).view(1, 1, 3, 3)
+    assert torch.equal(tf1_resize_bilinear(x, 2)[0, 0], torch.tensor([[0.0, 1.5], [4.5, 6.0]]))
+    # PyTorch's own bilinear (half-pixel centres) is a different resize: the pitfall this avoids.
+    torch_default = torch.nn.functional.interpolate(torch.tensor([[0.0, 10.0], [20.0, 30.0]]).view(1, 1, 2, 2), size=4,
+                                                    mode="bilinear", align_corners=False)
+    assert not torch.equal(torch_default[0, 0], want)
+
+
+def _tf1_resize_numpy(img, out):
+    # tensorflow/core/kernels/resize_bilinear_op.cc (legacy): in = out_index * scale, float32.
+    h, w = img.shape
+
+    def axis(n):
+        pos = np.arange(out, dtype=np.float32) * np.float32(n / out)
+        lo = np.floor(pos).astype(int)
+        return lo, np.minimum(lo + 1, n - 1), (pos - lo).astype(np.float32)
+
+    y0, y1, dy = axis(h)
+    x0, x1, dx = axis(w)
+    top = img[y0][:, x0] + (img[y0][:, x1] - img[y0][:, x0]) * dx
+    bottom = img[y1][:, x0] + (img[y1][:, x1] - img[y1][:, x0]) * dx
+    return top + (bottom - top) * dy[:, None]
+
+
+@needs_torch_fidelity
+def test_resize_to_299_equals_tf1_kernel_written_in_numpy():
+    from ddpm.metrics.inception import tf1_resize_bilinear
+
+    rng = np.random.default_rng(8)
+    img = rng.integers(0, 256, (32, 28)).astype(np.float32)
+    got = tf1_resize_bilinear(torch.from_numpy(img).view(1, 1, 32, 28), 299)[0, 0].numpy()
+    np.testing.assert_allclose(got, _tf1_resize_numpy(img, 299), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The weights: found, checked, and a one-line error otherwise
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    from ddpm.metrics.inception import file_sha256, write_random_weights
+
+    path = write_random_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth", seed=0)
+    return path, file_sha256(path)
+
+
+@pytest.fixture(scope="module")
+def inception(weights):
+    from ddpm.metrics.inception import load_inception
+
+    path, sha = weights
+    return load_inception(path, expected_sha256=sha)  # the test file's own hash, named explicitly
+
+
+def _one_line(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_missing_weights_give_one_line_naming_the_file_and_where_to_get_it(tmp_path, monkeypatch):
+    from ddpm.metrics.inception import WEIGHTS_NAME, WEIGHTS_URL, resolve_weights_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(UserError) as e:
+        resolve_weights_path()
+    msg = _one_line(e)
+    assert WEIGHTS_NAME in msg and WEIGHTS_URL in msg and str(tmp_path / "cache" / "ddpm" / WEIGHTS_NAME) in msg
+    monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(tmp_path / "nowhere.pth"))
+    with pytest.raises(UserError, match="DDPM_INCEPTION_WEIGHTS") as e:
+        resolve_weights_path()
+    assert "nowhere.pth" in _one_line(e)
+    # the default cache path is used when the file is there
+    target = tmp_path / "cache" / "ddpm" / WEIGHTS_NAME
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"x")
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS")
+    assert resolve_weights_path() == target
+
+
+def test_weights_of_the_wrong_checksum_or_unreadable_give_one_line(tmp_path, capsys):
+    from ddpm.cli import main
+    from ddpm.metrics.inception import WEIGHTS_NAME, WEIGHTS_URL, load_inception
+
+    junk = tmp_path / WEIGHTS_NAME
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(UserError) as e:  # the default check: the official file's sha256 prefix
+        load_inception(junk)
+    msg = _one_line(e)
+    assert "sha256" in msg and WEIGHTS_NAME in msg and WEIGHTS_URL in msg
+    with pytest.raises(UserError) as e:
+        load_inception(junk, expected_sha256="0123456789abcdef")
+    _one_line(e)
+    with pytest.raises(UserError, match="weights_only=True") as e:  # the check skipped, explicitly
+        load_inception(junk, expected_sha256=None)
+    _one_line(e)
+    # through the CLI: exit status 2 and one line on stderr
+    assert main(["fid", "--samples", str(tmp_path), "--ref", str(tmp_path / "r.npz"), "--inception-weights",
+                 str(tmp_path / "absent.pth"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "absent.pth" in err and WEIGHTS_URL in err
+
+
+@needs_torch_fidelity
+def test_weights_of_another_layout_give_one_line(tmp_path, weights):
+    from ddpm.metrics.inception import load_inception
+
+    path, sha = weights
+    with pytest.raises(UserError, match="sha256"):  # the random test weights are not the official file
+        load_inception(path)
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, bad)
+    with pytest.raises(UserError, match="not the FID Inception-v3 weights") as e:
+        load_inception(bad, expected_sha256=None)
+    _one_line(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network (torch-fidelity's, with the random test weights)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_torch_fidelity
+def test_inception_features_and_gray_is_repeated_rgb(inception):
+    rng = np.random.default_rng(9)
+    rgb = torch.from_numpy(rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    rgb[1] = rgb[1, :1]  # the second image is gray, stored as RGB
+    pool3, logits = inception(rgb)
+    assert pool3.shape == (2, 2048) and logits.shape == (2, 1008) and pool3.dtype == np.float64
+    assert np.isfinite(pool3).all() and pool3.std() > 0 and np.isfinite(logits).all()
+    gray_pool3, _ = inception(rgb[1:, :1])  # the same image as 1 channel
+    np.testing.assert_allclose(gray_pool3[0], pool3[1], rtol=1e-6, atol=1e-7)  # batch 1 vs 2: same up to rounding
+    with pytest.raises(UserError, match="uint8"):
+        inception(rgb.float())
+    assert inception.info["verified"] and not inception.info["official"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: train a tiny model, fid-ref, eval, fid — all through the CLI, in this process
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_torch_fidelity
+def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys):
+    from ddpm.cli import main
+    from ddpm.data import data_fingerprint
+    from ddpm.metrics.evaluate import open_images
+    from ddpm.train import RunConfig, train
+
+    rng = np.random.default_rng(10)
+
+    def squares(n):
+        x = np.full((n, 32, 32), 20, np.uint8)
+        for i in range(n):
+            r, c = rng.integers(0, 24, 2)
+            x[i, r:r + 8, c:c + 8] = 230
+        return x
+
+    data = tmp_path / "squares.npz"
+    np.savez(data, x_train=squares(2), x_test=squares(2))  # batches of 2 throughout: one set of kernels
+    run = RunConfig.from_preset("tiny", data=str(data))
+    run = run.replace(diffusion=run.diffusion.replace(T=5),
+                      train=run.train.replace(steps=1, batch_size=2, checkpoint_every=1, warmup=1))
+    train(tmp_path / "run", run, progress=False)
+    w, sha = weights
+    wflags = ["--inception-weights", str(w), "--inception-sha256", sha, "--inception-batch", "2", "--device", "cpu",
+              "--no-progress"]
+
+    ref = tmp_path / "ref-train.npz"
+    assert main(["fid-ref", "--data", str(data), "--split", "train", "--out", str(ref), *wflags]) == 0
+    prov = load_stats(ref).provenance
+    assert prov["n_images"] == 2 and prov["split"] == "train" and prov["data_source"] == str(data)
+    assert prov["inception"]["weights_sha256"] == sha and prov["augmentation"].startswith("none")
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--run", str(tmp_path / "run"), "--n", "2", "--batch", "2", "--out", str(out),
+                 "--ref-train", str(ref), *wflags]) == 0
+    rep = json.loads((out / "eval.json").read_text())
+    assert set(rep["fid"]) == {"train", "test"} and all(np.isfinite(v) for v in rep["fid"].values())
+    assert rep["references"]["train"]["data_sha256"] == prov["data_sha256"]
+    assert rep["references"]["test"]["n_images"] == 2
+    assert rep["inception"]["weights_sha256"] == sha and rep["inception_score"]["is_mean"] >= 1.0 - 1e-9
+    assert np.isfinite(rep["bits_per_dim"]["total_bpd"]) and rep["bits_per_dim"]["n"] == 2
+    assert rep["weights"].startswith("ema") and rep["n_samples"] == 2
+    # the metric saw exactly the pixels of the saved PNG files
+    pngs = open_images(out / "samples")
+    assert pngs.n == 2 and rep["samples_pixels_sha256"] == data_fingerprint(pngs.read(range(2)))
+
+    # ddpm fid on the saved PNGs against the same reference gives the same number
+    capsys.readouterr()
+    assert main(["fid", "--samples", str(out / "samples"), "--ref", str(ref), "--out", str(tmp_path / "fid.json"),
+                 *wflags]) == 0
+    fid = json.loads((tmp_path / "fid.json").read_text())
+    assert fid["fid"][str(ref)] == pytest.approx(rep["fid"]["train"], rel=1e-9)
+    assert fid["is_mean"] == pytest.approx(rep["inception_score"]["is_mean"], rel=1e-9)
+    assert "FID" in capsys.readouterr().out
+
+
+@needs_torch_fidelity
+def test_fid_during_training_hook_measures_the_ema_and_caches_its_reference(tmp_path, weights, inception):
+    from ddpm.data import DataConfig, ImageSet
+    from ddpm.diffusion import DiffusionConfig, GaussianDiffusion
+    from ddpm.metrics.evaluate import TrainingFID
+    from ddpm.unet import UNet, get_preset
+
+    torch.manual_seed(0)
+    net = UNet.from_config(get_preset("tiny").replace(in_channels=1, out_channels=1)).eval()
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(T=3))
+    rng = np.random.default_rng(11)
+    images = ImageSet(torch.from_numpy(rng.integers(0, 256, (2, 1, 32, 32), dtype=np.uint8)), "two noise images")
+    data = DataConfig(source="memory", split="train")
+    w, sha = weights
+    cache = tmp_path / "fid-ref-train.npz"
+    hook = TrainingFID(n=2, batch=2, seed=0, images=images, data=data, cache=cache, weights=w, expected_sha256=sha,
+                       inception_batch=2)
+    rec = hook(net, diffusion, (1, 32, 32))
+    assert set(rec) == {"fid", "is_mean", "is_std", "fid_n", "fid_seconds"} and rec["fid_n"] == 2
+    assert np.isfinite(rec["fid"]) and rec["fid"] > 0
+    prov = load_stats(cache).provenance
+    assert prov["n_images"] == 2 and prov["inception"]["weights_sha256"] == sha
+    stamp = cache.stat().st_mtime_ns
+    again = TrainingFID(n=2, batch=2, seed=0, images=images, data=data, cache=cache, weights=w, expected_sha256=sha)
+    assert cache.stat().st_mtime_ns == stamp and again.ref.n == 2  # reused, not recomputed
