@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ddpm import DiffusionConfig, GaussianDiffusion, UserError, make_betas
+from gaussian_oracle import MU, S, Oracle
 
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T)  # the paper's schedule, written out here on purpose
@@ -187,13 +188,7 @@ def test_jsd_works_with_x0_prediction():
 
 
 # ---------------------------------------------------------------- the Gaussian-data oracle
-MU, S = 0.1, 0.25
-
-
-def _oracle(x, t):
-    # For x_0 ~ N(μ, s²): E[ε | x_t] = √(1−ᾱ)(x_t − √ᾱ μ) / (ᾱ s² + 1 − ᾱ), ᾱ from this file's own table.
-    a = torch.from_numpy(ABAR).to(x)[t].view(-1, *([1] * (x.ndim - 1)))
-    return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a)
+_oracle = Oracle()  # E[ε | x_t] for x_0 ~ N(μ, s²) in closed form (gaussian_oracle.py)
 
 
 @pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])

@@ -16,35 +16,19 @@ import torch
 from PIL import Image
 
 from ddpm import GaussianDiffusion, UserError, make_betas
+from gaussian_oracle import MU, PAPER_BETAS, S, Oracle, oracle_for
 from ddpm.cli import main
 from ddpm.experiments import (evaluate_nll, interpolate, load_bpd, load_image, plot_rate_distortion, progressive_generation,
                               rate_distortion, reconstruct, shared_latent_samples)
 from ddpm.sampling import sample
 
-MU, S = 0.1, 0.25
-BETAS = np.linspace(1e-4, 0.02, 1000)  # the paper's schedule
+BETAS = PAPER_BETAS
+pytestmark = pytest.mark.usefixtures("one_thread")
 ABAR = np.cumprod(1 - BETAS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small tensors on a shared 2-core machine: one OpenMP thread is many times faster than two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-class Oracle:
-    """E[ε | x_t] for x_0 ~ N(μ, s²) per pixel, counting the images it sees."""
-
-    def __init__(self, betas=BETAS):
-        self.abar, self.images = torch.from_numpy(np.cumprod(1 - np.asarray(betas))), 0
-
-    def __call__(self, x, t):
-        self.images += x.shape[0]
-        a = self.abar.to(x)[t].view(-1, *([1] * (x.ndim - 1)))
-        return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a)
 
 
 def gaussian_images(n, side, seed):

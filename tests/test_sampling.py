@@ -19,33 +19,17 @@ import torch
 from PIL import Image
 
 from ddpm import GaussianDiffusion, UserError, make_betas
+from gaussian_oracle import MU, PAPER_BETAS, S, Oracle, oracle_for
 from ddpm.sampling import ImageNoise, ddim_timesteps, denoise_from, diffuse, sample, sample_to_dir, shard
 
-MU, S = 0.1, 0.25
 
 
-def oracle_for(betas):
-    """E[ε | x_t] for x_0 ~ N(μ, s²): √(1−ᾱ)(x_t − √ᾱ μ) / (ᾱ s² + 1 − ᾱ), ᾱ from `betas` (numpy float64)."""
-    abar = torch.from_numpy(np.cumprod(1 - np.asarray(betas, np.float64)))
-
-    def model(x, t):
-        a = abar.to(x)[t].view(-1, *([1] * (x.ndim - 1)))
-        return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a)
-
-    return model
 
 
-BETAS = np.linspace(1e-4, 0.02, 1000)  # the paper's schedule
+BETAS = PAPER_BETAS
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are small: on a shared 2-core machine, two OpenMP threads per tiny op spend
-    # most of their time waiting for each other (measured 25 s vs 0.9 s for 1000 ancestral steps).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
