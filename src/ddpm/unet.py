@@ -91,10 +91,11 @@ PRESETS: dict[str, UNetConfig] = {
     "lsun256_large": UNetConfig(ch=192, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, resolution=256),
     # Small models of the same architecture. `tiny` is for tests (attention at 16 still exercised).
     # `demo` trains on 28x28 grayscale Fashion-MNIST on a 2-core CPU: three levels 28 -> 14 -> 7
-    # (28 is not divisible by 8), width 32 (about a quarter of ch=64's FLOPs: 0.62 GFLOPs per image),
-    # attention at 14x14, the level nearest the paper's 16x16.
+    # (28 is not divisible by 8), width 32, and attention only in the middle (7x7): attention at
+    # 14x14 cost 30% of the step on these CPUs (measured 1.38 vs 0.97 s at batch 64) for no visible
+    # gain in a 700-step run.
     "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0, resolution=32),
-    "demo": UNetConfig(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, resolution=28),
+    "demo": UNetConfig(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(), dropout=0.1, resolution=28),
 }
 
 
