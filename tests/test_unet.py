@@ -140,9 +140,10 @@ def test_forward_shapes_and_learned_variance_channels():
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 999])
     assert UNet.from_preset("tiny")(x, t).shape == (2, 3, 32, 32)
     assert UNet.from_preset("tiny", out_channels=6)(x, t).shape == (2, 6, 32, 32)  # var_type=learned
-    demo = UNet.from_preset("demo")
+    demo = UNet.from_preset("demo", attn_resolutions=(14,))
     assert demo(torch.randn(2, 1, 28, 28), t).shape == (2, 1, 28, 28)
     assert [len(level.attn) for level in demo.down] == [0, 2, 0]  # attention at 14x14 only
+    assert [len(level.attn) for level in UNet.from_preset("demo").down] == [0, 0, 0]  # the demo's own: middle only
 
 
 def test_forward_flops_equal_a_layer_by_layer_count():
