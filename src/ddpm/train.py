@@ -31,6 +31,7 @@ from .data import DataConfig, ImageSet, load_images, to_model_range
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .distributed import DistInfo, all_gather_tensor, barrier, derive_seed, init as dist_init
 from .errors import UserError, check_choice
+from .fast import SWITCH_VALUES, match_layout_, resolve_switch, to_channels_last
 from .unet import UNet, UNetConfig, get_preset
 
 PRECISIONS = ("fp32", "bf16")
@@ -56,14 +57,24 @@ class TrainConfig(Config):
     sample_n: int = 64
     precision: str = "fp32"  # "bf16": autocast the network in bfloat16
     device: str = "auto"
+    # Fast paths (fast.py): "auto" is each device's measured default (BENCHMARKS.md), or "on"/"off".
+    channels_last: str = "auto"  # NHWC weights and activations (auto: on for CUDA; CPU: on from width ch=128)
+    compile: str = "auto"  # torch.compile the network (auto: on for CUDA, off for CPU)
     tensorboard: bool = False
+    # FID of the EMA weights during training (docs/FID.md): fid_n samples every fid_every steps,
+    # against reference statistics fid_ref (or ones computed from the training data and cached).
+    fid_every: int = 0
+    fid_n: int = 10_000
+    fid_ref: str = ""
+    fid_weights: str = ""  # Inception weights file ("" = $DDPM_INCEPTION_WEIGHTS or the cache path)
+    fid_weights_sha256: str = "6726825d"
 
     def validate(self):
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_n"):
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_n", "fid_n"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"train.{name}={v!r} must be a positive integer")
-        for name in ("warmup", "sample_every", "milestone_every", "seed"):
+        for name in ("warmup", "sample_every", "milestone_every", "seed", "fid_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise UserError(f"train.{name}={v!r} must be an integer >= 0")
@@ -75,11 +86,14 @@ class TrainConfig(Config):
             raise UserError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (the paper uses 0.9999)")
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("train.channels_last", self.channels_last, SWITCH_VALUES)
+        check_choice("train.compile", self.compile, SWITCH_VALUES)
 
 
 # Fields that may change when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = {"train": {"steps", "checkpoint_every", "keep_last", "milestone_every", "log_every",
-                               "sample_every", "sample_n", "device", "tensorboard"}}
+                               "sample_every", "sample_n", "device", "tensorboard", "channels_last", "compile",
+                               "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_weights_sha256"}}
 
 
 @dataclass(frozen=True)
@@ -146,10 +160,11 @@ PRESETS: dict[str, RunConfig] = {
     "lsun_cat256": _preset("lsun256", DiffusionConfig(var_type="fixedsmall"),
                            DataConfig(source="lsun_cat", resolution=256, random_flip=False),
                            TrainConfig(steps=1_800_000, **_256)),
-    # The CPU demo: 28x28 Fashion-MNIST on 2 cores in about 10 minutes. Shorter warm-up, a higher
-    # learning rate and a faster EMA than the paper because the run is a few thousand steps long.
+    # The CPU demo: 28x28 Fashion-MNIST on 2 cores. Shorter warm-up, a higher learning rate and a
+    # faster EMA than the paper because the run is 700 steps long (4.5 epochs of the 10k subset):
+    # enough for recognisable garments (README), measured at 27 min on one busy core, ~10-15 min on two.
     "demo": _preset("demo", DiffusionConfig(var_type="fixedlarge"), DataConfig(source="fashion-mnist-10k"),
-                    TrainConfig(steps=2000, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.995,
+                    TrainConfig(steps=700, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.995,
                                 checkpoint_every=250, milestone_every=0, log_every=25, device="cpu")),
     # For tests: a model of a few thousand parameters and a handful of steps.
     "tiny": _preset("tiny", DiffusionConfig(), DataConfig(source="fashion-mnist-10k", resolution=32),
@@ -177,16 +192,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 class DataOrder:
     """Which data indices form global batch s: epochs are seeded permutations laid end to end, and
-    batch s is positions [sB, (s+1)B) of that sequence. A pure function of (seed, s)."""
+    batch s is positions [sB, (s+1)B) of that sequence. A pure function of (seed, s).
 
-    def __init__(self, n: int, batch: int, seed: int):
-        self.n, self.batch, self.seed = n, batch, seed
+    The permutation is drawn on the CPU and kept on `device` (the data's): one copy per epoch,
+    not a host-to-device copy (a host sync) per step."""
+
+    def __init__(self, n: int, batch: int, seed: int, device=None):
+        self.n, self.batch, self.seed, self.device = n, batch, seed, device
         self._epoch, self._perm = -1, None
 
     def _perm_of(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(derive_seed(self.seed, 0xDA7A, epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device or "cpu")
         return self._perm
 
     def indices(self, step: int) -> torch.Tensor:
@@ -256,6 +274,9 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
     diffusion = GaussianDiffusion.from_config(run.diffusion)
     torch.manual_seed(derive_seed(cfg.seed, 0x1A17))  # the initial weights: same on every rank
     model = UNet.from_config(run.model).to(device)
+    channels_last = resolve_switch("channels_last", cfg.channels_last, device, model)
+    if channels_last:
+        to_channels_last(model)  # the EMA copy, the optimizer's moments and the gradients follow
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # kept apart, never swapped in
     params = [p for p in model.parameters()]
     # foreach Adam on CPU; fused on CUDA (one kernel for all parameters).
@@ -268,6 +289,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
+        match_layout_(opt)  # checkpoints hold the moments contiguous; give them the parameters' layout
         start = int(state["step"])
         rng = state.get("rng", {}).get(f"rank{dist.rank}")
         if rng:
@@ -278,19 +300,32 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
     net = model
     if dist.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if resolve_switch("compile", cfg.compile, device):
+        net = torch.compile(net, dynamic=False)  # fuses norms, activations and adds; the checkpoint keeps `model`
 
     ema_params = [p for p in ema.parameters()]
-    order = DataOrder(len(images), cfg.batch_size, cfg.seed)
     local = cfg.batch_size // dist.world_size
     lo, hi = dist.rank * local, (dist.rank + 1) * local
     data = images.images  # uint8 [N, C, H, W]; moved to the GPU whole when it is small
     if device.type == "cuda" and data.numel() < 4 * 2**30:
         data = data.to(device)
+    order = DataOrder(len(images), cfg.batch_size, cfg.seed, device=data.device)
+    # On CUDA the step's t, ε and flips are drawn on the device (a CUDA generator seeded from
+    # (seed, step)), so no host-to-device copy waits for the GPU; on the CPU they come from a CPU
+    # generator. The two devices therefore draw different (equally valid) streams.
+    gen_device = torch.Generator(device) if device.type == "cuda" else None
     shape = tuple(data.shape[1:])
     T = diffusion.num_timesteps
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     logger = _Logger(run_dir, cfg, enabled=dist.is_main)
+    fid = None
+    if cfg.fid_every:
+        from .metrics.evaluate import TrainingFID  # every rank samples its own block; stats are merged
+
+        fid = TrainingFID(n=cfg.fid_n, batch=cfg.batch_size, seed=cfg.seed, ref=cfg.fid_ref or None, images=images,
+                          data=run.data, cache=run_dir / "fid-ref-train.npz", weights=cfg.fid_weights or None,
+                          expected_sha256=cfg.fid_weights_sha256 or None, dist=dist)
     bar = _bar(start, cfg.steps, enabled=progress and dist.is_main)
     sums = torch.zeros(2, 4, device=device)  # loss sum / count per timestep quartile
     gn_sum = torch.zeros((), device=device)
@@ -298,13 +333,16 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
     model.train()
     for step in range(start, cfg.steps):
         # ---- the step's randomness: a function of (seed, step), drawn for the global batch
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, step))
+        if gen_device is None:
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, step))
+        else:
+            g = gen_device.manual_seed(derive_seed(cfg.seed, step))
         idx = order.indices(step)[lo:hi]
-        t = torch.randint(0, T, (cfg.batch_size,), generator=g)[lo:hi].to(device)
-        noise = torch.randn((cfg.batch_size, *shape), generator=g)[lo:hi].to(device)
-        flip = (torch.rand(cfg.batch_size, generator=g) < 0.5)[lo:hi].to(device)
+        t = torch.randint(0, T, (cfg.batch_size,), generator=g, device=g.device)[lo:hi].to(device)
+        noise = torch.randn((cfg.batch_size, *shape), generator=g, device=g.device)[lo:hi].to(device)
+        flip = (torch.rand(cfg.batch_size, generator=g, device=g.device) < 0.5)[lo:hi].to(device)
         torch.manual_seed(derive_seed(cfg.seed, step, dist.rank))  # dropout
-        x0 = to_model_range(data[idx.to(data.device)].to(device, non_blocking=True))
+        x0 = to_model_range(data[idx].to(device, non_blocking=True))
         if run.data.random_flip:
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
 
@@ -328,6 +366,8 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
         done = step + 1
         steps_timed += 1
         if done % cfg.log_every == 0 or done == cfg.steps:
+            if dist.world_size > 1:  # the loss of the whole global batch, not rank 0's share
+                torch.distributed.all_reduce(sums)
             s = sums.cpu()
             total = s[0].sum().item() / max(s[1].sum().item(), 1)
             if not math.isfinite(total):
@@ -348,6 +388,8 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
             _save(run_dir, done, model, ema, opt, run, cfg, dist)
         if cfg.sample_every and done % cfg.sample_every == 0 and dist.is_main:
             write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n, cfg.seed, device)
+        if fid is not None and done % cfg.fid_every == 0:
+            logger.log(dict(step=done, **fid(ema, diffusion, shape)))
     bar.close()
     logger.close()
     return dict(step=cfg.steps, loss=last_loss, run_dir=str(run_dir))

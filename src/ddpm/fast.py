@@ -1,0 +1,247 @@
+"""The fast paths (issue 7): one switch each, with a default per device, none of which changes the math.
+
+Every switch takes "auto", "on" or "off"; "auto" resolves per device to the setting measured to
+be fastest (BENCHMARKS.md holds the numbers):
+
+| switch          | CPU  | CUDA | what it does                                                              |
+|-----------------|------|------|---------------------------------------------------------------------------|
+| channels_last   | *    | on   | NHWC weights and activations: oneDNN / cuDNN's fast convolution layout;   |
+|                 |      |      | the attention's q, k, v are then [B, H*W, C] views, which SDPA's fused    |
+|                 |      |      | kernels take without a copy. * CPU: on for networks of width ch >= 128    |
+|                 |      |      | (CIFAR-10: forward 6-11% faster, training 1-3%); off below (the demo's    |
+|                 |      |      | ch=32 network on 28x28 runs 15-20% slower in NHWC)                        |
+| compile         | off  | on   | torch.compile (inductor): fuses GroupNorm+SiLU, the time-embedding add    |
+|                 |      |      | and the residual adds. Off on CPU: minutes of compilation on 2 cores for  |
+|                 |      |      | a few per cent (BENCHMARKS.md)                                            |
+| cuda_graphs     | off  | on   | sampling only: one CUDA graph per batch shape replays the whole network,  |
+|                 |      |      | so 1000 steps cost 1000 launches instead of ~300,000                      |
+
+bf16 is `precision="bf16"` (autocast; the diffusion math stays in float32 or above), chosen by the
+user, never by "auto": it changes results within the tolerances tests/test_fastpaths.py states.
+The training loop's other fast paths need no switch (they cost nothing and change nothing): fused
+Adam on CUDA (foreach on CPU), a foreach EMA update, the data set kept on the GPU as uint8 with flips
+done there, the step's random numbers drawn on the device, and losses read back every `log_every`
+steps only (train.py).
+
+`prepare_model` is the sampling side: it wraps a network once, and the wrapped model is what
+`sample(...)`, `calc_bpd_loop(...)` and friends take (any callable `model(x_t, t)`).
+`PrefetchNoise` draws a CPU noise source (the per-image generators of sampling.ImageNoise) on a
+background thread, so a GPU never waits for the CPU's random numbers.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError, check_choice
+
+SWITCH_VALUES = ("auto", "on", "off")
+
+# What "auto" means, per device type. Measured, not assumed: see BENCHMARKS.md.
+DEFAULTS: dict[str, dict[str, bool]] = {
+    "channels_last": {"cpu": True, "cuda": True},  # CPU: only from CPU_CHANNELS_LAST_MIN_WIDTH up
+    "compile": {"cpu": False, "cuda": True},
+    "cuda_graphs": {"cpu": False, "cuda": True},
+}
+CPU_CHANNELS_LAST_MIN_WIDTH = 128  # oneDNN's NHWC kernels win from the paper's widths up, lose at ch=32
+
+
+def resolve_switch(name: str, value: str, device, model: Optional[nn.Module] = None) -> bool:
+    """"auto" | "on" | "off" -> whether fast path `name` is used on `device` (for `model`, whose
+    width decides channels_last on the CPU; without a model, "auto" keeps the CPU at NCHW)."""
+    check_choice(name, value, SWITCH_VALUES)
+    kind = torch.device(device).type
+    if value == "auto":
+        if name == "channels_last" and kind == "cpu":
+            width = getattr(getattr(model, "config", None), "ch", None)
+            return isinstance(width, int) and width >= CPU_CHANNELS_LAST_MIN_WIDTH
+        return DEFAULTS[name].get(kind, False)
+    if value == "on" and name == "cuda_graphs" and kind != "cuda":
+        raise UserError(f"cuda_graphs='on' needs a CUDA device (this one is {kind}); use 'auto' or 'off'")
+    return value == "on"
+
+
+def autocast(device, precision: str):
+    """The network's autocast context: bf16 for precision "bf16", a no-op for "fp32"."""
+    check_choice("precision", precision, ("fp32", "bf16"))
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Convolution weights in NHWC (in place; the Parameter objects stay the same, so an optimizer
+    built before still holds them). Convolutions then also compute in NHWC whatever the input layout."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def match_layout_(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter optimizer state (Adam's moments) its parameter's memory layout.
+
+    `Optimizer.load_state_dict` restores them contiguous (as checkpoints store them); a channels_last
+    parameter with contiguous moments still steps correctly, but off foreach/fused's fast path.
+    Values are unchanged (a copy), so an exactly resumed run stays exact.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def compile_model(model: nn.Module, device) -> Callable:
+    """torch.compile with inductor's default mode (max-autotune's conv/matmul search costs minutes for
+    little here: convolutions go to cuDNN / oneDNN either way). One graph, static shapes."""
+    return torch.compile(model, dynamic=False)
+
+
+class FastModel(nn.Module):
+    """A network prepared for inference (sampling, bits/dim): `FastModel(x_t, t)` equals `model(x_t, t)`
+    within the tolerances of tests/test_fastpaths.py, in x_t's dtype and contiguous layout.
+
+    Build it with `prepare_model`. With CUDA graphs, each new input shape is captured once (after
+    warm-up iterations, which also trigger compilation) and then replayed; the output is a copy of
+    the graph's static output, so callers may keep it.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, compile: bool,
+                 channels_last: bool, cuda_graphs: bool):
+        super().__init__()
+        self.model = model
+        self.device, self.precision = device, precision
+        self.channels_last, self.compiled, self.cuda_graphs = channels_last, compile, cuda_graphs
+        self._fn = compile_model(model, device) if compile else model
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = None
+
+    @property
+    def config(self):
+        return getattr(self.model, "config", None)
+
+    def _run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            out = self._fn(x, t)
+        return out.to(dtype=x.dtype, memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return self._run(x, t)
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x, t)
+        static_x, static_t, static_out, graph = self._graphs[key]
+        static_x.copy_(x)
+        static_t.copy_(t)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor, t: torch.Tensor):
+        static_x, static_t = x.clone(), t.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up outside the graph: compilation, cuDNN's algorithm choice, workspaces
+                self._run(static_x, static_t)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every shape's graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = self._run(static_x, static_t)
+        return static_x, static_t, static_out, graph
+
+
+def prepare_model(model: nn.Module, device, precision: str = "fp32", compile: str = "auto",
+                  channels_last: str = "auto", cuda_graphs: str = "auto") -> FastModel:
+    """`model` on `device`, in eval mode without gradients, with the fast paths the switches select.
+
+    :param precision: "fp32" or "bf16" (autocast of the network; its output returns in x_t's dtype).
+    :param compile, channels_last, cuda_graphs: "auto" (the device's default, see the table at the
+        top of this module), "on" or "off".
+    The model is changed in place (moved, eval, channels_last); keep a copy if you still train it.
+    Compilation and graph capture happen at the first call of each input shape.
+    """
+    device = torch.device(device)
+    check_choice("precision", precision, ("fp32", "bf16"))
+    cl = resolve_switch("channels_last", channels_last, device, model)
+    comp = resolve_switch("compile", compile, device)
+    graphs = resolve_switch("cuda_graphs", cuda_graphs, device)
+    model = model.to(device).eval().requires_grad_(False)
+    if cl:
+        to_channels_last(model)
+    return FastModel(model, device, precision, comp, cl, graphs)
+
+
+class PrefetchNoise:
+    """`noise_fn` for the reverse loop that runs a CPU noise source ahead, on a background thread.
+
+    Returns exactly what `noise_fn(shape)` would, in the same order, moved to `device` (through
+    pinned memory, without blocking the host). The GPU then never waits for the CPU's random numbers:
+    per-image generators (sampling.ImageNoise, built with device="cpu") cost about 10 µs per image
+    per step, which at batch 256 is as long as a GPU step of the CIFAR-10 network.
+
+    :param limit: how many draws will be taken (T + 1 for Algorithm 2: x_T and one z per step).
+        The thread never draws more, so `noise_fn`'s generators end where a direct use would leave them.
+        Without it, the thread stays up to `depth` draws ahead.
+    Every call must ask for the same shape (as the reverse loop does).
+    """
+
+    def __init__(self, noise_fn: Callable[[torch.Size], torch.Tensor], device, dtype=torch.float32,
+                 limit: Optional[int] = None, depth: int = 4):
+        self.noise_fn, self.device, self.dtype = noise_fn, torch.device(device), dtype
+        self.limit, self.depth = limit, depth
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._shape: Optional[torch.Size] = None
+        self._taken = 0
+
+    def _produce(self) -> None:
+        n = 0
+        pin = self.device.type == "cuda"
+        while not self._stop.is_set() and (self.limit is None or n < self.limit):
+            try:
+                z = self.noise_fn(self._shape)
+                item = z.pin_memory() if pin else z
+            except BaseException as e:  # handed to the consumer, raised there
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+            n += 1
+
+    def __call__(self, shape) -> torch.Tensor:
+        shape = torch.Size(shape)
+        if self._thread is None:
+            self._shape = shape
+            self._thread = threading.Thread(target=self._produce, name="ddpm-noise", daemon=True)
+            self._thread.start()
+        if shape != self._shape:
+            raise ValueError(f"PrefetchNoise draws shape {tuple(self._shape)}, asked for {tuple(shape)}")
+        if self.limit is not None and self._taken >= self.limit:
+            raise RuntimeError(f"PrefetchNoise(limit={self.limit}) was asked for draw {self._taken + 1}")
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self._taken += 1
+        return item.to(self.device, self.dtype, non_blocking=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __del__(self):
+        self._stop.set()

@@ -1,0 +1,231 @@
+"""The fast paths (ddpm.fast, train.py's switches) compute what the plain fp32 eager network computes.
+
+Each check compares a fast path with the reference it replaces, on the CPU, within a stated
+tolerance: channels_last and torch.compile reorder float32 arithmetic only (1e-5 relative to the
+output's scale); bf16 autocast rounds every network input to 8 significant bits (a few per cent
+per output element), and a bits/dim computed through it stays within 0.01 of float32's (the
+issue's bound) on the same model, data and noise.
+"""
+
+import copy
+import time
+
+import pytest
+import torch
+
+from ddpm.data import DataConfig, load_images, to_model_range
+from ddpm.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm.errors import UserError
+from ddpm.fast import PrefetchNoise, match_layout_, prepare_model, resolve_switch, to_channels_last
+from ddpm.train import DataOrder, TrainConfig
+from ddpm.unet import UNet, UNetConfig, default_init_, get_preset
+
+
+def active(model: UNet, seed: int = 0) -> UNet:
+    """Re-initialise the near-zero output layers (conv2, proj_out, conv_out) so that every path of the
+    network carries signal, as after training; at initialisation the output is ~1e-5 and any two
+    paths would trivially agree."""
+    torch.manual_seed(seed)
+    for name, m in model.named_modules():
+        if name.endswith(("conv2", "proj_out")) or name == "conv_out":
+            default_init_(m)
+    return model
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def fwd_bwd(model, x, t):
+    model.zero_grad(set_to_none=True)
+    out = model(x, t)
+    ((out - 0.5) ** 2).mean().backward()
+    return out.detach(), grads(model)
+
+
+def assert_grads_close(g, g_ref, rtol):
+    """Every gradient within rtol of the largest gradient entry of the network. (Some, like the
+    biases just before a GroupNorm, are ~1e-9 by cancellation: a per-tensor scale would ask
+    reassociated float32 sums to agree to 1e-13.)"""
+    assert set(g) == set(g_ref)
+    scale = max(v.abs().max().item() for v in g_ref.values())
+    for n in g_ref:
+        err = (g[n].float() - g_ref[n]).abs().max().item()
+        assert err <= rtol * scale, f"{n}: max error {err:.3e} > {rtol} x {scale:.3e}"
+
+
+def assert_close_scaled(got, want, rtol, what=""):
+    """|got − want| ≤ rtol · max|want| elementwise: float reassociation errors scale with the tensor."""
+    scale = want.abs().max().item() + 1e-30
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol} x {scale:.3e}"
+
+
+def test_switches_resolve_per_device_and_refuse_bad_values():
+    with torch.device("meta"):
+        wide, narrow = UNet.from_preset("cifar10"), UNet.from_preset("demo")
+    assert resolve_switch("channels_last", "auto", "cpu", wide) is True  # ch=128: measured faster in NHWC
+    assert resolve_switch("channels_last", "auto", "cpu", narrow) is False  # ch=32: measured slower
+    assert resolve_switch("channels_last", "auto", "cuda", narrow) is True
+    assert resolve_switch("compile", "auto", "cpu") is False
+    assert resolve_switch("compile", "auto", "cuda") is True and resolve_switch("cuda_graphs", "auto", "cuda") is True
+    assert resolve_switch("compile", "on", "cpu") is True and resolve_switch("channels_last", "off", "cuda") is False
+    with pytest.raises(UserError, match="cuda_graphs='on' needs a CUDA device"):
+        resolve_switch("cuda_graphs", "on", "cpu")
+    with pytest.raises(UserError, match="'auto', 'on', 'off'"):
+        resolve_switch("compile", "yes", "cpu")
+    with pytest.raises(UserError, match="train.compile"):
+        TrainConfig(compile="true")
+
+
+def test_channels_last_equals_contiguous_forward_and_gradients():
+    ref = active(UNet.from_preset("tiny"))
+    fast = to_channels_last(copy.deepcopy(ref))
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([0, 500, 999])
+    out_ref, g_ref = fwd_bwd(ref, x, t)
+    out, g = fwd_bwd(fast, x, t)
+    assert_close_scaled(out, out_ref, 1e-5, "output")
+    assert_grads_close(g, g_ref, 1e-5)
+
+
+def test_prepare_model_equals_the_network_and_returns_its_dtype_and_layout():
+    net = active(UNet.from_preset("tiny")).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    with torch.no_grad():
+        want = net(x, t)
+    fast = prepare_model(copy.deepcopy(net), "cpu", channels_last="on")  # compile and graphs: auto = off on CPU
+    assert fast.channels_last and not fast.compiled and not fast.cuda_graphs
+    got = fast(x, t)
+    assert got.is_contiguous() and got.dtype == torch.float32 and not got.requires_grad
+    assert_close_scaled(got, want, 1e-5)
+    bf = prepare_model(copy.deepcopy(net), "cpu", precision="bf16")(x, t)
+    assert bf.dtype == torch.float32  # the diffusion math never sees bf16
+    assert_close_scaled(bf, want, 3e-2, "bf16")
+
+
+def test_bf16_autocast_forward_and_gradients_are_close_to_fp32():
+    net = active(UNet.from_preset("tiny"))
+    x, t = torch.randn(4, 3, 32, 32), torch.tensor([0, 10, 500, 999])
+    out32, g32 = fwd_bwd(net, x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16, g16 = fwd_bwd(net, x, t)
+    # bf16 keeps 8 significant bits: 2^-8 = 0.4% per rounding, a few per cent after ~20 layers.
+    # Measured over three seeds: output 1.2-1.6% (relative norm), gradients 0.25% of the largest.
+    rel = (out16.float() - out32).norm() / out32.norm()
+    assert rel < 3e-2, rel
+    assert_grads_close(g16, g32, 1e-2)
+
+
+def test_bits_per_dim_in_bf16_is_within_0_01_of_fp32():
+    # The paper's T = 1000 terms, real images (Fashion-MNIST resized to 16x16, with its many
+    # exactly-black pixels in the decoder's edge bin), the same noise for both precisions.
+    images = load_images(DataConfig(source="fashion-mnist-10k", resolution=16)).images[:2]
+    x0 = to_model_range(images)
+    cfg = UNetConfig(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
+                     dropout=0.0, resolution=16)
+    net = active(UNet.from_config(cfg))
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig())
+    bpd = {}
+    for precision in ("fp32", "bf16"):
+        model = prepare_model(net, "cpu", precision=precision, compile="off")
+        g = torch.Generator().manual_seed(1)
+        bpd[precision] = diffusion.calc_bpd_loop(model, x0, noise_fn=lambda s: torch.randn(s, generator=g))["total_bpd"]
+    diff = (bpd["bf16"] - bpd["fp32"]).abs().max().item()
+    print(f"bits/dim fp32 {bpd['fp32'].tolist()}, bf16 {bpd['bf16'].tolist()}, max |diff| {diff:.4f}")
+    assert torch.isfinite(bpd["fp32"]).all() and (bpd["fp32"] > 0).all()
+    assert diff < 0.01
+
+
+@pytest.mark.slow
+def test_compiled_network_equals_eager_forward_and_gradients():
+    # The smallest network with every layer kind (ResBlocks with and without a 1x1 shortcut,
+    # attention, the time embedding); inductor compiles its forward and backward. Cold compilation
+    # of ~60 C++ kernels takes 50-60 s on 2 shared cores (seconds with a warm inductor cache).
+    cfg = UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, resolution=8)
+    ref = active(UNet.from_config(cfg))
+    fast = to_channels_last(copy.deepcopy(ref))
+    compiled = torch.compile(fast, dynamic=False)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    out_ref, g_ref = fwd_bwd(ref, x, t)
+    start = time.perf_counter()
+    fast.zero_grad(set_to_none=True)
+    out = compiled(x, t)
+    ((out - 0.5) ** 2).mean().backward()
+    print(f"inductor compile + first step: {time.perf_counter() - start:.1f} s")
+    assert_close_scaled(out.detach(), out_ref, 1e-5, "output")
+    assert_grads_close(grads(fast), g_ref, 1e-5)
+
+
+def test_prefetched_noise_is_the_same_stream_and_stops_at_its_limit():
+    def source(seed):
+        g = torch.Generator().manual_seed(seed)
+        return lambda shape: torch.randn(shape, generator=g)
+
+    direct = source(5)
+    want = [direct((2, 3, 4, 4)) for _ in range(6)]
+    after = direct((2, 3, 4, 4))
+    wrapped_source = source(5)
+    pre = PrefetchNoise(wrapped_source, "cpu", limit=6, depth=2)
+    got = [pre((2, 3, 4, 4)) for _ in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(RuntimeError, match="limit=6"):
+        pre((2, 3, 4, 4))
+    pre.close()
+    assert torch.equal(wrapped_source((2, 3, 4, 4)), after)  # the thread drew exactly `limit` times
+    with pytest.raises(ValueError, match="same shape|draws shape"):
+        p2 = PrefetchNoise(source(0), "cpu")
+        p2((1, 2))
+        p2((2, 2))
+
+
+def test_optimizer_moments_follow_the_parameters_layout_after_a_load():
+    model = to_channels_last(UNet.from_preset("tiny"))
+    opt = torch.optim.Adam(model.parameters(), foreach=True)
+    model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2])).mean().backward()
+    opt.step()
+    saved = {k: v for k, v in opt.state_dict().items()}
+    saved["state"] = {i: {k: (v.contiguous() if torch.is_tensor(v) else v) for k, v in s.items()}
+                      for i, s in saved["state"].items()}  # as a checkpoint stores them
+    opt2 = torch.optim.Adam(model.parameters(), foreach=True)
+    opt2.load_state_dict(saved)
+    match_layout_(opt2)
+    conv = model.conv_in.weight
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert opt2.state[conv][k].stride() == conv.stride()
+        assert torch.equal(opt2.state[conv][k], opt.state[conv][k])
+
+
+def test_data_order_on_a_device_is_the_same_order():
+    a, b = DataOrder(10, 4, 3), DataOrder(10, 4, 3, device="cpu")
+    for s in range(6):
+        assert torch.equal(a.indices(s), b.indices(s))
+
+
+def test_channels_last_training_resumes_exactly(tmp_path):
+    # train.py with channels_last on (the optimizer's moments are restored contiguous from the
+    # checkpoint, then given the parameters' layout): 2 + 2 steps equal 4 uninterrupted, bit for bit.
+    import numpy as np
+
+    from ddpm.checkpoint import latest_checkpoint
+    from ddpm.train import RunConfig, train
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 32, 32), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x)
+    run = RunConfig.from_preset("tiny", data=str(tmp_path / "d.npz"))
+
+    def cfg(steps):
+        return run.replace(train=run.train.replace(steps=steps, checkpoint_every=2, channels_last="on", compile="off"))
+
+    train(tmp_path / "a", cfg(4), progress=False)
+    train(tmp_path / "b", cfg(2), progress=False)
+    train(tmp_path / "b", cfg(4), progress=False)
+    (_, a), (_, b) = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for i, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
