@@ -372,6 +372,24 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def conv_roof_tflops(device: torch.device, precision: str, reps: int = 5) -> float:
+    """What this machine's convolution kernels reach at best: the network's largest 3x3 convolution
+    (256 -> 256 channels at 32x32, batch 8, channels_last), best of `reps`. On a CPU this is the
+    practical FLOP roof (no published peak applies to a shared virtual machine)."""
+    conv = nn.Conv2d(256, 256, 3, padding=1).to(device, memory_format=torch.channels_last)
+    x = torch.randn(8, 256, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    best = float("inf")
+    with torch.no_grad(), autocast(device, precision):
+        conv(x)
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            conv(x)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * 8 * 256 * 32 * 32 * 256 * 9 / best / 1e12
+
+
 def peak_tflops(device: torch.device, precision: str):
     if device.type != "cuda":
         return None
@@ -431,6 +449,7 @@ def main(argv=None) -> int:
     flop_per_image = {"forward": fwd_gflop, "fwdbwd": 3 * fwd_gflop, "train": 3 * fwd_gflop, "sample": fwd_gflop}
     peak = peak_tflops(device, args.precision)
     meta = machine(device)
+    meta["conv_roof_tflops"] = conv_roof_tflops(device, args.precision)
     started = datetime.datetime.now(datetime.timezone.utc)
     print(f"# {args.preset} on {meta.get('gpu', meta['cpu'])}, {args.precision}, batch {args.batch}, "
           f"{meta['threads']} threads, torch {meta['torch']}, diffusers {meta['diffusers']}", file=sys.stderr)
@@ -507,7 +526,8 @@ def markdown(out: dict) -> str:
     m = out["machine"]
     head = (f"{out['date']} · `{out['command']}` · {m.get('gpu', m['cpu'])} ({m['threads']} threads) · torch {m['torch']} · "
             f"diffusers {m['diffusers']} · {out['preset']}, batch {out['batch']}, {out['precision']} · "
-            f"load average {m.get('loadavg_start')} → {m.get('loadavg_end')}")
+            f"load average {m.get('loadavg_start')} → {m.get('loadavg_end')} · best 3x3 conv "
+            f"{m.get('conv_roof_tflops', float('nan')):.3g} TFLOP/s")
     text = head + "\n\n" + "\n".join(rows)
     profiled = [r for r in out["results"] if "profile" in r]
     if profiled:

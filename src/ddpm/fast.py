@@ -1,18 +1,20 @@
-"""The fast paths (issue 7): one switch each, with a default per device, none of which changes the math.
+"""The fast paths (issue 7): one switch each, with a default per device; none changes the math,
+only float rounding (and, under compile, which dropout masks a seed draws).
 
-Every switch takes "auto", "on" or "off"; "auto" resolves per device to the setting measured to
-be fastest (BENCHMARKS.md holds the numbers):
+Every switch takes "auto", "on" or "off"; "auto" resolves per device. The CPU defaults are measured
+(BENCHMARKS.md); the CUDA defaults are the usual practice for convolutional networks on tensor-core
+GPUs and are not measured yet (no GPU was available when they were written):
 
 | switch          | CPU  | CUDA | what it does                                                              |
 |-----------------|------|------|---------------------------------------------------------------------------|
 | channels_last   | *    | on   | NHWC weights and activations: oneDNN / cuDNN's fast convolution layout;   |
 |                 |      |      | the attention's q, k, v are then [B, H*W, C] views, which SDPA's fused    |
 |                 |      |      | kernels take without a copy. * CPU: on for networks of width ch >= 128    |
-|                 |      |      | (CIFAR-10: forward 6-11% faster, training 1-3%); off below (the demo's    |
+|                 |      |      | (CIFAR-10: forward 4-11% faster, training 1-3%); off below (the demo's    |
 |                 |      |      | ch=32 network on 28x28 runs 15-20% slower in NHWC)                        |
 | compile         | off  | on   | torch.compile (inductor): fuses GroupNorm+SiLU, the time-embedding add    |
-|                 |      |      | and the residual adds. Off on CPU: minutes of compilation on 2 cores for  |
-|                 |      |      | a few per cent (BENCHMARKS.md)                                            |
+|                 |      |      | and the residual adds. Off on CPU: 2-5 minutes of compilation on 2 cores, |
+|                 |      |      | then forward 0-3% faster and training 1-4% slower than eager              |
 | cuda_graphs     | off  | on   | sampling only: one CUDA graph per batch shape replays the whole network,  |
 |                 |      |      | so 1000 steps cost 1000 launches instead of ~300,000                      |
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -135,7 +138,13 @@ class FastModel(nn.Module):
             return self._run(x, t)
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(x, t)
+            try:
+                self._graphs[key] = self._capture(x, t)
+            except RuntimeError as e:  # a network that syncs with the host cannot be captured
+                warnings.warn(f"CUDA graph capture failed ({e}); running without CUDA graphs", stacklevel=2)
+                self.cuda_graphs = False
+                torch.cuda.synchronize(x.device)
+                return self._run(x, t)
         static_x, static_t, static_out, graph = self._graphs[key]
         static_x.copy_(x)
         static_t.copy_(t)
