@@ -16,6 +16,7 @@ from ddpm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from ddpm.distributed import DistInfo
 from ddpm.errors import UserError
 from ddpm.train import DataOrder, RunConfig, TrainConfig, TrainingDiverged, lr_at, train
+from helpers import assert_states_equal
 
 PY = sys.executable
 
@@ -48,16 +49,6 @@ def _final_state(run_dir):
     return state
 
 
-def _assert_states_equal(a, b):
-    for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
-    for i, s in a["optimizer"]["state"].items():
-        for k, v in s.items():
-            assert torch.equal(v, b["optimizer"]["state"][i][k]), ("optimizer", i, k)
-    assert a["step"] == b["step"]
-
-
 @pytest.mark.slow
 def test_kill_9_and_resume_equals_an_uninterrupted_run(npz, tmp_path):
     steps = 10
@@ -74,7 +65,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(npz, tmp_path):
     r = subprocess.run(_cmd(npz, killed, steps), env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr
-    _assert_states_equal(_final_state(ref), _final_state(killed))
+    assert_states_equal(_final_state(ref), _final_state(killed))
     # the metrics log holds each logged step once, as if nothing happened
     steps_logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == sorted(set(steps_logged))

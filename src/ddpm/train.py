@@ -31,7 +31,7 @@ from .data import DataConfig, ImageSet, load_images, to_model_range
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .distributed import DistInfo, all_gather_tensor, barrier, derive_seed, init as dist_init
 from .errors import UserError, check_choice
-from .fast import SWITCH_VALUES, match_layout_, resolve_switch, to_channels_last
+from .fast import SWITCH_VALUES, match_layout_, prepare_model, resolve_switch, set_winograd, to_channels_last
 from .unet import UNet, UNetConfig, get_preset
 
 PRECISIONS = ("fp32", "bf16")
@@ -60,6 +60,7 @@ class TrainConfig(Config):
     # Fast paths (fast.py): "auto" is each device's measured default (BENCHMARKS.md), or "on"/"off".
     channels_last: str = "auto"  # NHWC weights and activations (auto: on for CUDA; CPU: on from width ch=128)
     compile: str = "auto"  # torch.compile the network (auto: on for CUDA, off for CPU)
+    winograd: str = "auto"  # CPU: 3x3 convolutions by Winograd F(4x4, 3x3) (auto: on for CPU; CUDA: n/a)
     tensorboard: bool = False
     # FID of the EMA weights during training (docs/FID.md): fid_n samples every fid_every steps,
     # against reference statistics fid_ref (or ones computed from the training data and cached).
@@ -88,12 +89,13 @@ class TrainConfig(Config):
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         check_choice("train.channels_last", self.channels_last, SWITCH_VALUES)
         check_choice("train.compile", self.compile, SWITCH_VALUES)
+        check_choice("train.winograd", self.winograd, SWITCH_VALUES)
 
 
 # Fields that may change when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = {"train": {"steps", "checkpoint_every", "keep_last", "milestone_every", "log_every",
                                "sample_every", "sample_n", "device", "tensorboard", "channels_last", "compile",
-                               "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_weights_sha256"}}
+                               "winograd", "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_weights_sha256"}}
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
     channels_last = resolve_switch("channels_last", cfg.channels_last, device, model)
     if channels_last:
         to_channels_last(model)  # the EMA copy, the optimizer's moments and the gradients follow
+    set_winograd(model, resolve_switch("winograd", cfg.winograd, device))  # the EMA copy too
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # kept apart, never swapped in
     params = [p for p in model.parameters()]
     # foreach Adam on CPU; fused on CUDA (one kernel for all parameters).
@@ -488,13 +491,16 @@ def _bar(start: int, total: int, enabled: bool):
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def load_run(path, weights: str = "ema", device="cpu") -> tuple[RunConfig, torch.nn.Module, GaussianDiffusion, Path]:
+def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> tuple[RunConfig, torch.nn.Module, GaussianDiffusion, Path]:
     """A trained network from a run directory (its newest valid checkpoint) or a checkpoint file.
 
     :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
+    :param fast: "auto": the network wrapped by `ddpm.fast.prepare_model` with the device's fast
+        paths, for sampling and bits/dim; "off": the plain network.
     :return: (run config, network in eval mode on `device`, diffusion, checkpoint path).
     """
     check_choice("weights", weights, ("ema", "model"))
+    check_choice("fast", fast, ("auto", "off"))
     path = Path(path)
     if path.is_dir():
         found = ckpt.latest_checkpoint(path)
@@ -508,4 +514,7 @@ def load_run(path, weights: str = "ema", device="cpu") -> tuple[RunConfig, torch
     run = RunConfig.from_dict(state["config"], where=str(file))
     net = UNet.from_config(run.model)
     net.load_state_dict(state[weights])
-    return run, net.to(device).eval().requires_grad_(False), GaussianDiffusion.from_config(run.diffusion), file
+    net = net.to(device).eval().requires_grad_(False)
+    if fast == "auto":
+        net = prepare_model(net, device)
+    return run, net, GaussianDiffusion.from_config(run.diffusion), file

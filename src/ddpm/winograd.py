@@ -1,0 +1,246 @@
+"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016): the CPU fast path.
+
+Why it exists: on a CPU, oneDNN's direct 3x3 convolutions already run at the cores' FMA peak, so
+no rearrangement of the paper's U-Net makes them faster; only doing fewer multiplications does.
+F(4x4, 3x3) computes each 4x4 output tile from a 6x6 input tile with 36 multiplications per
+(input, output) channel pair instead of 4*4*9 = 144, i.e. the convolution becomes 36 independent
+matrix products [P x C_in] @ [C_in x C_out] (P = batch x tiles) that MKL runs at full speed, plus
+cheap linear transforms of the tiles:
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A          (elementwise * summed over input channels)
+
+with d a 6x6 input tile, g the 3x3 kernel and the standard matrices B^T (6x6), G (6x3), A^T (4x6)
+from interpolation points 0, +-1, +-2 and infinity. The backward pass is Winograd as well: the
+input gradient is the same convolution of the output gradient with the flipped, transposed kernel,
+and the kernel gradient is the tile-wise product of the saved transformed input with the
+transformed output gradient. So training gets the same saving as sampling.
+
+It is exact in real arithmetic; in float32 it rounds differently from a direct convolution (the
+transforms multiply by up to 8 and 1/24): relative errors of about 1e-5 of the output's largest
+value, against about 2e-6 for oneDNN (tests/test_fastpaths.py states and checks the bounds, on
+values, input gradients and kernel gradients, against float64).
+
+Only stride 1, padding 1, float32/float64, and inputs of at least MIN_SIZE x MIN_SIZE pixels take
+this path (below that the tile transforms cost more than they save; measured in BENCHMARKS.md);
+everything else falls back to `F.conv2d`. Tensors are handled channels-last internally: input
+tiles are strided views of the NHWC input whose channel vectors are contiguous, and the result
+comes back channels_last.
+
+No library offers this for PyTorch on current CPUs: oneDNN dropped its Winograd kernels in v3,
+and PyTorch's NNPACK fails to run on these machines (`torch._nnpack_spatial_convolution` raises),
+so it is written here with torch operations: the transforms as scaled adds that skip the
+matrices' zeros (small matrix products are the slowest shapes for a BLAS), the products as one
+`torch.bmm`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+import torch.nn.functional as F
+
+M = 4  # output tile size
+R = 3  # kernel size
+A = M + R - 1  # input tile size, 6
+MIN_SIZE = 16  # smallest spatial size (H and W) worth transforming; see BENCHMARKS.md
+MIN_CHANNELS = 128  # narrower convolutions are faster direct (the products are too small for BLAS)
+
+# Lavin & Gray (2016), F(4x4, 3x3), interpolation points 0, 1, -1, 2, -2, inf.
+BT = (
+    (4, 0, -5, 0, 1, 0),
+    (0, -4, -4, 1, 1, 0),
+    (0, 4, -4, -1, 1, 0),
+    (0, -2, -1, 2, 1, 0),
+    (0, 2, -1, -2, 1, 0),
+    (0, 4, 0, -5, 0, 1),
+)
+G = (
+    (1 / 4, 0, 0),
+    (-1 / 6, -1 / 6, -1 / 6),
+    (-1 / 6, 1 / 6, -1 / 6),
+    (1 / 24, 1 / 12, 1 / 6),
+    (1 / 24, -1 / 12, 1 / 6),
+    (0, 0, 1),
+)
+AT = (
+    (1, 1, 1, 1, 1, 0),
+    (0, 1, -1, 2, -2, 0),
+    (0, 1, 1, 4, 4, 0),
+    (0, 1, -1, 8, -8, 1),
+)
+
+
+def _transpose(mat):
+    return tuple(zip(*mat))
+
+
+def _contract(mat, src: torch.Tensor, dim: int, out: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+    """out.select(dim, i) = sum_k mat[i][k] * src.select(dim, k) (+ bias): a small constant matrix
+    applied along one axis, as scaled adds over whole slices that skip the matrix's zeros."""
+    if out is None:  # the new axis outermost, so that every slice written is contiguous
+        shape = list(src.shape)
+        del shape[dim]
+        out = src.new_empty([len(mat)] + shape).movedim(0, dim)
+    for i, row in enumerate(mat):
+        o = out.select(dim, i)
+        terms = [(c, src.select(dim, k)) for k, c in enumerate(row) if c != 0]
+        c0, s0 = terms[0]
+        if bias is not None:
+            torch.add(bias, s0, alpha=c0, out=o)
+        else:
+            torch.mul(s0, c0, out=o)
+        for c, s in terms[1:]:
+            o.add_(s, alpha=c)
+    return out
+
+
+def _tiles(h: int, w: int) -> tuple[int, int]:
+    return -(-h // M), -(-w // M)
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable buffers for the no-grad path (sampling, bits/dim), one per role, grown
+    to the largest size asked. Each convolution needs several times its input in temporaries, and a
+    fresh multi-megabyte allocation costs the CPU a page fault for every 4 KiB it first writes:
+    measured, as much time as the transforms themselves."""
+
+    def __init__(self):
+        self.bufs: dict[tuple, torch.Tensor] = {}
+
+    def empty(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
+        n = math.prod(shape)
+        key = (role, like.dtype, like.device)
+        buf = self.bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[key] = like.new_empty(n)
+        return buf[:n].view(shape)
+
+
+_scratch = _Scratch()
+
+
+def _empty(role: str | None, shape, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(shape) if role is None else _scratch.empty(role, shape, like)
+
+
+def kernel_taps(weight: torch.Tensor) -> torch.Tensor:
+    """[C_out, C_in, 3, 3] -> [3, 3, C_out, C_in], contiguous (one transposing copy)."""
+    c_out, c_in = weight.shape[:2]
+    return weight.reshape(c_out * c_in, R * R).t().contiguous().view(R, R, c_out, c_in)
+
+
+def transform_kernel(taps: torch.Tensor) -> torch.Tensor:
+    """U = G g G^T for every channel pair: taps [3, 3, O, I] -> [36, O, I]."""
+    u = taps.new_empty(A, A, *taps.shape[2:])
+    _contract(G, _contract(G, taps, 0), 1, out=u)  # G along kh, then along kw
+    return u.view(A * A, *taps.shape[2:])
+
+
+def transform_input(x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """V = B^T d B for every 6x6 tile (stride 4, zero padding 1): x [B, C, H, W] -> [36, P, C],
+    P = B * ceil(H/4) * ceil(W/4) tiles in (batch, tile row, tile column) order."""
+    b, c, h, w = x.shape
+    nh, nw = _tiles(h, w)
+    xp = F.pad(x, (1, nw * M + 1 - w, 1, nh * M + 1 - h)).permute(0, 2, 3, 1)  # [B, Hp, Wp, C]
+    rows = xp.unfold(1, A, M)  # [B, nh, Wp, C, 6]: row k of every tile row (a view)
+    t = _empty("t" if scratch else None, (A, b, nh, xp.shape[2], c), x)
+    _contract(BT, rows, 4, out=t.permute(1, 2, 3, 4, 0))  # B^T along H: [6(i), B, nh, Wp, C]
+    cols = t.unfold(3, A, M)  # [6, B, nh, nw, C, 6]
+    v = _empty("v" if scratch else None, (A, A, b, nh, nw, c), x)
+    _contract(BT, cols, 5, out=v.permute(0, 2, 3, 4, 5, 1))  # B along W: [6(i), 6(j), B, nh, nw, C]
+    return v.view(A * A, b * nh * nw, c)
+
+
+def transform_output(m: torch.Tensor, b: int, h: int, w: int, bias: torch.Tensor | None = None,
+                     scratch: bool = False) -> torch.Tensor:
+    """Y = A^T m A (+ bias) back into an image: m [36, P, C_out] -> [B, C_out, H, W] (channels_last)."""
+    c = m.shape[-1]
+    nh, nw = _tiles(h, w)
+    m = m.view(A, A, b, nh, nw, c)
+    half = _empty("half" if scratch else None, (M, A, b, nh, nw, c), m)
+    _contract(AT, m, 1, out=half.transpose(0, 1))  # A^T along W: [6(i), 4(s), B, nh, nw, C]
+    y = m.new_empty(b, nh, M, nw, M, c)
+    _contract(AT, half.transpose(0, 1), 0, out=y.permute(2, 4, 0, 1, 3, 5), bias=bias)  # [4(r), 4(s), ...]
+    y = y.view(b, nh * M, nw * M, c).permute(0, 3, 1, 2)  # [B, C, H', W'], channels_last
+    if (nh * M, nw * M) != (h, w):
+        y = y[:, :, :h, :w].contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def transform_output_grad(grad: torch.Tensor) -> torch.Tensor:
+    """The adjoint of `transform_output` (without bias): dY [B, C, H, W] -> A dY A^T, [36, P, C]."""
+    b, c, h, w = grad.shape
+    nh, nw = _tiles(h, w)
+    g = grad.permute(0, 2, 3, 1)  # [B, H, W, C]
+    if (nh * M, nw * M) != (h, w):
+        g = F.pad(g, (0, 0, 0, nw * M - w, 0, nh * M - h))
+    g = g.reshape(b, nh, M, nw, M, c).permute(2, 4, 0, 1, 3, 5)  # [4(r), 4(s), B, nh, nw, C]
+    a = _transpose(AT)
+    dm = grad.new_empty(A, A, b, nh, nw, c)
+    _contract(a, _contract(a, g, 0), 1, out=dm)
+    return dm.view(A * A, b * nh * nw, c)
+
+
+def _conv(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, scratch: bool = False):
+    """The convolution of x [B, I, H, W] with transformed kernels u [36, O, I]: y [B, O, H, W] and V."""
+    b, _, h, w = x.shape
+    v = transform_input(x, scratch)
+    m = _empty("m" if scratch else None, (A * A, v.shape[1], u.shape[1]), x)
+    torch.bmm(v, u.transpose(1, 2), out=m)  # [36, P, O]: the 36 products, summed over input channels
+    return transform_output(m, b, h, w, bias, scratch), v
+
+
+class _Winograd3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        taps = kernel_taps(weight)
+        y, v = _conv(x, transform_kernel(taps), bias)
+        ctx.save_for_backward(v, taps)
+        channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        ctx.weight_format = torch.channels_last if channels_last else torch.contiguous_format
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, taps = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # the same convolution of dY with the flipped kernel, [C_in, C_out, 3, 3]
+            grad_x, _ = _conv(grad, transform_kernel(taps.flip(0, 1).transpose(2, 3)), None)
+        if ctx.needs_input_grad[1]:
+            du = torch.bmm(transform_output_grad(grad).transpose(1, 2), v)  # [36, C_out, C_in]
+            c_out, c_in = du.shape[1:]
+            gt = _transpose(G)
+            g = du.new_empty(R, R, c_out, c_in)
+            _contract(gt, _contract(gt, du.view(A, A, c_out, c_in), 0), 1, out=g)  # G^T dU G
+            grad_w = g.view(R * R, c_out * c_in).t().view(c_out, c_in, R, R)
+            grad_w = grad_w.contiguous(memory_format=ctx.weight_format)  # in the weight's own layout
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b
+
+
+def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """Whether `conv(x)` can take the Winograd path: 3x3, stride 1, padding 1, no dilation or groups,
+    float32/64 on the CPU, at least MIN_CHANNELS in and out, and at least MIN_SIZE x MIN_SIZE pixels."""
+    return (conv.kernel_size == (R, R) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.dim() == 4 and min(x.shape[-2:]) >= MIN_SIZE)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            kernel: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for a [C_out, C_in, 3, 3] kernel, by F(4x4, 3x3) Winograd;
+    differentiable in all three. The result is channels_last.
+
+    :param kernel: `transform_kernel(kernel_taps(weight))`, computed once by a caller that runs the
+        same weights many times without gradients (sampling); ignored when gradients are needed.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _Winograd3x3.apply(x, weight, bias)
+    if kernel is None:
+        kernel = transform_kernel(kernel_taps(weight))
+    return _conv(x, kernel, bias, scratch=True)[0]
