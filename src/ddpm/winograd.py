@@ -76,23 +76,30 @@ def _transpose(mat):
     return tuple(zip(*mat))
 
 
-def _contract(mat, src: torch.Tensor, dim: int, out: torch.Tensor | None = None, bias: torch.Tensor | None = None):
-    """out.select(dim, i) = sum_k mat[i][k] * src.select(dim, k) (+ bias): a small constant matrix
-    applied along one axis, as scaled adds over whole slices that skip the matrix's zeros."""
+def _contract(mat, src: torch.Tensor, dim: int, out: torch.Tensor | None = None):
+    """out.select(dim, i) = sum_k mat[i][k] * src.select(dim, k): a small constant matrix
+    applied along one axis, as scaled adds over whole slices that skip the matrix's zeros.
+
+    Each operation is a pass over memory and, with several threads, a parallel region (on a CPU
+    whose idle threads sleep, waking them costs more than a small operation): a row's first two
+    terms share one `torch.add` where one coefficient is 1, as every row of B^T, A^T and A has."""
     if out is None:  # the new axis outermost, so that every slice written is contiguous
         shape = list(src.shape)
         del shape[dim]
         out = src.new_empty([len(mat)] + shape).movedim(0, dim)
     for i, row in enumerate(mat):
         o = out.select(dim, i)
-        terms = [(c, src.select(dim, k)) for k, c in enumerate(row) if c != 0]
-        c0, s0 = terms[0]
-        if bias is not None:
-            torch.add(bias, s0, alpha=c0, out=o)
+        terms = sorted(((c, src.select(dim, k)) for k, c in enumerate(row) if c != 0), key=lambda cs: cs[0] != 1)
+        (c0, s0), rest = terms[0], terms[1:]
+        if c0 == 1 and rest:
+            (c1, s1), rest = rest[0], rest[1:]
+            torch.add(s0, s1, alpha=c1, out=o)
+        elif c0 == 1:
+            o.copy_(s0)
         else:
             torch.mul(s0, c0, out=o)
-        for c, s in terms[1:]:
-            o.add_(s, alpha=c)
+        for c, t in rest:
+            o.add_(t, alpha=c)
     return out
 
 
@@ -101,10 +108,12 @@ def _tiles(h: int, w: int) -> tuple[int, int]:
 
 
 class _Scratch(threading.local):
-    """Per-thread reusable buffers for the no-grad path (sampling, bits/dim), one per role, grown
-    to the largest size asked. Each convolution needs several times its input in temporaries, and a
-    fresh multi-megabyte allocation costs the CPU a page fault for every 4 KiB it first writes:
-    measured, as much time as the transforms themselves."""
+    """Per-thread reusable buffers for the temporaries, one per role, grown to the largest size asked.
+
+    A convolution needs several times its input in temporaries, and on these machines a fresh
+    multi-megabyte allocation costs a page fault for every 4 KiB it first writes: measured, as much
+    time as the transforms themselves. Only what outlives a call is allocated anew: the result, and
+    the transformed input kept for the backward pass."""
 
     def __init__(self):
         self.bufs: dict[tuple, torch.Tensor] = {}
@@ -122,47 +131,52 @@ _scratch = _Scratch()
 
 
 def _empty(role: str | None, shape, like: torch.Tensor) -> torch.Tensor:
+    """A temporary for `role` (this thread's buffer, valid until the next use of the role), or with
+    role None a tensor of its own."""
     return like.new_empty(shape) if role is None else _scratch.empty(role, shape, like)
 
 
-def kernel_taps(weight: torch.Tensor) -> torch.Tensor:
+def kernel_taps(weight: torch.Tensor, role: str | None = None) -> torch.Tensor:
     """[C_out, C_in, 3, 3] -> [3, 3, C_out, C_in], contiguous (one transposing copy)."""
     c_out, c_in = weight.shape[:2]
-    return weight.reshape(c_out * c_in, R * R).t().contiguous().view(R, R, c_out, c_in)
+    taps = _empty(role, (R, R, c_out, c_in), weight)
+    taps.view(R * R, c_out * c_in).copy_(weight.reshape(c_out * c_in, R * R).t())
+    return taps
 
 
 def transform_kernel(taps: torch.Tensor) -> torch.Tensor:
-    """U = G g G^T for every channel pair: taps [3, 3, O, I] -> [36, O, I]."""
-    u = taps.new_empty(A, A, *taps.shape[2:])
-    _contract(G, _contract(G, taps, 0), 1, out=u)  # G along kh, then along kw
+    """U = G g G^T for every channel pair: taps [3, 3, O, I] -> [36, O, I] (a temporary)."""
+    half = _empty("u_half", (A, R, *taps.shape[2:]), taps)
+    u = _empty("u", (A, A, *taps.shape[2:]), taps)
+    _contract(G, _contract(G, taps, 0, out=half), 1, out=u)  # G along kh, then along kw
     return u.view(A * A, *taps.shape[2:])
 
 
-def transform_input(x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+def transform_input(x: torch.Tensor, keep: bool = False) -> torch.Tensor:
     """V = B^T d B for every 6x6 tile (stride 4, zero padding 1): x [B, C, H, W] -> [36, P, C],
-    P = B * ceil(H/4) * ceil(W/4) tiles in (batch, tile row, tile column) order."""
+    P = B * ceil(H/4) * ceil(W/4) tiles in (batch, tile row, tile column) order; a temporary unless
+    `keep` (the backward pass needs it)."""
     b, c, h, w = x.shape
     nh, nw = _tiles(h, w)
     xp = F.pad(x, (1, nw * M + 1 - w, 1, nh * M + 1 - h)).permute(0, 2, 3, 1)  # [B, Hp, Wp, C]
     rows = xp.unfold(1, A, M)  # [B, nh, Wp, C, 6]: row k of every tile row (a view)
-    t = _empty("t" if scratch else None, (A, b, nh, xp.shape[2], c), x)
+    t = _empty("t", (A, b, nh, xp.shape[2], c), x)
     _contract(BT, rows, 4, out=t.permute(1, 2, 3, 4, 0))  # B^T along H: [6(i), B, nh, Wp, C]
     cols = t.unfold(3, A, M)  # [6, B, nh, nw, C, 6]
-    v = _empty("v" if scratch else None, (A, A, b, nh, nw, c), x)
+    v = _empty(None if keep else "v", (A, A, b, nh, nw, c), x)
     _contract(BT, cols, 5, out=v.permute(0, 2, 3, 4, 5, 1))  # B along W: [6(i), 6(j), B, nh, nw, C]
     return v.view(A * A, b * nh * nw, c)
 
 
-def transform_output(m: torch.Tensor, b: int, h: int, w: int, bias: torch.Tensor | None = None,
-                     scratch: bool = False) -> torch.Tensor:
-    """Y = A^T m A (+ bias) back into an image: m [36, P, C_out] -> [B, C_out, H, W] (channels_last)."""
+def transform_output(m: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """Y = A^T m A back into an image: m [36, P, C_out] -> [B, C_out, H, W] (channels_last)."""
     c = m.shape[-1]
     nh, nw = _tiles(h, w)
     m = m.view(A, A, b, nh, nw, c)
-    half = _empty("half" if scratch else None, (M, A, b, nh, nw, c), m)
+    half = _empty("y_half", (M, A, b, nh, nw, c), m)
     _contract(AT, m, 1, out=half.transpose(0, 1))  # A^T along W: [6(i), 4(s), B, nh, nw, C]
     y = m.new_empty(b, nh, M, nw, M, c)
-    _contract(AT, half.transpose(0, 1), 0, out=y.permute(2, 4, 0, 1, 3, 5), bias=bias)  # [4(r), 4(s), ...]
+    _contract(AT, half.transpose(0, 1), 0, out=y.permute(2, 4, 0, 1, 3, 5))  # [4(r), 4(s), ...]
     y = y.view(b, nh * M, nw * M, c).permute(0, 3, 1, 2)  # [B, C, H', W'], channels_last
     if (nh * M, nw * M) != (h, w):
         y = y[:, :, :h, :w].contiguous(memory_format=torch.channels_last)
@@ -170,7 +184,7 @@ def transform_output(m: torch.Tensor, b: int, h: int, w: int, bias: torch.Tensor
 
 
 def transform_output_grad(grad: torch.Tensor) -> torch.Tensor:
-    """The adjoint of `transform_output` (without bias): dY [B, C, H, W] -> A dY A^T, [36, P, C]."""
+    """The adjoint of `transform_output`: dY [B, C, H, W] -> A dY A^T, [36, P, C] (a temporary)."""
     b, c, h, w = grad.shape
     nh, nw = _tiles(h, w)
     g = grad.permute(0, 2, 3, 1)  # [B, H, W, C]
@@ -178,25 +192,28 @@ def transform_output_grad(grad: torch.Tensor) -> torch.Tensor:
         g = F.pad(g, (0, 0, 0, nw * M - w, 0, nh * M - h))
     g = g.reshape(b, nh, M, nw, M, c).permute(2, 4, 0, 1, 3, 5)  # [4(r), 4(s), B, nh, nw, C]
     a = _transpose(AT)
-    dm = grad.new_empty(A, A, b, nh, nw, c)
-    _contract(a, _contract(a, g, 0), 1, out=dm)
+    half = _empty("dm_half", (A, M, b, nh, nw, c), grad)
+    dm = _empty("dm", (A, A, b, nh, nw, c), grad)
+    _contract(a, _contract(a, g, 0, out=half), 1, out=dm)
     return dm.view(A * A, b * nh * nw, c)
 
 
-def _conv(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, scratch: bool = False):
+def _conv(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, keep: bool = False):
     """The convolution of x [B, I, H, W] with transformed kernels u [36, O, I]: y [B, O, H, W] and V."""
     b, _, h, w = x.shape
-    v = transform_input(x, scratch)
-    m = _empty("m" if scratch else None, (A * A, v.shape[1], u.shape[1]), x)
+    v = transform_input(x, keep)
+    m = _empty("m", (A * A, v.shape[1], u.shape[1]), x)
     torch.bmm(v, u.transpose(1, 2), out=m)  # [36, P, O]: the 36 products, summed over input channels
-    return transform_output(m, b, h, w, bias, scratch), v
+    if bias is not None:  # column 1 of A^T is all ones: a bias on tile element (1, 1) reaches every output
+        m[A + 1].add_(bias)
+    return transform_output(m, b, h, w), v
 
 
 class _Winograd3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         taps = kernel_taps(weight)
-        y, v = _conv(x, transform_kernel(taps), bias)
+        y, v = _conv(x, transform_kernel(taps), bias, keep=True)
         ctx.save_for_backward(v, taps)
         channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
         ctx.weight_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -209,11 +226,14 @@ class _Winograd3x3(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # the same convolution of dY with the flipped kernel, [C_in, C_out, 3, 3]
             grad_x, _ = _conv(grad, transform_kernel(taps.flip(0, 1).transpose(2, 3)), None)
         if ctx.needs_input_grad[1]:
-            du = torch.bmm(transform_output_grad(grad).transpose(1, 2), v)  # [36, C_out, C_in]
+            dm = transform_output_grad(grad)
+            du = _empty("du", (A * A, dm.shape[2], v.shape[2]), grad)
+            torch.bmm(dm.transpose(1, 2), v, out=du)  # [36, C_out, C_in]
             c_out, c_in = du.shape[1:]
             gt = _transpose(G)
-            g = du.new_empty(R, R, c_out, c_in)
-            _contract(gt, _contract(gt, du.view(A, A, c_out, c_in), 0), 1, out=g)  # G^T dU G
+            half = _empty("dw_half", (R, A, c_out, c_in), grad)
+            g = _empty("dw", (R, R, c_out, c_in), grad)
+            _contract(gt, _contract(gt, du.view(A, A, c_out, c_in), 0, out=half), 1, out=g)  # G^T dU G
             grad_w = g.view(R * R, c_out * c_in).t().view(c_out, c_in, R, R)
             grad_w = grad_w.contiguous(memory_format=ctx.weight_format)  # in the weight's own layout
         if ctx.needs_input_grad[2]:
@@ -231,16 +251,9 @@ def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
             and x.dim() == 4 and min(x.shape[-2:]) >= MIN_SIZE)
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-            kernel: torch.Tensor | None = None) -> torch.Tensor:
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for a [C_out, C_in, 3, 3] kernel, by F(4x4, 3x3) Winograd;
-    differentiable in all three. The result is channels_last.
-
-    :param kernel: `transform_kernel(kernel_taps(weight))`, computed once by a caller that runs the
-        same weights many times without gradients (sampling); ignored when gradients are needed.
-    """
+    differentiable in all three. The result is channels_last."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _Winograd3x3.apply(x, weight, bias)
-    if kernel is None:
-        kernel = transform_kernel(kernel_taps(weight))
-    return _conv(x, kernel, bias, scratch=True)[0]
+    return _conv(x, transform_kernel(kernel_taps(weight, role="taps")), bias)[0]
