@@ -18,7 +18,7 @@ from ddpm.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.fast import PrefetchNoise, match_layout_, prepare_model, resolve_switch, to_channels_last
 from ddpm.train import DataOrder, TrainConfig
-from ddpm.unet import UNet, UNetConfig, get_preset
+from ddpm.unet import UNet, UNetConfig
 from helpers import active, assert_states_equal
 
 

@@ -137,6 +137,17 @@ def test_image_i_depends_only_on_seed_and_i():
     assert torch.equal(whole[[2, 5, 0, 1, 3, 4]], parts)
 
 
+def test_noise_drawn_ahead_on_a_thread_gives_the_same_samples():
+    # CUDA's default (the per-image generators run on a background thread, ahead of the network),
+    # forced on here for the CPU: the same numbers in the same order, so the same images.
+    betas = BETAS[::50] * 50
+    d, model = GaussianDiffusion(betas), oracle_for(betas)
+    for sampler in ("ancestral", "ddim"):
+        a, b = (sample(model, d, SHAPE, seed=6, indices=range(3), device="cpu", sampler=sampler, ddim_steps=5,
+                       ddim_eta=1.0, prefetch_noise=p) for p in (False, True))
+        assert torch.equal(a, b), sampler
+
+
 # ---------------------------------------------------------------- partial chains (paper t)
 def test_diffuse_and_denoise_at_t0_are_the_identity(paper_diffusion):
     x0 = torch.rand(2, *SHAPE) * 2 - 1

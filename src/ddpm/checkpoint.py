@@ -307,14 +307,37 @@ def _atomic_write(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Map
                 raise OSError(errno.EIO, "the file read back differs from what was written", str(tmp))
         os.replace(tmp, path)
     except BaseException:  # also KeyboardInterrupt: never leave a temp file behind
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            warnings.warn(f"could not remove the temp file {tmp}: {e}", CheckpointWarning, stacklevel=3)
+        _remove_quietly(tmp, "the temp file")
         raise
     _fsync_dir(path.parent)
+
+
+def _remove_quietly(path: Path, what: str) -> None:
+    """Delete `path`; a file already gone is fine, another failure is a warning, never an error."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        warnings.warn(f"could not remove {what} {path}: {e}", CheckpointWarning, stacklevel=3)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """`obj` as indented JSON at `path`, atomically (temp file, fsync, rename, fsync of the folder):
+    a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp, "the temp file")
+        raise
+    _fsync_dir(path.parent)
+    return path
 
 
 def _write_error(path: Path, e: OSError, previous: str) -> CheckpointWriteError:
@@ -474,12 +497,7 @@ def _prune(run_dir: Path, step: int, keep_last: int, milestone_every: int | None
         keep |= {s for s, _ in older if s % milestone_every == 0}
     for s, p in older:
         if s not in keep:
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                warnings.warn(f"could not delete old checkpoint {p}: {e}", CheckpointWarning, stacklevel=3)
+            _remove_quietly(p, "old checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def _train_args(p):
 def resolve_train_config(args):
     """The run's configuration from preset, config file, flags and --set, in that order."""
     from .config import load_json
-    from .train import PRESETS, RunConfig
+    from .train import RunConfig
 
     base = RunConfig.from_preset(args.preset or "cifar10")
     d = base.to_dict()
@@ -179,10 +179,17 @@ def _exp_model_args(p, seed=True):
     src.add_argument("--checkpoint", metavar="FILE", help="a checkpoint file (ckpt-*.safetensors)")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA weights (the paper's, default) or the trained ones")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _fast_arg(p)
     p.add_argument("--out", required=True, metavar="DIR", help="where the results are written")
     if seed:
         p.add_argument("--seed", type=int, default=0, help="image i always comes from seed (SEED, i)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _fast_arg(p):
+    p.add_argument("--fast", default="auto", choices=("auto", "off"),
+                   help="the device's fast paths for the network (ddpm.fast: CPU Winograd and channels_last; CUDA "
+                        "channels_last, torch.compile and CUDA graphs), or off: fp32 eager (default auto)")
 
 
 def _exp_sampler_args(p):
@@ -213,7 +220,7 @@ def _exp_load(args, device):
 
     from .train import load_run
 
-    run, model, diffusion, ckpt = load_run(args.run or args.checkpoint, args.weights, device)
+    run, model, diffusion, ckpt = load_run(args.run or args.checkpoint, args.weights, device, fast=args.fast)
     m = run.model
     return run, model, diffusion, (m.in_channels, m.resolution, m.resolution), f"{Path(ckpt).resolve()} [{args.weights}]"
 
@@ -331,6 +338,7 @@ def _rd_args(p):
     src.add_argument("--from-nll", metavar="DIR", help="reuse the bpd.npz that `ddpm nll --out DIR` wrote")
     p.add_argument("--weights", default="ema", choices=("ema", "model"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _fast_arg(p)
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -571,7 +579,7 @@ def cmd_eval(args):
     rep = evaluate_run(args.run, args.n, out_dir=args.out, batch=args.batch, seed=args.seed, ref_train=args.ref_train,
                        ref_test=args.ref_test, bpd_n=args.bpd_n, bpd_batch=args.bpd_batch,
                        inception_batch=args.inception_batch, weights=args.inception_weights, expected_sha256=sha,
-                       dist=dist, progress=not args.no_progress)
+                       dist=dist, progress=not args.no_progress, fast=args.fast)
     if dist.is_main:
         fid = rep["fid"]
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
@@ -593,6 +601,7 @@ def _eval_args(p):
     p.add_argument("--ref-test", default=None, metavar="STATS.npz", help="default: computed from the run's data, cached in RUN_DIR/eval")
     p.add_argument("--bpd-n", type=int, default=None, help="bits/dim of the first N test images (default all; 0 skips)")
     p.add_argument("--bpd-batch", type=int, default=64)
+    _fast_arg(p)
     _fid_inception_args(p)
 
 

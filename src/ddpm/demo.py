@@ -30,7 +30,7 @@ def run_demo(out="runs/demo", steps: int | None = None, n: int = 64, progress: b
     t_train = time.perf_counter() - t0
     print(f"demo: training took {t_train / 60:.1f} min", file=sys.stderr)
 
-    run, ema, diffusion, _ = load_run(out, "ema")
+    run, ema, diffusion, _ = load_run(out, "ema", fast="auto")
     m = run.model
     strip = {}  # t -> x̂_0 of the first 8 chains
 

@@ -14,9 +14,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import write_json_atomic
 from .diffusion import GaussianDiffusion
 from .distributed import derive_seed
 from .errors import UserError, check_choice
+from .fast import PrefetchNoise
 
 SAMPLERS = ("ancestral", "ddim")
 DDIM_SPACINGS = ("uniform", "trailing", "quad")
@@ -59,19 +61,32 @@ def ddim_timesteps(T: int, S: int, spacing: str = "uniform") -> list[int]:
 
 def sample(model, diffusion: GaussianDiffusion, shape, *, seed: int, indices: Sequence[int], device,
            sampler: str = "ancestral", ddim_steps: int = 50, ddim_eta: float = 0.0, ddim_spacing: str = "uniform",
-           clip_denoised: bool = True, progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
+           clip_denoised: bool = True, progress: bool = False, callback: Optional[Callable] = None,
+           prefetch_noise: Optional[bool] = None) -> torch.Tensor:
     """Samples for `indices` (one image each) in [-1, 1], float [len(indices), C, H, W].
 
     :param shape: (C, H, W) of one image.
+    :param prefetch_noise: draw the per-image noise on a background thread, ahead of the loop
+        (`ddpm.fast.PrefetchNoise`), so a GPU never waits for the CPU's generators; the same
+        numbers either way. None: on for CUDA, off for the CPU (where the thread would only
+        compete with the network for the cores).
     """
     check_choice("sampler", sampler, SAMPLERS)
-    noise = ImageNoise(seed, indices, device)
-    x_T = noise(torch.Size((len(indices), *shape)))
+    device = torch.device(device)
     if sampler == "ancestral":
         ts, step = range(diffusion.num_timesteps - 1, -1, -1), diffusion.ancestral_step(clip_denoised)
     else:
         ts, step = ddim_timesteps(diffusion.num_timesteps, ddim_steps, ddim_spacing), diffusion.ddim(ddim_eta, clip_denoised)
-    return diffusion.reverse_loop(model, x_T, ts, step, noise_fn=noise, progress=progress, callback=callback)
+    prefetch = device.type == "cuda" if prefetch_noise is None else prefetch_noise
+    noise = ImageNoise(seed, indices, "cpu" if prefetch else device)
+    x_T = noise(torch.Size((len(indices), *shape))).to(device)
+    if prefetch:
+        noise = PrefetchNoise(noise, device, limit=len(ts))
+    try:
+        return diffusion.reverse_loop(model, x_T, ts, step, noise_fn=noise, progress=progress, callback=callback)
+    finally:
+        if prefetch:
+            noise.close()
 
 
 def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
@@ -195,17 +210,6 @@ def check_settings(path, meta: dict) -> None:
                             f"rerun with the same settings to resume, or write to another --out directory")
     else:
         write_json_atomic(path, meta)
-
-
-def write_json_atomic(path, obj) -> Path:
-    import json
-    import os
-
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def write_npz_stream(path, arrays: dict, x_shape, x_rows) -> Path:

@@ -16,12 +16,11 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -269,7 +268,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
         check_resume_compatible(load_json(config_path), run, config_path)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(config_path, run.to_dict())
+        ckpt.write_json_atomic(config_path, run.to_dict())
     barrier()
 
     device = dist.device
@@ -428,15 +427,6 @@ def write_sample_grid(ema: torch.nn.Module, diffusion: GaussianDiffusion, run: R
     x = sample(ema, diffusion, (m.in_channels, m.resolution, m.resolution), seed=seed, indices=range(n), device=device,
                progress=progress)
     return save_png(make_grid(to_uint8_images(x)), path)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

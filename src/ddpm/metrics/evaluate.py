@@ -362,7 +362,7 @@ def cached_reference(path: Path, data, inception: InceptionV3, *, batch: int, di
 def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, seed: int = 0, ref_train=None,
                  ref_test=None, bpd_n: Optional[int] = None, bpd_batch: int = 64, inception_batch: int = 100,
                  weights=None, expected_sha256="6726825d", device: str = "auto", dist=None,
-                 progress: bool = True, sampler_opts: Optional[dict] = None) -> dict:
+                 progress: bool = True, sampler_opts: Optional[dict] = None, fast: str = "auto") -> dict:
     """`ddpm eval`: the paper's evaluation of a run's EMA weights, into one JSON report.
 
     1. n samples with Algorithm 2 from the EMA weights, saved as PNGs (+ samples.npz) under
@@ -375,6 +375,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     4. OUT/eval.json with every number and what it was measured against.
 
     :param out_dir: default RUN_DIR/eval/<checkpoint name>.
+    :param fast: "auto": the network with the device's fast paths (ddpm.fast.prepare_model); "off".
     """
     from ..distributed import init as dist_init
     from ..sampling import sample_to_dir
@@ -384,7 +385,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     t0 = time.time()
     dist = dist or dist_init(device)
     run_dir = Path(run_dir)
-    run, ema, diffusion, ckpt_file = load_run(run_dir, weights="ema", device=dist.device)
+    run, ema, diffusion, ckpt_file = load_run(run_dir, weights="ema", device=dist.device, fast=fast)
     base = run_dir if run_dir.is_dir() else run_dir.parent
     out_dir = Path(out_dir) if out_dir is not None else base / "eval" / ckpt_file.stem
     m = run.model
