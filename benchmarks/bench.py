@@ -24,9 +24,10 @@ Tasks, per implementation:
 
 Implementations (--impls):
 - ddpm: ddpm's default path on this device (the "auto" switches of ddpm.fast: CPU channels_last
-  from width 128 up (the CIFAR-10 preset); CUDA channels_last + torch.compile + CUDA graphs for
-  forward/sample).
-- ddpm-eager: ddpm with every switch off (NCHW, no compile, no graphs).
+  from width 128 up (the CIFAR-10 preset) and Winograd 3x3 convolutions; CUDA channels_last +
+  torch.compile + CUDA graphs for forward/sample).
+- ddpm-direct: ddpm's defaults with Winograd off (direct convolutions only): what Winograd adds.
+- ddpm-eager: ddpm with every switch off (NCHW, no compile, no graphs, no Winograd).
 - ddpm-compiled: channels_last + torch.compile (+ CUDA graphs on CUDA for forward/sample).
 - diffusers: UNet2DModel as it comes (eager, NCHW).
 - diffusers-compiled: UNet2DModel with diffusers' own speed advice: channels_last + torch.compile
@@ -58,21 +59,26 @@ import sys
 import time
 from pathlib import Path
 
-# Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning. On a CPU
-# shared with other processes, spinning threads hold the cores the working ones need, and torch's
-# default (active) policy ran the CIFAR-10 forward+backward 5x slower with 2 threads than with 1
-# (BENCHMARKS.md). It applies to both implementations alike; set OMP_WAIT_POLICY to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is read when torch loads its OpenMP runtime, so --omp-wait-policy is looked
+# at before torch is imported. "default" leaves libgomp's own (idle threads spin a little, then
+# sleep): what a user of ddpm or diffusers gets. "passive" (threads sleep at once) is steadier on a
+# CPU shared with other processes, whose spinning threads hold the cores the working ones need; but
+# waking a sleeping thread costs every parallel region, more so for code of many small operations
+# (BENCHMARKS.md, "Threads"). Either applies to both implementations alike.
+OMP_POLICIES = ("default", "passive", "active")
+_policy = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--omp-wait-policy=")), "default")
+if _policy in ("passive", "active"):
+    os.environ["OMP_WAIT_POLICY"] = _policy.upper()
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from ddpm.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
-from ddpm.fast import FastModel, autocast, resolve_switch, to_channels_last  # noqa: E402
+from ddpm.fast import FastModel, autocast, resolve_switch, set_winograd, to_channels_last  # noqa: E402
 from ddpm.unet import UNet, forward_flops, get_preset  # noqa: E402
 
 TASKS = ("forward", "fwdbwd", "train", "sample")
-IMPLS = ("ddpm", "ddpm-eager", "ddpm-compiled", "diffusers", "diffusers-compiled")
+IMPLS = ("ddpm", "ddpm-direct", "ddpm-eager", "ddpm-compiled", "diffusers", "diffusers-compiled")
 BASELINE = "diffusers"
 
 # Dense peak TFLOP/s of known GPUs (bf16 tensor cores, without sparsity; fp32 is TF32 convolutions
@@ -98,13 +104,16 @@ class DiffusersNet(nn.Module):
 
 
 def switches(impl: str, device: torch.device, base: UNet) -> dict:
-    """channels_last / compile / cuda_graphs of an implementation on `device`."""
+    """channels_last / compile / cuda_graphs / winograd of an implementation on `device`."""
     cuda = device.type == "cuda"
+    names = ("channels_last", "compile", "cuda_graphs", "winograd")
     if impl == "ddpm":
-        return {k: resolve_switch(k, "auto", device, base) for k in ("channels_last", "compile", "cuda_graphs")}
+        return {k: resolve_switch(k, "auto", device, base) for k in names}
+    if impl == "ddpm-direct":  # ddpm's defaults with direct (oneDNN / cuDNN) convolutions only
+        return {k: resolve_switch(k, "auto", device, base) and k != "winograd" for k in names}
     if impl in ("ddpm-eager", "diffusers"):
-        return dict(channels_last=False, compile=False, cuda_graphs=False)
-    return dict(channels_last=True, compile=True, cuda_graphs=cuda)
+        return dict.fromkeys(names, False)
+    return dict(channels_last=True, compile=True, cuda_graphs=cuda, winograd=False)
 
 
 def build_network(impl: str, base: UNet) -> nn.Module:
@@ -230,6 +239,7 @@ class Workload:
         net = build_network(impl, self.base).to(self.device).eval().requires_grad_(False)
         if s["channels_last"]:
             to_channels_last(net)
+        set_winograd(net, s["winograd"])
         return FastModel(net, self.device, self.args.precision, s["compile"], s["channels_last"], s["cuda_graphs"])
 
     def train_model(self, impl: str):
@@ -237,6 +247,7 @@ class Workload:
         net = build_network(impl, self.base).to(self.device).train()
         if s["channels_last"]:
             to_channels_last(net)
+        set_winograd(net, s["winograd"])
         call = torch.compile(net, dynamic=False) if s["compile"] else net
         return net, call
 
@@ -344,7 +355,7 @@ def measure(task: str, work: Workload, impls: list[str], args, device: torch.dev
 def machine(device: torch.device) -> dict:
     info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default"}
     try:
         import diffusers
 
@@ -416,6 +427,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
     p.add_argument("--profile", action="store_true", help="also profile one call of each (top ops, shares by category)")
+    p.add_argument("--omp-wait-policy", default="default", choices=OMP_POLICIES,
+                   help="OpenMP's wait policy, written --omp-wait-policy=X (default: libgomp's own; see the top of this file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>-<precision>-<date>.json)")
     args = p.parse_args(argv)
@@ -524,7 +537,8 @@ def markdown(out: dict) -> str:
         ts = ", ".join(f"{t:.3g}" for t in r["times_s"])
         rows.append(f"| {r['task']} | {r['impl']} | {med} | {ips} | {sps} | {tf} | {ratio} | {cpu} | {mem} | {ts} |")
     m = out["machine"]
-    head = (f"{out['date']} · `{out['command']}` · {m.get('gpu', m['cpu'])} ({m['threads']} threads) · torch {m['torch']} · "
+    head = (f"{out['date']} · `{out['command']}` · {m.get('gpu', m['cpu'])} ({m['threads']} threads, OpenMP wait policy {m.get('omp_wait_policy')}) · "
+            f"torch {m['torch']} · "
             f"diffusers {m['diffusers']} · {out['preset']}, batch {out['batch']}, {out['precision']} · "
             f"load average {m.get('loadavg_start')} → {m.get('loadavg_end')} · best 3x3 conv "
             f"{m.get('conv_roof_tflops', float('nan')):.3g} TFLOP/s")
