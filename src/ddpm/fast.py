@@ -96,7 +96,7 @@ def set_winograd(model: nn.Module, on: bool) -> int:
     there are. Each still decides per call whether its input qualifies (winograd.applies)."""
     convs = [m for m in model.modules() if isinstance(m, Conv3x3)]
     for m in convs:
-        m.winograd = on
+        m.use_winograd = on
     return len(convs)
 
 

@@ -140,12 +140,12 @@ def default_init_(layer: nn.Module, scale: float = 1.0) -> nn.Module:
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(c_in, c_out, 3, padding=1) (same parameters, same state dict) that takes the CPU's
     Winograd fast path (ddpm.winograd) when `ddpm.fast` switches it on: the same function, rounded
-    differently (tests/test_fastpaths.py states by how much)."""
+    differently (tests/test_winograd.py states by how much)."""
 
-    winograd = False  # set per module by ddpm.fast.set_winograd
+    use_winograd = False  # set per module by ddpm.fast.set_winograd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.winograd and winograd.applies(x, self):
+        if self.use_winograd and winograd.applies(x, self):
             return winograd.conv3x3(x, self.weight, self.bias)
         return super().forward(x)
 
