@@ -17,20 +17,20 @@ transformed output gradient. So training gets the same saving as sampling.
 
 It is exact in real arithmetic; in float32 it rounds differently from a direct convolution (the
 transforms multiply by up to 8 and 1/24): relative errors of about 1e-5 of the output's largest
-value, against about 2e-6 for oneDNN (tests/test_fastpaths.py states and checks the bounds, on
+value, against about 2e-6 for oneDNN (tests/test_winograd.py states and checks the bounds, on
 values, input gradients and kernel gradients, against float64).
 
-Only stride 1, padding 1, float32/float64, and inputs of at least MIN_SIZE x MIN_SIZE pixels take
-this path (below that the tile transforms cost more than they save; measured in BENCHMARKS.md);
-everything else falls back to `F.conv2d`. Tensors are handled channels-last internally: input
+Only stride 1, padding 1, float32/float64, at least MIN_CHANNELS channels in and out and at least
+MIN_SIZE x MIN_SIZE pixels take this path (below those the tile transforms cost more than they
+save; measured by benchmarks/bench_winograd.py); `ddpm.unet.Conv3x3` falls back to `F.conv2d`. Tensors are handled channels-last internally: input
 tiles are strided views of the NHWC input whose channel vectors are contiguous, and the result
 comes back channels_last.
 
-No library offers this for PyTorch on current CPUs: oneDNN dropped its Winograd kernels in v3,
-and PyTorch's NNPACK fails to run on these machines (`torch._nnpack_spatial_convolution` raises),
-so it is written here with torch operations: the transforms as scaled adds that skip the
-matrices' zeros (small matrix products are the slowest shapes for a BLAS), the products as one
-`torch.bmm`.
+No library offers this for PyTorch on these CPUs: PyTorch always asks oneDNN for its direct
+algorithm (oneDNN's opt-in x64 Winograd kernels were written for AVX-512 only), and PyTorch's
+NNPACK fails to run on these machines (`torch._nnpack_spatial_convolution` raises), so it is
+written here with torch operations: the transforms as scaled adds that skip the matrices' zeros
+(small matrix products are the slowest shapes for a BLAS), the products as one `torch.bmm`.
 """
 
 from __future__ import annotations
