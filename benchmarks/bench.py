@@ -537,8 +537,8 @@ def markdown(out: dict) -> str:
         ts = ", ".join(f"{t:.3g}" for t in r["times_s"])
         rows.append(f"| {r['task']} | {r['impl']} | {med} | {ips} | {sps} | {tf} | {ratio} | {cpu} | {mem} | {ts} |")
     m = out["machine"]
-    head = (f"{out['date']} · `{out['command']}` · {m.get('gpu', m['cpu'])} ({m['threads']} threads, OpenMP wait policy {m.get('omp_wait_policy')}) · "
-            f"torch {m['torch']} · "
+    head = (f"{out['date']} · `{out['command']}` · {m.get('gpu', m['cpu'])} "
+            f"({m['threads']} threads, OpenMP wait policy {m.get('omp_wait_policy')}) · torch {m['torch']} · "
             f"diffusers {m['diffusers']} · {out['preset']}, batch {out['batch']}, {out['precision']} · "
             f"load average {m.get('loadavg_start')} → {m.get('loadavg_end')} · best 3x3 conv "
             f"{m.get('conv_roof_tflops', float('nan')):.3g} TFLOP/s")

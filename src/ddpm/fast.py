@@ -20,8 +20,9 @@ GPUs and are not measured yet (no GPU was available when they were written):
 | winograd        | on   | -    | the CPU's 3x3 convolutions of >= 128 channels on >= 16x16 pixels by       |
 |                 |      |      | Winograd F(4x4, 3x3) (ddpm/winograd.py): 4x fewer multiplications than    |
 |                 |      |      | direct convolutions, which already run at the cores' FMA peak.            |
-|                 |      |      | CIFAR-10 net: forward 1.2-1.3x, training step 1.5-1.6x faster. Rounds     |
-|                 |      |      | differently (about 1e-5 of the largest value, tests/test_winograd.py)     |
+|                 |      |      | CIFAR-10 net, 1-2 threads: forward 1.2-1.4x, training step 1.5-1.6x      |
+|                 |      |      | faster than direct. Rounds differently (about 1e-5 of the largest value,  |
+|                 |      |      | tests/test_winograd.py)                                                   |
 
 bf16 is `precision="bf16"` (autocast; the diffusion math stays in float32 or above), chosen by the
 user, never by "auto": it changes results within the tolerances tests/test_fastpaths.py states.
