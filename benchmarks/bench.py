@@ -4,7 +4,7 @@
     python benchmarks/bench.py --device cuda --batch 128 --precision bf16   # training, one GPU
     python benchmarks/bench.py --device cuda --batch 256 --precision bf16 --tasks forward,sample
 
-Both networks hold the same weights (diffusers' through ddpm.interop.unet_to_diffusers) and run
+Both networks hold the same weights (diffusers' through ddpm.network.interop.unet_to_diffusers) and run
 inside the same harness: the same inputs, the same loss, optimizer, EMA and sampling loop, the
 same precision; only the network's implementation and its fast-path switches differ. The
 implementations are measured alternately, several repetitions in turn (the order rotates every
@@ -13,9 +13,9 @@ processes therefore slows both sides alike.
 
 Tasks, per implementation:
 - forward: one network evaluation at batch B, in eval mode without gradients, as sampling and
-  bits/dim call it (through ddpm.fast.FastModel, so CUDA graphs apply where switched on).
+  bits/dim call it (through ddpm.network.fast.FastModel, so CUDA graphs apply where switched on).
 - fwdbwd: forward + MSE + backward, train mode (dropout on), no optimizer.
-- train: the training step of ddpm.train: t, ε and flips drawn on the device, q_sample,
+- train: the training step of ddpm.workflows.train: t, ε and flips drawn on the device, q_sample,
   the network, L_simple, backward, global-norm clipping, Adam (fused on CUDA, foreach on CPU),
   EMA lerp (foreach). steps/s and images/s.
 - sample: ancestral steps (Algorithm 2) from t = T-1 down through GaussianDiffusion.reverse_loop;
@@ -23,7 +23,7 @@ Tasks, per implementation:
   z is drawn on the device (torch.randn), the same for both sides.
 
 Implementations (--impls):
-- ddpm: ddpm's default path on this device (the "auto" switches of ddpm.fast: CPU channels_last
+- ddpm: ddpm's default path on this device (the "auto" switches of ddpm.network.fast: CPU channels_last
   from width 128 up (the CIFAR-10 preset) and Winograd 3x3 convolutions; CUDA channels_last +
   torch.compile + CUDA graphs for forward/sample).
 - ddpm-direct: ddpm's defaults with Winograd off (direct convolutions only): what Winograd adds.
@@ -73,9 +73,9 @@ if _policy in ("passive", "active"):
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from ddpm.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
-from ddpm.fast import FastModel, autocast, resolve_switch, set_winograd, to_channels_last  # noqa: E402
-from ddpm.unet import UNet, forward_flops, get_preset  # noqa: E402
+from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
+from ddpm.network.fast import FastModel, autocast, resolve_switch, set_winograd, to_channels_last  # noqa: E402
+from ddpm.network.unet import UNet, forward_flops, get_preset  # noqa: E402
 
 TASKS = ("forward", "fwdbwd", "train", "sample")
 IMPLS = ("ddpm", "ddpm-direct", "ddpm-eager", "ddpm-compiled", "diffusers", "diffusers-compiled")
@@ -119,7 +119,7 @@ def switches(impl: str, device: torch.device, base: UNet) -> dict:
 def build_network(impl: str, base: UNet) -> nn.Module:
     if impl.startswith("ddpm"):
         return copy.deepcopy(base)
-    from ddpm.interop import unet_to_diffusers
+    from ddpm.network.interop import unet_to_diffusers
 
     return DiffusersNet(unet_to_diffusers(base))
 
@@ -276,7 +276,7 @@ class Workload:
         B, T, diffusion, data, dev = self.args.batch, self.diffusion.num_timesteps, self.diffusion, self.data, self.device
 
         def step():
-            # the order of operations of ddpm.train's loop, with its randomness drawn on the device
+            # the order of operations of ddpm.workflows.train's loop, with its randomness drawn on the device
             idx = torch.randint(0, data.shape[0], (B,), generator=gen, device=dev)
             t = torch.randint(0, T, (B,), generator=gen, device=dev)
             noise = torch.randn((B, *self.shape), generator=gen, device=dev)
@@ -414,7 +414,7 @@ def peak_tflops(device: torch.device, precision: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--preset", default="cifar10", help="a ddpm.unet preset (default cifar10, the paper's 35.7M model)")
+    p.add_argument("--preset", default="cifar10", help="a ddpm.network.unet preset (default cifar10, the paper's 35.7M model)")
     p.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")

@@ -1,5 +1,5 @@
 """The CPU's 3x3 convolutions one by one: oneDNN's direct convolution (what PyTorch and diffusers run)
-against ddpm.winograd's F(4x4, 3x3), at the CIFAR-10 network's shapes (batch 8 by default).
+against ddpm.network.winograd's F(4x4, 3x3), at the CIFAR-10 network's shapes (batch 8 by default).
 
     python benchmarks/bench_winograd.py [--threads 1] [--batch 8] [--reps 7]
 
@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ddpm import winograd
+from ddpm.network import winograd
 
 # (C_in, C_out, H = W) of the CIFAR-10 U-Net's stride-1 3x3 convolutions, and two it leaves direct
 SHAPES = [(128, 128, 32), (256, 128, 32), (384, 128, 32), (256, 256, 32), (128, 256, 16), (256, 256, 16), (384, 256, 16),

@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
-from ddpm.data import read_idx  # noqa: E402
+from ddpm.io.data import read_idx  # noqa: E402
 
 PER_CLASS = 1000
 MAX_BYTES = 5 * 1024 * 1024
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             name: {"sha256_gz": sha256(p.read_bytes()), "sha256_idx": sha256(gzip.decompress(p.read_bytes()))}
             for name, p in files.items()
         },
-        # sha256 of the uint8 pixels in C order, = ddpm.data.data_fingerprint of the loaded images.
+        # sha256 of the uint8 pixels in C order, = ddpm.io.data.data_fingerprint of the loaded images.
         "images_sha256": sha256(sub_images.tobytes()),
         "labels_sha256": sha256(sub_labels.tobytes()),
     }

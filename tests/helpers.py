@@ -2,7 +2,7 @@
 
 import torch
 
-from ddpm.unet import UNet, default_init_
+from ddpm.network.unet import UNet, default_init_
 
 
 def active(model: UNet, seed: int = 0) -> UNet:

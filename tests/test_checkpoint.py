@@ -24,8 +24,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-import ddpm.checkpoint as ckpt
-from ddpm.checkpoint import (
+import ddpm.io.checkpoint as ckpt
+from ddpm.io.checkpoint import (
     CheckpointWarning,
     CheckpointWriteError,
     CorruptCheckpointError,

@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import data
+from ddpm.io import data
 from ddpm.config import Config
-from ddpm.data import DataConfig, ImageSet, data_fingerprint, load_images, to_model_range, to_uint8
+from ddpm.io.data import DataConfig, ImageSet, data_fingerprint, load_images, to_model_range, to_uint8
 from ddpm.errors import UserError
 
-ASSETS = Path(data.__file__).parent / "assets"
+ASSETS = Path(data.__file__).parents[1] / "assets"
 
 
 def load(source, **kw) -> ImageSet:

@@ -18,9 +18,9 @@ from PIL import Image
 from ddpm import GaussianDiffusion, UserError, make_betas
 from gaussian_oracle import MU, PAPER_BETAS, S, Oracle, oracle_for
 from ddpm.cli import main
-from ddpm.experiments import (evaluate_nll, interpolate, load_bpd, load_image, plot_rate_distortion, progressive_generation,
+from ddpm.workflows.experiments import (evaluate_nll, interpolate, load_bpd, load_image, plot_rate_distortion, progressive_generation,
                               rate_distortion, reconstruct, shared_latent_samples)
-from ddpm.sampling import sample
+from ddpm.workflows.sample import sample
 
 BETAS = PAPER_BETAS
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -212,7 +212,7 @@ def test_load_image_crops_resizes_and_converts(tmp_path):
 # ---------------------------------------------------------------- the commands, on a tiny model
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from ddpm.train import RunConfig, train
+    from ddpm.workflows.train import RunConfig, train
 
     root = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)

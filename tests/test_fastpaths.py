@@ -1,4 +1,4 @@
-"""The fast paths (ddpm.fast, train.py's switches) compute what the plain fp32 eager network computes.
+"""The fast paths (ddpm.network.fast, train.py's switches) compute what the plain fp32 eager network computes.
 
 Each check compares a fast path with the reference it replaces, on the CPU, within a stated
 tolerance: channels_last and torch.compile reorder float32 arithmetic only (1e-5 relative to the
@@ -13,12 +13,12 @@ import time
 import pytest
 import torch
 
-from ddpm.data import DataConfig, load_images, to_model_range
-from ddpm.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm.io.data import DataConfig, load_images, to_model_range
+from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.fast import PrefetchNoise, match_layout_, prepare_model, resolve_switch, to_channels_last
-from ddpm.train import DataOrder, TrainConfig
-from ddpm.unet import UNet, UNetConfig
+from ddpm.network.fast import PrefetchNoise, match_layout_, prepare_model, resolve_switch, to_channels_last
+from ddpm.workflows.train import DataOrder, TrainConfig
+from ddpm.network.unet import UNet, UNetConfig
 from helpers import active, assert_states_equal
 
 
@@ -197,8 +197,8 @@ def test_channels_last_training_resumes_exactly(tmp_path):
     # checkpoint, then given the parameters' layout): 2 + 2 steps equal 4 uninterrupted, bit for bit.
     import numpy as np
 
-    from ddpm.checkpoint import latest_checkpoint
-    from ddpm.train import RunConfig, train
+    from ddpm.io.checkpoint import latest_checkpoint
+    from ddpm.workflows.train import RunConfig, train
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (16, 32, 32), dtype=np.uint8)

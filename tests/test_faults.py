@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 PY = sys.executable
 
@@ -116,7 +116,7 @@ def test_a_dying_rank_stops_the_others_and_the_run_resumes(npz, tmp_path):
 
 @pytest.fixture(scope="module")
 def sampled_run(tmp_path_factory, npz):
-    from ddpm.train import RunConfig, train
+    from ddpm.workflows.train import RunConfig, train
 
     root = tmp_path_factory.mktemp("run")
     run = RunConfig.from_preset("tiny", data=str(npz))

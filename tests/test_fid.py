@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ddpm.errors import UserError
-from ddpm.metrics.fid import (FeatureStats, FIDStats, ISStats, fid_from_stats, frechet_distance, inception_score,
+from ddpm.workflows.fid import (FeatureStats, FIDStats, ISStats, fid_from_stats, frechet_distance, inception_score,
                               load_stats, save_stats)
 
 needs_torch_fidelity = pytest.mark.skipif(
@@ -207,7 +207,7 @@ def test_reference_stats_round_trip_with_their_provenance(tmp_path):
 def test_sample_sources_read_every_layout_as_uint8_nchw(tmp_path):
     from PIL import Image
 
-    from ddpm.metrics.evaluate import open_images
+    from ddpm.workflows.evaluate import open_images
 
     rng = np.random.default_rng(7)
     nhwc = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
@@ -235,7 +235,7 @@ def test_sample_sources_read_every_layout_as_uint8_nchw(tmp_path):
 
 @needs_torch_fidelity
 def test_resize_equals_tf1_bilinear_on_examples_computed_by_hand():
-    from ddpm.metrics.inception import tf1_resize_bilinear
+    from ddpm.network.inception import tf1_resize_bilinear
 
     # TF1 (align_corners=False, no half-pixel centres): source = output index × in/out, neighbours
     # floor and floor+1 clamped to the edge. 2×2 → 4×4, scale 1/2: sources 0, 0.5, 1, 1.5.
@@ -269,7 +269,7 @@ def _tf1_resize_numpy(img, out):
 
 @needs_torch_fidelity
 def test_resize_to_299_equals_tf1_kernel_written_in_numpy():
-    from ddpm.metrics.inception import tf1_resize_bilinear
+    from ddpm.network.inception import tf1_resize_bilinear
 
     rng = np.random.default_rng(8)
     img = rng.integers(0, 256, (32, 28)).astype(np.float32)
@@ -284,7 +284,7 @@ def test_resize_to_299_equals_tf1_kernel_written_in_numpy():
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    from ddpm.metrics.inception import file_sha256, write_random_weights
+    from ddpm.network.inception import file_sha256, write_random_weights
 
     path = write_random_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth", seed=0)
     return path, file_sha256(path)
@@ -292,7 +292,7 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inception(weights):
-    from ddpm.metrics.inception import load_inception
+    from ddpm.network.inception import load_inception
 
     path, sha = weights
     return load_inception(path, expected_sha256=sha)  # the test file's own hash, named explicitly
@@ -305,7 +305,7 @@ def _one_line(excinfo):
 
 
 def test_missing_weights_give_one_line_naming_the_file_and_where_to_get_it(tmp_path, monkeypatch):
-    from ddpm.metrics.inception import WEIGHTS_NAME, WEIGHTS_URL, resolve_weights_path
+    from ddpm.network.inception import WEIGHTS_NAME, WEIGHTS_URL, resolve_weights_path
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -328,7 +328,7 @@ def test_missing_weights_give_one_line_naming_the_file_and_where_to_get_it(tmp_p
 
 def test_weights_of_the_wrong_checksum_or_unreadable_give_one_line(tmp_path, capsys):
     from ddpm.cli import main
-    from ddpm.metrics.inception import WEIGHTS_NAME, WEIGHTS_URL, load_inception
+    from ddpm.network.inception import WEIGHTS_NAME, WEIGHTS_URL, load_inception
 
     junk = tmp_path / WEIGHTS_NAME
     junk.write_bytes(b"not a torch file")
@@ -351,7 +351,7 @@ def test_weights_of_the_wrong_checksum_or_unreadable_give_one_line(tmp_path, cap
 
 @needs_torch_fidelity
 def test_weights_of_another_layout_give_one_line(tmp_path, weights):
-    from ddpm.metrics.inception import load_inception
+    from ddpm.network.inception import load_inception
 
     path, sha = weights
     with pytest.raises(UserError, match="sha256"):  # the random test weights are not the official file
@@ -391,9 +391,9 @@ def test_inception_features_and_gray_is_repeated_rgb(inception):
 @needs_torch_fidelity
 def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys):
     from ddpm.cli import main
-    from ddpm.data import data_fingerprint
-    from ddpm.metrics.evaluate import open_images
-    from ddpm.train import RunConfig, train
+    from ddpm.io.data import data_fingerprint
+    from ddpm.workflows.evaluate import open_images
+    from ddpm.workflows.train import RunConfig, train
 
     rng = np.random.default_rng(10)
 
@@ -446,10 +446,10 @@ def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys)
 
 @needs_torch_fidelity
 def test_fid_during_training_hook_measures_the_ema_and_caches_its_reference(tmp_path, weights, inception):
-    from ddpm.data import DataConfig, ImageSet
-    from ddpm.diffusion import DiffusionConfig, GaussianDiffusion
-    from ddpm.metrics.evaluate import TrainingFID
-    from ddpm.unet import UNet, get_preset
+    from ddpm.io.data import DataConfig, ImageSet
+    from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
+    from ddpm.workflows.evaluate import TrainingFID
+    from ddpm.network.unet import UNet, get_preset
 
     torch.manual_seed(0)
     net = UNet.from_config(get_preset("tiny").replace(in_channels=1, out_channels=1)).eval()

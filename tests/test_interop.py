@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from ddpm.cli import main
 from ddpm.errors import UserError
-from ddpm.interop import (
+from ddpm.network.interop import (
     _DIFFUSERS_DEFAULTS,
     config_from_diffusers,
     convert_file,
@@ -23,7 +23,7 @@ from ddpm.interop import (
     unet_to_tf_state_dict,
     write_unet,
 )
-from ddpm.unet import PRESETS, UNet, UNetConfig
+from ddpm.network.unet import PRESETS, UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -224,7 +224,7 @@ def test_convert_sources_without_a_config(tmp_path):
     assert same_weights(ours, load_file(str(tmp_path / "y.safetensors")))
 
     # A training checkpoint gives its EMA weights.
-    from ddpm import checkpoint
+    from ddpm.io import checkpoint
 
     ema = perturb_(UNet.from_preset("tiny"), seed=7)
     path = checkpoint.save_checkpoint(tmp_path / "run", 10, {"step": 10, "model": ours.state_dict(),

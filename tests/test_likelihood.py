@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.likelihood import discretized_gaussian_log_likelihood, normal_kl
+from ddpm.process.likelihood import discretized_gaussian_log_likelihood, normal_kl
 
 
 def test_normal_kl_is_zero_for_equal_gaussians():

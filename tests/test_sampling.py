@@ -20,7 +20,7 @@ from PIL import Image
 
 from ddpm import GaussianDiffusion, UserError, make_betas
 from gaussian_oracle import MU, PAPER_BETAS, S, Oracle, oracle_for
-from ddpm.sampling import ImageNoise, ddim_timesteps, denoise_from, diffuse, sample, sample_to_dir, shard
+from ddpm.workflows.sample import ImageNoise, ddim_timesteps, denoise_from, diffuse, sample, sample_to_dir, shard
 
 
 
@@ -245,8 +245,8 @@ def test_shards_cover_every_index_once():
 _RANK_SCRIPT = textwrap.dedent("""
     import sys, torch
     from ddpm import GaussianDiffusion, make_betas
-    from ddpm.distributed import init
-    from ddpm.sampling import sample_to_dir
+    from ddpm.io.distributed import init
+    from ddpm.workflows.sample import sample_to_dir
     calls = []
     def model(x, t):
         calls.append(x.shape[0])

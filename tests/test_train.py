@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from ddpm.distributed import DistInfo
+from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from ddpm.io.distributed import DistInfo
 from ddpm.errors import UserError
-from ddpm.train import DataOrder, RunConfig, TrainConfig, TrainingDiverged, lr_at, train
+from ddpm.workflows.train import DataOrder, RunConfig, TrainConfig, TrainingDiverged, lr_at, train
 from helpers import assert_states_equal
 
 PY = sys.executable

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ddpm.cli import main
 from ddpm.errors import UserError
-from ddpm.unet import PRESETS, UNet, UNetConfig, count_parameters, forward_flops, get_preset, timestep_embedding
+from ddpm.network.unet import PRESETS, UNet, UNetConfig, count_parameters, forward_flops, get_preset, timestep_embedding
 
 
 def meta_count(name: str) -> int:

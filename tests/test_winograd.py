@@ -1,4 +1,4 @@
-"""The CPU's Winograd convolutions (ddpm.winograd) compute a 3x3 convolution, and the U-Net with them
+"""The CPU's Winograd convolutions (ddpm.network.winograd) compute a 3x3 convolution, and the U-Net with them
 computes what it computes with oneDNN's direct convolutions.
 
 The facts checked come from outside the code: the definition of correlation (the F(4, 3) matrices
@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm import winograd
-from ddpm.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm.network import winograd
+from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.fast import prepare_model, resolve_switch, set_winograd, to_channels_last
-from ddpm.train import TrainConfig
-from ddpm.unet import UNet, UNetConfig
+from ddpm.network.fast import prepare_model, resolve_switch, set_winograd, to_channels_last
+from ddpm.workflows.train import TrainConfig
+from ddpm.network.unet import UNet, UNetConfig
 from helpers import active, assert_states_equal
 
 
@@ -184,8 +184,8 @@ def test_training_with_winograd_resumes_exactly(tmp_path, one_thread, monkeypatc
     # uninterrupted, bit for bit (model, EMA and Adam), and the Winograd path was the one trained.
     import numpy as np
 
-    from ddpm.checkpoint import latest_checkpoint
-    from ddpm.train import RunConfig, train
+    from ddpm.io.checkpoint import latest_checkpoint
+    from ddpm.workflows.train import RunConfig, train
 
     x = np.random.default_rng(0).integers(0, 256, (16, 32, 32), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", x=x)

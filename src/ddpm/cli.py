@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 @command("info", "print a model preset's resolved config, parameter count and forward GFLOPs per image")
 def _info(args):
     from .config import apply_overrides, load_json
-    from .unet import config_from_dict, get_preset, summary
+    from .network.unet import config_from_dict, get_preset, summary
 
     if (args.preset is None) == (args.config is None):
         raise UserError("give exactly one of --preset NAME or --config JSON")
@@ -86,7 +86,7 @@ _info.add_arguments = lambda p: (
 
 @command("convert", "convert U-Net weights between layouts: ddpm, diffusers, tf (official TF names), pt (torch.save, read only)")
 def _convert(args):
-    from .interop import convert_file
+    from .network.interop import convert_file
 
     for path in convert_file(args.src, args.dst, args.src_format, args.dst_format, config=args.config):
         print(f"wrote {path}")
@@ -119,7 +119,7 @@ def _train_args(p):
 def resolve_train_config(args):
     """The run's configuration from preset, config file, flags and --set, in that order."""
     from .config import load_json
-    from .train import RunConfig
+    from .workflows.train import RunConfig
 
     base = RunConfig.from_preset(args.preset or "cifar10")
     d = base.to_dict()
@@ -142,7 +142,7 @@ def resolve_train_config(args):
 def cmd_train(args):
     import json
 
-    from .train import train
+    from .workflows.train import train
 
     run = resolve_train_config(args)
     print(json.dumps(run.to_dict(), indent=2))  # stdout: stderr is kept for progress and errors
@@ -162,7 +162,7 @@ def _demo_args(p):
 
 @command("demo", "train the demo model on the embedded Fashion-MNIST subset, then sample it (make demo)")
 def cmd_demo(args):
-    from .demo import run_demo
+    from .workflows.demo import run_demo
 
     run_demo(args.out, steps=args.steps, n=args.n, progress=not args.no_progress)
 
@@ -188,7 +188,7 @@ def _exp_model_args(p, seed=True):
 
 def _fast_arg(p):
     p.add_argument("--fast", default="auto", choices=("auto", "off"),
-                   help="the device's fast paths for the network (ddpm.fast: CPU Winograd and channels_last; CUDA "
+                   help="the device's fast paths for the network (ddpm.network.fast: CPU Winograd and channels_last; CUDA "
                         "channels_last, torch.compile and CUDA graphs), or off: fp32 eager (default auto)")
 
 
@@ -207,7 +207,7 @@ def _exp_dist(args):
     """The process group (torchrun) or this process, on the asked device."""
     import torch
 
-    from .distributed import init
+    from .io.distributed import init
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
@@ -218,7 +218,7 @@ def _exp_load(args, device):
     """(run config, network, diffusion, image shape (C, H, W), a tag naming the weights)."""
     from pathlib import Path
 
-    from .train import load_run
+    from .workflows.train import load_run
 
     run, model, diffusion, ckpt = load_run(args.run or args.checkpoint, args.weights, device, fast=args.fast)
     m = run.model
@@ -234,7 +234,7 @@ def _exp_ints(text: str, flag: str) -> list[int]:
 
 def _exp_images(args, run):
     """The first --n images of --data/--split, at the model's resolution and channels."""
-    from .data import DataConfig, load_images
+    from .io.data import DataConfig, load_images
 
     cfg = DataConfig(source=args.data, split=args.split, resolution=run.model.resolution,
                      channels={1: "gray", 3: "rgb"}[run.model.in_channels])
@@ -248,7 +248,7 @@ def _exp_images(args, run):
 
 def _exp_nhwc(x):
     """[-1, 1] floats [..., C, H, W] -> uint8 numpy [..., H, W, C], as saved in the .npz files."""
-    from .sampling import to_uint8_images
+    from .workflows.sample import to_uint8_images
 
     return to_uint8_images(x).movedim(-3, -1).numpy()
 
@@ -262,7 +262,7 @@ def _exp_data_args(p):
 
 @command("sample", "draw samples into a folder: 000000.png …, samples.npz, grid.png; run again to resume")
 def cmd_sample(args):
-    from .sampling import sample_to_dir
+    from .workflows.sample import sample_to_dir
 
     dist = _exp_dist(args)
     run, model, diffusion, shape, tag = _exp_load(args, dist.device)
@@ -285,7 +285,7 @@ cmd_sample.add_arguments = _sample_args
 
 @command("nll", "bits/dim of the true bound (eq. 5) on test images, with its parts L_T, Σ L_t, L_0; run again to resume")
 def cmd_nll(args):
-    from .experiments import evaluate_nll
+    from .workflows.experiments import evaluate_nll
 
     dist = _exp_dist(args)
     run, model, diffusion, shape, tag = _exp_load(args, dist.device)
@@ -308,7 +308,7 @@ cmd_nll.add_arguments = _nll_args
 @command("rate-distortion", "progressive lossy compression (Fig. 5): rate and distortion at every t, CSV and plot; "
                             "evaluates bits/dim into --out first (resumable), or reuses --from-nll DIR")
 def cmd_rate_distortion(args):
-    from .experiments import evaluate_nll, load_bpd, rate_distortion, write_rate_distortion
+    from .workflows.experiments import evaluate_nll, load_bpd, rate_distortion, write_rate_distortion
 
     dist = _exp_dist(args)
     if args.from_nll:
@@ -358,8 +358,8 @@ def cmd_progressive(args):
     import numpy as np
     import torch
 
-    from .experiments import progressive_generation, shared_latent_samples
-    from .sampling import make_grid, save_png, to_uint8_images
+    from .workflows.experiments import progressive_generation, shared_latent_samples
+    from .workflows.sample import make_grid, save_png, to_uint8_images
 
     dist = _exp_dist(args)
     run, model, diffusion, shape, tag = _exp_load(args, dist.device)
@@ -405,9 +405,9 @@ def cmd_interpolate(args):
     import numpy as np
     import torch
 
-    from .data import to_model_range
-    from .experiments import interpolate, load_image
-    from .sampling import make_grid, save_png, to_uint8_images
+    from .io.data import to_model_range
+    from .workflows.experiments import interpolate, load_image
+    from .workflows.sample import make_grid, save_png, to_uint8_images
 
     dist = _exp_dist(args)
     run, model, diffusion, shape, tag = _exp_load(args, dist.device)
@@ -445,9 +445,9 @@ def cmd_reconstruct(args):
     import numpy as np
     import torch
 
-    from .data import to_model_range
-    from .experiments import load_image, reconstruct
-    from .sampling import make_grid, save_png, to_uint8_images
+    from .io.data import to_model_range
+    from .workflows.experiments import load_image, reconstruct
+    from .workflows.sample import make_grid, save_png, to_uint8_images
 
     dist = _exp_dist(args)
     run, model, diffusion, shape, tag = _exp_load(args, dist.device)
@@ -488,7 +488,7 @@ def _fid_inception_args(p):
 
 
 def _fid_inception(args, dist):
-    from .metrics.inception import load_inception
+    from .network.inception import load_inception
 
     sha = None if str(args.inception_sha256).lower() == "none" else args.inception_sha256
     return load_inception(args.inception_weights, expected_sha256=sha, device=dist.device)
@@ -497,7 +497,7 @@ def _fid_inception(args, dist):
 def _fid_dist(args):
     import torch
 
-    from .distributed import init
+    from .io.distributed import init
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
@@ -506,9 +506,9 @@ def _fid_dist(args):
 
 @command("fid-ref", "reference statistics for FID (μ, Σ of Inception pool-3 features) of a data set, with provenance")
 def cmd_fid_ref(args):
-    from .data import DataConfig
-    from .metrics.evaluate import reference_stats
-    from .metrics.fid import save_stats
+    from .io.data import DataConfig
+    from .workflows.evaluate import reference_stats
+    from .workflows.fid import save_stats
 
     dist = _fid_dist(args)
     data = DataConfig(source=args.data, split=args.split, resolution=args.resolution, channels=args.channels)
@@ -538,14 +538,14 @@ cmd_fid_ref.add_arguments = _fid_ref_args
 def cmd_fid(args):
     import json
 
-    from .metrics.evaluate import fid_report
+    from .workflows.evaluate import fid_report
 
     dist = _fid_dist(args)
     inc = _fid_inception(args, dist)
     rep = fid_report(args.samples, args.ref, inc, batch=args.inception_batch, dist=dist, progress=not args.no_progress)
     if dist.is_main:
         if args.out:
-            from .sampling import write_json_atomic
+            from .workflows.sample import write_json_atomic
 
             write_json_atomic(args.out, rep)
         for ref, v in rep["fid"].items():
@@ -572,7 +572,7 @@ cmd_fid.add_arguments = _fid_args
 
 @command("eval", "the paper's evaluation of a run: EMA samples, FID (train and test), IS and bits/dim into one JSON")
 def cmd_eval(args):
-    from .metrics.evaluate import evaluate_run
+    from .workflows.evaluate import evaluate_run
 
     dist = _fid_dist(args)
     sha = None if str(args.inception_sha256).lower() == "none" else args.inception_sha256

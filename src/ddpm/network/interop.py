@@ -39,9 +39,9 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .config import load_json
-from .errors import UserError, check_choice
-from .unet import GROUPS, NORM_EPS, UNet, UNetConfig, config_from_dict
+from ..config import load_json
+from ..errors import UserError, check_choice
+from ..network.unet import GROUPS, NORM_EPS, UNet, UNetConfig, config_from_dict
 
 READ_FORMATS = ("ddpm", "diffusers", "tf", "pt")
 WRITE_FORMATS = ("ddpm", "diffusers", "tf")
@@ -437,7 +437,7 @@ def read_unet(src, fmt: str, config=None) -> UNet:
     if fmt == "pt":
         return _load(_meta_unet(_plain_config(src, cfg)), _read_torch_save(src), str(src))
 
-    from . import checkpoint
+    from ..io import checkpoint
 
     header = _ddpm_header(src)
     if header == checkpoint.CHECKPOINT_FORMAT:  # a training checkpoint: its EMA weights, as the paper evaluates
@@ -475,7 +475,7 @@ def write_unet(unet: UNet, dst, fmt: str) -> list[Path]:
         cfg_path.write_text(json.dumps(config, indent=2) + "\n")
         return [weights, cfg_path]
 
-    from .checkpoint import save_weights
+    from ..io.checkpoint import save_weights
 
     state = unet_to_tf_state_dict(unet) if fmt == "tf" else {k: v.detach() for k, v in unet.state_dict().items()}
     return [save_weights(dst, state, {"model": unet.config.to_dict()})]

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import winograd
-from .config import Config
-from .errors import UserError, check_choice
+from ..config import Config
+from ..errors import UserError, check_choice
 
 # ---------------------------------------------------------------------------------------------
 # Config and presets
@@ -139,10 +139,10 @@ def default_init_(layer: nn.Module, scale: float = 1.0) -> nn.Module:
 
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(c_in, c_out, 3, padding=1) (same parameters, same state dict) that takes the CPU's
-    Winograd fast path (ddpm.winograd) when `ddpm.fast` switches it on: the same function, rounded
+    Winograd fast path (ddpm.network.winograd) when `ddpm.network.fast` switches it on: the same function, rounded
     differently (tests/test_winograd.py states by how much)."""
 
-    use_winograd = False  # set per module by ddpm.fast.set_winograd
+    use_winograd = False  # set per module by ddpm.network.fast.set_winograd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_winograd and winograd.applies(x, self):

@@ -14,11 +14,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import write_json_atomic
-from .diffusion import GaussianDiffusion
-from .distributed import derive_seed
-from .errors import UserError, check_choice
-from .fast import PrefetchNoise
+from ..io.checkpoint import write_json_atomic
+from ..process.diffusion import GaussianDiffusion
+from ..io.distributed import derive_seed
+from ..errors import UserError, check_choice
+from ..network.fast import PrefetchNoise
 
 SAMPLERS = ("ancestral", "ddim")
 DDIM_SPACINGS = ("uniform", "trailing", "quad")
@@ -67,7 +67,7 @@ def sample(model, diffusion: GaussianDiffusion, shape, *, seed: int, indices: Se
 
     :param shape: (C, H, W) of one image.
     :param prefetch_noise: draw the per-image noise on a background thread, ahead of the loop
-        (`ddpm.fast.PrefetchNoise`), so a GPU never waits for the CPU's generators; the same
+        (`ddpm.network.fast.PrefetchNoise`), so a GPU never waits for the CPU's generators; the same
         numbers either way. None: on for CUDA, off for the CPU (where the thread would only
         compete with the network for the cores).
     """
@@ -251,7 +251,7 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     :param sampler_opts: `sample`'s options: sampler, ddim_steps, ddim_eta, ddim_spacing, clip_denoised.
     :return: dict(out_dir, n, generated (by all processes), skipped, npz, grid).
     """
-    from .distributed import DistInfo, barrier, broadcast_object
+    from ..io.distributed import DistInfo, barrier, broadcast_object
 
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise UserError(f"n={n!r}: give the number of samples to draw, at least 1")

@@ -55,8 +55,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Config
-from .errors import UserError, check_choice
+from ..config import Config
+from ..errors import UserError, check_choice
 
 SPLITS = ("train", "test")
 CHANNELS = ("auto", "rgb", "gray")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .sampling import make_grid, sample, save_png, to_uint8_images
-from .train import RunConfig, load_run, train
+from ..workflows.sample import make_grid, sample, save_png, to_uint8_images
+from ..workflows.train import RunConfig, load_run, train
 
 PROGRESSIVE_TIMES = (999, 800, 600, 400, 300, 200, 150, 100, 50, 0)
 

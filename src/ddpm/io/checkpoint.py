@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "CheckpointWarning",

@@ -22,7 +22,7 @@ values, input gradients and kernel gradients, against float64).
 
 Only stride 1, padding 1, float32/float64, at least MIN_CHANNELS channels in and out and at least
 MIN_SIZE x MIN_SIZE pixels take this path (below those the tile transforms cost more than they
-save; measured by benchmarks/bench_winograd.py); `ddpm.unet.Conv3x3` falls back to `F.conv2d`. Tensors are handled channels-last internally: input
+save; measured by benchmarks/bench_winograd.py); `ddpm.network.unet.Conv3x3` falls back to `F.conv2d`. Tensors are handled channels-last internally: input
 tiles are strided views of the NHWC input whose channel vectors are contiguous, and the result
 comes back channels_last.
 

@@ -26,11 +26,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .data import to_model_range
-from .diffusion import GaussianDiffusion
-from .distributed import DistInfo, barrier, broadcast_object, derive_seed
-from .errors import UserError
-from .sampling import (ImageNoise, check_paper_t, check_settings, ddim_timesteps, denoise_from, diffuse, sample,
+from ..io.data import to_model_range
+from ..process.diffusion import GaussianDiffusion
+from ..io.distributed import DistInfo, barrier, broadcast_object, derive_seed
+from ..errors import UserError
+from ..workflows.sample import (ImageNoise, check_paper_t, check_settings, ddim_timesteps, denoise_from, diffuse, sample,
                        shard, write_json_atomic, _image_bar)
 
 # Salts that keep the seed streams of different roles apart (encoding noise vs decoding noise).
@@ -253,7 +253,7 @@ def plot_rate_distortion(rd: dict, path) -> Path:
     """Fig. 5 drawn with Pillow: distortion vs steps, rate vs steps, distortion vs rate."""
     from PIL import Image, ImageDraw
 
-    from .sampling import save_png
+    from ..workflows.sample import save_png
 
     W, H = 380, 300
     img = Image.new("RGB", (3 * W, H), "white")
@@ -446,7 +446,7 @@ def load_image(path, channels: int, resolution: int) -> torch.Tensor:
     """One picture file as the model sees data: converted to gray (channels=1) or RGB (3), the
     largest centred square cropped and Lanczos-resized to `resolution` (data.py's preprocessing).
     -> uint8 [C, H, W]."""
-    from .data import _prepare
+    from ..io.data import _prepare
 
     path = Path(path)
     if not path.is_file():

@@ -19,10 +19,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import Config
-from .errors import UserError, check_choice
-from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .schedules import SCHEDULES, make_betas
+from ..config import Config
+from ..errors import UserError, check_choice
+from ..process.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from ..process.schedules import SCHEDULES, make_betas
 
 MEAN_TYPES = ("eps", "x0", "xprev", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")

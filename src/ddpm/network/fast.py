@@ -48,8 +48,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .errors import UserError, check_choice
-from .unet import Conv3x3
+from ..errors import UserError, check_choice
+from ..network.unet import Conv3x3
 
 SWITCH_VALUES = ("auto", "on", "off")
 
@@ -93,7 +93,7 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 
 
 def set_winograd(model: nn.Module, on: bool) -> int:
-    """Switch the Winograd path (ddpm.winograd) of every 3x3 convolution of `model`; returns how many
+    """Switch the Winograd path (ddpm.network.winograd) of every 3x3 convolution of `model`; returns how many
     there are. Each still decides per call whether its input qualifies (winograd.applies)."""
     convs = [m for m in model.modules() if isinstance(m, Conv3x3)]
     for m in convs:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, load_stats, save_stats
-from .inception import FEATURE_DIM, NUM_CLASSES, InceptionV3
+from ..workflows.fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, load_stats, save_stats
+from ..network.inception import FEATURE_DIM, NUM_CLASSES, InceptionV3
 
 PROTOCOL = ("Inception-v3 2015-12-05 weights (pt_inception-2015-12-05-6726825d.pth), pool-3 2048-d features, "
             "TF1 bilinear resize to 299 (no antialiasing), uint8 inputs, statistics and distance in float64; "
@@ -184,7 +184,7 @@ def block(n: int, rank: int, world_size: int) -> range:
 def _merge_over_ranks(fs: FeatureStats, iss: ISStats, dist) -> tuple[FeatureStats, ISStats]:
     if dist is None or dist.world_size == 1:
         return fs, iss
-    from ..distributed import all_gather_tensor
+    from ..io.distributed import all_gather_tensor
 
     packed = torch.from_numpy(np.concatenate([fs.pack(), iss.pack()]))
     merged_fs, merged_is = FeatureStats(fs.dim), ISStats(iss.n_total, iss.num_classes, iss.splits)
@@ -264,7 +264,7 @@ def reference_stats(data, inception: InceptionV3, *, batch: int = 100, dist=None
     :param data: a `data.DataConfig` (source, split, resolution, channels).
     :param images: the `ImageSet` of `data`, if already loaded.
     """
-    from ..data import data_fingerprint, load_images
+    from ..io.data import data_fingerprint, load_images
 
     images = images if images is not None else load_images(data)
     fs, iss, _ = measure(ArraySource(images.images, images.source_description), inception, batch=batch, dist=dist,
@@ -329,8 +329,8 @@ def _ref_summary(ref: FIDStats) -> dict:
 def _valid_cache(path: Path, images, inception: InceptionV3, dist=None) -> Optional[FIDStats]:
     """The statistics at `path` if they were made from these pixels with these weights, else None.
     Process 0 decides for all, so every process takes the same branch (then a collective)."""
-    from ..data import data_fingerprint
-    from ..distributed import broadcast_object
+    from ..io.data import data_fingerprint
+    from ..io.distributed import broadcast_object
 
     ok = False
     if (dist is None or dist.is_main) and Path(path).is_file():
@@ -345,8 +345,8 @@ def _valid_cache(path: Path, images, inception: InceptionV3, dist=None) -> Optio
 def cached_reference(path: Path, data, inception: InceptionV3, *, batch: int, dist=None, progress: bool = False) -> FIDStats:
     """Reference statistics of `data`, reused from `path` when they were made from the same pixels
     (sha256) with the same Inception weights, else computed and written there."""
-    from ..data import load_images
-    from ..distributed import barrier
+    from ..io.data import load_images
+    from ..io.distributed import barrier
 
     images = load_images(data)
     old = _valid_cache(path, images, inception, dist)
@@ -375,12 +375,12 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     4. OUT/eval.json with every number and what it was measured against.
 
     :param out_dir: default RUN_DIR/eval/<checkpoint name>.
-    :param fast: "auto": the network with the device's fast paths (ddpm.fast.prepare_model); "off".
+    :param fast: "auto": the network with the device's fast paths (ddpm.network.fast.prepare_model); "off".
     """
-    from ..distributed import init as dist_init
-    from ..sampling import sample_to_dir
-    from ..train import load_run
-    from .inception import load_inception
+    from ..io.distributed import init as dist_init
+    from ..workflows.sample import sample_to_dir
+    from ..workflows.train import load_run
+    from ..network.inception import load_inception
 
     t0 = time.time()
     dist = dist or dist_init(device)
@@ -429,7 +429,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     # 3. bits/dim on the test split
     report["bits_per_dim"] = None
     if bpd_n != 0:
-        from ..data import load_images
+        from ..io.data import load_images
 
         try:
             test = load_images(data.replace(split="test"))
@@ -437,7 +437,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
             notes.append(f"no bits/dim: {e}")
             log(f"eval: warning: no bits/dim: {e}")
         else:
-            from ..experiments import evaluate_nll
+            from ..workflows.experiments import evaluate_nll
 
             imgs = test.images[: bpd_n] if bpd_n else test.images
             log(f"eval: bits/dim of {len(imgs)} test images ({diffusion.num_timesteps} terms each) into {out_dir / 'nll'}")
@@ -447,7 +447,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     report["notes"] = sorted({x for x in notes if x})
     report["seconds"] = round(time.time() - t0, 1)
     if dist.is_main:
-        from ..sampling import write_json_atomic
+        from ..workflows.sample import write_json_atomic
 
         write_json_atomic(out_dir / "eval.json", report)
         log(f"eval: wrote {out_dir / 'eval.json'}")
@@ -474,8 +474,8 @@ class TrainingFID:
     def __init__(self, *, n: int = 10_000, batch: int = 250, seed: int = 0, ref=None, images=None, data=None,
                  cache: Optional[Path] = None, weights=None, expected_sha256="6726825d", dist=None,
                  inception_batch: int = 100):
-        from ..distributed import DistInfo, derive_seed
-        from .inception import load_inception
+        from ..io.distributed import DistInfo, derive_seed
+        from ..network.inception import load_inception
 
         self.dist = dist or DistInfo()
         self.n, self.batch, self.inception_batch = int(n), int(batch), int(inception_batch)
@@ -500,8 +500,8 @@ class TrainingFID:
     def __call__(self, ema, diffusion, shape) -> dict:
         """:param shape: (C, H, W) of one sample. -> dict(fid, is_mean, is_std, fid_n, fid_seconds)
         on every process."""
-        from ..distributed import broadcast_object
-        from ..sampling import sample, to_uint8_images
+        from ..io.distributed import broadcast_object
+        from ..workflows.sample import sample, to_uint8_images
 
         t0 = time.time()
         mine = block(self.n, self.dist.rank, self.dist.world_size)

@@ -24,14 +24,14 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import Config, apply_overrides, load_json
-from .data import DataConfig, ImageSet, load_images, to_model_range
-from .diffusion import DiffusionConfig, GaussianDiffusion
-from .distributed import DistInfo, all_gather_tensor, barrier, derive_seed, init as dist_init
-from .errors import UserError, check_choice
-from .fast import SWITCH_VALUES, match_layout_, prepare_model, resolve_switch, set_winograd, to_channels_last
-from .unet import UNet, UNetConfig, get_preset
+from ..io import checkpoint as ckpt
+from ..config import Config, apply_overrides, load_json
+from ..io.data import DataConfig, ImageSet, load_images, to_model_range
+from ..process.diffusion import DiffusionConfig, GaussianDiffusion
+from ..io.distributed import DistInfo, all_gather_tensor, barrier, derive_seed, init as dist_init
+from ..errors import UserError, check_choice
+from ..network.fast import SWITCH_VALUES, match_layout_, prepare_model, resolve_switch, set_winograd, to_channels_last
+from ..network.unet import UNet, UNetConfig, get_preset
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -323,7 +323,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
     logger = _Logger(run_dir, cfg, enabled=dist.is_main)
     fid = None
     if cfg.fid_every:
-        from .metrics.evaluate import TrainingFID  # every rank samples its own block; stats are merged
+        from ..workflows.evaluate import TrainingFID  # every rank samples its own block; stats are merged
 
         fid = TrainingFID(n=cfg.fid_n, batch=cfg.batch_size, seed=cfg.seed, ref=cfg.fid_ref or None, images=images,
                           data=run.data, cache=run_dir / "fid-ref-train.npz", weights=cfg.fid_weights or None,
@@ -421,7 +421,7 @@ def _diverged_message(run_dir: Path, step: int) -> str:
 def write_sample_grid(ema: torch.nn.Module, diffusion: GaussianDiffusion, run: RunConfig, path: Path, n: int, seed: int,
                       device, progress: bool = False) -> Path:
     """n EMA samples (Algorithm 2) as one PNG grid."""
-    from .sampling import make_grid, sample, save_png, to_uint8_images
+    from ..workflows.sample import make_grid, sample, save_png, to_uint8_images
 
     m = run.model
     x = sample(ema, diffusion, (m.in_channels, m.resolution, m.resolution), seed=seed, indices=range(n), device=device,
@@ -485,7 +485,7 @@ def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> tup
     """A trained network from a run directory (its newest valid checkpoint) or a checkpoint file.
 
     :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
-    :param fast: "auto": the network wrapped by `ddpm.fast.prepare_model` with the device's fast
+    :param fast: "auto": the network wrapped by `ddpm.network.fast.prepare_model` with the device's fast
         paths, for sampling and bits/dim; "off": the plain network.
     :return: (run config, network in eval mode on `device`, diffusion, checkpoint path).
     """

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .errors import UserError, check_choice
+from ..errors import UserError, check_choice
 
 SCHEDULES = ("linear", "quad", "const", "warmup10", "warmup50", "jsd", "cosine")
 
