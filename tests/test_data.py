@@ -23,7 +23,8 @@ from PIL import Image
 
 from ddpm.io import data
 from ddpm.config import Config
-from ddpm.io.data import DataConfig, ImageSet, data_fingerprint, load_images, to_model_range, to_uint8
+from ddpm.io.data import DataConfig, ImageSet, data_fingerprint, load_images
+from ddpm.process.scaling import to_model_range, to_uint8
 from ddpm.errors import UserError
 
 ASSETS = Path(data.__file__).parents[1] / "assets"

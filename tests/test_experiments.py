@@ -18,7 +18,8 @@ from PIL import Image
 from ddpm import GaussianDiffusion, UserError, make_betas
 from gaussian_oracle import MU, PAPER_BETAS, S, Oracle, oracle_for
 from ddpm.cli import main
-from ddpm.workflows.experiments import (evaluate_nll, interpolate, load_bpd, load_image, plot_rate_distortion, progressive_generation,
+from ddpm.io.images import read_image
+from ddpm.workflows.experiments import (evaluate_nll, interpolate, load_bpd, plot_rate_distortion, progressive_generation,
                               rate_distortion, reconstruct, shared_latent_samples)
 from ddpm.workflows.sample import sample
 
@@ -202,11 +203,11 @@ def test_load_image_crops_resizes_and_converts(tmp_path):
     arr = np.zeros((30, 50, 3), np.uint8)
     arr[:, 10:40] = 200  # the centred 30x30 square is uniform
     Image.fromarray(arr).save(tmp_path / "x.png")
-    x = load_image(tmp_path / "x.png", 1, 16)
+    x = read_image(tmp_path / "x.png", 1, 16)
     assert x.dtype == torch.uint8 and x.shape == (1, 16, 16) and (x == 200).all()
-    assert load_image(tmp_path / "x.png", 3, 8).shape == (3, 8, 8)
+    assert read_image(tmp_path / "x.png", 3, 8).shape == (3, 8, 8)
     with pytest.raises(UserError, match="no such image"):
-        load_image(tmp_path / "missing.png", 1, 16)
+        read_image(tmp_path / "missing.png", 1, 16)
 
 
 # ---------------------------------------------------------------- the commands, on a tiny model

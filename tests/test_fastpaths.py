@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from ddpm.io.data import DataConfig, load_images, to_model_range
+from ddpm.io.data import DataConfig, load_images
+from ddpm.process.scaling import to_model_range
 from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.network.fast import PrefetchNoise, match_layout_, prepare_model, resolve_switch, to_channels_last

@@ -12,16 +12,14 @@ from safetensors.torch import load_file, save_file
 
 from ddpm.cli import main
 from ddpm.errors import UserError
+from ddpm.io.weights import convert_file, read_unet, write_unet
 from ddpm.network.interop import (
-    _DIFFUSERS_DEFAULTS,
+    DIFFUSERS_DEFAULTS,
     config_from_diffusers,
-    convert_file,
-    read_unet,
     unet_from_diffusers,
     unet_from_tf_state_dict,
     unet_to_diffusers,
     unet_to_tf_state_dict,
-    write_unet,
 )
 from ddpm.network.unet import PRESETS, UNet, UNetConfig
 
@@ -79,7 +77,7 @@ def test_diffusers_defaults_are_current():
     from diffusers import UNet2DModel
 
     sig = inspect.signature(UNet2DModel.__init__).parameters
-    for k, v in _DIFFUSERS_DEFAULTS.items():
+    for k, v in DIFFUSERS_DEFAULTS.items():
         assert sig[k].default == v, k
 
 

@@ -86,7 +86,7 @@ _info.add_arguments = lambda p: (
 
 @command("convert", "convert U-Net weights between layouts: ddpm, diffusers, tf (official TF names), pt (torch.save, read only)")
 def _convert(args):
-    from .network.interop import convert_file
+    from .io.weights import convert_file
 
     for path in convert_file(args.src, args.dst, args.src_format, args.dst_format, config=args.config):
         print(f"wrote {path}")
@@ -248,9 +248,9 @@ def _exp_images(args, run):
 
 def _exp_nhwc(x):
     """[-1, 1] floats [..., C, H, W] -> uint8 numpy [..., H, W, C], as saved in the .npz files."""
-    from .workflows.sample import to_uint8_images
+    from .process.scaling import to_uint8
 
-    return to_uint8_images(x).movedim(-3, -1).numpy()
+    return to_uint8(x).movedim(-3, -1).numpy()
 
 
 def _exp_data_args(p):
@@ -359,7 +359,9 @@ def cmd_progressive(args):
     import torch
 
     from .workflows.experiments import progressive_generation, shared_latent_samples
-    from .workflows.sample import make_grid, save_png, to_uint8_images
+    from .io.atomic import write_npz
+    from .io.images import make_grid, write_png
+    from .process.scaling import to_uint8
 
     dist = _exp_dist(args)
     run, model, diffusion, shape, tag = _exp_load(args, dist.device)
@@ -370,16 +372,16 @@ def cmd_progressive(args):
                                     dist.device, progress=not args.no_progress)
         # rows: the shared t; columns: x_t, then the k samples continued from it
         cells = torch.cat([res["x_t"][:, None], res["samples"]], dim=1)
-        grid = save_png(make_grid(to_uint8_images(cells.flatten(0, 1)), nrow=args.k + 1), out / "shared.png")
-        np.savez(out / "shared.npz", share_t=np.array(res["share_t"]), x_t=_exp_nhwc(res["x_t"]), samples=_exp_nhwc(res["samples"]))
+        grid = write_png(make_grid(to_uint8(cells.flatten(0, 1)), nrow=args.k + 1), out / "shared.png")
+        write_npz(out / "shared.npz", share_t=np.array(res["share_t"]), x_t=_exp_nhwc(res["x_t"]), samples=_exp_nhwc(res["samples"]))
         print(f"{args.k} samples from each shared x_t, t = {', '.join(map(str, res['share_t']))} (rows; first column x_t): "
               f"wrote {grid} and {out / 'shared.npz'}")
         return
     times = _exp_ints(args.times, "--times") if args.times else sorted({int(round(v)) for v in np.linspace(T - 1, 0, 10)}, reverse=True)
     res = progressive_generation(model, diffusion, shape, times, args.n_chains, args.seed, dist.device,
                                  progress=not args.no_progress, **_exp_sampler_opts(args))
-    grid = save_png(make_grid(to_uint8_images(res["pred_x0"].flatten(0, 1)), nrow=len(times)), out / "progressive.png")
-    np.savez(out / "progressive.npz", times=np.array(times), pred_x0=_exp_nhwc(res["pred_x0"]), samples=_exp_nhwc(res["samples"]))
+    grid = write_png(make_grid(to_uint8(res["pred_x0"].flatten(0, 1)), nrow=len(times)), out / "progressive.png")
+    write_npz(out / "progressive.npz", times=np.array(times), pred_x0=_exp_nhwc(res["pred_x0"]), samples=_exp_nhwc(res["samples"]))
     print(f"x̂_0 of {args.n_chains} chains (rows) at code indices t = {', '.join(map(str, times))} (columns): "
           f"wrote {grid} and {out / 'progressive.npz'}")
 
@@ -405,9 +407,12 @@ def cmd_interpolate(args):
     import numpy as np
     import torch
 
-    from .io.data import to_model_range
-    from .workflows.experiments import interpolate, load_image
-    from .workflows.sample import make_grid, save_png, to_uint8_images
+    from .process.scaling import to_model_range
+    from .io.images import read_image as load_image
+    from .workflows.experiments import interpolate
+    from .io.atomic import write_npz
+    from .io.images import make_grid, write_png
+    from .process.scaling import to_uint8
 
     dist = _exp_dist(args)
     run, model, diffusion, shape, tag = _exp_load(args, dist.device)
@@ -421,8 +426,8 @@ def cmd_interpolate(args):
     # each row: source image, the decoded interpolations λ = 0 … 1, the other source (as Fig. 8)
     cells = torch.cat([a.cpu().expand(R, 1, *shape), imgs, b.cpu().expand(R, 1, *shape)], dim=1)
     out = Path(args.out)
-    grid = save_png(make_grid(to_uint8_images(cells.flatten(0, 1)), nrow=args.steps + 2), out / "interpolation.png")
-    np.savez(out / "interpolation.npz", t=np.array(res["t"]), lambdas=np.array(res["lambdas"]), images=_exp_nhwc(imgs))
+    grid = write_png(make_grid(to_uint8(cells.flatten(0, 1)), nrow=args.steps + 2), out / "interpolation.png")
+    write_npz(out / "interpolation.npz", t=np.array(res["t"]), lambdas=np.array(res["lambdas"]), images=_exp_nhwc(imgs))
     print(f"interpolated at t = {', '.join(map(str, res['t']))} (rows) over λ = 0 … 1 in {args.steps} steps "
           f"(columns, between the two inputs): wrote {grid} and {out / 'interpolation.npz'}")
 
@@ -445,9 +450,12 @@ def cmd_reconstruct(args):
     import numpy as np
     import torch
 
-    from .io.data import to_model_range
-    from .workflows.experiments import load_image, reconstruct
-    from .workflows.sample import make_grid, save_png, to_uint8_images
+    from .process.scaling import to_model_range
+    from .io.images import read_image as load_image
+    from .workflows.experiments import reconstruct
+    from .io.atomic import write_npz
+    from .io.images import make_grid, write_png
+    from .process.scaling import to_uint8
 
     dist = _exp_dist(args)
     run, model, diffusion, shape, tag = _exp_load(args, dist.device)
@@ -455,8 +463,8 @@ def cmd_reconstruct(args):
     res = reconstruct(model, diffusion, x0, _exp_ints(args.t, "--t"), args.seed, progress=not args.no_progress)
     out = Path(args.out)
     # top row: x_t; bottom row: the reconstruction from it; columns: t
-    grid = save_png(make_grid(to_uint8_images(torch.cat([res["x_t"], res["x0"]])), nrow=len(res["t"])), out / "reconstruct.png")
-    np.savez(out / "reconstruct.npz", t=np.array(res["t"]), x_t=_exp_nhwc(res["x_t"]), x0=_exp_nhwc(res["x0"]))
+    grid = write_png(make_grid(to_uint8(torch.cat([res["x_t"], res["x0"]])), nrow=len(res["t"])), out / "reconstruct.png")
+    write_npz(out / "reconstruct.npz", t=np.array(res["t"]), x_t=_exp_nhwc(res["x_t"]), x0=_exp_nhwc(res["x0"]))
     print(f"reconstructed from t = {', '.join(map(str, res['t']))} (columns; top x_t, bottom reconstruction): "
           f"wrote {grid} and {out / 'reconstruct.npz'}")
 
@@ -545,9 +553,9 @@ def cmd_fid(args):
     rep = fid_report(args.samples, args.ref, inc, batch=args.inception_batch, dist=dist, progress=not args.no_progress)
     if dist.is_main:
         if args.out:
-            from .workflows.sample import write_json_atomic
+            from .io.atomic import write_json
 
-            write_json_atomic(args.out, rep)
+            write_json(args.out, rep)
         for ref, v in rep["fid"].items():
             print(f"FID {v:.4f}  ({rep['samples']['n_images']} samples against {ref})")
         print(f"IS  {rep['is_mean']:.4f} ± {rep['is_std']:.4f} ({rep['is_splits']} splits; {rep['is_1split']:.4f} over all)")

@@ -15,11 +15,11 @@ after reading; any change to a tensor, a name, a shape, a dtype or the metadata 
 and truncation fails safetensors' own structural check (the header must cover the whole file).
 Because the checksum lives inside the file, a checkpoint can be copied anywhere on its own.
 
-Atomicity. A file is written to `.tmp-<name>-<pid>-<random>` in the destination directory,
-fsynced, its header re-read by safetensors' own parser, moved into place with `os.replace` and the
-directory is fsynced. A crash leaves either the old set of files or the new one, plus at worst a
-temp file that the next save removes. A failed write raises `CheckpointWriteError`, removes its
-temp file and touches no earlier checkpoint. To resume, run the same command again:
+Atomicity. Files are written by `io/atomic.py`'s `atomic_file` (a temporary name, fsync, then
+`os.replace` and an fsync of the folder); a checkpoint's header is also read back by safetensors'
+own parser before it is moved into place. A crash leaves either the old set of files or the new
+one, plus at worst a temporary file that a later save removes. A failed write raises
+`CheckpointWriteError` and touches no earlier checkpoint. To resume, run the same command again:
 `latest_checkpoint(run_dir)` returns the newest checkpoint that passes verification, skipping (with
 a warning) damaged newer ones.
 
@@ -42,19 +42,19 @@ import json
 import os
 import random
 import re
-import secrets
 import struct
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import safetensors.torch
 import torch
 from safetensors import safe_open
 
 from ..errors import UserError
+from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes
 
 __all__ = [
     "CheckpointWarning",
@@ -78,8 +78,6 @@ CHECKPOINT_FORMAT = "ddpm-checkpoint"
 WEIGHTS_FORMAT = "ddpm-weights"
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"ckpt-(\d{8,})\.safetensors")
-_TEMP_PREFIX = ".tmp-"
-_STALE_TEMP_S = 3600.0  # a writer touches its temp file continuously; an hour-old one is orphaned
 _CHUNK = 64 << 20  # bytes per os.write / hash update
 
 # torch dtype -> safetensors dtype code (the subset a DDPM training state can contain).
@@ -238,14 +236,20 @@ def _content_hash(meta_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic safetensors writing
+# Writing: the safetensors layout, streamed into the one atomic writer
 
 
 def _write_safetensors(fd: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Stream `tensors` to `fd` in the safetensors layout, without a second copy in memory.
 
-    Tensors are laid out by decreasing element size, then name, after a header padded to 8 bytes,
-    so every tensor starts at a multiple of its element size (as safetensors' own writer does).
+    Written here rather than with the safetensors library's serialisers, for two reasons:
+    `safetensors.torch.save` builds the whole file as one bytes object (a second copy of the
+    training state: about 4 GB for the 256M model with its EMA and Adam moments), and `save_file`
+    writes from Rust, whose I/O errors arrive as a message string without the errno that tells a
+    user "disk full" and lets us keep the previous checkpoint. The layout is the library's own:
+    tensors by decreasing element size, then name, after a header padded to 8 bytes, so every
+    tensor starts at a multiple of its element size; the file is read back with `safe_open` before
+    it is moved into place. Exported weights, which are small, use the library's `save` (weights.py).
     """
     if sys.byteorder != "little":
         raise NotImplementedError("safetensors stores little-endian bytes; big-endian hosts are not supported")
@@ -271,73 +275,19 @@ def _write_all(fd: int, data) -> None:
         view = view[written:]
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable. Not possible on every platform / filesystem; then skip."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file so that `path` is always either absent/old or complete and readable.
 
-
-def _atomic_write(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file to `path` so that `path` is always either absent/old or complete.
-
-    Raises OSError (the original one) on failure, after removing the temp file.
+    Raises OSError (the original one) on failure; the temporary file is removed.
     """
-    tmp = path.with_name(f"{_TEMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(tmp, flags, 0o666)  # permissions follow the umask, like any other file
-        try:
-            _write_safetensors(fd, tensors, metadata)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        # Read the header back through safetensors itself: a file it cannot parse never lands.
+
+    def readable(tmp: Path) -> None:  # a file safetensors cannot parse never lands
         with safe_open(str(tmp), framework="pt", device="cpu") as f:
             if f.metadata() != dict(metadata) or set(f.keys()) != set(tensors):
                 raise OSError(errno.EIO, "the file read back differs from what was written", str(tmp))
-        os.replace(tmp, path)
-    except BaseException:  # also KeyboardInterrupt: never leave a temp file behind
-        _remove_quietly(tmp, "the temp file")
-        raise
-    _fsync_dir(path.parent)
 
-
-def _remove_quietly(path: Path, what: str) -> None:
-    """Delete `path`; a file already gone is fine, another failure is a warning, never an error."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        warnings.warn(f"could not remove {what} {path}: {e}", CheckpointWarning, stacklevel=3)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """`obj` as indented JSON at `path`, atomically (temp file, fsync, rename, fsync of the folder):
-    a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp, "the temp file")
-        raise
-    _fsync_dir(path.parent)
-    return path
+    with atomic_file(path, check=readable) as f:
+        _write_safetensors(f.fileno(), tensors, metadata)
 
 
 def _write_error(path: Path, e: OSError, previous: str) -> CheckpointWriteError:
@@ -348,16 +298,6 @@ def _write_error(path: Path, e: OSError, previous: str) -> CheckpointWriteError:
     else:
         todo = "fix the cause and run the same command again"
     return CheckpointWriteError(f"could not write {path}: {reason}{f' ({code})' if code else ''}; {todo}; {previous}")
-
-
-def _remove_stale_temps(directory: Path) -> None:
-    now = time.time()
-    for p in directory.glob(f"{_TEMP_PREFIX}*"):
-        try:
-            if p.is_file() and now - p.stat().st_mtime > _STALE_TEMP_S:
-                p.unlink()
-        except OSError:
-            pass  # another process's business, or already gone
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,13 +419,13 @@ def save_checkpoint(
     metadata = {"ddpm": meta_json, "ddpm_sha256": _content_hash(meta_json, tensors)}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, tensors, metadata)
+        _write_file(path, tensors, metadata)
     except OSError as e:
         earlier = [p.name for s, p in list_checkpoints(run_dir) if s != step]
         previous = f"the previous checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
         raise _write_error(path, e, previous) from e
 
-    _remove_stale_temps(run_dir)
+    remove_stale_temps(run_dir)
     _prune(run_dir, step, keep_last, milestone_every)
     return path
 
@@ -497,7 +437,7 @@ def _prune(run_dir: Path, step: int, keep_last: int, milestone_every: int | None
         keep |= {s for s, _ in older if s % milestone_every == 0}
     for s, p in older:
         if s not in keep:
-            _remove_quietly(p, "old checkpoint")
+            remove_quietly(p, "old checkpoint", CheckpointWarning)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -577,8 +517,7 @@ def save_weights(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor]
         raise TypeError(f"the config of {path} must be JSON-able (use Config.to_dict()): {e}") from e
     metadata = {"ddpm": meta_json, "ddpm_sha256": _content_hash(meta_json, tensors)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, tensors, metadata)
+        write_bytes(path, safetensors.torch.save(tensors, metadata))  # the library's serialiser: one model fits in memory
     except OSError as e:
         previous = f"the existing {path.name} is intact" if path.exists() else "no file was written"
         raise _write_error(path, e, previous) from e

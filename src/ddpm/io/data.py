@@ -1,9 +1,8 @@
 """Data sets: every supported source decoded into one in-memory uint8 tensor [N, C, H, W].
 
-`load_images(DataConfig(...))` returns an `ImageSet`; the training loop turns a batch into the
-model's range with `to_model_range` (x / 127.5 - 1, the paper's Sec. 3.3 scaling) and samples
-back with `to_uint8`. Random horizontal flips (the paper's CIFAR-10 / LSUN / CelebA-HQ
-augmentation) are applied by the training loop; `DataConfig.random_flip` only carries the flag.
+`load_images(DataConfig(...))` returns an `ImageSet` of uint8 pixels; the training loop scales a
+batch to the model's range (process/scaling.py). Random horizontal flips (the paper's CIFAR-10 /
+LSUN / CelebA-HQ augmentation) are applied by the training loop; `DataConfig.random_flip` only carries the flag.
 
 Sources (`DataConfig.source`):
   fashion-mnist-10k        embedded in the package: the first 1,000 images of each class of the
@@ -18,12 +17,9 @@ Sources (`DataConfig.source`):
                            present), CIFAR-10 python batches, idx files, .npz / .npy, an LMDB folder
                            (data.mdb; values are encoded images, as in LSUN), a tarball of images
 
-One preprocessing rule for every source: convert the pixel mode to grayscale or RGB, centre-crop
-to a square, resize to `resolution`. The crop and resize are those of the official DDPM LSUN data,
-made by StyleGAN2's dataset_tool.py (`create_lsun`): crop the largest centred square (offset
-(size - side) // 2), then PIL's antialiased Lanczos resize (`PIL.Image.ANTIALIAS`, today
-`Image.Resampling.LANCZOS`). Images smaller than `resolution` are upsampled with the same filter,
-so mixed sizes are fine once a resolution is set.
+One preprocessing rule for every source (io/images.py): convert the pixel mode to grayscale or
+RGB, centre-crop to a square, Lanczos-resize to `resolution`, as the official LSUN data were made.
+Mixed sizes are fine once a resolution is set.
 
 Everything is held in memory: right for CIFAR-10 (150 MB) and MNIST-scale data, and for folders
 or LMDBs up to a few hundred thousand small images; full LSUN (3M images at 256x256, ~600 GB)
@@ -41,7 +37,6 @@ import os
 import pickle
 import re
 import struct
-import sys
 import tarfile
 import warnings
 import zipfile
@@ -53,16 +48,17 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..config import Config
 from ..errors import UserError, check_choice
+
+from .images import IMAGE_EXTENSIONS, is_image_file, prepare_image, rgb_to_gray
+from .progress import progress_bar
 
 SPLITS = ("train", "test")
 CHANNELS = ("auto", "rgb", "gray")
 ON_ERROR = ("stop", "skip")
 NAMED_SOURCES = ("fashion-mnist-10k", "fashion-mnist", "cifar10")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 EMBEDDED_NAME = "fashion-mnist-10k"
 EMBEDDED_FILE = "fashion_mnist_10k.npz"
@@ -130,18 +126,6 @@ class ImageSet:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
-
-
-def to_model_range(x: torch.Tensor) -> torch.Tensor:
-    """uint8 {0..255} -> float32 [-1, 1] by x / 127.5 - 1 (Sec. 3.3: "scaled linearly to [-1, 1]")."""
-    if x.dtype != torch.uint8:
-        raise TypeError(f"to_model_range expects a uint8 tensor, got {x.dtype}")
-    return x.to(torch.float32) / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of `to_model_range`: [-1, 1] -> uint8, rounded to nearest (not truncated), clamped."""
-    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def data_fingerprint(images: Union[torch.Tensor, np.ndarray]) -> str:
@@ -279,7 +263,7 @@ def _list_images(root: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for f in filenames:
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+            if is_image_file(f):
                 found.append(Path(dirpath, f))
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
@@ -595,95 +579,16 @@ def _load_embedded(split: str) -> _Raw:
 
 
 # ---------------------------------------------------------------------------------------------
-# Preprocessing: pixel mode -> L or RGB, centre crop, resize; then one uint8 [N, C, H, W] tensor.
+# Preprocessing (io/images.py) on a thread pool; then one uint8 [N, C, H, W] tensor.
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_gray_or_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> "L" or "RGB".
-
-    Transparency (RGBA, LA, PA, P with a transparent colour) is composited on white, as a viewer
-    shows it; the colour stored under fully transparent pixels is often arbitrary. 16-bit
-    grayscale (I;16*, and I, which older Pillow gives for 16-bit PNG) maps to 8 bits by
-    round(v / 257), so 65535 -> 255; PIL's own convert("L") would clip above 255 instead.
-    P becomes RGB (the palette is colour); CMYK, YCbCr, LAB, HSV go through PIL's RGB conversion.
-    """
-    mode = im.mode
-    if mode in ("L", "RGB"):
-        return im
-    if mode == "1":
-        return im.convert("L")
-    if mode == "I" or mode.startswith("I;16"):
-        v = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
-        return Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8), "L")
-    if mode == "F":
-        return Image.fromarray(np.clip(np.rint(np.asarray(im)), 0, 255).astype(np.uint8), "L")
-    if mode in ("LA", "La"):
-        return _on_white(im.convert("RGBA")).convert("L")  # gray -> RGB -> L is exact
-    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
-        return _on_white(im.convert("RGBA"))
-    return im.convert("RGB")
-
-
-def _on_white(rgba: Image.Image) -> Image.Image:
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-
-
-def _crop_resize(im: Image.Image, resolution: Optional[int]) -> Image.Image:
-    """Largest centred square, then Lanczos (antialiased) to resolution, as StyleGAN2's
-    dataset_tool.py prepared the official DDPM LSUN data. Smaller images are upsampled."""
-    w, h = im.size
-    s = min(w, h)
-    if w != h:
-        left, top = (w - s) // 2, (h - s) // 2
-        im = im.crop((left, top, left + s, top + s))
-    if resolution is not None and s != resolution:
-        im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
-    return im
-
-
-def _rgb_to_gray(a: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] -> [..., 1] with PIL's convert("L") integer formula (ITU-R 601-2 luma)."""
-    a = a.astype(np.uint32)
-    y = (a[..., 0] * 19595 + a[..., 1] * 38470 + a[..., 2] * 7471 + 0x8000) >> 16
-    return y.astype(np.uint8)[..., None]
-
-
-def _prepare(src, resolution: Optional[int], channels: str):
-    """One image (path, encoded bytes, or HWC array) -> (uint8 HWC array, native square side).
-    Returns (None, reason) for an unreadable file instead of raising, so the caller decides."""
-    try:
-        if isinstance(src, np.ndarray):
-            im = Image.fromarray(src[..., 0] if src.shape[2] == 1 else src)
-        else:
-            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as f:
-                f.load()  # decode now, inside the try: open() only reads the header
-                im = _to_gray_or_rgb(f)
-    except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ...)
-        return None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-    # Channel conversion before the resize, the same order as for arrays in _finish_array.
-    if channels == "rgb" and im.mode == "L":
-        im = im.convert("RGB")
-    elif channels == "gray" and im.mode == "RGB":
-        im = im.convert("L")
-    side = min(im.size)
-    a = np.asarray(_crop_resize(im, resolution))
-    return (a[..., None] if a.ndim == 2 else a), side
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=total <= PROGRESS_MIN_ITEMS)
-
-
 def _map_prepare(sources: list, cfg: DataConfig, desc: str):
-    """Run _prepare over sources on a thread pool, in order, with a progress bar."""
-    bar = _progress(len(sources), desc)
+    """Run images.prepare_image over sources on a thread pool, in order, with a progress bar."""
+    bar = progress_bar(len(sources), desc=desc, unit="img", enabled=len(sources) > PROGRESS_MIN_ITEMS)
     pool = ThreadPoolExecutor(DECODE_THREADS)
     try:
-        for r in pool.map(lambda s: _prepare(s, cfg.resolution, cfg.channels), sources):
+        for r in pool.map(lambda s: prepare_image(s, cfg.resolution, cfg.channels), sources):
             bar.update()
             yield r
     finally:
@@ -740,7 +645,7 @@ def _finish_array(raw: _Raw, cfg: DataConfig) -> ImageSet:
         if cfg.channels == "rgb" and c == 1:
             a = np.repeat(a, 3, axis=3)
         elif cfg.channels == "gray" and c == 3:
-            a = _rgb_to_gray(a)
+            a = rgb_to_gray(a)
         return _image_set(a, raw.description, [])
     with contextlib.closing(_map_prepare(list(a), cfg, "resizing images")) as results:
         out = [r[0] for r in results]

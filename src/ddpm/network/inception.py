@@ -238,11 +238,11 @@ class InceptionV3:
     def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
         """:param images: uint8 [B, C, H, W] with C = 1 or 3 (tensor or array): the pixels of the
         image files a user would save. Floats are refused: round them first
-        (`ddpm.workflows.sample.to_uint8_images`), as saving a PNG would."""
+        (`ddpm.process.scaling.to_uint8`), as saving a PNG would."""
         x = torch.as_tensor(images)
         if x.dtype != torch.uint8:
             raise UserError(f"Inception features take uint8 images (the files a user would save), got {x.dtype}; "
-                            f"round samples with ddpm.workflows.sample.to_uint8_images first")
+                            f"round samples with ddpm.process.scaling.to_uint8 first")
         if x.dim() != 4 or x.shape[1] not in (1, 3):
             raise UserError(f"Inception features take images [B, C, H, W] with C = 1 or 3, got shape {list(x.shape)}")
         if x.shape[1] == 1:

@@ -13,38 +13,20 @@ The layouts correspond one to one, so conversion is a rename plus transposes and
 to float rounding. Every function here works on state dicts without importing diffusers; only
 `unet_to_diffusers`, which returns a diffusers model, needs it.
 
-Files (`convert_file`, `ddpm convert`), never unpickled with code execution:
-- ddpm: one `.safetensors` file as `checkpoint.save_weights` writes it (config `{"model": ...}`
-  in its header, checksummed). Also read: a training checkpoint (its EMA weights, which the
-  paper evaluates), or a plain safetensors state dict with its UNetConfig at NAME.json or --config.
-- tf: the same, with the official names and layouts. Also read: a plain safetensors file of
-  tensors dumped from an official checkpoint (names with or without `model/`; where a
-  variable has an `/ExponentialMovingAverage` copy, that EMA copy is taken), plus --config
-  (TF checkpoints carry no config).
-- diffusers: a directory as `UNet2DModel.save_pretrained` writes it (`config.json` +
-  `diffusion_pytorch_model.safetensors`, loadable with `from_pretrained`), or NAME.safetensors
-  with the diffusers config at NAME.json.
-- pt (read only): a `torch.save` state dict in our names, which are those of the PyTorch ports
-  of the release (pesser/pytorch_diffusion, ermongroup/ddim `model-790000.ckpt`), read with
-  `torch.load(weights_only=True)`; needs --config.
+Reading and writing files of these layouts is io/weights.py's (`ddpm convert`).
 """
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.nn as nn
 
-from ..config import load_json
-from ..errors import UserError, check_choice
-from ..network.unet import GROUPS, NORM_EPS, UNet, UNetConfig, config_from_dict
+from ..errors import UserError
+from ..network.unet import GROUPS, NORM_EPS, UNet, UNetConfig
 
-READ_FORMATS = ("ddpm", "diffusers", "tf", "pt")
-WRITE_FORMATS = ("ddpm", "diffusers", "tf")
 
 # ---------------------------------------------------------------------------------------------
 # diffusers config <-> UNetConfig
@@ -52,7 +34,7 @@ WRITE_FORMATS = ("ddpm", "diffusers", "tf")
 
 # UNet2DModel's own defaults (diffusers 0.42) for the fields we check: a config.json leaves out
 # the fields that had their default value, and diffusers fills them in when it loads.
-_DIFFUSERS_DEFAULTS = {
+DIFFUSERS_DEFAULTS = {
     "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
     "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0,
     "flip_sin_to_cos": True,
@@ -106,7 +88,7 @@ def config_from_diffusers(d: Mapping) -> UNetConfig:
     embedding, padding, norm, head count...), since its weights would load but compute another
     function.
     """
-    get = lambda k: d.get(k, _DIFFUSERS_DEFAULTS.get(k))  # noqa: E731
+    get = lambda k: d.get(k, DIFFUSERS_DEFAULTS.get(k))  # noqa: E731
     expect = {
         "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "norm_num_groups": GROUPS,
         "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
@@ -201,13 +183,13 @@ def _tf_name(name: str, is_norm: bool) -> str:
     return f"model/{module}/{leaf}"
 
 
-def _meta_unet(cfg: UNetConfig) -> UNet:
+def meta_unet(cfg: UNetConfig) -> UNet:
     # Built on the meta device: no time spent on a random init that loading overwrites.
     with torch.device("meta"):
         return UNet.from_config(cfg)
 
 
-def _load(model: nn.Module, state: dict, where: str) -> nn.Module:
+def load_state(model: nn.Module, state: dict, where: str) -> nn.Module:
     """Assign `state` (already in `model`'s names and shapes) to a meta-device model, strictly."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -245,7 +227,7 @@ def to_diffusers_state_dict(unet: UNet) -> dict[str, torch.Tensor]:
 
 
 def from_diffusers_state_dict(state: Mapping[str, torch.Tensor], cfg: UNetConfig, where: str = "diffusers weights") -> UNet:
-    model = _meta_unet(cfg)
+    model = meta_unet(cfg)
     levels = len(cfg.ch_mult)
     ours = {}
     for k, target in model.state_dict().items():
@@ -259,7 +241,7 @@ def from_diffusers_state_dict(state: Mapping[str, torch.Tensor], cfg: UNetConfig
     extra = sorted(set(state) - {_diffusers_name(k, levels) for k in ours})
     if extra:
         raise UserError(f"{where}: {len(extra)} tensors the config has no place for (e.g. {', '.join(extra[:3])}); check the config")
-    return _load(model, ours, where)
+    return load_state(model, ours, where)
 
 
 def unet_from_diffusers(model_or_state_dict, config: UNetConfig | Mapping | None = None) -> UNet:
@@ -288,7 +270,7 @@ def unet_to_diffusers(unet: UNet):
         raise UserError("unet_to_diffusers needs the diffusers package: pip install diffusers") from None
     with torch.device("meta"):
         model = UNet2DModel(**diffusers_config(unet.config))
-    _load(model, to_diffusers_state_dict(unet), "unet_to_diffusers")
+    load_state(model, to_diffusers_state_dict(unet), "unet_to_diffusers")
     return model.train(unet.training)
 
 
@@ -332,7 +314,7 @@ def unet_from_tf_state_dict(state: Mapping[str, torch.Tensor], config: UNetConfi
     """
     if not any(k.startswith("model/") for k in state):
         state = {f"model/{k}": v for k, v in state.items()}
-    model = _meta_unet(config)
+    model = meta_unet(config)
     norms = _norm_params(model)
     ours, names = {}, set()
     for k, target in model.state_dict().items():
@@ -354,139 +336,4 @@ def unet_from_tf_state_dict(state: Mapping[str, torch.Tensor], config: UNetConfi
     extra = sorted(k for k in state if k.startswith("model/") and base(k) not in names)
     if extra:
         raise UserError(f"{where}: {len(extra)} tensors the config has no place for (e.g. {', '.join(extra[:3])}); check the config")
-    return _load(model, ours, where)
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-def _config_arg(config) -> UNetConfig | None:
-    if config is None or isinstance(config, UNetConfig):
-        return config
-    if isinstance(config, (str, Path)):
-        return config_from_dict(load_json(config), str(config))
-    return config_from_dict(dict(config), "config")
-
-
-def _ddpm_header(path: Path) -> str | None:
-    """The `format` in a ddpm safetensors header (weights or training checkpoint), else None."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {})["ddpm"])["format"]
-    except Exception:  # not safetensors, or no ddpm header: the plain readers say which
-        return None
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        raise UserError(f"{path}: not a readable safetensors file ({e}); a torch.save file is read with --from pt") from None
-
-
-def _read_torch_save(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only=True: torch's restricted unpickler, which builds tensors and containers and
-    # refuses anything that would run code. Still: only convert files you trust.
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's long message suggests weights_only=False, which we never do
-        raise UserError(f"{path}: not a torch.save file that loads with weights_only=True ({type(e).__name__}); "
-                        f"it holds more than tensors and plain containers, so it is not read") from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
-    return dict(obj)
-
-
-def _plain_config(src: Path, cfg: UNetConfig | None) -> UNetConfig:
-    if cfg is not None:
-        return cfg
-    if not _sidecar(src).is_file():
-        raise UserError(f"{src} carries no config and there is no {_sidecar(src)}; pass --config with a UNetConfig JSON")
-    return config_from_dict(load_json(_sidecar(src)), str(_sidecar(src)))
-
-
-def read_unet(src, fmt: str, config=None) -> UNet:
-    """Read a network stored in `fmt` (see the module docstring for the layouts it accepts).
-
-    `config` (a UNetConfig, a dict or a JSON path) replaces the config the source carries.
-    """
-    check_choice("format", fmt, READ_FORMATS)
-    src, cfg = Path(src), _config_arg(config)
-    if not src.exists():
-        raise UserError(f"{src}: not found; give a .safetensors file" + (" or a diffusers model directory" if fmt == "diffusers" else ""))
-    if fmt == "diffusers":
-        weights, cfg_path = (src / "diffusion_pytorch_model.safetensors", src / "config.json") if src.is_dir() \
-            else (src, _sidecar(src))
-        if cfg is None:
-            if not cfg_path.is_file():
-                raise UserError(f"{src}: no diffusers config at {cfg_path}; pass --config with a UNetConfig JSON")
-            cfg = config_from_diffusers(load_json(cfg_path))
-        return from_diffusers_state_dict(_read_safetensors(weights), cfg, where=str(weights))
-    if fmt == "pt":
-        return _load(_meta_unet(_plain_config(src, cfg)), _read_torch_save(src), str(src))
-
-    from ..io import checkpoint
-
-    header = _ddpm_header(src)
-    if header == checkpoint.CHECKPOINT_FORMAT:  # a training checkpoint: its EMA weights, as the paper evaluates
-        state = checkpoint.load_checkpoint(src)
-        tensors, stored = state["ema"], state.get("config")
-    elif header == checkpoint.WEIGHTS_FORMAT:
-        tensors, stored = checkpoint.load_weights(src)
-    else:  # a plain safetensors file, e.g. tensors pulled out of an official TF checkpoint
-        tensors, stored = _read_safetensors(src), None
-    if cfg is None:
-        cfg = config_from_dict(stored, str(src)) if stored else _plain_config(src, None)
-    if fmt == "tf":
-        return unet_from_tf_state_dict(tensors, cfg, where=str(src))
-    return _load(_meta_unet(cfg), tensors, str(src))
-
-
-def write_unet(unet: UNet, dst, fmt: str) -> list[Path]:
-    """Write `unet` in `fmt`; returns the files written.
-
-    ddpm and tf: one `.safetensors` file written by checkpoint.save_weights (atomic, checksummed),
-    the config `{"model": UNetConfig}` in its header. diffusers: a directory as save_pretrained
-    writes it, or NAME.safetensors with the diffusers config at NAME.json.
-    """
-    check_choice("format", fmt, WRITE_FORMATS)
-    dst = Path(dst)
-    if fmt == "diffusers":
-        state = to_diffusers_state_dict(unet)
-        config = {"_class_name": "UNet2DModel", **diffusers_config(unet.config)}
-        weights, cfg_path = (dst, _sidecar(dst)) if dst.suffix == ".safetensors" else \
-            (dst / "diffusion_pytorch_model.safetensors", dst / "config.json")
-        from safetensors.torch import save_file
-
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(weights), metadata={"format": "pt"})
-        cfg_path.write_text(json.dumps(config, indent=2) + "\n")
-        return [weights, cfg_path]
-
-    from ..io.checkpoint import save_weights
-
-    state = unet_to_tf_state_dict(unet) if fmt == "tf" else {k: v.detach() for k, v in unet.state_dict().items()}
-    return [save_weights(dst, state, {"model": unet.config.to_dict()})]
-
-
-def convert_file(src, dst, src_format: str, dst_format: str, config=None) -> list[Path]:
-    """`ddpm convert`: read weights in one layout, write them in another. Returns the files written.
-
-    `config` (a UNetConfig, a dict, or a JSON path) replaces the config the source carries; it is
-    needed for files that carry none (a plain TF-named safetensors file, a torch.save state dict).
-    """
-    check_choice("--from", src_format, READ_FORMATS)
-    check_choice("--to", dst_format, WRITE_FORMATS)
-    return write_unet(read_unet(src, src_format, config), dst, dst_format)
+    return load_state(model, ours, where)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..workflows.sample import make_grid, sample, save_png, to_uint8_images
+from ..io.images import make_grid, write_png
+from ..process.scaling import to_uint8
+from .sample import sample
 from ..workflows.train import RunConfig, load_run, train
 
 PROGRESSIVE_TIMES = (999, 800, 600, 400, 300, 200, 150, 100, 50, 0)
@@ -42,10 +44,10 @@ def run_demo(out="runs/demo", steps: int | None = None, n: int = 64, progress: b
     x = sample(ema, diffusion, (m.in_channels, m.resolution, m.resolution), seed=seed, indices=range(n), device="cpu",
                progress=progress, callback=keep)
     t_sample = time.perf_counter() - t1
-    samples = save_png(make_grid(to_uint8_images(x), nrow=8), out / "samples.png")
+    samples = write_png(make_grid(to_uint8(x), nrow=8), out / "samples.png")
     # rows: the 8 chains; columns: x̂_0 at t = 999 … 0
     cols = torch.stack([strip[t] for t in PROGRESSIVE_TIMES], dim=1).flatten(0, 1)
-    prog = save_png(make_grid(to_uint8_images(cols), nrow=len(PROGRESSIVE_TIMES)), out / "progressive.png")
+    prog = write_png(make_grid(to_uint8(cols), nrow=len(PROGRESSIVE_TIMES)), out / "progressive.png")
     print(f"demo: sampling {n} images (T={diffusion.num_timesteps}) took {t_sample / 60:.1f} min; "
           f"wrote {samples} and {prog}", file=sys.stderr)
     return dict(train_seconds=t_train, sample_seconds=t_sample, samples=str(samples), progressive=str(prog), **res)

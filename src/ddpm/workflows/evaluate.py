@@ -7,7 +7,7 @@
     fid     = fid_from_stats(FIDStats.from_features(fs), ref)
 
 Every image reaches the network as the uint8 pixels a user would save (samples are rounded by
-`sampling.to_uint8_images`, never truncated; sample folders are read back from the PNG files).
+`process.scaling.to_uint8`, never truncated; sample folders are read back from the PNG files).
 Under torchrun each process measures a contiguous block of the images and the statistics are
 merged in rank order, so every process works and the result does not depend on their number.
 """
@@ -26,13 +26,16 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..io.atomic import write_json
+from ..io.images import IMAGE_EXTENSIONS, open_image
+from ..io.progress import progress_bar
+from ..process.scaling import to_uint8
 from ..workflows.fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, load_stats, save_stats
 from ..network.inception import FEATURE_DIM, NUM_CLASSES, InceptionV3
 
 PROTOCOL = ("Inception-v3 2015-12-05 weights (pt_inception-2015-12-05-6726825d.pth), pool-3 2048-d features, "
             "TF1 bilinear resize to 299 (no antialiasing), uint8 inputs, statistics and distance in float64; "
             "the paper: 50,000 EMA samples (Algorithm 2) against the 50,000 training images")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,13 +82,9 @@ class FolderSource(ImageSource):
                   f"measures lossless PNGs", file=sys.stderr)
 
     def read(self, indices):
-        from PIL import Image
-
         out = []
         for i in indices:
-            with Image.open(self.files[i]) as im:
-                im = im.convert("L" if im.mode in ("L", "1", "I;16", "I") else "RGB")
-                a = np.asarray(im)
+            a = np.asarray(open_image(self.files[i]))
             out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
         shapes = {a.shape for a in out}
         if len(shapes) > 1:
@@ -225,7 +224,7 @@ def measure(source: ImageSource, inception: InceptionV3, *, batch: int = 100, di
     """`measure_batches` over a source, each process reading its own block."""
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     mine = block(source.n, rank, world)
-    bar = _bar(len(mine), "inception", progress and rank == 0)
+    bar = progress_bar(len(mine), desc="inception", unit="img", enabled=progress and rank == 0)
 
     def batches():
         for s in range(mine.start, mine.stop, batch):
@@ -447,9 +446,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     report["notes"] = sorted({x for x in notes if x})
     report["seconds"] = round(time.time() - t0, 1)
     if dist.is_main:
-        from ..workflows.sample import write_json_atomic
-
-        write_json_atomic(out_dir / "eval.json", report)
+        write_json(out_dir / "eval.json", report)
         log(f"eval: wrote {out_dir / 'eval.json'}")
     return report
 
@@ -501,7 +498,7 @@ class TrainingFID:
         """:param shape: (C, H, W) of one sample. -> dict(fid, is_mean, is_std, fid_n, fid_seconds)
         on every process."""
         from ..io.distributed import broadcast_object
-        from ..workflows.sample import sample, to_uint8_images
+        from ..workflows.sample import sample
 
         t0 = time.time()
         mine = block(self.n, self.dist.rank, self.dist.world_size)
@@ -509,7 +506,7 @@ class TrainingFID:
         def batches():
             for s in range(mine.start, mine.stop, self.batch):
                 idx = list(range(s, min(s + self.batch, mine.stop)))
-                x = to_uint8_images(sample(ema, diffusion, shape, seed=self.seed, indices=idx, device=self.dist.device))
+                x = to_uint8(sample(ema, diffusion, shape, seed=self.seed, indices=idx, device=self.dist.device))
                 for j in range(0, len(idx), self.inception_batch):
                     yield idx[j:j + self.inception_batch], x[j:j + self.inception_batch].cpu()
 
@@ -527,16 +524,3 @@ class TrainingFID:
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-class _NoBar:
-    def update(self, n=1): pass
-    def close(self): pass
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)

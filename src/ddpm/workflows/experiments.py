@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..io.data import to_model_range
-from ..process.diffusion import GaussianDiffusion
-from ..io.distributed import DistInfo, barrier, broadcast_object, derive_seed
 from ..errors import UserError
-from ..workflows.sample import (ImageNoise, check_paper_t, check_settings, ddim_timesteps, denoise_from, diffuse, sample,
-                       shard, write_json_atomic, _image_bar)
+from ..io.atomic import atomic_file, write_json, write_npz
+from ..io.distributed import DistInfo, barrier, broadcast_object, derive_seed
+from ..io.images import write_png
+from ..io.progress import progress_bar
+from ..process.diffusion import GaussianDiffusion
+from ..process.scaling import to_model_range
+from .sample import ImageNoise, check_paper_t, check_settings, ddim_timesteps, denoise_from, diffuse, sample, shard
 
 # Salts that keep the seed streams of different roles apart (encoding noise vs decoding noise).
 _DECODE = 0xDEC0DE
@@ -97,13 +98,13 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
     batches = broadcast_object(batches, dist)
     mine = shard(batches, dist.rank, dist.world_size)
 
-    bar = _image_bar(sum(len(b) for b in mine), "bits/dim", progress and dist.is_main)
+    bar = progress_bar(sum(len(b) for b in mine), desc="bits/dim", unit="img", enabled=progress and dist.is_main)
     for idx in mine:
         x0 = to_model_range(images[torch.tensor(idx)]).to(device)
         res = diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised, noise_fn=ImageNoise(seed, idx, device),
                                       progress=progress and dist.is_main)
         arrays = {k: res[k].float().cpu().numpy() for k in ("prior_bpd", "vb", "mse", "x0_mse")}
-        _save_npz_atomic(parts / f"batch-{idx[0]:06d}.npz", indices=np.asarray(idx, np.int64),
+        write_npz(parts / f"batch-{idx[0]:06d}.npz", indices=np.asarray(idx, np.int64),
                          digest=_digests(images[torch.tensor(idx)]), **arrays)
         bar.update(len(idx))
     bar.close()
@@ -164,14 +165,14 @@ def _write_nll_results(out_dir: Path, bpd: dict, seed: int, clip_denoised: bool)
     total = prior + decoder + diffusion_terms  # float64: the parts add up to the total exactly
     bpd = dict(bpd, total_bpd=total)
     N, T = vb.shape
-    _save_npz_atomic(out_dir / "bpd.npz", **bpd)
+    write_npz(out_dir / "bpd.npz", **bpd)
 
-    with _atomic_text(out_dir / "per_image.csv") as f:
+    with atomic_file(out_dir / "per_image.csv", "w") as f:
         w = csv.writer(f)
         w.writerow(["index", "total_bpd", "prior_bpd", "decoder_bpd", "diffusion_bpd"])
         for i in range(N):
             w.writerow([i, f"{total[i]:.6f}", f"{prior[i]:.6e}", f"{decoder[i]:.6f}", f"{diffusion_terms[i]:.6f}"])
-    with _atomic_text(out_dir / "per_t.csv") as f:
+    with atomic_file(out_dir / "per_t.csv", "w") as f:
         w = csv.writer(f)
         w.writerow(["t", "paper_t", "vb_bpd", "eps_mse", "x0_mse"])
         vb_m, mse_m, x0_m = vb.mean(0), bpd["mse"].astype(np.float64).mean(0), bpd["x0_mse"].astype(np.float64).mean(0)
@@ -185,7 +186,7 @@ def _write_nll_results(out_dir: Path, bpd: dict, seed: int, clip_denoised: bool)
         decoder_bpd=float(decoder.mean()),  # L_0
         diffusion_bpd=float(diffusion_terms.mean()),  # Σ_{t>1} L_{t-1}: code indices 1 … T-1
     )
-    write_json_atomic(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -240,7 +241,7 @@ def write_rate_distortion(rd: dict, out_dir) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / "rate_distortion.csv", out_dir / "rate_distortion.png"
-    with _atomic_text(csv_path) as f:
+    with atomic_file(csv_path, "w") as f:
         w = csv.writer(f)
         w.writerow(["t", "reverse_steps", "rate_bpd", "distortion_rmse"])
         for t, s, r, d in zip(rd["t"], rd["steps"], rd["rate"], rd["distortion_rmse"]):
@@ -253,8 +254,6 @@ def plot_rate_distortion(rd: dict, path) -> Path:
     """Fig. 5 drawn with Pillow: distortion vs steps, rate vs steps, distortion vs rate."""
     from PIL import Image, ImageDraw
 
-    from ..workflows.sample import save_png
-
     W, H = 380, 300
     img = Image.new("RGB", (3 * W, H), "white")
     draw = ImageDraw.Draw(img)
@@ -262,7 +261,7 @@ def plot_rate_distortion(rd: dict, path) -> Path:
     _panel(img, draw, (0, 0, W, H), steps, dist, "Reverse process steps (T - t)", "Distortion (RMSE)")
     _panel(img, draw, (W, 0, 2 * W, H), steps, rate, "Reverse process steps (T - t)", "Rate (bits/dim)")
     _panel(img, draw, (2 * W, 0, 3 * W, H), rate, dist, "Rate (bits/dim)", "Distortion (RMSE)")
-    return save_png(np.asarray(img), path)
+    return write_png(np.asarray(img), path)
 
 
 def _font(size: int = 12):
@@ -440,51 +439,3 @@ def reconstruct(model, diffusion: GaussianDiffusion, x0: torch.Tensor, ts: Seque
         back.append(denoise_from(model, diffusion, x_t, t, ImageNoise(derive_seed(seed, _DECODE), [0], x0.device, x0.dtype),
                                  clip_denoised=clip_denoised, progress=progress).float().cpu())
     return dict(t=ts, x_t=torch.cat(noisy), x0=torch.cat(back))
-
-
-def load_image(path, channels: int, resolution: int) -> torch.Tensor:
-    """One picture file as the model sees data: converted to gray (channels=1) or RGB (3), the
-    largest centred square cropped and Lanczos-resized to `resolution` (data.py's preprocessing).
-    -> uint8 [C, H, W]."""
-    from ..io.data import _prepare
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such image file")
-    a, info = _prepare(path, resolution, {1: "gray", 3: "rgb"}[channels])
-    if a is None:
-        raise UserError(f"{path}: cannot read image ({info}); give a PNG, JPEG or WebP file")
-    return torch.from_numpy(a.transpose(2, 0, 1).copy())
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic file helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _save_npz_atomic(path: Path, **arrays) -> Path:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
-
-
-class _atomic_text:
-    """`with _atomic_text(path) as f:` writes a text file under a temporary name, then moves it."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = Path(path), Path(path).with_name(f".tmp-{Path(path).name}-{os.getpid()}")
-
-    def __enter__(self):
-        self.f = open(self.tmp, "w", newline="")
-        return self.f
-
-    def __exit__(self, exc_type, *rest):
-        self.f.close()
-        if exc_type is None:
-            self.tmp.replace(self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..errors import UserError
+from ..io.atomic import write_npz
 
 IS_SPLITS = 10
 STATS_FORMAT = "ddpm-fid-stats/1"
@@ -268,18 +269,13 @@ class FIDStats:
 
 def save_stats(path: Union[str, Path], stats: FIDStats) -> Path:
     """An .npz with `mu`, `sigma` (the keys pytorch-fid, TTUR and EDM read), `n`, and
-    `provenance` (a JSON string). Written to a temporary name, then moved into place."""
+    `provenance` (a JSON string), written atomically."""
     path = Path(path)
     if path.suffix != ".npz":
         raise UserError(f"{path}: reference statistics are written as .npz; give a path ending in .npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
     prov = dict(stats.provenance, format=STATS_FORMAT, n_images=int(stats.n))
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64),
-                 n=np.int64(stats.n), provenance=np.array(json.dumps(prov, sort_keys=True)))
-    tmp.replace(path)
-    return path
+    return write_npz(path, mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64),
+                     n=np.int64(stats.n), provenance=np.array(json.dumps(prov, sort_keys=True)))
 
 
 def load_stats(path: Union[str, Path]) -> FIDStats:

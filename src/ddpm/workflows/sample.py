@@ -7,6 +7,8 @@ processes, or which images were already written.
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import ThreadPoolExecutor
 import math
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -14,7 +16,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..io.checkpoint import write_json_atomic
+from ..io.atomic import write_json, write_npz_rows
+from ..io.images import make_grid, read_png, write_png
+from ..io.progress import progress_bar
+from ..process.scaling import to_uint8
 from ..process.diffusion import GaussianDiffusion
 from ..io.distributed import derive_seed
 from ..errors import UserError, check_choice
@@ -89,35 +94,6 @@ def sample(model, diffusion: GaussianDiffusion, shape, *, seed: int, indices: Se
             noise.close()
 
 
-def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8, rounded (not truncated): what a user's saved PNG holds."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def make_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
-    """uint8 [N, C, H, W] -> one uint8 HWC (or HW) picture with `nrow` images per row."""
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
-    rows = int(math.ceil(n / nrow))
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
-    arr = images.permute(0, 2, 3, 1).cpu().numpy()
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
-    return grid[..., 0] if c == 1 else grid
-
-
-def save_png(array: np.ndarray, path) -> Path:
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)  # never leave a half-written picture under the real name
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # Partial chains: the forward process to x_t, and the reverse process from x_t (paper indexing)
 # ---------------------------------------------------------------------------------------------
@@ -158,34 +134,21 @@ def png_name(i: int) -> str:
     return f"{i:06d}.png"
 
 
-def _read_png(path: Path, shape) -> Optional[np.ndarray]:
-    """uint8 HWC pixels of a sample PNG, or None when missing or unreadable (e.g. a killed write
-    from a tool that was not atomic). A readable PNG of another shape is an error: the directory
-    holds another model's samples."""
-    from PIL import Image
-
-    if not path.is_file():
-        return None
-    try:
-        with Image.open(path) as im:
-            im.load()
-            a = np.asarray(im)
-    except Exception:
-        return None
-    a = a[..., None] if a.ndim == 2 else a
+def _read_sample(path: Path, shape) -> Optional[np.ndarray]:
+    """uint8 HWC pixels of a sample PNG, or None when missing or unreadable. A readable PNG of
+    another shape is an error: the directory holds another model's samples."""
+    a = read_png(path)
     c, h, w = shape
-    if a.shape != (h, w, c):
+    if a is not None and a.shape != (h, w, c):
         raise UserError(f"{path}: holds a {a.shape[1]}x{a.shape[0]}x{a.shape[2]} image, but this model makes "
                         f"{w}x{h}x{c}; write to another --out directory")
     return a
 
 
 def _existing_indices(out_dir: Path, n: int, shape) -> set[int]:
-    from concurrent.futures import ThreadPoolExecutor
-
     # PIL releases the GIL while decoding, so a few threads check 50,000 files several times faster.
     with ThreadPoolExecutor(4) as pool:
-        ok = pool.map(lambda i: _read_png(out_dir / png_name(i), shape) is not None, range(n))
+        ok = pool.map(lambda i: _read_sample(out_dir / png_name(i), shape) is not None, range(n))
         return {i for i, good in enumerate(ok) if good}
 
 
@@ -198,8 +161,6 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
 def check_settings(path, meta: dict) -> None:
     """Refuse to mix results made with other settings into one directory: compare `meta` with the
     settings recorded at `path` by an earlier run, or record them there."""
-    import json
-
     path = Path(path)
     if path.is_file():
         old = json.loads(path.read_text())
@@ -209,28 +170,7 @@ def check_settings(path, meta: dict) -> None:
             raise UserError(f"{path}: the files here were made with {k}={old.get(k)!r}, now {meta.get(k)!r}; "
                             f"rerun with the same settings to resume, or write to another --out directory")
     else:
-        write_json_atomic(path, meta)
-
-
-def write_npz_stream(path, arrays: dict, x_shape, x_rows) -> Path:
-    """An .npz (as np.savez writes: a zip of .npy files, stored) whose uint8 array "x" of shape
-    `x_shape` is written one row at a time from the iterator `x_rows`, so 50,000 256x256 samples
-    never have to sit in memory at once. Written to a temporary name, then moved into place."""
-    import os
-    import zipfile
-
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("x.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(x_shape)})
-            for row in x_rows:
-                f.write(np.ascontiguousarray(row, dtype=np.uint8).tobytes())
-        for name, a in arrays.items():
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
-    tmp.replace(path)
-    return path
+        write_json(path, meta)
 
 
 def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: int, seed: int, shape, dist=None, *,
@@ -284,13 +224,13 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     todo = broadcast_object(todo, dist)
     mine = shard(todo, dist.rank, dist.world_size)
 
-    bar = _image_bar(len(mine), "sampling", progress and dist.is_main)
+    bar = progress_bar(len(mine), desc="sampling", unit="img", enabled=progress and dist.is_main)
     for start in range(0, len(mine), batch):
         idx = mine[start:start + batch]
         x = sample(model, diffusion, shape, seed=seed, indices=idx, device=device, progress=progress and dist.is_main, **opts)
-        pics = to_uint8_images(x).permute(0, 2, 3, 1).cpu().numpy()
+        pics = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         for i, pic in zip(idx, pics):
-            save_png(pic[..., 0] if pic.shape[2] == 1 else pic, out_dir / png_name(i))
+            write_png(pic, out_dir / png_name(i))
         bar.update(len(idx))
     bar.close()
     barrier()
@@ -301,26 +241,13 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
 
         def rows():
             for i in range(n):
-                a = _read_png(out_dir / png_name(i), shape)
+                a = _read_sample(out_dir / png_name(i), shape)
                 if a is None:
                     raise UserError(f"{out_dir / png_name(i)}: missing or unreadable after sampling; run the same command again")
                 yield a
 
-        write_npz_stream(npz_path, {"indices": np.arange(n, dtype=np.int64)}, (n, h, w, c), rows())
-        first = np.stack([_read_png(out_dir / png_name(i), shape) for i in range(min(grid_n, n))])
-        save_png(make_grid(torch.from_numpy(first).permute(0, 3, 1, 2), nrow=8), grid_path)
+        write_npz_rows(npz_path, {"indices": np.arange(n, dtype=np.int64)}, (n, h, w, c), rows())
+        first = np.stack([_read_sample(out_dir / png_name(i), shape) for i in range(min(grid_n, n))])
+        write_png(make_grid(torch.from_numpy(first).permute(0, 3, 1, 2), nrow=8), grid_path)
     barrier()
     return dict(out_dir=str(out_dir), n=n, generated=len(todo), skipped=n - len(todo), npz=str(npz_path), grid=str(grid_path))
-
-
-class _NoBar:
-    def update(self, n=1): pass
-    def close(self): pass
-
-
-def _image_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)

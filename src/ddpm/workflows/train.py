@@ -25,8 +25,13 @@ from typing import Optional
 import torch
 
 from ..io import checkpoint as ckpt
+from ..io.atomic import write_json, write_text
+from ..io.images import make_grid, write_png
+from ..io.progress import progress_bar
+from ..process.scaling import to_model_range, to_uint8
+from .sample import sample
 from ..config import Config, apply_overrides, load_json
-from ..io.data import DataConfig, ImageSet, load_images, to_model_range
+from ..io.data import DataConfig, ImageSet, load_images
 from ..process.diffusion import DiffusionConfig, GaussianDiffusion
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, derive_seed, init as dist_init
 from ..errors import UserError, check_choice
@@ -268,7 +273,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
         check_resume_compatible(load_json(config_path), run, config_path)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_json_atomic(config_path, run.to_dict())
+        write_json(config_path, run.to_dict())
     barrier()
 
     device = dist.device
@@ -328,7 +333,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
         fid = TrainingFID(n=cfg.fid_n, batch=cfg.batch_size, seed=cfg.seed, ref=cfg.fid_ref or None, images=images,
                           data=run.data, cache=run_dir / "fid-ref-train.npz", weights=cfg.fid_weights or None,
                           expected_sha256=cfg.fid_weights_sha256 or None, dist=dist)
-    bar = _bar(start, cfg.steps, enabled=progress and dist.is_main)
+    bar = progress_bar(cfg.steps, desc="train", unit="step", initial=start, enabled=progress and dist.is_main)
     sums = torch.zeros(2, 4, device=device)  # loss sum / count per timestep quartile
     gn_sum = torch.zeros((), device=device)
     last_loss, t0, steps_timed = float("nan"), time.perf_counter(), 0
@@ -421,12 +426,10 @@ def _diverged_message(run_dir: Path, step: int) -> str:
 def write_sample_grid(ema: torch.nn.Module, diffusion: GaussianDiffusion, run: RunConfig, path: Path, n: int, seed: int,
                       device, progress: bool = False) -> Path:
     """n EMA samples (Algorithm 2) as one PNG grid."""
-    from ..workflows.sample import make_grid, sample, save_png, to_uint8_images
-
     m = run.model
     x = sample(ema, diffusion, (m.in_channels, m.resolution, m.resolution), seed=seed, indices=range(n), device=device,
                progress=progress)
-    return save_png(make_grid(to_uint8_images(x)), path)
+    return write_png(make_grid(to_uint8(x)), path)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -434,7 +437,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 class _Logger:
@@ -465,20 +468,6 @@ class _Logger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-class _NoBar:
-    def update(self, n=1): pass
-    def set_postfix(self, **kw): pass
-    def close(self): pass
-
-
-def _bar(start: int, total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
 def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> tuple[RunConfig, torch.nn.Module, GaussianDiffusion, Path]:
