@@ -2,7 +2,8 @@
 
 For x_0 ~ N(μ, s²) per pixel, E[ε | x_t] = √(1−ᾱ_t)(x_t − √ᾱ_t μ) / (ᾱ_t s² + 1 − ᾱ_t): the best
 any network could do, so samplers and the bound driven by it can be checked against the data.
-ᾱ is computed here from the β's with numpy, independently of ddpm.
+ᾱ is computed here from the β's with numpy, independently of ddpm. Like the package's networks it
+is called with the paper's t ∈ 1 … T (docs/MATH.md § Time and indexing): ᾱ_t is abar[t − 1].
 """
 
 import numpy as np
@@ -21,7 +22,7 @@ class Oracle:
 
     def __call__(self, x, t):
         self.images += x.shape[0]
-        a = self.abar.to(x)[t].view(-1, *([1] * (x.ndim - 1)))
+        a = self.abar.to(x)[t - 1].view(-1, *([1] * (x.ndim - 1)))
         return (1 - a).sqrt() * (x - a.sqrt() * self.mu) / (a * self.s**2 + 1 - a)
 
 

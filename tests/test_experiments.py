@@ -59,9 +59,9 @@ def test_nll_total_is_the_sum_of_its_parts(oracle_nll):
         parts = float(r["prior_bpd"]) + float(r["decoder_bpd"]) + float(r["diffusion_bpd"])
         assert float(r["total_bpd"]) == pytest.approx(parts, abs=2e-6)
     per_t = list(csv.DictReader(open(out / "per_t.csv")))
-    assert [int(r["t"]) for r in per_t] == list(range(1000))
+    assert [int(r["t"]) for r in per_t] == list(range(1, 1001))
     vb = oracle_nll["bpd"]["vb"]
-    assert float(per_t[0]["vb_bpd"]) == pytest.approx(s["decoder_bpd"], rel=1e-5)  # code index 0 is L_0
+    assert float(per_t[0]["vb_bpd"]) == pytest.approx(s["decoder_bpd"], rel=1e-5)  # from x_1: L_0
     assert sum(float(r["vb_bpd"]) for r in per_t[1:]) == pytest.approx(s["diffusion_bpd"], rel=1e-5)
     assert (vb[:, 1:] >= -2e-6).all()  # KL terms (float32; see below)
     # A bound on each image's exact NLL under the rounded Gaussian, and a close one with the optimal
@@ -103,7 +103,7 @@ def test_nll_does_not_depend_on_the_batch_and_resumes(oracle_nll, tmp_path):
 
 # ---------------------------------------------------------------- rate–distortion
 def test_rate_distortion_indexing_on_hand_made_terms():
-    # T = 3; code index i holds vb[:, i] and x0_mse[:, i] (x̂_0 from the paper's x_{i+1}).
+    # T = 3; column t - 1 holds L_{t-1} and the x̂_0 error, both computed from x_t.
     bpd = dict(prior_bpd=np.array([0.1, 0.3]), vb=np.array([[2.0, 0.5, 0.25], [4.0, 1.5, 0.75]]),
                x0_mse=np.array([[1e-4, 0.01, 0.25], [3e-4, 0.03, 0.75]]))
     rd = rate_distortion(bpd)
@@ -154,14 +154,14 @@ ORACLE20 = Oracle(make_betas("linear", 20, 1e-3, 0.2))
 
 
 def test_progressive_generation_follows_the_sampling_chains():
-    res = progressive_generation(ORACLE20, D20, (1, 8, 8), [19, 10, 0], 3, seed=5)
+    res = progressive_generation(ORACLE20, D20, (1, 8, 8), [20, 11, 1], 3, seed=5)
     assert res["pred_x0"].shape == (3, 3, 1, 8, 8)
     assert torch.equal(res["samples"], sample(ORACLE20, D20, (1, 8, 8), seed=5, indices=range(3), device="cpu"))
-    # at code index 0 the x̂_0 shown is the network's last prediction, which is also the sample
-    # (no noise is added at the last step and the posterior mean at t=0 is x̂_0)
+    # at t = 1 the x̂_0 shown is the network's last prediction, which is also the sample
+    # (no noise is added at the last step and the posterior mean from x_1 is x̂_0)
     torch.testing.assert_close(res["pred_x0"][:, 2], res["samples"], rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="not steps of this sampler"):
-        progressive_generation(ORACLE20, D20, (1, 8, 8), [19, 3], 2, seed=5, sampler="ddim", ddim_steps=5)
+        progressive_generation(ORACLE20, D20, (1, 8, 8), [20, 3], 2, seed=5, sampler="ddim", ddim_steps=5)
 
 
 def test_shared_latent_samples():
@@ -275,7 +275,7 @@ def test_cli_nll_and_rate_distortion(tiny_run, tmp_path, capsys):
 
 
 def test_cli_progressive_and_shared(tiny_run, tmp_path, capsys):
-    rc, out, _ = _run(capsys, "progressive", "--run", tiny_run / "run", "--n-chains", 2, "--times", "19,10,0", "--out", tmp_path,
+    rc, out, _ = _run(capsys, "progressive", "--run", tiny_run / "run", "--n-chains", 2, "--times", "20,11,1", "--out", tmp_path,
                       "--no-progress")
     assert rc == 0
     assert Image.open(tmp_path / "progressive.png").size == (3 * 18 + 2, 2 * 18 + 2)  # 16px cells, 2px gaps

@@ -62,13 +62,15 @@ def perturb_(model: nn.Module, seed: int) -> nn.Module:
 
 
 def assert_same_function(ours: UNet, theirs, size: int, channels: int = 3):
+    """Our network at the paper's t equals diffusers' at its 0-based index t − 1 (the official
+    code's convention, docs/MATH.md § Time and indexing)."""
     ours.eval(), theirs.eval()
     g = torch.Generator().manual_seed(0)
-    for t in ([0, 1], [500, 999]):
+    for t in ([1, 2], [501, 1000]):
         x = torch.randn(2, channels, size, size, generator=g)
         t = torch.tensor(t)
         with torch.no_grad():
-            a, b = ours(x, t), theirs(x, t).sample
+            a, b = ours(x, t), theirs(x, t - 1).sample
         assert b.abs().mean() > 0.1  # a meaningful output, not a near-zero one
         assert (a - b).abs().max().item() <= 1e-5
 

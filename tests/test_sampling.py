@@ -20,7 +20,9 @@ from PIL import Image
 
 from ddpm import GaussianDiffusion, UserError, make_betas
 from gaussian_oracle import MU, PAPER_BETAS, S, Oracle, oracle_for
-from ddpm.workflows.sample import ImageNoise, ddim_timesteps, denoise_from, diffuse, sample, sample_to_dir, shard
+from ddpm.io.distributed import shard
+from ddpm.process.diffusion import ddim_timesteps
+from ddpm.workflows.sample import ImageNoise, sample, sample_to_dir
 
 
 
@@ -37,32 +39,34 @@ def paper_diffusion():
     return GaussianDiffusion(make_betas("linear", 1000))
 
 
-def exact_law(timesteps, sampler, eta=0.0, var_type="fixedlarge", betas=BETAS):
+def exact_law(times, sampler, eta=0.0, var_type="fixedlarge", betas=BETAS):
     """Mean and variance of x_0 from x_T ~ N(0, 1) under the oracle, by composing each step's
-    affine map in float64 (re-derived here, not read from the code). With y = x_t − √ᾱ_t μ and
+    affine map in float64 (re-derived here, not read from the code). `times` is the chain of paper
+    times from its first down to 0; ᾱ_t is abar[t - 1] and ᾱ_0 = 1. With y = x_t − √ᾱ_t μ and
     k = √ᾱ_t s² / v_t (v_t = ᾱ_t s² + 1 − ᾱ_t): x̂_0 = μ + k y.
     Ancestral: x_{t-1} = c1 x̂_0 + c2 x_t + σ z (eq. 7; σ² = β_t or β̃_t; no z at the last step).
-    DDIM: x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z (Song et al. eq. 12)."""
-    abar = np.cumprod(1 - betas)
+    DDIM: x_next = √ᾱ_next x̂_0 + √(1 − ᾱ_next − σ²) ε̂ + σ z (Song et al. eq. 12)."""
+    abar = np.append(1.0, np.cumprod(1 - betas))  # abar[t] = ᾱ_t for t = 0 … T
+    beta = np.append(np.nan, betas)  # beta[t] = β_t
     m, V = 0.0, 1.0
-    ts = list(timesteps)
-    for i, t in enumerate(ts):
+    ts = list(times)
+    for t, tn in zip(ts, ts[1:]):
         a = abar[t]
         v = a * S**2 + 1 - a
         k = math.sqrt(a) * S**2 / v
         if sampler == "ancestral":
-            ap = abar[t - 1] if t > 0 else 1.0
-            c1, c2 = betas[t] * math.sqrt(ap) / (1 - a), (1 - ap) * math.sqrt(1 - betas[t]) / (1 - a)
-            sigma2 = 0.0 if t == 0 else (betas[t] if var_type == "fixedlarge" else betas[t] * (1 - ap) / (1 - a))
+            assert tn == t - 1
+            ap = abar[t - 1]
+            c1, c2 = beta[t] * math.sqrt(ap) / (1 - a), (1 - ap) * math.sqrt(1 - beta[t]) / (1 - a)
+            sigma2 = 0.0 if t == 1 else (beta[t] if var_type == "fixedlarge" else beta[t] * (1 - ap) / (1 - a))
             m = c1 * MU * (1 - k * math.sqrt(a)) + (c1 * k + c2) * m
             V = (c1 * k + c2) ** 2 * V + sigma2
         else:
-            tp = ts[i + 1] if i + 1 < len(ts) else -1
-            ap = abar[tp] if tp >= 0 else 1.0
+            ap = abar[tn]
             sigma2 = eta**2 * (1 - ap) / (1 - a) * (1 - a / ap)
             g = math.sqrt(ap) * k + math.sqrt(max(1 - ap - sigma2, 0.0)) * math.sqrt(1 - a) / v
             m = math.sqrt(ap) * MU + g * (m - math.sqrt(a) * MU)
-            V = g * g * V + (sigma2 if tp >= 0 else 0.0)
+            V = g * g * V + (sigma2 if tn > 0 else 0.0)
     return m, V
 
 
@@ -72,7 +76,7 @@ N_PIX = N_IMG * 64 * 64
 
 
 # The exact laws (variance / s²), which say how far each discretisation is from the data:
-#   ancestral fixedlarge 1.0075, fixedsmall 0.970 (PAPER.md: σ² = β suits spread-out data);
+#   ancestral fixedlarge 1.0075, fixedsmall 0.970 (docs/MATH.md: σ² = β suits spread-out data);
 #   DDIM η=0: 50 uniform steps 0.814, 50 trailing 0.800, 100 uniform 0.902, 1000 steps 0.988,
 #   10 quad 0.676; DDIM η=1: 50 uniform 0.678, 1000 steps 0.970 (= ancestral with σ² = β̃).
 # DDIM shrinks the variance of this narrow (s = 0.25) Gaussian with few steps: each deterministic
@@ -89,7 +93,7 @@ N_PIX = N_IMG * 64 * 64
 def test_samplers_with_the_oracle_follow_the_exact_law(sampler, steps, eta, spacing, var_type):
     d = GaussianDiffusion(BETAS, var_type=var_type)
     if sampler == "ancestral":
-        opts, ts = dict(sampler=sampler), range(999, -1, -1)
+        opts, ts = dict(sampler=sampler), range(1000, -1, -1)
     else:
         opts, ts = dict(sampler=sampler, ddim_steps=steps, ddim_eta=eta, ddim_spacing=spacing), ddim_timesteps(1000, steps, spacing)
     m, V = exact_law(ts, sampler, eta, var_type)
@@ -110,9 +114,9 @@ def test_ddim_eta_1_on_every_step_is_ancestral_sampling_with_posterior_variance(
     betas = make_betas("linear", 50, 1e-3, 0.3)
     d, model = GaussianDiffusion(betas, var_type="fixedsmall"), oracle_for(betas)
     x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ts = range(49, -1, -1)
+    ts = range(50, -1, -1)
     a = d.reverse_loop(model, x_T, ts, d.ddim(1.0), noise_fn=ImageNoise(5, range(3), "cpu", torch.float64))
-    b = d.reverse_loop(model, x_T, ts, d.ancestral_step(), noise_fn=ImageNoise(5, range(3), "cpu", torch.float64))
+    b = d.reverse_loop(model, x_T, ts, d.ancestral(), noise_fn=ImageNoise(5, range(3), "cpu", torch.float64))
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
@@ -148,24 +152,23 @@ def test_noise_drawn_ahead_on_a_thread_gives_the_same_samples():
         assert torch.equal(a, b), sampler
 
 
-# ---------------------------------------------------------------- partial chains (paper t)
-def test_diffuse_and_denoise_at_t0_are_the_identity(paper_diffusion):
+# ---------------------------------------------------------------- partial chains
+def test_denoising_from_t0_is_the_identity(paper_diffusion):
     x0 = torch.rand(2, *SHAPE) * 2 - 1
     calls = []
     model = lambda x, t: calls.append(1) or torch.zeros_like(x)
-    assert torch.equal(diffuse(paper_diffusion, x0, 0, torch.randn_like(x0)), x0)
-    assert torch.equal(denoise_from(model, paper_diffusion, x0, 0, ImageNoise(0, range(2), "cpu")), x0)
+    assert torch.equal(paper_diffusion.p_sample_loop(model, x_t=x0, t=0, noise_fn=ImageNoise(0, range(2), "cpu")), x0)
     assert not calls
     with pytest.raises(UserError, match="from 0"):
-        diffuse(paper_diffusion, x0, 1001, x0)
+        paper_diffusion.p_sample_loop(model, x_t=x0, t=1001)
 
 
-def test_denoise_from_T_is_algorithm_2():
+def test_denoising_from_T_is_algorithm_2():
     betas = BETAS[::50] * 50
     d, model = GaussianDiffusion(betas), oracle_for(betas)
     noise = ImageNoise(4, range(3), "cpu")
     x_T = noise(torch.Size((3, *SHAPE)))
-    assert torch.equal(denoise_from(model, d, x_T, 20, noise), sample(model, d, SHAPE, seed=4, indices=range(3), device="cpu"))
+    assert torch.equal(d.p_sample_loop(model, x_t=x_T, t=20, noise_fn=noise), sample(model, d, SHAPE, seed=4, indices=range(3), device="cpu"))
 
 
 # ---------------------------------------------------------------- sample sets on disk

@@ -1,5 +1,5 @@
 """The paper's U-Net against facts from outside the code: the published parameter counts, the
-closed-form time embedding of PAPER.md, Glorot-uniform statistics, TF "SAME" padding, a plain
+closed-form time embedding of docs/MATH.md, Glorot-uniform statistics, TF "SAME" padding, a plain
 softmax attention, and FLOPs counted layer by layer."""
 
 import math
@@ -50,25 +50,26 @@ def test_config_is_validated():
 
 
 def test_time_embedding_is_the_closed_form():
-    # PAPER.md: half = ch/2 frequencies exp(-k ln(1e4) / (half - 1)), vector [sin(t f), cos(t f)].
-    ch, ts = 128, np.array([0, 1, 500, 999])
+    # docs/MATH.md § Network: half = ch/2 frequencies exp(-k ln(1e4) / (half - 1)), vector
+    # [sin(n f), cos(n f)] of the 0-based index n = t - 1, as the official code embedded it.
+    ch, ns = 128, np.array([0, 1, 500, 999])
     half = ch // 2
     f = np.exp(-np.arange(half) * np.log(10000.0) / (half - 1))
-    want = np.concatenate([np.sin(ts[:, None] * f), np.cos(ts[:, None] * f)], axis=1)
-    got = timestep_embedding(torch.tensor(ts), ch).double().numpy()
-    # float32 arguments t*f carry ~1e-7 relative error, i.e. up to ~1e-4 at t=999
+    want = np.concatenate([np.sin(ns[:, None] * f), np.cos(ns[:, None] * f)], axis=1)
+    got = timestep_embedding(torch.tensor(ns), ch).double().numpy()
+    # float32 arguments n*f carry ~1e-7 relative error, i.e. up to ~1e-4 at n=999
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
     np.testing.assert_allclose(got[:2], want[:2], atol=1e-6, rtol=0)
 
-    # ... and it is what the network feeds its first dense layer.
+    # ... and the network at the paper's t feeds its first dense layer the embedding of t - 1.
     model = UNet.from_preset("tiny").eval()
     seen = []
     model.temb.dense[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     with torch.no_grad():
-        model(torch.zeros(4, 3, 32, 32), torch.tensor(ts))
-    torch.testing.assert_close(seen[0], timestep_embedding(torch.tensor(ts), 32))
+        model(torch.zeros(4, 3, 32, 32), torch.tensor(ns + 1))
+    torch.testing.assert_close(seen[0], timestep_embedding(torch.tensor(ns), 32))
     f32 = np.exp(-np.arange(16) * np.log(10000.0) / 15)
-    want32 = np.concatenate([np.sin(ts[:, None] * f32), np.cos(ts[:, None] * f32)], axis=1)
+    want32 = np.concatenate([np.sin(ns[:, None] * f32), np.cos(ns[:, None] * f32)], axis=1)
     np.testing.assert_allclose(seen[0].double().numpy(), want32, atol=2e-4, rtol=0)
 
 

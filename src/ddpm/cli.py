@@ -377,19 +377,19 @@ def cmd_progressive(args):
         print(f"{args.k} samples from each shared x_t, t = {', '.join(map(str, res['share_t']))} (rows; first column x_t): "
               f"wrote {grid} and {out / 'shared.npz'}")
         return
-    times = _exp_ints(args.times, "--times") if args.times else sorted({int(round(v)) for v in np.linspace(T - 1, 0, 10)}, reverse=True)
+    times = _exp_ints(args.times, "--times") if args.times else sorted({int(round(v)) for v in np.linspace(T, 1, 10)}, reverse=True)
     res = progressive_generation(model, diffusion, shape, times, args.n_chains, args.seed, dist.device,
                                  progress=not args.no_progress, **_exp_sampler_opts(args))
     grid = write_png(make_grid(to_uint8(res["pred_x0"].flatten(0, 1)), nrow=len(times)), out / "progressive.png")
     write_npz(out / "progressive.npz", times=np.array(times), pred_x0=_exp_nhwc(res["pred_x0"]), samples=_exp_nhwc(res["samples"]))
-    print(f"x̂_0 of {args.n_chains} chains (rows) at code indices t = {', '.join(map(str, times))} (columns): "
+    print(f"x̂_0 of {args.n_chains} chains (rows) predicted from x_t at t = {', '.join(map(str, times))} (columns): "
           f"wrote {grid} and {out / 'progressive.npz'}")
 
 
 def _progressive_args(p):
     _exp_model_args(p)
     p.add_argument("--n-chains", type=int, default=8, metavar="K", help="chains (rows), samples 0 … K-1 of --seed")
-    p.add_argument("--times", default=None, help="code indices t (0 … T-1) at which x̂_0 is shown, e.g. 999,900,…,0 "
+    p.add_argument("--times", default=None, help="times t (1 … T) at which x̂_0 predicted from x_t is shown, e.g. 1000,900,…,1 "
                                                  "(default: 10 evenly spaced)")
     _exp_sampler_args(p)
     p.add_argument("--share-t", default=None, metavar="T_SHARE", help="instead: paper t (0 … T, comma-separated for "

@@ -4,11 +4,16 @@ Each concern (model, diffusion, data, training) owns a dataclass in its own modu
 inherits `Config`, which gives it `to_dict`, `from_dict` (unknown keys are an error that lists
 the valid ones) and `replace`. Lists in JSON become tuples so configs stay hashable and compare
 equal after a round trip.
+
+Option sets are `Choice` enums: a field annotated with one is converted from its string once,
+when the config is built, and an unknown string is an error that lists the valid ones. A Choice
+is a `str`, so it compares equal to its value and is written to JSON as that string.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import typing
 from typing import Any, Mapping
@@ -16,14 +21,43 @@ from typing import Any, Mapping
 from .errors import UserError
 
 
+class Choice(str, enum.Enum):
+    """A closed set of string options. `Kind.parse(value, "section.field")` is the one check."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value, field: str):
+        """`value` as a member, or a UserError naming the field, the value and every valid choice."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(repr(c.value) for c in cls)
+            raise UserError(f"{field}={value!r} is not valid; choose one of: {valid}") from None
+
+
 class Config:
-    """Mixin for frozen dataclasses. Subclasses may define `validate(self)` (called on build)."""
+    """Mixin for frozen dataclasses. Subclasses may define `validate(self)` (called on build) and
+    `SECTION`, the name their fields go by in messages (`train.lr`)."""
+
+    SECTION = ""
 
     def __post_init__(self):
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, list):
                 object.__setattr__(self, f.name, tuple(v))
+            kind = hints.get(f.name)
+            if isinstance(kind, type) and issubclass(kind, Choice):
+                where = f"{self.SECTION}.{f.name}" if self.SECTION else f.name
+                object.__setattr__(self, f.name, kind.parse(v, where))
         self.validate()
 
     def validate(self) -> None:  # overridden where there is something to check
@@ -47,9 +81,19 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+_HINTS: dict[type, dict] = {}
+
+
+def _hints(cls: type) -> dict:
+    """The evaluated field annotations of a config class (cached: get_type_hints is slow)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
 def _coerce(cls, name: str, value: Any, where: str) -> Any:
     """Coerce a JSON / command-line value to the field's annotated type, or fail with one line."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     tp = hints.get(name)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

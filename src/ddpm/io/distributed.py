@@ -11,10 +11,16 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Sequence, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..config import Choice
+from ..errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -29,16 +35,29 @@ class DistInfo:
         return self.rank == 0
 
 
+class Device(Choice):
+    AUTO = "auto"  # CUDA when there is one, else the CPU
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    name = Device.parse(name, "device")
+    if name is Device.AUTO:
+        name = Device.CUDA if torch.cuda.is_available() else Device.CPU
+    if name is Device.CUDA:
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    return torch.device("cpu")
 
 
 def init(device: str = "auto") -> DistInfo:
-    """Join torchrun's process group if there is one; otherwise the world is this process."""
+    """Join torchrun's process group if there is one; otherwise the world is this process.
+
+    :param device: "auto" (CUDA when there is one), "cpu" or "cuda" (an error without CUDA).
+    """
+    device = Device.parse(device, "device")
+    if device is Device.CUDA and not torch.cuda.is_available():
+        raise UserError("device=cuda: no CUDA device is available here; use cpu (or auto)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistInfo(device=pick_device(device))
@@ -81,6 +100,15 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Process `rank`'s share of `items`: a contiguous block; the blocks of ranks 0 … world_size-1
+    cover `items` once, in order, and differ in size by at most one. Every split of work over
+    processes in this package (sampling, bits/dim, Inception features) uses it."""
+    items = list(items)
+    n = len(items)
+    return items[rank * n // world_size: (rank + 1) * n // world_size]
 
 
 def derive_seed(*ints: int) -> int:

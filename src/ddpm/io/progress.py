@@ -10,7 +10,7 @@ A disabled bar is tqdm's own no-op (`disable=True`), so callers never branch on 
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Optional, TypeVar
+from typing import Callable, Iterable, Optional, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -29,3 +29,9 @@ def progress(iterable: Iterable[T], *, desc: str, enabled: bool = True, total: O
     if not enabled:
         return iterable
     return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def loop_progress(desc: str, enabled: bool = True) -> Optional[Callable[[Iterable[T]], Iterable[T]]]:
+    """The `progress` argument of the diffusion's loops (reverse_loop, calc_bpd_loop), which draw
+    nothing themselves: a wrapper that adds a bar, or None."""
+    return (lambda steps: progress(steps, desc=desc)) if enabled else None

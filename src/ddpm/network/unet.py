@@ -167,12 +167,14 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(GROUPS, channels, eps=NORM_EPS)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of the integer timestep index t (Transformer-style, as in tensor2tensor).
+def timestep_embedding(n: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of an integer n (Transformer-style, as in tensor2tensor); the U-Net
+    embeds n = t − 1 (docs/MATH.md § Network).
 
     half = dim // 2 frequencies f_k = exp(-k ln(10^4) / (half - 1)), k = 0..half-1; the vector is
-    [sin(t f), cos(t f)] (sines first). t [B] -> [B, dim], float32.
+    [sin(n f), cos(n f)] (sines first). n [B] -> [B, dim], float32.
     """
+    t = n
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000.0) / (half - 1)))
     args = t.to(torch.float32)[:, None] * freqs[None, :]  # [B, half]
@@ -278,7 +280,7 @@ class Middle(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): [B, in_channels, H, W], t [B] int64 -> [B, out_channels, H, W].
+    """ε_θ(x_t, t): x_t [B, in_channels, H, W], t [B] int64 (the paper's t, 1 … T) -> [B, out_channels, H, W].
 
     Attention is placed at construction, at the levels whose size (of `resolution`'s pyramid) is
     in `attn_resolutions`; the network is convolutional and runs on other sizes divisible by
@@ -349,7 +351,10 @@ class UNet(nn.Module):
         return cls.from_config(get_preset(name, **overrides))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = timestep_embedding(t, self.config.ch)  # [B, ch]
+        """ε_θ(x_t, t) with the paper's t ∈ 1 … T. The official code fed the network the 0-based
+        index t − 1, and every released checkpoint (and diffusers' UNet2DModel) expects that
+        embedding: it is converted here, the only place it appears (docs/MATH.md § Time and indexing)."""
+        temb = timestep_embedding(t - 1, self.config.ch)  # [B, ch]
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))  # [B, 4ch]
 
         hs = [self.conv_in(x)]  # the skip stack; conv_in's output is its first entry

@@ -1,7 +1,7 @@
-"""β schedules of the forward process (PAPER.md § "Forward process").
+"""β schedules of the forward process (docs/MATH.md § Schedules).
 
 Every table is float64; callers cast only at the end. Names follow the official code's
-`get_beta_schedule` (diffusion_tf/diffusion_utils_2.py); `cosine` is Nichol & Dhariwal (2021).
+`get_beta_schedule`; `cosine` is Nichol & Dhariwal (2021).
 """
 
 from __future__ import annotations
@@ -10,9 +10,21 @@ import math
 
 import numpy as np
 
-from ..errors import UserError, check_choice
+from ..config import Choice
+from ..errors import UserError
 
-SCHEDULES = ("linear", "quad", "const", "warmup10", "warmup50", "jsd", "cosine")
+
+class Schedule(Choice):
+    LINEAR = "linear"  # the paper's: 1e-4 -> 0.02 over T = 1000
+    QUAD = "quad"
+    CONST = "const"
+    WARMUP10 = "warmup10"
+    WARMUP50 = "warmup50"
+    JSD = "jsd"  # 1/T, 1/(T-1), ..., 1: the last β is 1, so ᾱ_T = 0
+    COSINE = "cosine"  # Nichol & Dhariwal (2021)
+
+
+SCHEDULES = tuple(s.value for s in Schedule)
 
 
 def _warmup_beta(beta_start: float, beta_end: float, T: int, frac: float) -> np.ndarray:
@@ -31,33 +43,33 @@ def _cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarr
 
 
 def make_betas(name: str = "linear", T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    """β_1 … β_T as a float64 array [T] (index i is the paper's t = i + 1).
+    """β_1 … β_T as a float64 array [T]: `betas[t - 1]` is β_t (docs/MATH.md § Time and indexing).
 
-    :param name: one of SCHEDULES; `linear` 1e-4 → 0.02 over T = 1000 is the paper's choice.
+    :param name: a `Schedule` (or its name); `linear` 1e-4 → 0.02 over T = 1000 is the paper's choice.
     :raises ValueError (UserError): unknown name, T < 1, or a β outside (0, 1].
     """
-    check_choice("schedule", name, SCHEDULES)
+    name = Schedule.parse(name, "schedule")
     if not isinstance(T, (int, np.integer)) or isinstance(T, bool) or T < 1:
         raise UserError(f"T={T!r} is not valid; the number of diffusion steps must be an integer >= 1")
-    if name not in ("jsd", "cosine"):
+    if name not in (Schedule.JSD, Schedule.COSINE):
         for field, v in (("beta_start", beta_start), ("beta_end", beta_end)):
             if not (0.0 < float(v) <= 1.0):
                 raise UserError(f"{field}={v!r} is not valid; β must lie in (0, 1] (the paper uses 1e-4 → 0.02)")
-    if name == "linear":
+    if name is Schedule.LINEAR:
         betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
-    elif name == "quad":
+    elif name is Schedule.QUAD:
         betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
-    elif name == "const":
+    elif name is Schedule.CONST:
         betas = beta_end * np.ones(T, dtype=np.float64)
-    elif name == "warmup10":
+    elif name is Schedule.WARMUP10:
         betas = _warmup_beta(beta_start, beta_end, T, 0.1)
-    elif name == "warmup50":
+    elif name is Schedule.WARMUP50:
         betas = _warmup_beta(beta_start, beta_end, T, 0.5)
-    elif name == "jsd":  # 1/T, 1/(T-1), …, 1: the last β is 1, so ᾱ_T = 0
+    elif name is Schedule.JSD:  # 1/T, 1/(T-1), …, 1: the last β is 1, so ᾱ_T = 0
         betas = 1.0 / np.linspace(T, 1, T, dtype=np.float64)
     else:
         betas = _cosine_betas(T)
     assert betas.shape == (T,) and betas.dtype == np.float64
     if not ((betas > 0).all() and (betas <= 1).all()):
-        raise UserError(f"schedule {name!r} with beta_start={beta_start}, beta_end={beta_end} gives β outside (0, 1]")
+        raise UserError(f"schedule {name.value!r} with beta_start={beta_start}, beta_end={beta_end} gives β outside (0, 1]")
     return betas

@@ -18,7 +18,7 @@ from ..process.scaling import to_uint8
 from .sample import sample
 from ..workflows.train import RunConfig, load_run, train
 
-PROGRESSIVE_TIMES = (999, 800, 600, 400, 300, 200, 150, 100, 50, 0)
+PROGRESSIVE_TIMES = (1000, 800, 600, 400, 300, 200, 150, 100, 50, 1)  # the paper's t
 
 
 def run_demo(out="runs/demo", steps: int | None = None, n: int = 64, progress: bool = True, seed: int = 0) -> dict:
@@ -34,7 +34,7 @@ def run_demo(out="runs/demo", steps: int | None = None, n: int = 64, progress: b
 
     run, ema, diffusion, _ = load_run(out, "ema", fast="auto")
     m = run.model
-    strip = {}  # t -> x̂_0 of the first 8 chains
+    strip = {}  # t -> x̂_0 predicted from x_t, for the first 8 chains
 
     def keep(t, step_out):
         if t in PROGRESSIVE_TIMES:
@@ -45,7 +45,7 @@ def run_demo(out="runs/demo", steps: int | None = None, n: int = 64, progress: b
                progress=progress, callback=keep)
     t_sample = time.perf_counter() - t1
     samples = write_png(make_grid(to_uint8(x), nrow=8), out / "samples.png")
-    # rows: the 8 chains; columns: x̂_0 at t = 999 … 0
+    # rows: the 8 chains; columns: x̂_0 at t = 1000 … 1
     cols = torch.stack([strip[t] for t in PROGRESSIVE_TIMES], dim=1).flatten(0, 1)
     prog = write_png(make_grid(to_uint8(cols), nrow=len(PROGRESSIVE_TIMES)), out / "progressive.png")
     print(f"demo: sampling {n} images (T={diffusion.num_timesteps}) took {t_sample / 60:.1f} min; "

@@ -28,6 +28,7 @@ import torch
 from ..errors import UserError
 from ..io.atomic import write_json
 from ..io.images import IMAGE_EXTENSIONS, open_image
+from ..io.distributed import shard
 from ..io.progress import progress_bar
 from ..process.scaling import to_uint8
 from ..workflows.fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, load_stats, save_stats
@@ -175,11 +176,6 @@ def open_images(path: Union[str, Path]) -> ImageSource:
 # ---------------------------------------------------------------------------------------------
 
 
-def block(n: int, rank: int, world_size: int) -> range:
-    """Process `rank`'s contiguous share of 0 … n-1; the shares differ in size by at most one."""
-    return range(rank * n // world_size, (rank + 1) * n // world_size)
-
-
 def _merge_over_ranks(fs: FeatureStats, iss: ISStats, dist) -> tuple[FeatureStats, ISStats]:
     if dist is None or dist.world_size == 1:
         return fs, iss
@@ -223,12 +219,12 @@ def measure(source: ImageSource, inception: InceptionV3, *, batch: int = 100, di
             splits: int = IS_SPLITS) -> tuple[FeatureStats, ISStats, Optional[str]]:
     """`measure_batches` over a source, each process reading its own block."""
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    mine = block(source.n, rank, world)
+    mine = shard(range(source.n), rank, world)
     bar = progress_bar(len(mine), desc="inception", unit="img", enabled=progress and rank == 0)
 
     def batches():
-        for s in range(mine.start, mine.stop, batch):
-            idx = list(range(s, min(s + batch, mine.stop)))
+        for s in range(0, len(mine), batch):
+            idx = mine[s:s + batch]
             yield idx, source.read(idx)
             bar.update(len(idx))
 
@@ -501,11 +497,11 @@ class TrainingFID:
         from ..workflows.sample import sample
 
         t0 = time.time()
-        mine = block(self.n, self.dist.rank, self.dist.world_size)
+        mine = shard(range(self.n), self.dist.rank, self.dist.world_size)
 
         def batches():
-            for s in range(mine.start, mine.stop, self.batch):
-                idx = list(range(s, min(s + self.batch, mine.stop)))
+            for s in range(0, len(mine), self.batch):
+                idx = mine[s:s + self.batch]
                 x = to_uint8(sample(ema, diffusion, shape, seed=self.seed, indices=idx, device=self.dist.device))
                 for j in range(0, len(idx), self.inception_batch):
                     yield idx[j:j + self.inception_batch], x[j:j + self.inception_batch].cpu()

@@ -7,12 +7,10 @@
 - `interpolate`: mix two images' x_t linearly, decode (Fig. 8 and the coarse-to-fine figure).
 - `reconstruct`: one image noised to x_t and brought back, for several t.
 
-Indexing. The network and `GaussianDiffusion` use code indices 0 … T-1 (the paper's t-1). Here
-"paper t" (0 … T) counts diffusion steps: x_t ~ q(x_t | x_0) is made at code index t-1, and
-decoding it takes the t reverse steps of code indices t-1 … 0; t = 0 is the image itself.
-`progressive_generation` takes code indices (what the network sees), as the sampler's callback.
-Every random draw comes from a per-image generator seeded by (seed, image index), so results do
-not depend on batch size or the number of processes.
+Time is the paper's t everywhere (docs/MATH.md § Time and indexing): x_t ~ q(x_t | x_0) after t
+forward steps, decoded by the t reverse steps t, …, 1; t = 0 is the image itself. Every random
+draw comes from a per-image generator seeded by (seed, image index), so results do not depend on
+batch size or the number of processes.
 """
 
 from __future__ import annotations
@@ -29,10 +27,13 @@ from ..errors import UserError
 from ..io.atomic import atomic_file, write_json, write_npz
 from ..io.distributed import DistInfo, barrier, broadcast_object, derive_seed
 from ..io.images import write_png
-from ..io.progress import progress_bar
+from ..io.progress import loop_progress, progress_bar
 from ..process.diffusion import GaussianDiffusion
 from ..process.scaling import to_model_range
-from .sample import ImageNoise, check_paper_t, check_settings, ddim_timesteps, denoise_from, diffuse, sample, shard
+from ..io.distributed import shard
+from ..io.results import check_settings
+from ..process.diffusion import check_time
+from .sample import ImageNoise, chain, sample
 
 # Salts that keep the seed streams of different roles apart (encoding noise vs decoding noise).
 _DECODE = 0xDEC0DE
@@ -57,10 +58,11 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
     batches and rank 0 merges. Writes into `out_dir`:
 
     - `summary.json`: means over images (bits/dim) of the total and of its parts: the prior L_T
-      (`prior_bpd`), the decoder L_0 (`decoder_bpd`, code index 0) and Σ L_t over code indices
-      1 … T-1 (`diffusion_bpd`); total = prior + decoder + diffusion.
+      (`prior_bpd`), the decoder L_0 (`decoder_bpd`, from x_1) and L_1 + … + L_{T-1}
+      (`diffusion_bpd`, from x_2 … x_T); total = prior + decoder + diffusion.
     - `per_image.csv`: the same four numbers per image.
-    - `per_t.csv`: per code index t (paper t+1), the mean term (bits/dim), ε MSE and x̂_0 MSE.
+    - `per_t.csv`: per t = 1 … T, the mean of the term L_{t-1} computed from x_t (bits/dim), and
+      of the ε and x̂_0 squared errors there.
     - `bpd.npz`: the arrays (indices, total_bpd [N], prior_bpd [N], vb/mse/x0_mse [N, T]).
 
     :param images: uint8 [N, C, H, W] (tensor or array) in {0 … 255}.
@@ -102,7 +104,7 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
     for idx in mine:
         x0 = to_model_range(images[torch.tensor(idx)]).to(device)
         res = diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised, noise_fn=ImageNoise(seed, idx, device),
-                                      progress=progress and dist.is_main)
+                                      progress=loop_progress("bits/dim", progress and dist.is_main))
         arrays = {k: res[k].float().cpu().numpy() for k in ("prior_bpd", "vb", "mse", "x0_mse")}
         write_npz(parts / f"batch-{idx[0]:06d}.npz", indices=np.asarray(idx, np.int64),
                          digest=_digests(images[torch.tensor(idx)]), **arrays)
@@ -174,17 +176,17 @@ def _write_nll_results(out_dir: Path, bpd: dict, seed: int, clip_denoised: bool)
             w.writerow([i, f"{total[i]:.6f}", f"{prior[i]:.6e}", f"{decoder[i]:.6f}", f"{diffusion_terms[i]:.6f}"])
     with atomic_file(out_dir / "per_t.csv", "w") as f:
         w = csv.writer(f)
-        w.writerow(["t", "paper_t", "vb_bpd", "eps_mse", "x0_mse"])
+        w.writerow(["t", "vb_bpd", "eps_mse", "x0_mse"])  # vb_bpd at t is the term L_{t-1}
         vb_m, mse_m, x0_m = vb.mean(0), bpd["mse"].astype(np.float64).mean(0), bpd["x0_mse"].astype(np.float64).mean(0)
-        for t in range(T):
-            w.writerow([t, t + 1, f"{vb_m[t]:.6e}", f"{mse_m[t]:.6e}", f"{x0_m[t]:.6e}"])
+        for t in range(1, T + 1):
+            w.writerow([t, f"{vb_m[t - 1]:.6e}", f"{mse_m[t - 1]:.6e}", f"{x0_m[t - 1]:.6e}"])
     summary = dict(
         n=N, T=T, seed=seed, clip_denoised=clip_denoised,
         total_bpd=float(total.mean()),
         total_bpd_stderr=float(total.std(ddof=1) / math.sqrt(N)) if N > 1 else float("nan"),
         prior_bpd=float(prior.mean()),  # L_T
         decoder_bpd=float(decoder.mean()),  # L_0
-        diffusion_bpd=float(diffusion_terms.mean()),  # Σ_{t>1} L_{t-1}: code indices 1 … T-1
+        diffusion_bpd=float(diffusion_terms.mean()),  # L_1 + … + L_{T-1}
     )
     write_json(out_dir / "summary.json", summary)
     return summary
@@ -207,15 +209,16 @@ def load_bpd(out_dir) -> dict:
 def rate_distortion(bpd: dict) -> dict:
     """Rate and distortion of progressive lossy compression (§4.3, Fig. 5).
 
-    The receiver gets x_T, x_{T-1}, …, x_t in turn (paper t = T … 1). Sending x_T costs the prior
-    term L_T; sending paper x_s given x_{s+1} costs the KL term at code index s (`vb[:, s]`), so
+    The receiver gets x_T, x_{T-1}, …, x_t in turn (t = T … 1; docs/MATH.md § Progressive lossy
+    compression). Sending x_T costs the prior term L_T; sending x_{s-1} given x_s costs L_{s-1},
+    held in column s − 1 of `vb`, so
 
-        rate(t)       = mean over images of [ prior_bpd + Σ_{code i ≥ t} vb[:, i] ]   (bits/dim)
-        distortion(t) = 127.5 · sqrt( mean over images of x0_mse[:, t-1] )             (RMSE, 0–255)
+        rate(t)       = mean over images of [ prior_bpd + Σ_{k = t … T-1} vb[:, k] ]   (bits/dim)
+        distortion(t) = 127.5 · sqrt( mean over images of x0_mse[:, t-1] )              (RMSE, 0–255)
 
-    where x0_mse[:, t-1] is the squared error of x̂_0 predicted from x_t (code index t-1) on the
-    [-1, 1] scale. rate(T) is the prior term; rate(1) = total − L_0 (the paper's 1.78 bits/dim for
-    CIFAR-10, with L_0 = 1.97 bits/dim the distortion in bits and RMSE 0.95).
+    where x0_mse[:, t-1] is the squared error of x̂_0 predicted from x_t on the [-1, 1] scale.
+    rate(T) is the prior term; rate(1) = total − L_0 (the paper's 1.78 bits/dim for CIFAR-10, with
+    L_0 = 1.97 bits/dim the distortion in bits and RMSE 0.95).
 
     :param bpd: `evaluate_nll`'s arrays (`load_bpd`): prior_bpd [N], vb [N, T], x0_mse [N, T].
     :return: dict(t [T] = T … 1, steps = T − t (reverse steps taken), rate [T], distortion_rmse [T],
@@ -228,7 +231,7 @@ def rate_distortion(bpd: dict) -> dict:
         raise UserError(f"rate_distortion needs prior_bpd [N], vb [N, T], x0_mse [N, T]; got {prior.shape}, {vb.shape}, {x0_mse.shape}")
     T = vb.shape[1]
     vb_mean = vb.mean(axis=0)
-    tail = np.append(np.cumsum(vb_mean[::-1])[::-1], 0.0)  # tail[s] = Σ_{code i ≥ s} vb_mean[i]; tail[T] = 0
+    tail = np.append(np.cumsum(vb_mean[::-1])[::-1], 0.0)  # tail[k] = Σ_{j ≥ k} vb_mean[j]; tail[T] = 0
     t = np.arange(T, 0, -1)
     rate = prior.mean() + tail[t]
     distortion = 127.5 * np.sqrt(x0_mse.mean(axis=0)[t - 1])
@@ -327,27 +330,23 @@ def _panel(img, draw, box, xs, ys, xlabel: str, ylabel: str) -> None:
 
 def progressive_generation(model, diffusion: GaussianDiffusion, shape, times: Sequence[int], n_chains: int, seed: int,
                            device="cpu", *, progress: bool = False, **sampler_opts) -> dict:
-    """x̂_0 predicted along sampling chains at chosen code indices `times` (Fig. 6).
+    """x̂_0 predicted from x_t along sampling chains, at chosen times t (Fig. 6).
 
-    The chains are samples 0 … n_chains-1 of seed `seed` (`sampling.sample`, so chain i is image i
-    of `ddpm sample` with the same seed and sampler); the step at code index t shows the x̂_0 the
-    network predicts from its input (the paper's x_{t+1}).
+    The chains are samples 0 … n_chains-1 of seed `seed` (`sample`, so chain i is image i of
+    `ddpm sample` with the same seed and sampler).
 
-    :param times: code indices, each a step of the sampler (all of 0 … T-1 for ancestral).
+    :param times: paper times t at which the sampler evaluates the network (1 … T for ancestral).
     :return: dict(times, pred_x0 [n_chains, len(times), C, H, W], samples [n_chains, C, H, W]).
     """
-    T = diffusion.num_timesteps
     if n_chains < 1:
         raise UserError(f"n_chains={n_chains}: give at least one chain")
-    if sampler_opts.get("sampler", "ancestral") == "ddim":
-        steps = ddim_timesteps(T, sampler_opts.get("ddim_steps", 50), sampler_opts.get("ddim_spacing", "uniform"))
-    else:
-        steps = list(range(T - 1, -1, -1))
+    chain_times = chain(diffusion, **sampler_opts)[0][:-1]  # the times the network is evaluated at
     times = [int(t) for t in times]
-    missing = [t for t in times if t not in set(steps)]
+    missing = [t for t in times if t not in set(chain_times)]
     if not times or missing:
-        raise UserError(f"times {missing or '(none)'} are not steps of this sampler; give code indices from "
-                        f"{'0 … ' + str(T - 1) if len(steps) == T else ', '.join(map(str, steps))}")
+        T = diffusion.num_timesteps
+        valid = f"1 … {T}" if len(chain_times) == T else ", ".join(map(str, chain_times))
+        raise UserError(f"times {missing or '(none)'} are not steps of this sampler; give times t from {valid}")
     keep = {}
 
     def callback(t, out):
@@ -362,34 +361,40 @@ def progressive_generation(model, diffusion: GaussianDiffusion, shape, times: Se
 def shared_latent_samples(model, diffusion: GaussianDiffusion, shape, share_t: Sequence[int], k: int, seed: int,
                           device="cpu", *, clip_denoised: bool = True, progress: bool = False) -> dict:
     """Samples that share an intermediate x_t (Fig. 7): one chain (image 0 of `seed`) is run from
-    x_T down to each paper time t in `share_t`; from that same x_t, k chains continue to x_0 with
-    their own noise (images 1 … k of seed (seed, salt)).
+    x_T down to each time t in `share_t`; from that same x_t, k chains continue to x_0 with their
+    own noise (images 1 … k of seed (seed, salt)).
 
-    :param share_t: paper times in 0 … T (T: only x_T is shared; 0: the finished sample is).
+    :param share_t: times t in 0 … T (T: only x_T is shared; 0: the finished sample is).
     :return: dict(share_t, x_t [len(share_t), C, H, W], samples [len(share_t), k, C, H, W]).
     """
     T = diffusion.num_timesteps
-    share_t = [check_paper_t(t, T, "share t") for t in share_t]
+    share_t = [check_time(t, T, "share t") for t in share_t]
     if not share_t or k < 1:
         raise UserError("give at least one shared t and k >= 1 continuations")
     shape = tuple(shape)
+    bar = loop_progress("sampling", progress)
     base_noise = ImageNoise(seed, [0], device)
     x, cur, at = base_noise(torch.Size((1, *shape))), T, {}
     for s in sorted(set(share_t), reverse=True):  # one chain, stopped at each shared t in turn
-        x = diffusion.reverse_loop(model, x, range(cur - 1, s - 1, -1), diffusion.ancestral_step(clip_denoised),
-                                   noise_fn=base_noise, progress=progress)
+        x = diffusion.reverse_loop(model, x, range(cur, s - 1, -1), diffusion.ancestral(clip_denoised),
+                                   noise_fn=base_noise, progress=bar)
         cur, at[s] = s, x
     rows = []
     for s in share_t:
         noise = ImageNoise(derive_seed(seed, _CONTINUE), range(1, k + 1), device)
-        rows.append(denoise_from(model, diffusion, at[s].expand(k, *shape).clone(), s, noise,
-                                 clip_denoised=clip_denoised, progress=progress).float().cpu())
+        rows.append(diffusion.p_sample_loop(model, x_t=at[s].expand(k, *shape).clone(), t=s, noise_fn=noise,
+                                            clip_denoised=clip_denoised, progress=bar).float().cpu())
     return dict(share_t=share_t, x_t=torch.cat([at[s] for s in share_t]).float().cpu(), samples=torch.stack(rows))
 
 
 # ---------------------------------------------------------------------------------------------
 # Interpolation (Fig. 8) and reconstruction
 # ---------------------------------------------------------------------------------------------
+
+
+def _diffuse(diffusion: GaussianDiffusion, x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+    """x_t ~ q(x_t | x_0) (eq. 4) for a whole batch at one time t; t = 0 gives x_0 exactly."""
+    return diffusion.q_sample(x0, torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long), noise)
 
 
 def interpolate(model, diffusion: GaussianDiffusion, x0_a: torch.Tensor, x0_b: torch.Tensor, ts: Sequence[int],
@@ -399,11 +404,11 @@ def interpolate(model, diffusion: GaussianDiffusion, x0_a: torch.Tensor, x0_b: t
     every λ. Several t give the coarse-to-fine figure: more steps, coarser and more varied.
 
     :param x0_a, x0_b: the two images in [-1, 1], [C, H, W] (on the model's device).
-    :param ts: paper times, 0 … T (0: no noise and no reverse steps, a pixel-space blend).
+    :param ts: times t, 0 … T (0: no noise and no reverse steps, a pixel-space blend).
     :return: dict(t, lambdas, images [len(ts), len(lambdas), C, H, W]) in [-1, 1].
     """
     T = diffusion.num_timesteps
-    ts = [check_paper_t(t, T, "t") for t in ts]
+    ts = [check_time(t, T, "t") for t in ts]
     lam = torch.tensor([float(v) for v in lambdas], dtype=x0_a.dtype, device=x0_a.device)
     if not ts or lam.numel() == 0:
         raise UserError("give at least one t and one λ")
@@ -411,31 +416,32 @@ def interpolate(model, diffusion: GaussianDiffusion, x0_a: torch.Tensor, x0_b: t
     rows = []
     for t in ts:
         eps = ImageNoise(seed, [0, 1], x0_a.device, x0_a.dtype)(torch.Size((2, *shape)))  # encoding noise of a and b
-        x_a, x_b = diffuse(diffusion, x0_a[None], t, eps[:1]), diffuse(diffusion, x0_b[None], t, eps[1:])
+        x_a, x_b = _diffuse(diffusion, x0_a[None], t, eps[:1]), _diffuse(diffusion, x0_b[None], t, eps[1:])
         x_t = (1 - lam).view(-1, 1, 1, 1) * x_a + lam.view(-1, 1, 1, 1) * x_b  # [K, C, H, W]
         decode_noise = ImageNoise(derive_seed(seed, _DECODE), [0] * K, x0_a.device, x0_a.dtype)  # K equal streams
-        rows.append(denoise_from(model, diffusion, x_t, t, decode_noise, clip_denoised=clip_denoised,
-                                 progress=progress).float().cpu())
+        rows.append(diffusion.p_sample_loop(model, x_t=x_t, t=t, noise_fn=decode_noise, clip_denoised=clip_denoised,
+                                            progress=loop_progress("decoding", progress)).float().cpu())
     return dict(t=ts, lambdas=lam.cpu().tolist(), images=torch.stack(rows))
 
 
 def reconstruct(model, diffusion: GaussianDiffusion, x0: torch.Tensor, ts: Sequence[int], seed: int, *,
                 clip_denoised: bool = True, progress: bool = False) -> dict:
     """One image noised to x_t ~ q(x_t | x_0) and brought back by the reverse process, for each
-    paper time t in `ts` (0 … T): small t keeps the details, large t only the coarse layout.
+    time t in `ts` (0 … T): small t keeps the details, large t only the coarse layout.
 
     :param x0: the image in [-1, 1], [C, H, W].
     :return: dict(t, x_t [len(ts), C, H, W], x0 [len(ts), C, H, W]) in model range.
     """
     T = diffusion.num_timesteps
-    ts = [check_paper_t(t, T, "t") for t in ts]
+    ts = [check_time(t, T, "t") for t in ts]
     if not ts:
         raise UserError("give at least one t")
     noisy, back = [], []
     for t in ts:
         eps = ImageNoise(seed, [0], x0.device, x0.dtype)(torch.Size((1, *x0.shape)))
-        x_t = diffuse(diffusion, x0[None], t, eps)
+        x_t = _diffuse(diffusion, x0[None], t, eps)
         noisy.append(x_t.float().cpu())
-        back.append(denoise_from(model, diffusion, x_t, t, ImageNoise(derive_seed(seed, _DECODE), [0], x0.device, x0.dtype),
-                                 clip_denoised=clip_denoised, progress=progress).float().cpu())
+        decode_noise = ImageNoise(derive_seed(seed, _DECODE), [0], x0.device, x0.dtype)
+        back.append(diffusion.p_sample_loop(model, x_t=x_t, t=t, noise_fn=decode_noise, clip_denoised=clip_denoised,
+                                            progress=loop_progress("decoding", progress)).float().cpu())
     return dict(t=ts, x_t=torch.cat(noisy), x0=torch.cat(back))

@@ -345,7 +345,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
         else:
             g = gen_device.manual_seed(derive_seed(cfg.seed, step))
         idx = order.indices(step)[lo:hi]
-        t = torch.randint(0, T, (cfg.batch_size,), generator=g, device=g.device)[lo:hi].to(device)
+        t = 1 + torch.randint(0, T, (cfg.batch_size,), generator=g, device=g.device)[lo:hi].to(device)  # t ~ U{1 … T}
         noise = torch.randn((cfg.batch_size, *shape), generator=g, device=g.device)[lo:hi].to(device)
         flip = (torch.rand(cfg.batch_size, generator=g, device=g.device) < 0.5)[lo:hi].to(device)
         torch.manual_seed(derive_seed(cfg.seed, step, dist.rank))  # dropout
@@ -366,7 +366,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
         _ema_update(ema_params, params, cfg.ema_decay)
 
         # ---- bookkeeping on the device; read back only every log_every steps
-        q = (t * 4) // T
+        q = ((t - 1) * 4) // T  # quartile of t: 1 … T/4 is the first
         sums[0].index_add_(0, q, losses["loss"].detach().float())
         sums[1].index_add_(0, q, torch.ones_like(q, dtype=sums.dtype))
         gn_sum += grad_norm.detach().float()
