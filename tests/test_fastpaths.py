@@ -17,7 +17,8 @@ from ddpm.io.data import DataConfig, load_images
 from ddpm.process.scaling import to_model_range
 from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.network.fast import PrefetchNoise, match_layout_, prepare_model, resolve_switch, to_channels_last
+from ddpm.network.fast import match_layout_, prepare_model, resolve_switch, to_channels_last
+from ddpm.workflows.sample import PrefetchNoise
 from ddpm.workflows.train import DataOrder, TrainConfig
 from ddpm.network.unet import UNet, UNetConfig
 from helpers import active, assert_states_equal

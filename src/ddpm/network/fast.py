@@ -1,9 +1,13 @@
-"""The fast paths (issue 7): one switch each, with a default per device; none changes the math,
-only float rounding (and, under compile, which dropout masks a seed draws).
+"""The fast paths: one switch each, with a default per device, applied to the network from outside.
+
+unet.py is the paper's network and nothing else; this module changes how it runs, never what it
+computes, except for float rounding (and, under compile, which dropout masks a seed draws):
+Winograd by swapping its 3x3 convolutions for a subclass with the same parameters, channels-last
+by moving its weights, compile and CUDA graphs by wrapping it.
 
 Every switch takes "auto", "on" or "off"; "auto" resolves per device. The CPU defaults are measured
-(BENCHMARKS.md); the CUDA defaults are the usual practice for convolutional networks on tensor-core
-GPUs and are not measured yet (no GPU was available when they were written):
+(BENCHMARKS.md); the CUDA defaults are the usual practice for convolutional networks on
+tensor-core GPUs and have not been measured yet, because no GPU was available when they were written:
 
 | switch          | CPU  | CUDA | what it does                                                              |
 |-----------------|------|------|---------------------------------------------------------------------------|
@@ -18,9 +22,9 @@ GPUs and are not measured yet (no GPU was available when they were written):
 | cuda_graphs     | off  | on   | sampling only: one CUDA graph per batch shape replays the whole network,  |
 |                 |      |      | so 1000 steps cost 1000 launches instead of ~300,000                      |
 | winograd        | on   | -    | the CPU's 3x3 convolutions of >= 128 channels on >= 16x16 pixels by       |
-|                 |      |      | Winograd F(4x4, 3x3) (ddpm/winograd.py): 4x fewer multiplications than    |
+|                 |      |      | Winograd F(4x4, 3x3) (winograd.py): 4x fewer multiplications than         |
 |                 |      |      | direct convolutions, which already run at the cores' FMA peak.            |
-|                 |      |      | CIFAR-10 net, 1-2 threads: forward 1.2-1.4x, training step 1.5-1.6x      |
+|                 |      |      | CIFAR-10 net, 1-2 threads: forward 1.2-1.4x, training step 1.5-1.6x       |
 |                 |      |      | faster than direct. Rounds differently (about 1e-5 of the largest value,  |
 |                 |      |      | tests/test_winograd.py)                                                   |
 
@@ -29,31 +33,40 @@ user, never by "auto": it changes results within the tolerances tests/test_fastp
 The training loop's other fast paths need no switch (they cost nothing and change nothing): fused
 Adam on CUDA (foreach on CPU), a foreach EMA update, the data set kept on the GPU as uint8 with flips
 done there, the step's random numbers drawn on the device, and losses read back every `log_every`
-steps only (train.py).
+steps only (workflows/train.py).
 
 `prepare_model` is the sampling side: it wraps a network once, and the wrapped model is what
 `sample(...)`, `calc_bpd_loop(...)` and friends take (any callable `model(x_t, t)`); `load_run(...,
 fast="auto")` and the CLI's sampling commands (`--fast auto`, the default) go through it.
-`PrefetchNoise` draws a CPU noise source (the per-image generators of sampling.ImageNoise) on a
-background thread, so a GPU never waits for the CPU's random numbers (`sample(...)` on CUDA).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import warnings
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from ..errors import UserError, check_choice
-from ..network.unet import Conv3x3
+from ..config import Choice
+from ..errors import UserError
+from . import winograd
 
-SWITCH_VALUES = ("auto", "on", "off")
 
-# What "auto" means, per device type. Measured, not assumed: see BENCHMARKS.md.
+class Switch(Choice):
+    AUTO = "auto"  # the device's measured default (DEFAULTS)
+    ON = "on"
+    OFF = "off"
+
+
+class Precision(Choice):
+    FP32 = "fp32"
+    BF16 = "bf16"  # autocast of the network in bfloat16; the diffusion math stays in float32
+
+
+SWITCH_VALUES = tuple(s.value for s in Switch)
+
+# What "auto" means, per device type: measured on the CPU (BENCHMARKS.md), not yet on CUDA.
 DEFAULTS: dict[str, dict[str, bool]] = {
     "channels_last": {"cpu": True, "cuda": True},  # CPU: only from CPU_CHANNELS_LAST_MIN_WIDTH up
     "compile": {"cpu": False, "cuda": True},
@@ -66,24 +79,24 @@ CPU_CHANNELS_LAST_MIN_WIDTH = 128  # oneDNN's NHWC kernels win from the paper's 
 def resolve_switch(name: str, value: str, device, model: Optional[nn.Module] = None) -> bool:
     """"auto" | "on" | "off" -> whether fast path `name` is used on `device` (for `model`, whose
     width decides channels_last on the CPU; without a model, "auto" keeps the CPU at NCHW)."""
-    check_choice(name, value, SWITCH_VALUES)
+    value = Switch.parse(value, name)
     kind = torch.device(device).type
-    if value == "auto":
+    if value is Switch.AUTO:
         if name == "channels_last" and kind == "cpu":
             width = getattr(getattr(model, "config", None), "ch", None)
             return isinstance(width, int) and width >= CPU_CHANNELS_LAST_MIN_WIDTH
         return DEFAULTS[name].get(kind, False)
-    if value == "on" and name == "cuda_graphs" and kind != "cuda":
+    if value is Switch.ON and name == "cuda_graphs" and kind != "cuda":
         raise UserError(f"cuda_graphs='on' needs a CUDA device (this one is {kind}); use 'auto' or 'off'")
-    if value == "on" and name == "winograd" and kind != "cpu":
+    if value is Switch.ON and name == "winograd" and kind != "cpu":
         raise UserError(f"winograd='on' is a CPU fast path (this device is {kind}); use 'auto' or 'off'")
-    return value == "on"
+    return value is Switch.ON
 
 
 def autocast(device, precision: str):
     """The network's autocast context: bf16 for precision "bf16", a no-op for "fp32"."""
-    check_choice("precision", precision, ("fp32", "bf16"))
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    precision = Precision.parse(precision, "precision")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision is Precision.BF16)
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
@@ -92,12 +105,30 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+class WinogradConv2d(nn.Conv2d):
+    """A 3x3, stride-1, padding-1 nn.Conv2d that computes by Winograd F(4x4, 3x3) (winograd.py) when
+    its input qualifies (`winograd.applies`: CPU, float32/64, enough channels and pixels), and as
+    nn.Conv2d otherwise: the same function, rounded differently (tests/test_winograd.py states by
+    how much). It has no state of its own, so swapping a module's class to it and back keeps its
+    parameters, its state dict and every reference to them (the optimizer's, the EMA copy's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if winograd.applies(x, self):
+            return winograd.conv3x3(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def _is_conv3x3(m: nn.Module) -> bool:
+    return (type(m) in (nn.Conv2d, WinogradConv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1)
+            and m.padding == (1, 1) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
+
+
 def set_winograd(model: nn.Module, on: bool) -> int:
-    """Switch the Winograd path (ddpm.network.winograd) of every 3x3 convolution of `model`; returns how many
-    there are. Each still decides per call whether its input qualifies (winograd.applies)."""
-    convs = [m for m in model.modules() if isinstance(m, Conv3x3)]
+    """Swap every 3x3 stride-1 convolution of `model` to `WinogradConv2d` (on) or back to
+    nn.Conv2d (off), in place; returns how many there are."""
+    convs = [m for m in model.modules() if _is_conv3x3(m)]
     for m in convs:
-        m.use_winograd = on
+        m.__class__ = WinogradConv2d if on else nn.Conv2d
     return len(convs)
 
 
@@ -198,7 +229,7 @@ def prepare_model(model: nn.Module, device, precision: str = "fp32", compile: st
     Compilation and graph capture happen at the first call of each input shape.
     """
     device = torch.device(device)
-    check_choice("precision", precision, ("fp32", "bf16"))
+    precision = Precision.parse(precision, "precision")
     cl = resolve_switch("channels_last", channels_last, device, model)
     comp = resolve_switch("compile", compile, device)
     graphs = resolve_switch("cuda_graphs", cuda_graphs, device)
@@ -208,71 +239,3 @@ def prepare_model(model: nn.Module, device, precision: str = "fp32", compile: st
         to_channels_last(model)
     set_winograd(model, wino)
     return FastModel(model, device, precision, comp, cl, graphs)
-
-
-class PrefetchNoise:
-    """`noise_fn` for the reverse loop that runs a CPU noise source ahead, on a background thread.
-
-    Returns exactly what `noise_fn(shape)` would, in the same order, moved to `device` (through
-    pinned memory, without blocking the host). The GPU then never waits for the CPU's random numbers:
-    per-image generators (sampling.ImageNoise, built with device="cpu") cost about 10 µs per image
-    per step, which at batch 256 is as long as a GPU step of the CIFAR-10 network.
-
-    :param limit: how many draws will be taken (T + 1 for Algorithm 2: x_T and one z per step).
-        The thread never draws more, so `noise_fn`'s generators end where a direct use would leave them.
-        Without it, the thread stays up to `depth` draws ahead.
-    Every call must ask for the same shape (as the reverse loop does).
-    """
-
-    def __init__(self, noise_fn: Callable[[torch.Size], torch.Tensor], device, dtype=torch.float32,
-                 limit: Optional[int] = None, depth: int = 4):
-        self.noise_fn, self.device, self.dtype = noise_fn, torch.device(device), dtype
-        self.limit, self.depth = limit, depth
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._shape: Optional[torch.Size] = None
-        self._taken = 0
-
-    def _produce(self) -> None:
-        n = 0
-        pin = self.device.type == "cuda"
-        while not self._stop.is_set() and (self.limit is None or n < self.limit):
-            try:
-                z = self.noise_fn(self._shape)
-                item = z.pin_memory() if pin else z
-            except BaseException as e:  # handed to the consumer, raised there
-                item = e
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, BaseException):
-                return
-            n += 1
-
-    def __call__(self, shape) -> torch.Tensor:
-        shape = torch.Size(shape)
-        if self._thread is None:
-            self._shape = shape
-            self._thread = threading.Thread(target=self._produce, name="ddpm-noise", daemon=True)
-            self._thread.start()
-        if shape != self._shape:
-            raise ValueError(f"PrefetchNoise draws shape {tuple(self._shape)}, asked for {tuple(shape)}")
-        if self.limit is not None and self._taken >= self.limit:
-            raise RuntimeError(f"PrefetchNoise(limit={self.limit}) was asked for draw {self._taken + 1}")
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        self._taken += 1
-        return item.to(self.device, self.dtype, non_blocking=True)
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __del__(self):
-        self._stop.set()

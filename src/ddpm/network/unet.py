@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import winograd
 from ..config import Config
 from ..errors import UserError, check_choice
 
@@ -137,21 +136,8 @@ def default_init_(layer: nn.Module, scale: float = 1.0) -> nn.Module:
     return layer
 
 
-class Conv3x3(nn.Conv2d):
-    """nn.Conv2d(c_in, c_out, 3, padding=1) (same parameters, same state dict) that takes the CPU's
-    Winograd fast path (ddpm.network.winograd) when `ddpm.network.fast` switches it on: the same function, rounded
-    differently (tests/test_winograd.py states by how much)."""
-
-    use_winograd = False  # set per module by ddpm.network.fast.set_winograd
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_winograd and winograd.applies(x, self):
-            return winograd.conv3x3(x, self.weight, self.bias)
-        return super().forward(x)
-
-
 def conv3x3(c_in: int, c_out: int, scale: float = 1.0) -> nn.Conv2d:
-    return default_init_(Conv3x3(c_in, c_out, 3, padding=1), scale)
+    return default_init_(nn.Conv2d(c_in, c_out, 3, padding=1), scale)
 
 
 def nin(c_in: int, c_out: int, scale: float = 1.0) -> nn.Conv2d:
