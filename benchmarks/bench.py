@@ -75,7 +75,8 @@ import torch.nn as nn  # noqa: E402
 
 from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
 from ddpm.network.fast import FastModel, autocast, resolve_switch, set_winograd, to_channels_last  # noqa: E402
-from ddpm.network.unet import UNet, forward_flops, get_preset  # noqa: E402
+from ddpm.network.unet import UNet, forward_flops  # noqa: E402
+from ddpm.run.config import RunConfig  # noqa: E402
 
 TASKS = ("forward", "fwdbwd", "train", "sample")
 IMPLS = ("ddpm", "ddpm-direct", "ddpm-eager", "ddpm-compiled", "diffusers", "diffusers-compiled")
@@ -414,7 +415,7 @@ def peak_tflops(device: torch.device, precision: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--preset", default="cifar10", help="a ddpm.network.unet preset (default cifar10, the paper's 35.7M model)")
+    p.add_argument("--preset", default="cifar10", help="a preset of ddpm.run.presets (default cifar10, the paper's 35.7M model)")
     p.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
@@ -454,7 +455,7 @@ def main(argv=None) -> int:
             p.error(f"unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
 
     torch.manual_seed(args.seed)
-    cfg = get_preset(args.preset)
+    cfg = RunConfig.from_preset(args.preset).model
     base = UNet.from_config(cfg)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     work = Workload(args, device, base, diffusion)

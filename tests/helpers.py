@@ -3,6 +3,7 @@
 import torch
 
 from ddpm.network.unet import UNet, default_init_
+from ddpm.run.config import RunConfig
 
 
 def active(model: UNet, seed: int = 0) -> UNet:
@@ -25,3 +26,12 @@ def assert_states_equal(a: dict, b: dict) -> None:
     for i, s in a["optimizer"]["state"].items():
         for k, v in s.items():
             assert torch.equal(v, b["optimizer"]["state"][i][k]), ("optimizer", i, k)
+
+
+def preset_model(name: str, **overrides):
+    """The UNetConfig of a preset (the one table, ddpm.run.presets), with fields replaced."""
+    return RunConfig.from_preset(name).model.replace(**overrides)
+
+
+def preset_net(name: str, **overrides) -> UNet:
+    return UNet.from_config(preset_model(name, **overrides))

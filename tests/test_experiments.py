@@ -19,8 +19,8 @@ from ddpm import GaussianDiffusion, UserError, make_betas
 from gaussian_oracle import MU, PAPER_BETAS, S, Oracle, oracle_for
 from ddpm.cli import main
 from ddpm.io.images import read_image
-from ddpm.workflows.experiments import (evaluate_nll, interpolate, load_bpd, plot_rate_distortion, progressive_generation,
-                              rate_distortion, reconstruct, shared_latent_samples)
+from ddpm.workflows.experiments import interpolate, progressive_generation, reconstruct, shared_latent_samples
+from ddpm.workflows.nll import evaluate_nll, load_bpd, plot_rate_distortion, rate_distortion
 from ddpm.workflows.sample import sample
 
 BETAS = PAPER_BETAS
@@ -213,7 +213,8 @@ def test_load_image_crops_resizes_and_converts(tmp_path):
 # ---------------------------------------------------------------- the commands, on a tiny model
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from ddpm.workflows.train import RunConfig, train
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
 
     root = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)

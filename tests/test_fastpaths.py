@@ -19,9 +19,10 @@ from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.network.fast import match_layout_, prepare_model, resolve_switch, to_channels_last
 from ddpm.workflows.sample import PrefetchNoise
-from ddpm.workflows.train import DataOrder, TrainConfig
+from ddpm.run.config import TrainConfig
+from ddpm.workflows.train import DataOrder
 from ddpm.network.unet import UNet, UNetConfig
-from helpers import active, assert_states_equal
+from helpers import active, assert_states_equal, preset_net
 
 
 def grads(model):
@@ -55,7 +56,7 @@ def assert_close_scaled(got, want, rtol, what=""):
 
 def test_switches_resolve_per_device_and_refuse_bad_values():
     with torch.device("meta"):
-        wide, narrow = UNet.from_preset("cifar10"), UNet.from_preset("demo")
+        wide, narrow = preset_net("cifar10"), preset_net("demo")
     assert resolve_switch("channels_last", "auto", "cpu", wide) is True  # ch=128: measured faster in NHWC
     assert resolve_switch("channels_last", "auto", "cpu", narrow) is False  # ch=32: measured slower
     assert resolve_switch("channels_last", "auto", "cuda", narrow) is True
@@ -71,7 +72,7 @@ def test_switches_resolve_per_device_and_refuse_bad_values():
 
 
 def test_channels_last_equals_contiguous_forward_and_gradients():
-    ref = active(UNet.from_preset("tiny"))
+    ref = active(preset_net("tiny"))
     fast = to_channels_last(copy.deepcopy(ref))
     assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     x, t = torch.randn(3, 3, 32, 32), torch.tensor([0, 500, 999])
@@ -82,7 +83,7 @@ def test_channels_last_equals_contiguous_forward_and_gradients():
 
 
 def test_prepare_model_equals_the_network_and_returns_its_dtype_and_layout():
-    net = active(UNet.from_preset("tiny")).eval()
+    net = active(preset_net("tiny")).eval()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
     with torch.no_grad():
         want = net(x, t)
@@ -97,7 +98,7 @@ def test_prepare_model_equals_the_network_and_returns_its_dtype_and_layout():
 
 
 def test_bf16_autocast_forward_and_gradients_are_close_to_fp32():
-    net = active(UNet.from_preset("tiny"))
+    net = active(preset_net("tiny"))
     x, t = torch.randn(4, 3, 32, 32), torch.tensor([0, 10, 500, 999])
     out32, g32 = fwd_bwd(net, x, t)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -172,7 +173,7 @@ def test_prefetched_noise_is_the_same_stream_and_stops_at_its_limit():
 
 
 def test_optimizer_moments_follow_the_parameters_layout_after_a_load():
-    model = to_channels_last(UNet.from_preset("tiny"))
+    model = to_channels_last(preset_net("tiny"))
     opt = torch.optim.Adam(model.parameters(), foreach=True)
     model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2])).mean().backward()
     opt.step()
@@ -200,7 +201,8 @@ def test_channels_last_training_resumes_exactly(tmp_path):
     import numpy as np
 
     from ddpm.io.checkpoint import latest_checkpoint
-    from ddpm.workflows.train import RunConfig, train
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (16, 32, 32), dtype=np.uint8)

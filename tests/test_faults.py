@@ -116,7 +116,8 @@ def test_a_dying_rank_stops_the_others_and_the_run_resumes(npz, tmp_path):
 
 @pytest.fixture(scope="module")
 def sampled_run(tmp_path_factory, npz):
-    from ddpm.workflows.train import RunConfig, train
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
 
     root = tmp_path_factory.mktemp("run")
     run = RunConfig.from_preset("tiny", data=str(npz))

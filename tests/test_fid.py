@@ -393,7 +393,8 @@ def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys)
     from ddpm.cli import main
     from ddpm.io.data import data_fingerprint
     from ddpm.workflows.evaluate import open_images
-    from ddpm.workflows.train import RunConfig, train
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
 
     rng = np.random.default_rng(10)
 
@@ -449,10 +450,11 @@ def test_fid_during_training_hook_measures_the_ema_and_caches_its_reference(tmp_
     from ddpm.io.data import DataConfig, ImageSet
     from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
     from ddpm.workflows.evaluate import TrainingFID
-    from ddpm.network.unet import UNet, get_preset
+    from ddpm.network.unet import UNet
+    from helpers import preset_model
 
     torch.manual_seed(0)
-    net = UNet.from_config(get_preset("tiny").replace(in_channels=1, out_channels=1)).eval()
+    net = UNet.from_config(preset_model("tiny", in_channels=1, out_channels=1)).eval()
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(T=3))
     rng = np.random.default_rng(11)
     images = ImageSet(torch.from_numpy(rng.integers(0, 256, (2, 1, 32, 32), dtype=np.uint8)), "two noise images")

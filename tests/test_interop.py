@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from helpers import preset_model, preset_net
 from ddpm.cli import main
 from ddpm.errors import UserError
 from ddpm.io.weights import convert_file, read_unet, write_unet
@@ -21,7 +22,7 @@ from ddpm.network.interop import (
     unet_to_diffusers,
     unet_to_tf_state_dict,
 )
-from ddpm.network.unet import PRESETS, UNet, UNetConfig
+from ddpm.network.unet import UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -84,8 +85,8 @@ def test_diffusers_defaults_are_current():
 
 
 def test_released_diffusers_configs_are_the_presets():
-    assert config_from_diffusers(CIFAR10_DIFFUSERS) == PRESETS["cifar10"].replace(dropout=0.0)
-    assert config_from_diffusers(CHURCH256_DIFFUSERS) == PRESETS["lsun256"]
+    assert config_from_diffusers(CIFAR10_DIFFUSERS) == preset_model("cifar10", dropout=0.0)
+    assert config_from_diffusers(CHURCH256_DIFFUSERS) == preset_model("lsun_church256")
     with pytest.raises(UserError, match="freq_shift"):
         config_from_diffusers(dict(CIFAR10_DIFFUSERS, freq_shift=0))
     with pytest.raises(UserError, match="flip_sin_to_cos"):
@@ -101,7 +102,7 @@ def test_cifar10_matches_diffusers():
     torch.manual_seed(0)
     theirs = perturb_(UNet2DModel(**CIFAR10_DIFFUSERS, dropout=0.1), seed=1)
     ours = unet_from_diffusers(theirs)
-    assert ours.config == PRESETS["cifar10"]
+    assert ours.config == preset_model("cifar10")
     assert_same_function(ours, theirs, 32)
 
 
@@ -126,7 +127,7 @@ def test_256_layout_matches_diffusers_at_small_width():
 
 
 def test_round_trip_through_diffusers_is_identity():
-    ours = perturb_(UNet.from_preset("tiny"), seed=3)
+    ours = perturb_(preset_net("tiny"), seed=3)
     theirs = unet_to_diffusers(ours)
     assert_same_function(ours, theirs, 32)
     back = unet_from_diffusers(theirs)
@@ -155,7 +156,7 @@ def tf_state_dict_by_hand(model: UNet) -> dict:
 
 
 def test_tf_names_import_to_the_same_function():
-    ours = perturb_(UNet.from_preset("tiny"), seed=4).eval()
+    ours = perturb_(preset_net("tiny"), seed=4).eval()
     tf = tf_state_dict_by_hand(ours)
     for name in ["model/temb/dense0/W", "model/conv_in/W", "model/down_0/block_0/conv1/W",
                  "model/down_1/block_0/nin_shortcut/W", "model/down_1/attn_0/q/W", "model/down_0/downsample/conv/W",
@@ -175,7 +176,7 @@ def test_tf_names_import_to_the_same_function():
         unet_from_tf_state_dict(tf, ours.config.replace(num_res_blocks=2))
 
     # A dump of a whole TF checkpoint: EMA copies (taken by default), Adam slots, global_step.
-    ema = perturb_(UNet.from_preset("tiny"), seed=8)
+    ema = perturb_(preset_net("tiny"), seed=8)
     dump = dict(tf, global_step=torch.tensor(790000))
     for k, v in tf_state_dict_by_hand(ema).items():
         dump[f"{k}/ExponentialMovingAverage"] = v
@@ -190,7 +191,7 @@ def same_weights(model: UNet, state: dict) -> bool:
 
 
 def test_convert_files_round_trip(tmp_path):
-    ours = perturb_(UNet.from_preset("tiny"), seed=5)
+    ours = perturb_(preset_net("tiny"), seed=5)
     write_unet(ours, tmp_path / "a.safetensors", "ddpm")
     convert_file(tmp_path / "a.safetensors", tmp_path / "hf", "ddpm", "diffusers")
     convert_file(tmp_path / "hf", tmp_path / "b.safetensors", "diffusers", "tf")
@@ -206,7 +207,7 @@ def test_convert_files_round_trip(tmp_path):
 
 
 def test_convert_sources_without_a_config(tmp_path):
-    ours = perturb_(UNet.from_preset("tiny"), seed=6)
+    ours = perturb_(preset_net("tiny"), seed=6)
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(ours.config.to_dict()))
 
@@ -226,7 +227,7 @@ def test_convert_sources_without_a_config(tmp_path):
     # A training checkpoint gives its EMA weights.
     from ddpm.io import checkpoint
 
-    ema = perturb_(UNet.from_preset("tiny"), seed=7)
+    ema = perturb_(preset_net("tiny"), seed=7)
     path = checkpoint.save_checkpoint(tmp_path / "run", 10, {"step": 10, "model": ours.state_dict(),
                                                             "ema": ema.state_dict(), "config": {"model": ours.config.to_dict()}})
     convert_file(path, tmp_path / "z.safetensors", "ddpm", "ddpm")

@@ -14,7 +14,8 @@ import torch
 from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from ddpm.io.distributed import DistInfo
 from ddpm.errors import UserError
-from ddpm.workflows.train import DataOrder, RunConfig, TrainConfig, TrainingDiverged, lr_at, train
+from ddpm.run.config import RunConfig, TrainConfig
+from ddpm.workflows.train import DataOrder, TrainingDiverged, lr_at, train
 from helpers import assert_states_equal
 
 PY = sys.executable

@@ -9,27 +9,29 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import preset_model, preset_net
 from ddpm.cli import main
 from ddpm.errors import UserError
-from ddpm.network.unet import PRESETS, UNet, UNetConfig, count_parameters, forward_flops, get_preset, timestep_embedding
+from ddpm.network.unet import UNet, UNetConfig, count_parameters, forward_flops, timestep_embedding
+from ddpm.run.presets import PRESETS
 
 
 def meta_count(name: str) -> int:
     with torch.device("meta"):
-        return count_parameters(UNet.from_preset(name))
+        return count_parameters(preset_net(name))
 
 
 def test_preset_parameter_counts_match_the_paper():
     assert meta_count("cifar10") == 35_746_307  # "35.7 million" (Appendix B); google/ddpm-cifar10-32
     assert meta_count("celebahq256") == 113_673_219  # "114 million"
-    assert meta_count("lsun256") == 113_673_219
-    assert abs(meta_count("lsun256_large") - 256e6) / 256e6 < 0.01  # "approximately 256 million"
+    assert meta_count("lsun_church256") == meta_count("lsun_bedroom256") == meta_count("lsun_cat256") == 113_673_219
+    assert abs(meta_count("lsun_bedroom256_large") - 256e6) / 256e6 < 0.01  # "approximately 256 million"
     assert meta_count("tiny") < 1_000_000
 
 
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(UserError) as e:
-        UNet.from_preset("cifar100")
+        preset_net("cifar100")
     for name in PRESETS:
         assert repr(name) in str(e.value)
 
@@ -43,10 +45,8 @@ def test_config_is_validated():
         UNetConfig(attn_resolutions=(12,))
     with pytest.raises(UserError, match="unknown field"):
         UNetConfig.from_dict({"channels": 3})
-    with pytest.raises(UserError, match="unknown field"):
-        get_preset("tiny", width=3)
-    cfg = UNetConfig.from_dict(PRESETS["cifar10"].to_dict())
-    assert cfg == PRESETS["cifar10"]
+    cfg = UNetConfig.from_dict(preset_model("cifar10").to_dict())
+    assert cfg == preset_model("cifar10")
 
 
 def test_time_embedding_is_the_closed_form():
@@ -62,7 +62,7 @@ def test_time_embedding_is_the_closed_form():
     np.testing.assert_allclose(got[:2], want[:2], atol=1e-6, rtol=0)
 
     # ... and the network at the paper's t feeds its first dense layer the embedding of t - 1.
-    model = UNet.from_preset("tiny").eval()
+    model = preset_net("tiny").eval()
     seen = []
     model.temb.dense[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_time_embedding_is_the_closed_form():
 
 def test_init_is_glorot_uniform_with_near_zero_output_layers():
     torch.manual_seed(0)
-    model = UNet.from_preset("cifar10")
+    model = preset_net("cifar10")
     zero_init = set()
     for name, m in model.named_modules():
         if name.endswith(("conv2", "proj_out")) or name == "conv_out":
@@ -108,7 +108,7 @@ def test_downsample_pads_right_and_bottom_only():
     # TF "SAME" for a stride-2 3x3 conv on an even size: output (i, j) sees input rows 2i..2i+2.
     # A kernel that keeps only its top-left tap then returns x[2i, 2j]; torch's symmetric
     # padding=1 would return x[2i-1, 2j-1] (zero at the border) instead.
-    model = UNet.from_preset("tiny")
+    model = preset_net("tiny")
     down = model.down[0].downsample
     with torch.no_grad():
         down.conv.weight.zero_()
@@ -120,7 +120,7 @@ def test_downsample_pads_right_and_bottom_only():
 
 def test_attention_is_a_single_head_softmax_over_positions():
     torch.manual_seed(0)
-    attn = UNet.from_preset("tiny").down[1].attn[0]
+    attn = preset_net("tiny").down[1].attn[0]
     for p in attn.parameters():
         nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 64, 16, 16)
@@ -138,17 +138,17 @@ def test_attention_is_a_single_head_softmax_over_positions():
 
 
 def test_forward_shapes_and_learned_variance_channels():
-    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 999])
-    assert UNet.from_preset("tiny")(x, t).shape == (2, 3, 32, 32)
-    assert UNet.from_preset("tiny", out_channels=6)(x, t).shape == (2, 6, 32, 32)  # var_type=learned
-    demo = UNet.from_preset("demo", attn_resolutions=(14,))
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 1000])
+    assert preset_net("tiny")(x, t).shape == (2, 3, 32, 32)
+    assert preset_net("tiny", out_channels=6)(x, t).shape == (2, 6, 32, 32)  # var_type=learned
+    demo = preset_net("demo", attn_resolutions=(14,))
     assert demo(torch.randn(2, 1, 28, 28), t).shape == (2, 1, 28, 28)
     assert [len(level.attn) for level in demo.down] == [0, 2, 0]  # attention at 14x14 only
-    assert [len(level.attn) for level in UNet.from_preset("demo").down] == [0, 0, 0]  # the demo's own: middle only
+    assert [len(level.attn) for level in preset_net("demo").down] == [0, 0, 0]  # the demo's own: middle only
 
 
 def test_forward_flops_equal_a_layer_by_layer_count():
-    cfg = PRESETS["tiny"]
+    cfg = preset_model("tiny")
     model = UNet.from_config(cfg).eval()
     total = []
 
@@ -170,7 +170,7 @@ def test_forward_flops_equal_a_layer_by_layer_count():
         elif type(m).__name__ == "AttnBlock":
             m.register_forward_hook(attn_hook)
     with torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.int64))
+        model(torch.zeros(1, 3, 32, 32), torch.ones(1, dtype=torch.int64))
     assert forward_flops(cfg) == sum(total)
 
 

@@ -18,7 +18,7 @@ from ddpm.network import winograd
 from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.network.fast import prepare_model, resolve_switch, set_winograd, to_channels_last
-from ddpm.workflows.train import TrainConfig
+from ddpm.run.config import TrainConfig
 from ddpm.network.unet import UNet, UNetConfig
 from helpers import active, assert_states_equal
 
@@ -185,7 +185,8 @@ def test_training_with_winograd_resumes_exactly(tmp_path, one_thread, monkeypatc
     import numpy as np
 
     from ddpm.io.checkpoint import latest_checkpoint
-    from ddpm.workflows.train import RunConfig, train
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
 
     x = np.random.default_rng(0).integers(0, 256, (16, 32, 32), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", x=x)

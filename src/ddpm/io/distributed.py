@@ -77,6 +77,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of torchrun's group (or the only process)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config
-from ..errors import UserError, check_choice
+from ..errors import UserError
 
 # ---------------------------------------------------------------------------------------------
 # Config and presets
@@ -76,38 +76,6 @@ class UNetConfig(Config):
     def level_resolutions(self) -> tuple[int, ...]:
         """Spatial size at each level: resolution, resolution/2, ..."""
         return tuple(self.resolution // 2**i for i in range(len(self.ch_mult)))
-
-
-PRESETS: dict[str, UNetConfig] = {
-    # The paper's CIFAR-10 model (scripts/run_cifar.py): 35,746,307 parameters.
-    "cifar10": UNetConfig(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32),
-    # scripts/run_lsun.py / run_celebahq.py `unet2d16b2c112244`: 113,673,219 parameters.
-    "celebahq256": UNetConfig(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, resolution=256),
-    "lsun256": UNetConfig(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, resolution=256),
-    # The larger LSUN Bedroom model, "approximately 256 million parameters by increasing filter
-    # count" (Appendix B). Neither the paper nor the released code (run_lsun.py defines only the
-    # 114M model) gives its widths. Parameters grow as ch**2, and 114M * (192/128)**2 = 256M, so
-    # ch=192 with the same layout is our reading: 255,677,955 parameters. Not an official config.
-    "lsun256_large": UNetConfig(ch=192, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, resolution=256),
-    # Small models of the same architecture. `tiny` is for tests (attention at 16 still exercised).
-    # `demo` trains on 28x28 grayscale Fashion-MNIST on a 2-core CPU: three levels 28 -> 14 -> 7
-    # (28 is not divisible by 8), width 32, and attention only in the middle (7x7): attention at
-    # 14x14 cost 30% of the step on these CPUs (measured 1.38 vs 0.97 s at batch 64) for no visible
-    # gain in a 700-step run.
-    "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0, resolution=32),
-    "demo": UNetConfig(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(), dropout=0.1, resolution=28),
-}
-
-
-def get_preset(name: str, **overrides) -> UNetConfig:
-    check_choice("preset", name, list(PRESETS))
-    cfg = PRESETS[name]
-    if overrides:
-        unknown = sorted(set(overrides) - set(cfg.to_dict()))
-        if unknown:
-            raise UserError(f"preset {name!r}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(cfg.to_dict())}")
-        cfg = cfg.replace(**overrides)
-    return cfg
 
 
 def config_from_dict(d, where: str = "config") -> UNetConfig:
@@ -331,10 +299,6 @@ class UNet(nn.Module):
     @classmethod
     def from_config(cls, cfg: UNetConfig) -> "UNet":
         return cls(**cfg.to_dict())
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "UNet":
-        return cls.from_config(get_preset(name, **overrides))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ε_θ(x_t, t) with the paper's t ∈ 1 … T. The official code fed the network the 0-based

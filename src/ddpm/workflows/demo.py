@@ -15,10 +15,13 @@ import torch
 
 from ..io.images import make_grid, write_png
 from ..process.scaling import to_uint8
-from .sample import sample
-from ..workflows.train import RunConfig, load_run, train
+from ..run.config import RunConfig
+from ..run.load import load_run
+from .experiments import progressive_figure, progressive_generation
+from .train import train
 
 PROGRESSIVE_TIMES = (1000, 800, 600, 400, 300, 200, 150, 100, 50, 1)  # the paper's t
+STRIP_CHAINS = 8
 
 
 def run_demo(out="runs/demo", steps: int | None = None, n: int = 64, progress: bool = True, seed: int = 0) -> dict:
@@ -32,22 +35,15 @@ def run_demo(out="runs/demo", steps: int | None = None, n: int = 64, progress: b
     t_train = time.perf_counter() - t0
     print(f"demo: training took {t_train / 60:.1f} min", file=sys.stderr)
 
-    run, ema, diffusion, _ = load_run(out, "ema", fast="auto")
-    m = run.model
-    strip = {}  # t -> x̂_0 predicted from x_t, for the first 8 chains
-
-    def keep(t, step_out):
-        if t in PROGRESSIVE_TIMES:
-            strip[t] = step_out["pred_x0"][:8].clone()
-
+    loaded = load_run(out, "ema", fast="auto")
     t1 = time.perf_counter()
-    x = sample(ema, diffusion, (m.in_channels, m.resolution, m.resolution), seed=seed, indices=range(n), device="cpu",
-               progress=progress, callback=keep)
+    # the n samples, keeping x̂_0 along every chain at PROGRESSIVE_TIMES (Fig. 6)
+    gen = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, PROGRESSIVE_TIMES, n, seed, "cpu",
+                                 progress=progress)
     t_sample = time.perf_counter() - t1
-    samples = write_png(make_grid(to_uint8(x), nrow=8), out / "samples.png")
-    # rows: the 8 chains; columns: x̂_0 at t = 1000 … 1
-    cols = torch.stack([strip[t] for t in PROGRESSIVE_TIMES], dim=1).flatten(0, 1)
-    prog = write_png(make_grid(to_uint8(cols), nrow=len(PROGRESSIVE_TIMES)), out / "progressive.png")
-    print(f"demo: sampling {n} images (T={diffusion.num_timesteps}) took {t_sample / 60:.1f} min; "
+    samples = write_png(make_grid(to_uint8(gen["samples"]), nrow=8), out / "samples.png")
+    strip = dict(gen, pred_x0=gen["pred_x0"][:STRIP_CHAINS])  # rows: 8 chains; columns: t = 1000 … 1
+    prog = write_png(progressive_figure(strip), out / "progressive.png")
+    print(f"demo: sampling {n} images (T={loaded.diffusion.num_timesteps}) took {t_sample / 60:.1f} min; "
           f"wrote {samples} and {prog}", file=sys.stderr)
     return dict(train_seconds=t_train, sample_seconds=t_sample, samples=str(samples), progressive=str(prog), **res)

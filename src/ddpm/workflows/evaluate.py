@@ -27,14 +27,20 @@ import torch
 
 from ..errors import UserError
 from ..io.atomic import write_json
+from ..io.data import DataConfig, data_fingerprint, load_images
+from ..io.distributed import DistInfo, all_gather_tensor, barrier, broadcast_object, derive_seed, shard
+from ..io.distributed import init as dist_init
 from ..io.images import IMAGE_EXTENSIONS, open_image
-from ..io.distributed import shard
 from ..io.progress import progress_bar
+from ..network.inception import FEATURE_DIM, NUM_CLASSES, WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX, InceptionV3, load_inception
 from ..process.scaling import to_uint8
-from ..workflows.fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, load_stats, save_stats
-from ..network.inception import FEATURE_DIM, NUM_CLASSES, InceptionV3
+from ..run.load import load_run
+from ..version import __version__
+from .fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, load_stats, save_stats
+from .nll import evaluate_nll
+from .sample import sample, sample_to_dir
 
-PROTOCOL = ("Inception-v3 2015-12-05 weights (pt_inception-2015-12-05-6726825d.pth), pool-3 2048-d features, "
+PROTOCOL = (f"Inception-v3 2015-12-05 weights ({WEIGHTS_NAME}), pool-3 2048-d features, "
             "TF1 bilinear resize to 299 (no antialiasing), uint8 inputs, statistics and distance in float64; "
             "the paper: 50,000 EMA samples (Algorithm 2) against the 50,000 training images")
 
@@ -179,8 +185,6 @@ def open_images(path: Union[str, Path]) -> ImageSource:
 def _merge_over_ranks(fs: FeatureStats, iss: ISStats, dist) -> tuple[FeatureStats, ISStats]:
     if dist is None or dist.world_size == 1:
         return fs, iss
-    from ..io.distributed import all_gather_tensor
-
     packed = torch.from_numpy(np.concatenate([fs.pack(), iss.pack()]))
     merged_fs, merged_is = FeatureStats(fs.dim), ISStats(iss.n_total, iss.num_classes, iss.splits)
     k = len(fs.pack())
@@ -244,10 +248,8 @@ def pixels_sha256(source: ImageSource, batch: int = 1000) -> str:
 
 
 def _stats_provenance(inception: InceptionV3, **extra) -> dict:
-    import ddpm
-
     return dict(extra, inception=dict(inception.info), protocol=PROTOCOL, dtype="float64",
-                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ddpm_version=ddpm.__version__,
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ddpm_version=__version__,
                 torch_version=torch.__version__, device=inception.device.type)
 
 
@@ -259,8 +261,6 @@ def reference_stats(data, inception: InceptionV3, *, batch: int = 100, dist=None
     :param data: a `data.DataConfig` (source, split, resolution, channels).
     :param images: the `ImageSet` of `data`, if already loaded.
     """
-    from ..io.data import data_fingerprint, load_images
-
     images = images if images is not None else load_images(data)
     fs, iss, _ = measure(ArraySource(images.images, images.source_description), inception, batch=batch, dist=dist,
                          progress=progress)
@@ -324,9 +324,6 @@ def _ref_summary(ref: FIDStats) -> dict:
 def _valid_cache(path: Path, images, inception: InceptionV3, dist=None) -> Optional[FIDStats]:
     """The statistics at `path` if they were made from these pixels with these weights, else None.
     Process 0 decides for all, so every process takes the same branch (then a collective)."""
-    from ..io.data import data_fingerprint
-    from ..io.distributed import broadcast_object
-
     ok = False
     if (dist is None or dist.is_main) and Path(path).is_file():
         p = load_stats(path).provenance
@@ -340,9 +337,6 @@ def _valid_cache(path: Path, images, inception: InceptionV3, dist=None) -> Optio
 def cached_reference(path: Path, data, inception: InceptionV3, *, batch: int, dist=None, progress: bool = False) -> FIDStats:
     """Reference statistics of `data`, reused from `path` when they were made from the same pixels
     (sha256) with the same Inception weights, else computed and written there."""
-    from ..io.data import load_images
-    from ..io.distributed import barrier
-
     images = load_images(data)
     old = _valid_cache(path, images, inception, dist)
     if old is not None:
@@ -356,7 +350,7 @@ def cached_reference(path: Path, data, inception: InceptionV3, *, batch: int, di
 
 def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, seed: int = 0, ref_train=None,
                  ref_test=None, bpd_n: Optional[int] = None, bpd_batch: int = 64, inception_batch: int = 100,
-                 weights=None, expected_sha256="6726825d", device: str = "auto", dist=None,
+                 weights=None, expected_sha256=WEIGHTS_SHA256_PREFIX, device: str = "auto", dist=None,
                  progress: bool = True, sampler_opts: Optional[dict] = None, fast: str = "auto") -> dict:
     """`ddpm eval`: the paper's evaluation of a run's EMA weights, into one JSON report.
 
@@ -372,11 +366,6 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     :param out_dir: default RUN_DIR/eval/<checkpoint name>.
     :param fast: "auto": the network with the device's fast paths (ddpm.network.fast.prepare_model); "off".
     """
-    from ..io.distributed import init as dist_init
-    from ..workflows.sample import sample_to_dir
-    from ..workflows.train import load_run
-    from ..network.inception import load_inception
-
     t0 = time.time()
     dist = dist or dist_init(device)
     run_dir = Path(run_dir)
@@ -424,16 +413,12 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     # 3. bits/dim on the test split
     report["bits_per_dim"] = None
     if bpd_n != 0:
-        from ..io.data import load_images
-
         try:
             test = load_images(data.replace(split="test"))
         except UserError as e:
             notes.append(f"no bits/dim: {e}")
             log(f"eval: warning: no bits/dim: {e}")
         else:
-            from ..workflows.experiments import evaluate_nll
-
             imgs = test.images[: bpd_n] if bpd_n else test.images
             log(f"eval: bits/dim of {len(imgs)} test images ({diffusion.num_timesteps} terms each) into {out_dir / 'nll'}")
             nll = evaluate_nll(ema, diffusion, imgs, bpd_batch, seed, out_dir / "nll", dist, progress, device=dist.device,
@@ -465,11 +450,8 @@ class TrainingFID:
     """
 
     def __init__(self, *, n: int = 10_000, batch: int = 250, seed: int = 0, ref=None, images=None, data=None,
-                 cache: Optional[Path] = None, weights=None, expected_sha256="6726825d", dist=None,
+                 cache: Optional[Path] = None, weights=None, expected_sha256=WEIGHTS_SHA256_PREFIX, dist=None,
                  inception_batch: int = 100):
-        from ..io.distributed import DistInfo, derive_seed
-        from ..network.inception import load_inception
-
         self.dist = dist or DistInfo()
         self.n, self.batch, self.inception_batch = int(n), int(batch), int(inception_batch)
         self.seed = derive_seed(seed, 0xF1D)
@@ -493,9 +475,6 @@ class TrainingFID:
     def __call__(self, ema, diffusion, shape) -> dict:
         """:param shape: (C, H, W) of one sample. -> dict(fid, is_mean, is_std, fid_n, fid_seconds)
         on every process."""
-        from ..io.distributed import broadcast_object
-        from ..workflows.sample import sample
-
         t0 = time.time()
         mine = shard(range(self.n), self.dist.rank, self.dist.world_size)
 
@@ -520,3 +499,31 @@ class TrainingFID:
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+# ---------------------------------------------------------------------------------------------
+
+
+def fid_ref_run(data: DataConfig, out, *, weights=None, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
+                batch: int = 100, device: str = "auto", progress: bool = True) -> FIDStats:
+    """`ddpm fid-ref`: the FID reference statistics of a data set, written to `out` (.npz)."""
+    dist = dist_init(device)
+    inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
+    stats = reference_stats(data, inception, batch=batch, dist=dist, progress=progress)
+    if dist.is_main:
+        save_stats(out, stats)
+    return stats
+
+
+def fid_run(samples, refs: Sequence, *, out=None, weights=None, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
+            batch: int = 100, device: str = "auto", progress: bool = True) -> dict:
+    """`ddpm fid`: `fid_report` with the Inception weights loaded here; the report is also written
+    to `out` (JSON) when given."""
+    dist = dist_init(device)
+    inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
+    report = fid_report(samples, refs, inception, batch=batch, dist=dist, progress=progress)
+    if out is not None and dist.is_main:
+        write_json(out, report)
+    return report

@@ -26,6 +26,7 @@ from ..io.progress import loop_progress, progress_bar
 from ..io.results import check_settings
 from ..process.diffusion import GaussianDiffusion, Step, ddim_timesteps
 from ..process.scaling import to_uint8
+from ..run.load import open_run
 
 
 class Sampler(Choice):
@@ -263,3 +264,12 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
         write_png(make_grid(torch.from_numpy(first).permute(0, 3, 1, 2), nrow=8), grid_path)
     barrier()
     return dict(out_dir=str(out_dir), n=n, generated=len(todo), skipped=n - len(todo), npz=str(npz_path), grid=str(grid_path))
+
+
+def sample_run(run, out_dir, n: int, *, batch: int = 64, seed: int = 0, weights: str = "ema", device: str = "auto",
+               fast: str = "auto", progress: bool = True, **sampler_opts) -> dict:
+    """`ddpm sample`: images 0 … n-1 of a trained run (a run directory or a checkpoint file) into
+    `out_dir`, split over torchrun's processes; run it again to resume (see `sample_to_dir`)."""
+    loaded, dist, tag = open_run(run, weights, device, fast)
+    return sample_to_dir(loaded.model, loaded.diffusion, out_dir, n, batch, seed, loaded.shape, dist, progress=progress,
+                         model_tag=tag, **sampler_opts)

@@ -13,170 +13,31 @@ The checkpoint still stores every RNG state (per rank) and the data position, fo
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..config import load_json
+from ..errors import UserError
 from ..io import checkpoint as ckpt
 from ..io.atomic import write_json, write_text
+from ..io.data import ImageSet, load_images
+from ..io.distributed import DistInfo, all_gather_tensor, barrier, derive_seed
+from ..io.distributed import init as dist_init
 from ..io.images import make_grid, write_png
 from ..io.progress import progress_bar
+from ..network.fast import autocast, match_layout_, resolve_switch, set_winograd, to_channels_last
+from ..network.unet import UNet
+from ..process.diffusion import GaussianDiffusion
 from ..process.scaling import to_model_range, to_uint8
+from ..run.config import RunConfig, TrainConfig, check_resume_compatible
+from .evaluate import TrainingFID
 from .sample import sample
-from ..config import Config, apply_overrides, load_json
-from ..io.data import DataConfig, ImageSet, load_images
-from ..process.diffusion import DiffusionConfig, GaussianDiffusion
-from ..io.distributed import DistInfo, all_gather_tensor, barrier, derive_seed, init as dist_init
-from ..errors import UserError, check_choice
-from ..network.fast import SWITCH_VALUES, match_layout_, prepare_model, resolve_switch, set_winograd, to_channels_last
-from ..network.unet import UNet, UNetConfig, get_preset
-
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass(frozen=True)
-class TrainConfig(Config):
-    """The optimisation recipe. Defaults are the paper's CIFAR-10 values (Appendix B)."""
-
-    steps: int = 800_000
-    batch_size: int = 128  # the global batch, split over processes
-    lr: float = 2e-4
-    warmup: int = 5000  # linear learning-rate warm-up, in steps
-    grad_clip: float = 1.0  # global-norm clipping
-    ema_decay: float = 0.9999
-    adam_eps: float = 1e-8
-    seed: int = 0
-    checkpoint_every: int = 5000
-    keep_last: int = 3
-    milestone_every: int = 100_000  # checkpoints kept forever
-    log_every: int = 100  # losses are read from the device (a host sync) only this often
-    sample_every: int = 0  # EMA sample grid every N steps (0: never during training)
-    sample_n: int = 64
-    precision: str = "fp32"  # "bf16": autocast the network in bfloat16
-    device: str = "auto"
-    # Fast paths (fast.py): "auto" is each device's measured default (BENCHMARKS.md), or "on"/"off".
-    channels_last: str = "auto"  # NHWC weights and activations (auto: on for CUDA; CPU: on from width ch=128)
-    compile: str = "auto"  # torch.compile the network (auto: on for CUDA, off for CPU)
-    winograd: str = "auto"  # CPU: 3x3 convolutions by Winograd F(4x4, 3x3) (auto: on for CPU; CUDA: n/a)
-    tensorboard: bool = False
-    # FID of the EMA weights during training (docs/FID.md): fid_n samples every fid_every steps,
-    # against reference statistics fid_ref (or ones computed from the training data and cached).
-    fid_every: int = 0
-    fid_n: int = 10_000
-    fid_ref: str = ""
-    fid_weights: str = ""  # Inception weights file ("" = $DDPM_INCEPTION_WEIGHTS or the cache path)
-    fid_weights_sha256: str = "6726825d"
-
-    def validate(self):
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_n", "fid_n"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UserError(f"train.{name}={v!r} must be a positive integer")
-        for name in ("warmup", "sample_every", "milestone_every", "seed", "fid_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise UserError(f"train.{name}={v!r} must be an integer >= 0")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"train.lr={self.lr!r} must be a positive number (the paper uses 2e-4 for CIFAR-10)")
-        if not self.grad_clip > 0:
-            raise UserError(f"train.grad_clip={self.grad_clip!r} must be positive (the paper clips at 1.0)")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (the paper uses 0.9999)")
-        check_choice("train.precision", self.precision, PRECISIONS)
-        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        check_choice("train.channels_last", self.channels_last, SWITCH_VALUES)
-        check_choice("train.compile", self.compile, SWITCH_VALUES)
-        check_choice("train.winograd", self.winograd, SWITCH_VALUES)
-
-
-# Fields that may change when a run is resumed; any other change is refused.
-RESUMABLE_CHANGES = {"train": {"steps", "checkpoint_every", "keep_last", "milestone_every", "log_every",
-                               "sample_every", "sample_n", "device", "tensorboard", "channels_last", "compile",
-                               "winograd", "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_weights_sha256"}}
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything a run is: the model, the process, the data, the recipe. Saved as config.json."""
-
-    model: UNetConfig
-    diffusion: DiffusionConfig
-    data: DataConfig
-    train: TrainConfig
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k).to_dict() for k in ("model", "diffusion", "data", "train")}
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
-        kinds = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
-        unknown = sorted(set(d) - set(kinds))
-        if unknown:
-            raise UserError(f"{where}: unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(kinds)}")
-        return cls(**{k: kinds[k].from_dict(d.get(k, {}), where=f"{where} [{k}]") for k in kinds})
-
-    @classmethod
-    def from_preset(cls, name: str, data: Optional[str] = None) -> "RunConfig":
-        check_choice("preset", name, list(PRESETS))
-        run = PRESETS[name]
-        return run if data is None else run.replace(data=run.data.replace(source=data))
-
-    def replace(self, **changes) -> "RunConfig":
-        return dataclasses.replace(self, **changes)
-
-    def with_overrides(self, pairs: list[str]) -> "RunConfig":
-        """Apply `section.key=value` strings (e.g. `train.lr=1e-4`, `model.ch=64`)."""
-        by_section: dict[str, list[str]] = {}
-        for p in pairs:
-            key = p.split("=", 1)[0]
-            if "." not in key:
-                raise UserError(f"--set {p!r}: write section.key=value with a section of model, diffusion, data, train")
-            section, rest = p.split(".", 1)
-            if section not in ("model", "diffusion", "data", "train"):
-                raise UserError(f"--set {p!r}: unknown section {section!r}; valid sections: model, diffusion, data, train")
-            by_section.setdefault(section, []).append(rest)
-        changes = {s: apply_overrides(getattr(self, s), ps, where=f"--set {s}") for s, ps in by_section.items()}
-        return self.replace(**changes)
-
-
-def _preset(model: str, diffusion: DiffusionConfig, data: DataConfig, train: TrainConfig) -> RunConfig:
-    return RunConfig(model=get_preset(model), diffusion=diffusion, data=data, train=train)
-
-
-_256 = dict(batch_size=64, lr=2e-5, checkpoint_every=5000, sample_every=50_000)
-PRESETS: dict[str, RunConfig] = {
-    # PAPER.md's table of Appendix B, column by column.
-    "cifar10": _preset("cifar10", DiffusionConfig(var_type="fixedlarge"), DataConfig(source="cifar10"),
-                       TrainConfig(steps=800_000, sample_every=10_000)),
-    "celebahq256": _preset("celebahq256", DiffusionConfig(var_type="fixedsmall"), DataConfig(source="celebahq", resolution=256),
-                           TrainConfig(steps=500_000, **_256)),
-    "lsun_church256": _preset("lsun256", DiffusionConfig(var_type="fixedsmall"), DataConfig(source="lsun_church", resolution=256),
-                              TrainConfig(steps=1_200_000, **_256)),
-    # The paper trained Bedroom without flips; the official script trained Cat without them.
-    "lsun_bedroom256": _preset("lsun256", DiffusionConfig(var_type="fixedsmall"),
-                               DataConfig(source="lsun_bedroom", resolution=256, random_flip=False),
-                               TrainConfig(steps=2_400_000, **_256)),
-    "lsun_cat256": _preset("lsun256", DiffusionConfig(var_type="fixedsmall"),
-                           DataConfig(source="lsun_cat", resolution=256, random_flip=False),
-                           TrainConfig(steps=1_800_000, **_256)),
-    # The CPU demo: 28x28 Fashion-MNIST on 2 cores. Shorter warm-up, a higher learning rate and a
-    # faster EMA than the paper because the run is 700 steps long (4.5 epochs of the 10k subset):
-    # enough for recognisable garments (README), measured at 27 min on one busy core, ~10-15 min on two.
-    "demo": _preset("demo", DiffusionConfig(var_type="fixedlarge"), DataConfig(source="fashion-mnist-10k"),
-                    TrainConfig(steps=700, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.995,
-                                checkpoint_every=250, milestone_every=0, log_every=25, device="cpu")),
-    # For tests: a model of a few thousand parameters and a handful of steps.
-    "tiny": _preset("tiny", DiffusionConfig(), DataConfig(source="fashion-mnist-10k", resolution=32),
-                    TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup=5, ema_decay=0.9, checkpoint_every=5,
-                                milestone_every=0, log_every=5, device="cpu")),
-}
 
 
 def resolve_model(run: RunConfig, images: ImageSet) -> RunConfig:
@@ -224,8 +85,9 @@ class DataOrder:
         return torch.cat(parts)
 
 
-def _ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    # ema ← decay·ema + (1 − decay)·θ, one fused foreach kernel per dtype group.
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·θ (docs/MATH.md § Training recipe), one fused foreach kernel per
+    dtype group."""
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
@@ -235,21 +97,6 @@ class TrainingDiverged(UserError):
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def check_resume_compatible(saved: dict, new: RunConfig, path: Path) -> None:
-    """Refuse to resume with a changed setting that would make the run something else."""
-    new_d = new.to_dict()
-    for section, fields in new_d.items():
-        old_fields = saved.get(section, {})
-        for k, v in fields.items():
-            if k in RESUMABLE_CHANGES.get(section, set()):
-                continue
-            if k in old_fields and old_fields[k] != v:
-                raise UserError(
-                    f"{path}: this run was started with {section}.{k}={old_fields[k]!r}, now {v!r}; "
-                    f"resume with the same setting, or start a new run in another --out directory"
-                )
 
 
 def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progress: bool = True,
@@ -323,13 +170,10 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
     gen_device = torch.Generator(device) if device.type == "cuda" else None
     shape = tuple(data.shape[1:])
     T = diffusion.num_timesteps
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     logger = _Logger(run_dir, cfg, enabled=dist.is_main)
     fid = None
     if cfg.fid_every:
-        from ..workflows.evaluate import TrainingFID  # every rank samples its own block; stats are merged
-
         fid = TrainingFID(n=cfg.fid_n, batch=cfg.batch_size, seed=cfg.seed, ref=cfg.fid_ref or None, images=images,
                           data=run.data, cache=run_dir / "fid-ref-train.npz", weights=cfg.fid_weights or None,
                           expected_sha256=cfg.fid_weights_sha256 or None, dist=dist)
@@ -354,7 +198,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
 
         # ---- Algorithm 1
-        with autocast:
+        with autocast(device, cfg.precision):
             losses = diffusion.training_losses(net, x0, t, noise)
         loss = losses["loss"].mean()
         opt.zero_grad(set_to_none=True)
@@ -363,7 +207,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         opt.step()
-        _ema_update(ema_params, params, cfg.ema_decay)
+        ema_update(ema_params, params, cfg.ema_decay)
 
         # ---- bookkeeping on the device; read back only every log_every steps
         q = ((t - 1) * 4) // T  # quartile of t: 1 … T/4 is the first
@@ -468,32 +312,3 @@ class _Logger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> tuple[RunConfig, torch.nn.Module, GaussianDiffusion, Path]:
-    """A trained network from a run directory (its newest valid checkpoint) or a checkpoint file.
-
-    :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
-    :param fast: "auto": the network wrapped by `ddpm.network.fast.prepare_model` with the device's fast
-        paths, for sampling and bits/dim; "off": the plain network.
-    :return: (run config, network in eval mode on `device`, diffusion, checkpoint path).
-    """
-    check_choice("weights", weights, ("ema", "model"))
-    check_choice("fast", fast, ("auto", "off"))
-    path = Path(path)
-    if path.is_dir():
-        found = ckpt.latest_checkpoint(path)
-        if found is None:
-            raise UserError(f"{path}: no checkpoint in this run directory; train first (ddpm train --out {path})")
-        file, state = found
-    elif path.exists():
-        file, state = path, ckpt.load_checkpoint(path)
-    else:
-        raise UserError(f"{path}: no such run directory or checkpoint file")
-    run = RunConfig.from_dict(state["config"], where=str(file))
-    net = UNet.from_config(run.model)
-    net.load_state_dict(state[weights])
-    net = net.to(device).eval().requires_grad_(False)
-    if fast == "auto":
-        net = prepare_model(net, device)
-    return run, net, GaussianDiffusion.from_config(run.diffusion), file

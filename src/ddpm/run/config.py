@@ -1,0 +1,188 @@
+"""What a run is: the model, the process, the data and the recipe, and how a command line gets there.
+
+    run = RunConfig.from_preset("cifar10", data="cifar10:/data/cifar-10-python.tar.gz")
+    run = resolve_run_config(preset="demo", sets=["train.lr=5e-4"])   # what `ddpm train` does
+
+`RunConfig` is saved as `config.json` in the run directory and inside every checkpoint, so a
+checkpoint alone rebuilds its model. `resolve_run_config` is the one place the layers of a
+command line meet: preset, then config file, then flags, then `--set` overrides, each over the
+last; every value is checked when the result is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from ..config import Config, apply_overrides, load_json
+from ..errors import UserError
+from ..io.data import DataConfig
+from ..io.distributed import Device
+from ..network.fast import Precision, Switch
+from ..network.inception import WEIGHTS_SHA256_PREFIX
+from ..network.unet import UNetConfig
+from ..process.diffusion import DiffusionConfig
+from .presets import PRESETS, RENAMED
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """The optimisation recipe. Defaults are the paper's CIFAR-10 values (Appendix B)."""
+
+    SECTION = "train"
+
+    steps: int = 800_000
+    batch_size: int = 128  # the global batch, split over processes
+    lr: float = 2e-4
+    warmup: int = 5000  # linear learning-rate warm-up, in steps
+    grad_clip: float = 1.0  # global-norm clipping
+    ema_decay: float = 0.9999
+    adam_eps: float = 1e-8
+    seed: int = 0
+    checkpoint_every: int = 5000
+    keep_last: int = 3
+    milestone_every: int = 100_000  # checkpoints kept forever
+    log_every: int = 100  # losses are read from the device (a host sync) only this often
+    sample_every: int = 0  # EMA sample grid every N steps (0: never during training)
+    sample_n: int = 64
+    precision: Precision = Precision.FP32  # "bf16": autocast the network in bfloat16
+    device: Device = Device.AUTO
+    # Fast paths (network/fast.py): "auto" is each device's default, or "on"/"off".
+    channels_last: Switch = Switch.AUTO  # NHWC weights and activations (auto: on for CUDA; CPU: on from width ch=128)
+    compile: Switch = Switch.AUTO  # torch.compile the network (auto: on for CUDA, off for CPU)
+    winograd: Switch = Switch.AUTO  # CPU: 3x3 convolutions by Winograd F(4x4, 3x3) (auto: on for CPU; CUDA: n/a)
+    tensorboard: bool = False
+    # FID of the EMA weights during training (docs/FID.md): fid_n samples every fid_every steps,
+    # against reference statistics fid_ref (or ones computed from the training data and cached).
+    fid_every: int = 0
+    fid_n: int = 10_000
+    fid_ref: str = ""
+    fid_weights: str = ""  # Inception weights file ("" = $DDPM_INCEPTION_WEIGHTS or the cache path)
+    fid_weights_sha256: str = WEIGHTS_SHA256_PREFIX
+
+    def validate(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_n", "fid_n"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"train.{name}={v!r} must be a positive integer")
+        for name in ("warmup", "sample_every", "milestone_every", "seed", "fid_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise UserError(f"train.{name}={v!r} must be an integer >= 0")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"train.lr={self.lr!r} must be a positive number (the paper uses 2e-4 for CIFAR-10)")
+        if not self.grad_clip > 0:
+            raise UserError(f"train.grad_clip={self.grad_clip!r} must be positive (the paper clips at 1.0)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (the paper uses 0.9999)")
+
+
+# Fields that may change when a run is resumed; any other change is refused.
+RESUMABLE_CHANGES = {"train": {"steps", "checkpoint_every", "keep_last", "milestone_every", "log_every",
+                               "sample_every", "sample_n", "device", "tensorboard", "channels_last", "compile",
+                               "winograd", "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_weights_sha256"}}
+
+SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is: the model, the process, the data, the recipe. Saved as config.json."""
+
+    model: UNetConfig
+    diffusion: DiffusionConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k).to_dict() for k in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, d: Mapping, where: str = "config") -> "RunConfig":
+        """From JSON-like sections; a missing section or field takes its default."""
+        unknown = sorted(set(d) - set(SECTIONS))
+        if unknown:
+            raise UserError(f"{where}: unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
+        return cls(**{k: kind.from_dict(d.get(k, {}), where=f"{where} [{k}]") for k, kind in SECTIONS.items()})
+
+    @classmethod
+    def from_preset(cls, name: str, data: Optional[str] = None) -> "RunConfig":
+        """The run a preset names (run/presets.py), with its data source replaced by `data` if given."""
+        run = cls.from_dict(preset_sections(name), where=f"preset {name}")
+        return run if data is None else run.replace(data=run.data.replace(source=data))
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, pairs: Sequence[str]) -> "RunConfig":
+        """Apply `section.key=value` strings (e.g. `train.lr=1e-4`, `model.ch=64`)."""
+        by_section: dict[str, list[str]] = {}
+        for p in pairs:
+            key = p.split("=", 1)[0]
+            if "." not in key:
+                raise UserError(f"--set {p!r}: write section.key=value with a section of {', '.join(SECTIONS)}")
+            section, rest = p.split(".", 1)
+            if section not in SECTIONS:
+                raise UserError(f"--set {p!r}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
+            by_section.setdefault(section, []).append(rest)
+        changes = {s: apply_overrides(getattr(self, s), ps, where=f"--set {s}") for s, ps in by_section.items()}
+        return self.replace(**changes)
+
+
+def preset_sections(name: str) -> dict:
+    """A preset's sections (a copy), or one line listing the presets."""
+    if name not in PRESETS:
+        hint = f" (it is now named {RENAMED[name]})" if name in RENAMED else ""
+        valid = ", ".join(repr(n) for n in PRESETS)
+        raise UserError(f"preset={name!r} is not valid{hint}; choose one of: {valid}")
+    return {section: dict(fields) for section, fields in PRESETS[name].items()}
+
+
+def resolve_run_config(preset: Optional[str] = None, config_file=None, *, data: Optional[str] = None,
+                       flags: Optional[Mapping] = None, sets: Sequence[str] = ()) -> RunConfig:
+    """A run's configuration from its layers, each over the last: the preset (default cifar10), a
+    JSON config file of sections (merged field by field), the data source, `train` fields given
+    as flags (None means not given), and `section.key=value` overrides."""
+    d = preset_sections(preset or "cifar10")
+    if config_file:
+        for section, fields in load_json(config_file).items():
+            if not isinstance(fields, dict):
+                raise UserError(f"{config_file}: section {section!r} must be an object of fields")
+            d.setdefault(section, {}).update(fields)
+    run = RunConfig.from_dict(d, where=str(config_file or f"preset {preset or 'cifar10'}"))
+    if data:
+        run = run.replace(data=run.data.replace(source=data))
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    if given:
+        run = run.replace(train=run.train.replace(**given))
+    return run.with_overrides(list(sets))
+
+
+def model_config(preset: Optional[str] = None, config_file=None, sets: Sequence[str] = ()) -> UNetConfig:
+    """A network's configuration (`ddpm info`): a preset's model, or a UNetConfig JSON file (or a
+    run config with a "model" section), then `key=value` overrides of its fields."""
+    if (preset is None) == (config_file is None):
+        raise UserError("give exactly one of --preset NAME or --config JSON")
+    if preset is not None:
+        cfg = RunConfig.from_preset(preset).model
+    else:
+        d = load_json(config_file)
+        cfg = UNetConfig.from_dict(d["model"] if isinstance(d.get("model"), dict) else d, where=str(config_file))
+    return apply_overrides(cfg, list(sets))
+
+
+def check_resume_compatible(saved: Mapping, new: RunConfig, path: Path) -> None:
+    """Refuse to resume with a changed setting that would make the run something else."""
+    for section, fields in new.to_dict().items():
+        old_fields = saved.get(section, {})
+        for k, v in fields.items():
+            if k in RESUMABLE_CHANGES.get(section, set()):
+                continue
+            if k in old_fields and old_fields[k] != v:
+                raise UserError(
+                    f"{path}: this run was started with {section}.{k}={old_fields[k]!r}, now {v!r}; "
+                    f"resume with the same setting, or start a new run in another --out directory"
+                )

@@ -1,0 +1,92 @@
+"""A trained model back from disk: `load_run(RUN_DIR or CHECKPOINT)`.
+
+    run, ema, diffusion, checkpoint = load_run("runs/cifar10", weights="ema", device="cuda", fast="auto")
+
+Every command that uses a trained model (sample, nll, the experiments, eval) starts here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from ..config import Choice
+from ..errors import UserError
+from ..io import checkpoint as ckpt
+from ..io.distributed import DistInfo
+from ..io.distributed import init as dist_init
+from ..network.fast import prepare_model
+from ..network.unet import UNet
+from ..process.diffusion import GaussianDiffusion
+from .config import RunConfig
+
+
+class Weights(Choice):
+    EMA = "ema"  # the exponential moving average: what the paper evaluates
+    MODEL = "model"  # the trained weights themselves
+
+
+class Fast(Choice):
+    AUTO = "auto"  # the device's fast paths (network/fast.py prepare_model)
+    OFF = "off"  # the plain fp32 eager network
+
+
+class LoadedRun(NamedTuple):
+    """What `load_run` returns; it unpacks as (run, model, diffusion, checkpoint)."""
+
+    run: RunConfig
+    model: torch.nn.Module  # in eval mode, on the device asked for, without gradients
+    diffusion: GaussianDiffusion
+    checkpoint: Path
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        m = self.run.model
+        return (m.in_channels, m.resolution, m.resolution)
+
+
+def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> LoadedRun:
+    """A trained network from a run directory (its newest valid checkpoint) or a checkpoint file.
+
+    :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
+    :param fast: "auto": the network wrapped by `network.fast.prepare_model` with the device's fast
+        paths, for sampling and bits/dim; "off": the plain network.
+    """
+    weights = Weights.parse(weights, "weights")
+    fast = Fast.parse(fast, "fast")
+    path = Path(path)
+    if path.is_dir():
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise UserError(f"{path}: no checkpoint in this run directory; train first (ddpm train --out {path})")
+        file, state = found
+    elif path.exists():
+        file, state = path, ckpt.load_checkpoint(path)
+    else:
+        raise UserError(f"{path}: no such run directory or checkpoint file")
+    run = RunConfig.from_dict(state["config"], where=str(file))
+    net = UNet.from_config(run.model)
+    net.load_state_dict(state[weights.value])
+    net = net.to(device).eval().requires_grad_(False)
+    if fast is Fast.AUTO:
+        net = prepare_model(net, device)
+    return LoadedRun(run, net, GaussianDiffusion.from_config(run.diffusion), file)
+
+
+class OpenedRun(NamedTuple):
+    """A trained model ready for a command: loaded on the process group's device."""
+
+    loaded: LoadedRun
+    dist: DistInfo
+    tag: str  # names the weights in the settings record of a results folder
+
+
+def open_run(path, weights: str = "ema", device: str = "auto", fast: str = "auto") -> OpenedRun:
+    """`load_run` on this process's device of the process group (torchrun's, or this process), as
+    every command on a trained model starts."""
+    dist = dist_init(device)
+    loaded = load_run(path, weights, dist.device, fast)
+    return OpenedRun(loaded, dist, f"{Path(loaded.checkpoint).resolve()} [{Weights.parse(weights, 'weights').value}]")
