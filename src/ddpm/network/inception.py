@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import io
 import os
@@ -142,10 +143,8 @@ def _tf_module(name: str) -> types.ModuleType:
 
 def torch_fidelity_version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("torch-fidelity")
-    except Exception:
+        return importlib.metadata.version("torch-fidelity")
+    except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 

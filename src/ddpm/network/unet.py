@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config
 from ..errors import UserError
@@ -345,8 +346,6 @@ def forward_flops(cfg: UNetConfig) -> float:
     Counts convolutions, matmuls and attention; norms and activations are not counted (the usual
     convention). Runs on the meta device, so it allocates nothing and takes well under a second.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.device("meta"):
         model = UNet.from_config(cfg).eval()
         x = torch.zeros(1, cfg.in_channels, cfg.resolution, cfg.resolution)
