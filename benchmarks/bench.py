@@ -1,4 +1,4 @@
-"""ddpm against diffusers' UNet2DModel, side by side, in one process (issue 7).
+"""ddpm against diffusers' UNet2DModel, side by side, in one process.
 
     python benchmarks/bench.py --device cpu  --batch 8                      # the CPU targets
     python benchmarks/bench.py --device cuda --batch 128 --precision bf16   # training, one GPU

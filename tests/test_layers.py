@@ -161,3 +161,14 @@ def test_the_rule_is_checked_for_real(tmp_path):
             test_no_import_cycles()
     finally:
         SRC, MODULES = saved
+
+
+def test_the_layer_table_lists_every_module_in_its_layer():
+    doc = (SRC.parents[1] / "docs" / "LAYERS.md").read_text()
+    for mod, path in MODULES.items():
+        if path.name == "__init__.py" and mod != "ddpm":
+            continue
+        rel = path.relative_to(SRC.parent).as_posix()
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `{rel}` |")), None)
+        assert row is not None, f"docs/LAYERS.md has no row for {rel}"
+        assert row.split("|")[2].strip() == LAYERS[layer(mod)], row

@@ -1,4 +1,4 @@
-"""β schedules against their definitions in PAPER.md (and Nichol & Dhariwal's cosine)."""
+"""β schedules against their definitions in docs/MATH.md § Schedules (and Nichol & Dhariwal's cosine)."""
 
 import math
 

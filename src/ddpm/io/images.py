@@ -3,7 +3,7 @@
 One preprocessing rule for every source of pixels (data sets, the images given to `ddpm
 interpolate` / `reconstruct`): convert the pixel mode to grayscale or RGB, centre-crop to a square,
 resize to the model's resolution. The crop and resize are those of the official DDPM LSUN data,
-made by StyleGAN2's dataset_tool.py (`create_lsun`): crop the largest centred square (offset
+made by StyleGAN2's dataset tool (`create_lsun`): crop the largest centred square (offset
 (size - side) // 2), then PIL's antialiased Lanczos resize (`PIL.Image.ANTIALIAS`, today
 `Image.Resampling.LANCZOS`). Images smaller than the resolution are upsampled with the same filter.
 

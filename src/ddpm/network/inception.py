@@ -9,7 +9,7 @@ code's logits, and torch-fidelity's choice for IS) from one forward pass.
 
 What we write by hand, and why:
 
-* **Importing it without torchvision.** `torch_fidelity/__init__.py` imports its CLIP, VGG and
+* **Importing it without torchvision.** torch-fidelity's top-level package imports its CLIP, VGG and
   dataset modules, which import torchvision; the four modules the Inception network needs
   (`feature_extractor_inceptionv3`, `feature_extractor_base`, `helpers` and
   `interpolate_compat_tensorflow`, with `defaults` and `deprecations`) do not. torchvision

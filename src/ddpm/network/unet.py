@@ -1,4 +1,4 @@
-"""The paper's U-Net (Ho et al. 2020, Appendix B), exactly as the authors' `models/unet.py`.
+"""The paper's U-Net (Ho et al. 2020, Appendix B; docs/MATH.md § Network), exactly as the authors' code.
 
 A PixelCNN++-style Wide-ResNet U-Net with GroupNorm(32, eps 1e-6), swish, a sinusoidal time
 embedding added into every ResBlock, and single-head self-attention at 16x16 and in the middle.

@@ -1,6 +1,6 @@
-"""Gaussian KL and the discretized Gaussian decoder (PAPER.md § "Training objective", eq. 13).
+"""Gaussian KL and the discretized Gaussian decoder (docs/MATH.md § Training objective, eq. 13).
 
-Both follow the official code (diffusion_tf/nn.py and utils.py) to the constant: the tanh
+Both follow the official code to the constant: the tanh
 approximation of the normal CDF, the ±0.999 edge bins that extend to ∓∞, and the 1e-12 floor
 before each log. They always compute in at least float32: the CDF differences of a 2/255-wide
 bin vanish in bfloat16.

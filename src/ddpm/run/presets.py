@@ -10,12 +10,12 @@ comment gives our reading.
 
 from __future__ import annotations
 
-# The paper's CIFAR-10 network (scripts/run_cifar.py): 35,746,307 parameters.
+# The paper's CIFAR-10 network (the official CIFAR-10 script's): 35,746,307 parameters.
 _CIFAR10_NET = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32)
-# scripts/run_lsun.py / run_celebahq.py `unet2d16b2c112244`: 113,673,219 parameters.
+# The official LSUN and CelebA-HQ scripts' `unet2d16b2c112244`: 113,673,219 parameters.
 _NET_256 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, resolution=256)
 # The larger LSUN Bedroom model, "approximately 256 million parameters by increasing filter count"
-# (Appendix B). Neither the paper nor the released code (run_lsun.py defines only the 114M model)
+# (Appendix B). Neither the paper nor the released code (whose LSUN script defines only the 114M model)
 # gives its widths. Parameters grow as ch**2, and 114M * (192/128)**2 = 256M, so ch=192 with the
 # same layout is our reading: 255,677,955 parameters. Not an official config.
 _NET_256_LARGE = dict(_NET_256, ch=192)

@@ -7,7 +7,7 @@ pure function of two statistics (`frechet_distance`). Nothing here needs the net
 The Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2) is
     ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½.
 The trace of the square root uses the identity of the official DDPM code (its
-`classifier_metrics_numpy.py`, a NumPy port of TF-GAN): Σ1 Σ2 = F Fᵀ Σ2 has the eigenvalues of
+metrics module, a NumPy port of TF-GAN's): Σ1 Σ2 = F Fᵀ Σ2 has the eigenvalues of
 the symmetric positive semi-definite Fᵀ Σ2 F for any factor Σ1 = F Fᵀ, so
 tr (Σ1 Σ2)^½ = Σ √eig(Fᵀ Σ2 F), an eigenvalue problem of a symmetric matrix in float64. The
 official code takes F = Σ1^½ from an SVD; we take the Cholesky factor when Σ1 (or Σ2) is
