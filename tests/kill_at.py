@@ -1,0 +1,103 @@
+"""Run `ddpm ARGS` in this process and SIGKILL it at a chosen moment: a kill -9 that lands where
+a test says, not where a loaded machine's timing happens to put it.
+
+    python tests/kill_at.py POINT N [--rank R] -- ARGS...      (ARGS as for `python -m ddpm`)
+
+POINT (N counts from 1, in this process):
+  step         just before the N-th optimizer step (earlier checkpoints are on disk)
+  ckpt-half    while the N-th checkpoint is being written: its header and half of its first tensor
+               are on disk, under the temporary name
+  ckpt-whole   when the N-th checkpoint is complete under its temporary name, before it is moved
+               into place
+  png          right after the N-th sample PNG is in place
+  part         right after the N-th bits/dim part is in place
+--rank R: only the process whose RANK (torchrun) is R arms the kill; the others run normally.
+
+The process kills itself with SIGKILL (no handler, no clean-up runs), exactly as `kill -9` would.
+"""
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+import ddpm.cli
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(point: str, n: int) -> None:
+    count = [0]
+
+    def hit() -> bool:
+        count[0] += 1
+        return count[0] == n
+
+    if point == "step":
+        step = torch.optim.Adam.step
+
+        def counted_step(self, *a, **k):
+            if hit():
+                die()
+            return step(self, *a, **k)
+
+        torch.optim.Adam.step = counted_step
+    elif point in ("ckpt-half", "ckpt-whole"):
+        write, replace, writes = os.write, os.replace, {}
+
+        def temp_checkpoint(fd: int) -> str:
+            name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+            return name if name.startswith(".tmp-ckpt-") else ""
+
+        def half_write(fd, data):
+            name = temp_checkpoint(fd)
+            if name:
+                writes[name] = writes.get(name, 0) + 1
+                # the header is the first write, the first tensor the second: half of it, then die
+                if writes[name] == 2 and hit():
+                    write(fd, bytes(memoryview(data).cast("B")[: max(1, len(data) // 2)]))
+                    os.fsync(fd)
+                    die()
+            return write(fd, data)
+
+        def stop_before_rename(src, dst, *a, **k):
+            if Path(src).name.startswith(".tmp-ckpt-") and hit():
+                die()
+            return replace(src, dst, *a, **k)
+
+        if point == "ckpt-half":
+            os.write = half_write
+        else:
+            os.replace = stop_before_rename
+    elif point in ("png", "part"):
+        replace = os.replace
+        pattern = re.compile(r"\d{6}\.png" if point == "png" else r"batch-\d{6}\.npz")
+
+        def after(src, dst, *a, **k):
+            result = replace(src, dst, *a, **k)
+            if pattern.fullmatch(Path(dst).name) and hit():
+                die()
+            return result
+
+        os.replace = after
+    else:
+        raise SystemExit(f"kill_at.py: unknown point {point!r}")
+
+
+def main(argv: list[str]) -> int:
+    split = argv.index("--")
+    opts, args = argv[:split], argv[split + 1:]
+    point, n = opts[0], int(opts[1])
+    rank = opts[opts.index("--rank") + 1] if "--rank" in opts else None
+    if rank is None or os.environ.get("RANK", "0") == rank:
+        arm(point, n)
+    return ddpm.cli.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
