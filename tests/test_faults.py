@@ -15,6 +15,12 @@ import pytest
 import torch
 
 from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints
+from ddpm.run.config import resolve_run_config
+from ddpm.workflows.nll import nll_run
+from ddpm.workflows.sample import sample_run
+from ddpm.workflows.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the references run here, like the subprocesses: 1 thread
 
 PY = sys.executable
 KILL_AT = str(Path(__file__).with_name("kill_at.py"))
@@ -49,14 +55,16 @@ def _temp_files(d: Path):
 
 
 @pytest.mark.slow
-def test_sigkills_mid_step_and_mid_write_lose_nothing(npz, tmp_path):
-    steps = 8
+def test_sigkills_mid_write_lose_nothing(npz, tmp_path):
+    # (A kill in the middle of a step: tests/test_train.py::test_kill_9_and_resume_equals_an_uninterrupted_run.)
+    steps = 6
     ref, run = tmp_path / "ref", tmp_path / "run"
-    subprocess.run([PY, "-m", "ddpm", *_args(npz, ref, steps)], check=True, env=ENV, capture_output=True)
-    # Four kills in a row, each resumed by the same command: in the middle of a training step, while
-    # a checkpoint's bytes are half written, when a checkpoint is complete but not yet in place, and
-    # in a step again. What is on disk after each is complete and verified, or not a checkpoint.
-    for point, n, left_temp in [("step", 4, False), ("ckpt-half", 2, True), ("ckpt-whole", 1, True), ("step", 2, False)]:
+    train(ref, resolve_run_config("tiny", data=str(npz), flags=dict(steps=steps, checkpoint_every=1),
+                                  sets=["train.keep_last=2"]), progress=False)  # what _args asks the CLI for
+    # Kills in a row, each resumed by the same command: while a checkpoint's bytes are half written,
+    # and when a checkpoint is complete but not yet in place. What is on disk after each is complete
+    # and verified, or not a checkpoint.
+    for point, n, left_temp in [("ckpt-half", 3, True), ("ckpt-whole", 1, True)]:
         before = max((s for s, _ in list_checkpoints(run)), default=0)
         temps = set(_temp_files(run))
         assert _killed(point, n, _args(npz, run, steps)) == SIGKILL_RC, point
@@ -76,10 +84,10 @@ def test_sigkills_mid_step_and_mid_write_lose_nothing(npz, tmp_path):
 def test_a_dying_rank_stops_the_others_and_the_run_resumes(npz, tmp_path):
     run = tmp_path / "run"
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    args = ["train", "--preset", "tiny", "--data", str(npz), "--out", str(run), "--steps", "6", "--checkpoint-every", "2",
+    args = ["train", "--preset", "tiny", "--data", str(npz), "--out", str(run), "--steps", "4", "--checkpoint-every", "2",
             "--no-progress"]
     env = dict(ENV, DDPM_DIST_TIMEOUT="30")
-    # rank 1 dies (SIGKILL) before its 3rd step, after the checkpoint of step 2
+    # rank 1 dies (SIGKILL) in its 3rd step, after the checkpoint of step 2
     r = subprocess.run([*torchrun, KILL_AT, "step", "3", "--rank", "1", "--", *args], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode != 0
@@ -87,7 +95,7 @@ def test_a_dying_rank_stops_the_others_and_the_run_resumes(npz, tmp_path):
     # the same command resumes
     r = subprocess.run([*torchrun, "-m", "ddpm", *args], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert latest_checkpoint(run)[1]["step"] == 6
+    assert latest_checkpoint(run)[1]["step"] == 4
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +115,7 @@ def sampled_run(tmp_path_factory, npz):
 def test_sampling_killed_half_way_resumes_without_redoing_work(sampled_run, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     base = ["sample", "--run", str(sampled_run), "--n", "12", "--batch", "2", "--seed", "3", "--no-progress"]
-    subprocess.run([PY, "-m", "ddpm", *base, "--out", str(ref)], check=True, env=ENV, capture_output=True)
+    sample_run(sampled_run, ref, 12, batch=2, seed=3, progress=False)  # the same, here
     assert _killed("png", 5, [*base, "--out", str(out)]) == SIGKILL_RC
     assert len(list(out.glob("0*.png"))) == 5
     r = subprocess.run([PY, "-m", "ddpm", *base, "--out", str(out)], env=ENV, capture_output=True, text=True)
@@ -120,7 +128,7 @@ def test_nll_killed_half_way_resumes_without_redoing_work(sampled_run, npz, tmp_
     ref, out = tmp_path / "ref", tmp_path / "out"
     base = ["nll", "--run", str(sampled_run), "--data", str(npz), "--split", "train", "--n", "8", "--batch", "2",
             "--no-progress"]
-    subprocess.run([PY, "-m", "ddpm", *base, "--out", str(ref)], check=True, env=ENV, capture_output=True)
+    nll_run(sampled_run, str(npz), ref, split="train", n=8, batch=2, progress=False)  # the same, here
     assert _killed("part", 2, [*base, "--out", str(out)]) == SIGKILL_RC
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("batch-*.npz")}
     assert len(kept) == 2

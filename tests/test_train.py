@@ -19,6 +19,7 @@ from ddpm.workflows.train import DataOrder, TrainingDiverged, lr_at, train
 from helpers import assert_states_equal
 
 PY = sys.executable
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process references run like the subprocesses: 1 thread
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +52,9 @@ def _final_state(run_dir):
 
 @pytest.mark.slow
 def test_kill_9_and_resume_equals_an_uninterrupted_run(npz, tmp_path):
-    steps = 10
+    steps = 8
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cmd(npz, ref, steps), check=True, env=_env(), capture_output=True)
+    train(ref, _tiny(npz, steps=steps, checkpoint_every=2), progress=False)  # what _cmd asks the CLI for, here
     # SIGKILL in the middle of step 6 (tests/kill_at.py: the process kills itself there), with the
     # checkpoints of steps 2 and 4 on disk
     args = _cmd(npz, killed, steps)[3:]  # what follows `python -m ddpm`
@@ -74,7 +75,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(npz, tmp_path):
 def test_two_process_ddp_equals_one_process(npz, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     steps = 3
-    subprocess.run(_cmd(npz, one, steps), check=True, env=_env(), capture_output=True)
+    train(one, _tiny(npz, steps=steps, checkpoint_every=2), progress=False)
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ddpm", "train",
                         "--preset", "tiny", "--data", str(npz), "--out", str(two), "--steps", str(steps),
                         "--checkpoint-every", "2", "--no-progress"], env=_env(), capture_output=True, text=True)
