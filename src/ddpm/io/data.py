@@ -49,15 +49,29 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ..config import Config
-from ..errors import UserError, check_choice
+from ..config import Choice, Config
+from ..errors import UserError
 
 from .images import IMAGE_EXTENSIONS, is_image_file, prepare_image, rgb_to_gray
 from .progress import progress_bar
 
-SPLITS = ("train", "test")
-CHANNELS = ("auto", "rgb", "gray")
-ON_ERROR = ("stop", "skip")
+class Split(Choice):
+    TRAIN = "train"
+    TEST = "test"
+
+
+class Channels(Choice):
+    AUTO = "auto"  # gray data stay 1-channel, colour 3
+    RGB = "rgb"
+    GRAY = "gray"
+
+
+class OnError(Choice):
+    STOP = "stop"  # an unreadable image file is a UserError
+    SKIP = "skip"  # ... or skipped and counted
+
+
+SPLITS = tuple(s.value for s in Split)
 NAMED_SOURCES = ("fashion-mnist-10k", "fashion-mnist", "cifar10")
 
 EMBEDDED_NAME = "fashion-mnist-10k"
@@ -74,10 +88,12 @@ DECODE_THREADS = max(2, min(8, os.cpu_count() or 2))
 @dataclass(frozen=True)
 class DataConfig(Config):
     source: str = EMBEDDED_NAME  # a named source (NAMED_SOURCES, some with ":PATH") or a path
-    split: str = "train"  # "train" or "test"
+    SECTION = "data"
+
+    split: Split = Split.TRAIN
     resolution: Optional[int] = None  # side of the square images; None = the data's own size
-    channels: str = "auto"  # "auto" keeps gray data 1-channel and colour 3; "rgb" / "gray" force
-    on_error: str = "stop"  # an unreadable image file: "stop" (UserError) or "skip" (counted)
+    channels: Channels = Channels.AUTO  # "auto" keeps gray data 1-channel and colour 3; "rgb" / "gray" force
+    on_error: OnError = OnError.STOP  # an unreadable image file: "stop" (UserError) or "skip" (counted)
     random_flip: bool = True  # horizontal flips, applied by the training loop (not here)
 
     def validate(self) -> None:
@@ -86,9 +102,6 @@ class DataConfig(Config):
                 f"data.source={self.source!r} is empty; give a named source "
                 f"({', '.join(NAMED_SOURCES)}) or a path to images"
             )
-        check_choice("data.split", self.split, SPLITS)
-        check_choice("data.channels", self.channels, CHANNELS)
-        check_choice("data.on_error", self.on_error, ON_ERROR)
         r = self.resolution
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise UserError(

@@ -26,16 +26,29 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from ..config import load_json
-from ..errors import UserError, check_choice
+from ..config import Choice, load_json
+from ..errors import UserError
 from ..network.interop import (config_from_diffusers, diffusers_config, from_diffusers_state_dict, load_state,
                                meta_unet, to_diffusers_state_dict, unet_from_tf_state_dict, unet_to_tf_state_dict)
 from ..network.unet import UNet, UNetConfig, config_from_dict
 from . import checkpoint
 from .atomic import write_bytes, write_json
 
-READ_FORMATS = ("ddpm", "diffusers", "tf", "pt")
-WRITE_FORMATS = ("ddpm", "diffusers", "tf")
+class ReadFormat(Choice):
+    DDPM = "ddpm"
+    DIFFUSERS = "diffusers"
+    TF = "tf"
+    PT = "pt"  # a torch.save state dict: read only
+
+
+class WriteFormat(Choice):
+    DDPM = "ddpm"
+    DIFFUSERS = "diffusers"
+    TF = "tf"
+
+
+READ_FORMATS = tuple(f.value for f in ReadFormat)
+WRITE_FORMATS = tuple(f.value for f in WriteFormat)
 
 
 def _sidecar(path: Path) -> Path:
@@ -94,7 +107,7 @@ def read_unet(src, fmt: str, config=None) -> UNet:
 
     `config` (a UNetConfig, a dict or a JSON path) replaces the config the source carries.
     """
-    check_choice("format", fmt, READ_FORMATS)
+    fmt = ReadFormat.parse(fmt, "format")
     src, cfg = Path(src), _config_arg(config)
     if not src.exists():
         raise UserError(f"{src}: not found; give a .safetensors file" + (" or a diffusers model directory" if fmt == "diffusers" else ""))
@@ -131,7 +144,7 @@ def write_unet(unet: UNet, dst, fmt: str) -> list[Path]:
     the config `{"model": UNetConfig}` in its header. diffusers: a directory as save_pretrained
     writes it, or NAME.safetensors with the diffusers config at NAME.json.
     """
-    check_choice("format", fmt, WRITE_FORMATS)
+    fmt = WriteFormat.parse(fmt, "format")
     dst = Path(dst)
     if fmt == "diffusers":
         state = to_diffusers_state_dict(unet)
@@ -152,6 +165,5 @@ def convert_file(src, dst, src_format: str, dst_format: str, config=None) -> lis
     `config` (a UNetConfig, a dict, or a JSON path) replaces the config the source carries; it is
     needed for files that carry none (a plain TF-named safetensors file, a torch.save state dict).
     """
-    check_choice("--from", src_format, READ_FORMATS)
-    check_choice("--to", dst_format, WRITE_FORMATS)
+    src_format, dst_format = ReadFormat.parse(src_format, "--from"), WriteFormat.parse(dst_format, "--to")
     return write_unet(read_unet(src, src_format, config), dst, dst_format)
