@@ -195,6 +195,17 @@ def reconstruction_figure(res: dict) -> np.ndarray:
     return make_grid(to_uint8(torch.cat([res["x_t"], res["x0"]])), nrow=len(res["t"]))
 
 
+def _write(out_dir, name: str, figure: np.ndarray, **arrays) -> dict:
+    """OUT/NAME.png (the figure) and OUT/NAME.npz (the arrays) -> dict(png, npz)."""
+    out = Path(out_dir)
+    return dict(png=str(write_png(figure, out / f"{name}.png")), npz=str(write_npz(out / f"{name}.npz", **arrays)))
+
+
+def _model_input(path, shape, device) -> torch.Tensor:
+    """An image file as the model's data: (C, H, W) of `shape`, in [-1, 1], on `device`."""
+    return to_model_range(read_image(path, shape[0], shape[1])).to(device)
+
+
 def default_progressive_times(T: int, n: int = 10) -> list[int]:
     """n times evenly spread from T down to 1."""
     return sorted({int(round(v)) for v in np.linspace(T, 1, n)}, reverse=True)
@@ -212,11 +223,8 @@ def progressive_run(run, out_dir, *, n_chains: int = 8, times: Optional[Sequence
     times = list(times) if times else default_progressive_times(T)
     res = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, times, n_chains, seed, dist.device,
                                  progress=progress, **sampler_opts)
-    out = Path(out_dir)
-    png = write_png(progressive_figure(res), out / "progressive.png")
-    npz = write_npz(out / "progressive.npz", times=np.array(res["times"]), pred_x0=_nhwc(res["pred_x0"]),
-                    samples=_nhwc(res["samples"]))
-    return dict(res, png=str(png), npz=str(npz))
+    return dict(res, **_write(out_dir, "progressive", progressive_figure(res), times=np.array(res["times"]),
+                              pred_x0=_nhwc(res["pred_x0"]), samples=_nhwc(res["samples"])))
 
 
 def shared_run(run, out_dir, share_t: Sequence[int], *, k: int = 8, seed: int = 0, weights: str = "ema",
@@ -225,10 +233,8 @@ def shared_run(run, out_dir, share_t: Sequence[int], *, k: int = 8, seed: int = 
     loaded, dist, _ = open_run(run, weights, device, fast)
     res = shared_latent_samples(loaded.model, loaded.diffusion, loaded.shape, share_t, k, seed, dist.device,
                                 progress=progress)
-    out = Path(out_dir)
-    png = write_png(shared_figure(res), out / "shared.png")
-    npz = write_npz(out / "shared.npz", share_t=np.array(res["share_t"]), x_t=_nhwc(res["x_t"]), samples=_nhwc(res["samples"]))
-    return dict(res, png=str(png), npz=str(npz))
+    return dict(res, **_write(out_dir, "shared", shared_figure(res), share_t=np.array(res["share_t"]),
+                              x_t=_nhwc(res["x_t"]), samples=_nhwc(res["samples"])))
 
 
 def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,), steps: int = 11, seed: int = 0,
@@ -240,24 +246,17 @@ def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise UserError(f"--steps {steps}: give at least 2 values of λ (λ = 0 and 1)")
     loaded, dist, _ = open_run(run, weights, device, fast)
-    c, r = loaded.shape[0], loaded.shape[1]
-    a, b = (to_model_range(read_image(p, c, r)).to(dist.device) for p in (image_a, image_b))
+    a, b = (_model_input(p, loaded.shape, dist.device) for p in (image_a, image_b))
     res = interpolate(loaded.model, loaded.diffusion, a, b, t, np.linspace(0, 1, steps), seed, progress=progress)
-    out = Path(out_dir)
-    png = write_png(interpolation_figure(res, a, b), out / "interpolation.png")
-    npz = write_npz(out / "interpolation.npz", t=np.array(res["t"]), lambdas=np.array(res["lambdas"]),
-                    images=_nhwc(res["images"]))
-    return dict(res, png=str(png), npz=str(npz))
+    return dict(res, **_write(out_dir, "interpolation", interpolation_figure(res, a, b), t=np.array(res["t"]),
+                              lambdas=np.array(res["lambdas"]), images=_nhwc(res["images"])))
 
 
 def reconstruct_run(run, image, out_dir, *, t: Sequence[int] = (0, 250, 500, 750, 1000), seed: int = 0,
                     weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True) -> dict:
     """`ddpm reconstruct`: one image file noised to x_t and brought back, into OUT/reconstruct.png and .npz."""
     loaded, dist, _ = open_run(run, weights, device, fast)
-    c, r = loaded.shape[0], loaded.shape[1]
-    x0 = to_model_range(read_image(image, c, r)).to(dist.device)
+    x0 = _model_input(image, loaded.shape, dist.device)
     res = reconstruct(loaded.model, loaded.diffusion, x0, t, seed, progress=progress)
-    out = Path(out_dir)
-    png = write_png(reconstruction_figure(res), out / "reconstruct.png")
-    npz = write_npz(out / "reconstruct.npz", t=np.array(res["t"]), x_t=_nhwc(res["x_t"]), x0=_nhwc(res["x0"]))
-    return dict(res, png=str(png), npz=str(npz))
+    return dict(res, **_write(out_dir, "reconstruct", reconstruction_figure(res), t=np.array(res["t"]),
+                              x_t=_nhwc(res["x_t"]), x0=_nhwc(res["x0"])))
