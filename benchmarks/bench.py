@@ -18,7 +18,7 @@ Tasks, per implementation:
 - train: the training step of ddpm.workflows.train: t, ε and flips drawn on the device, q_sample,
   the network, L_simple, backward, global-norm clipping, Adam (fused on CUDA, foreach on CPU),
   EMA lerp (foreach). steps/s and images/s.
-- sample: ancestral steps (Algorithm 2) from t = T-1 down through GaussianDiffusion.reverse_loop;
+- sample: ancestral steps (Algorithm 2) from t = T down through GaussianDiffusion.reverse_loop;
   the time per step is measured over K steps and images/s at 1000 steps is B / (1000 x step).
   z is drawn on the device (torch.randn), the same for both sides.
 
@@ -94,14 +94,15 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.5}, "H200": {"bf16": 989.0, "
 
 
 class DiffusersNet(nn.Module):
-    """UNet2DModel called as ddpm's networks are: net(x_t, t) -> eps."""
+    """UNet2DModel called as ddpm's networks are: net(x_t, t) -> eps, with the paper's t; diffusers
+    takes the 0-based index t - 1, as the official code did (docs/MATH.md § Time and indexing)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
+        return self.unet(x, t - 1).sample
 
 
 def switches(impl: str, device: torch.device, base: UNet) -> dict:
@@ -230,7 +231,7 @@ class Workload:
         g = torch.Generator().manual_seed(1)
         B = args.batch
         self.x = torch.randn(B, *self.shape, generator=g).to(device)
-        self.t = torch.randint(0, diffusion.num_timesteps, (B,), generator=g).to(device)
+        self.t = 1 + torch.randint(0, diffusion.num_timesteps, (B,), generator=g).to(device)  # paper t in 1 … T
         self.target = torch.randn(B, *self.shape, generator=g).to(device)
         # A stand-in data set of uint8 images kept on the device, as train.py keeps CIFAR-10.
         self.data = torch.randint(0, 256, (max(4 * B, 1024), *self.shape), dtype=torch.uint8, generator=g).to(device)
@@ -279,7 +280,7 @@ class Workload:
         def step():
             # the order of operations of ddpm.workflows.train's loop, with its randomness drawn on the device
             idx = torch.randint(0, data.shape[0], (B,), generator=gen, device=dev)
-            t = torch.randint(0, T, (B,), generator=gen, device=dev)
+            t = 1 + torch.randint(0, T, (B,), generator=gen, device=dev)
             noise = torch.randn((B, *self.shape), generator=gen, device=dev)
             flip = torch.rand(B, generator=gen, device=dev) < 0.5
             x0 = data[idx].float() / 127.5 - 1
@@ -299,11 +300,11 @@ class Workload:
         T, K = self.diffusion.num_timesteps, self.args.sample_steps
         gen = torch.Generator(self.device).manual_seed(0)
         dev = self.device
-        step = self.diffusion.ancestral_step(clip_denoised=True)
+        step = self.diffusion.ancestral(clip_denoised=True)
         noise_fn = lambda shape: torch.randn(shape, generator=gen, device=dev)  # noqa: E731
 
         def run():
-            self.diffusion.reverse_loop(model, self.x, range(T - 1, T - 1 - K, -1), step, noise_fn=noise_fn)
+            self.diffusion.reverse_loop(model, self.x, range(T, T - K - 1, -1), step, noise_fn=noise_fn)
         return run, self.args.batch
 
 
