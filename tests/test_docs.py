@@ -5,6 +5,7 @@ with every subcommand that takes one; every `docs/… § Section` the code and t
 nothing cites a file outside the repository.
 """
 
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -106,3 +107,33 @@ def test_code_cites_no_file_outside_the_repository_and_no_issue_number():
         outside = "PAPER" + ".md"  # the specification the project was written from, not in the repository
         assert outside not in text, path
         assert not re.search(r"\bissue" + r"\s*#?\d", text, flags=re.I), path
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[i:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_every_library_name_the_documents_give_exists():
+    names = set()
+    for doc in [ROOT / "README.md", *DOCS]:
+        names |= set(re.findall(r"`(ddpm(?:\.\w+)+)", doc.read_text()))
+    assert len(names) >= 5
+    missing = sorted(n for n in names if not _resolves(n))
+    assert not missing, f"the documents name {missing}, which do not exist"
+    paths = set()
+    for doc in [ROOT / "README.md", *DOCS]:
+        paths |= set(re.findall(r"`((?:src/|tests/|benchmarks/)?ddpm/[\w/]+\.py|(?:tests|benchmarks|scripts)/[\w/]+\.py)", doc.read_text()))
+    missing = sorted(p for p in paths if not (ROOT / p).is_file() and not (ROOT / "src" / p).is_file())
+    assert not missing, f"the documents name files {missing}, which do not exist"
