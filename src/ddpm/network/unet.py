@@ -9,9 +9,10 @@ Module names mirror the official TensorFlow variable scopes (`down.0.block.1.con
 
 The network knows nothing of beta or of what it predicts. For the `learned` variance type the
 diffusion needs 2C output channels (the second half a log-variance): build it with
-`out_channels=2 * in_channels`, e.g. `UNet.from_preset("cifar10", out_channels=6)`.
+`out_channels=2 * in_channels`, e.g. `UNetConfig(out_channels=6)` (the training loop sets it from the data).
 
-Reads top to bottom: config and presets, the layers, the network, then counting helpers.
+Reads top to bottom: the config, the layers, the network, then counting helpers. The fast paths
+(Winograd, channels-last, compile, CUDA graphs) are applied to it from outside (fast.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..config import Config
 from ..errors import UserError
 
 # ---------------------------------------------------------------------------------------------
-# Config and presets
+# Config
 # ---------------------------------------------------------------------------------------------
 
 GROUPS = 32  # GroupNorm groups, fixed by the paper (it replaced PixelCNN++'s weight norm)

@@ -360,7 +360,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
        statistics from `ref_train` / `ref_test`, else computed once and cached in RUN_DIR/eval/),
        and their Inception Score (10 splits, and over all samples as the official code);
     3. bits/dim of the test split (the first `bpd_n` images; None: all; 0: skip), by
-       `experiments.evaluate_nll` into OUT/nll (resumable);
+       `nll.evaluate_nll` into OUT/nll (resumable);
     4. OUT/eval.json with every number and what it was measured against.
 
     :param out_dir: default RUN_DIR/eval/<checkpoint name>.
