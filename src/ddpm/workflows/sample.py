@@ -61,7 +61,7 @@ class PrefetchNoise:
     per-image generators (ImageNoise, built with device="cpu") cost about 10 µs per image
     per step, which at batch 256 is as long as a GPU step of the CIFAR-10 network.
 
-    :param limit: how many draws will be taken (T + 1 for Algorithm 2: x_T and one z per step).
+    :param limit: how many draws will be taken (one z per step of the reverse loop: T for Algorithm 2).
         The thread never draws more, so `noise_fn`'s generators end where a direct use would leave them.
         Without it, the thread stays up to `depth` draws ahead.
     Every call must ask for the same shape (as the reverse loop does).
