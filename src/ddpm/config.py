@@ -18,7 +18,7 @@ import json
 import typing
 from typing import Any, Mapping
 
-from .errors import UserError
+from .errors import UserError, os_error_line
 
 
 class Choice(str, enum.Enum):
@@ -143,11 +143,25 @@ def apply_overrides(cfg, pairs: list[str], where: str = "--set"):
     return type(cfg).from_dict(d, where=where)
 
 
-def load_json(path, where: str | None = None) -> dict:
+def load_json(path, where: str | None = None, expect: type | None = None):
+    """A JSON file's content; any way it can be unreadable is one line naming it.
+
+    :param expect: the type the top level must have (e.g. dict), checked here.
+    """
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; give a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); give a JSON file") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {os_error_line(e, path)}") from None
+    if expect is not None and not isinstance(d, expect):
+        raise UserError(f"{where or path}: expected a JSON {'object' if expect is dict else expect.__name__}, "
+                        f"found {type(d).__name__}")
+    return d

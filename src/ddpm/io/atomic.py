@@ -83,16 +83,21 @@ def atomic_file(path, mode: str = "wb", *, check: Optional[Callable[[Path], None
     :param mode: "wb" (binary) or "w" (text, UTF-8, no newline translation, as csv wants).
     :param check: called with the temporary file's path after it is written and fsynced, before
         it is moved into place; raising there abandons the write.
-    The folder is created if needed. Raises the original OSError (or whatever `check` raised) after
-    removing the temporary file.
+    The folder is created if needed. An OSError (a full disk, a read-only folder) is raised with
+    `path` as its filename, so the one line a user sees names the file they asked for, not the
+    temporary one; whatever `check` raised otherwise is raised as it is. Either way the temporary
+    file is removed and `path` is untouched.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_file mode {mode!r}: use 'wb' or 'w'")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    # "x": never write through a name someone else created; permissions follow the umask.
-    f = open(tmp, "xb") if mode == "wb" else open(tmp, "x", encoding="utf-8", newline="")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # "x": never write through a name someone else created; permissions follow the umask.
+        f = open(tmp, "xb") if mode == "wb" else open(tmp, "x", encoding="utf-8", newline="")
+    except OSError as e:
+        _reraise_naming(e, path, tmp)
     try:
         yield f
         f.flush()
@@ -101,11 +106,23 @@ def atomic_file(path, mode: str = "wb", *, check: Optional[Callable[[Path], None
         if check is not None:
             check(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        f.close()
+    except BaseException as e:
+        try:
+            f.close()  # flushes what is buffered, which fails again on a full disk
+        except OSError:
+            pass
         remove_quietly(tmp, "the temporary file")
+        if isinstance(e, OSError):
+            _reraise_naming(e, path, tmp)
         raise
     fsync_dir(path.parent)
+
+
+def _reraise_naming(e: OSError, path: Path, tmp: Path):
+    """Raise `e`, with the destination as its filename when it names the temporary file or nothing."""
+    if e.filename is not None and str(e.filename) != str(tmp):
+        raise e
+    raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # OSError(errno, …) picks the subclass
 
 
 def write_bytes(path, data: bytes) -> Path:

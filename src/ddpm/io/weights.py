@@ -59,7 +59,7 @@ def _config_arg(config) -> UNetConfig | None:
     if config is None or isinstance(config, UNetConfig):
         return config
     if isinstance(config, (str, Path)):
-        return config_from_dict(load_json(config), str(config))
+        return config_from_dict(load_json(config, expect=dict), str(config))
     return config_from_dict(dict(config), "config")
 
 
@@ -99,7 +99,7 @@ def _plain_config(src: Path, cfg: UNetConfig | None) -> UNetConfig:
         return cfg
     if not _sidecar(src).is_file():
         raise UserError(f"{src} carries no config and there is no {_sidecar(src)}; pass --config with a UNetConfig JSON")
-    return config_from_dict(load_json(_sidecar(src)), str(_sidecar(src)))
+    return config_from_dict(load_json(_sidecar(src), expect=dict), str(_sidecar(src)))
 
 
 def read_unet(src, fmt: str, config=None) -> UNet:
@@ -117,7 +117,7 @@ def read_unet(src, fmt: str, config=None) -> UNet:
         if cfg is None:
             if not cfg_path.is_file():
                 raise UserError(f"{src}: no diffusers config at {cfg_path}; pass --config with a UNetConfig JSON")
-            cfg = config_from_diffusers(load_json(cfg_path))
+            cfg = config_from_diffusers(load_json(cfg_path, expect=dict))
         return from_diffusers_state_dict(_read_safetensors(weights), cfg, where=str(weights))
     if fmt == "pt":
         return load_state(meta_unet(_plain_config(src, cfg)), _read_torch_save(src), str(src))
@@ -166,4 +166,7 @@ def convert_file(src, dst, src_format: str, dst_format: str, config=None) -> lis
     needed for files that carry none (a plain TF-named safetensors file, a torch.save state dict).
     """
     src_format, dst_format = ReadFormat.parse(src_format, "--from"), WriteFormat.parse(dst_format, "--to")
+    for name, path in (("SRC", src), ("DST", dst)):
+        if not str(path).strip():
+            raise UserError(f"convert: {name} is empty; give a file or folder path")
     return write_unet(read_unet(src, src_format, config), dst, dst_format)
