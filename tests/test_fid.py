@@ -342,8 +342,10 @@ def test_weights_of_the_wrong_checksum_or_unreadable_give_one_line(tmp_path, cap
     with pytest.raises(UserError, match="weights_only=True") as e:  # the check skipped, explicitly
         load_inception(junk, expected_sha256=None)
     _one_line(e)
-    # through the CLI: exit status 2 and one line on stderr
-    assert main(["fid", "--samples", str(tmp_path), "--ref", str(tmp_path / "r.npz"), "--inception-weights",
+    # through the CLI, with good samples and statistics (checked first): exit status 2 and one line on stderr
+    np.savez(tmp_path / "r.npz", mu=np.zeros(8), sigma=np.eye(8))
+    np.savez(tmp_path / "s.npz", x=np.zeros((4, 32, 32, 3), np.uint8))
+    assert main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "r.npz"), "--inception-weights",
                  str(tmp_path / "absent.pth"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "absent.pth" in err and WEIGHTS_URL in err

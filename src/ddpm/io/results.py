@@ -1,33 +1,45 @@
 """A folder of results remembers the settings it was made with, so a rerun resumes it or refuses.
 
 `ddpm sample`, `ddpm nll` and `ddpm eval` write their files one by one and skip, when run again,
-what is already there. That is only right if the files were made the same way: the settings are
+what is already there. That is only right if the files were made the same way: the settings,
+among them the checkpoint by its content hash (not its path, which another model can take), are
 recorded in a JSON file beside them, and a rerun with other settings is one clear error instead
-of a folder that silently mixes two models' samples.
+of a folder that silently mixes two models' samples. The record is written first, into a folder
+that `folders.claim_folder` accepted: new, empty, or holding this record already.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping, Optional
 
 from ..errors import UserError
 from .atomic import write_json
+from .folders import claim_folder
 
 
-def check_settings(path, meta: dict) -> None:
-    """Compare `meta` with the settings an earlier run recorded at `path`, or record them there."""
+def check_settings(path, meta: dict, info: Optional[Mapping] = None, what: str = "these results") -> None:
+    """Compare `meta` with the settings an earlier run recorded at `path`, or record them there.
+
+    :param info: recorded beside `meta`, under "recorded", but not compared (e.g. the checkpoint's path).
+    :param what: names the results in the refusal of a folder that holds other files.
+    """
     path = Path(path)
+    claim_folder(path.parent, [path.name], what)
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
-        except ValueError as e:
-            raise UserError(f"{path}: not valid JSON ({e}); delete it only if the files beside it were made "
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a settings record ({e}); delete it only if the files beside it were made "
                             f"with the settings you give now") from None
+        old = {k: v for k, v in old.items() if k != "recorded"}
         diff = [k for k in [*meta, *(k for k in old if k not in meta)] if old.get(k) != meta.get(k)]
         if diff:
             k = diff[0]
             raise UserError(f"{path}: the files here were made with {k}={old.get(k)!r}, now {meta.get(k)!r}; "
-                            f"rerun with the same settings to resume, or write to another --out directory")
+                            f"rerun with the same settings to resume, or write to a new --out folder")
     else:
-        write_json(path, meta)
+        write_json(path, {**meta, **({"recorded": dict(info)} if info else {})})

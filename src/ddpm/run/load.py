@@ -1,6 +1,7 @@
 """A trained model back from disk: `load_run(RUN_DIR or CHECKPOINT)`.
 
-    run, ema, diffusion, checkpoint = load_run("runs/cifar10", weights="ema", device="cuda", fast="auto")
+    loaded = load_run("runs/cifar10", weights="ema", device="cuda", fast="auto")
+    loaded.model(x_t, t)      # also: loaded.run, loaded.diffusion, loaded.checkpoint, loaded.tag
 
 Every command that uses a trained model (sample, nll, the experiments, eval) starts here.
 """
@@ -34,12 +35,20 @@ class Fast(Choice):
 
 
 class LoadedRun(NamedTuple):
-    """What `load_run` returns; it unpacks as (run, model, diffusion, checkpoint)."""
+    """What `load_run` returns."""
 
     run: RunConfig
     model: torch.nn.Module  # in eval mode, on the device asked for, without gradients
     diffusion: GaussianDiffusion
     checkpoint: Path
+    sha256: str  # the checkpoint's content hash: names the model wherever the file lives
+    weights: Weights
+
+    @property
+    def tag(self) -> str:
+        """Which model made a result: the checkpoint's content and which of its weights. Results
+        folders record it and refuse a rerun with another model (io/results.py)."""
+        return f"sha256:{self.sha256} [{self.weights.value}]"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -67,13 +76,17 @@ def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> Loa
         file, state = path, ckpt.load_checkpoint(path)
     else:
         raise UserError(f"{path}: no such run directory or checkpoint file")
-    run = RunConfig.from_dict(state["config"], where=str(file))
+    run = RunConfig.from_dict(state.get("config", {}), where=str(file))
     net = UNet.from_config(run.model)
+    problem = state_dict_problem(state.get(weights.value), net.state_dict())
+    if problem:
+        raise UserError(f"{file}: its {weights.value} weights do not fit the network its config describes ({problem}); "
+                        f"the file is damaged or was not written by ddpm train")
     net.load_state_dict(state[weights.value])
     net = net.to(device).eval().requires_grad_(False)
     if fast is Fast.AUTO:
         net = prepare_model(net, device)
-    return LoadedRun(run, net, GaussianDiffusion.from_config(run.diffusion), file)
+    return LoadedRun(run, net, GaussianDiffusion.from_config(run.diffusion), file, ckpt.checkpoint_sha256(file), weights)
 
 
 class OpenedRun(NamedTuple):
@@ -81,7 +94,7 @@ class OpenedRun(NamedTuple):
 
     loaded: LoadedRun
     dist: DistInfo
-    tag: str  # names the weights in the settings record of a results folder
+    tag: str  # names the model in the settings record of a results folder (LoadedRun.tag)
 
 
 def open_run(path, weights: str = "ema", device: str = "auto", fast: str = "auto") -> OpenedRun:
@@ -89,4 +102,23 @@ def open_run(path, weights: str = "ema", device: str = "auto", fast: str = "auto
     every command on a trained model starts."""
     dist = dist_init(device)
     loaded = load_run(path, weights, dist.device, fast)
-    return OpenedRun(loaded, dist, f"{Path(loaded.checkpoint).resolve()} [{Weights.parse(weights, 'weights').value}]")
+    return OpenedRun(loaded, dist, loaded.tag)
+
+
+def state_dict_problem(given, expected) -> str:
+    """What keeps the state dict `given` from loading into a module whose state dict is
+    `expected`: missing or unexpected keys, another shape or dtype; "" when it fits."""
+    if not isinstance(given, dict):
+        return f"expected a state dict, found {type(given).__name__}"
+    missing = [k for k in expected if k not in given]
+    if missing:
+        return f"{len(missing)} missing, e.g. {missing[0]}"
+    extra = [k for k in given if k not in expected]
+    if extra:
+        return f"{len(extra)} unexpected, e.g. {extra[0]}"
+    for k, ref in expected.items():
+        v = given[k]
+        if not isinstance(v, torch.Tensor) or v.shape != ref.shape or v.dtype != ref.dtype:
+            what = f"{list(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+            return f"{k} is {what}, the network needs {list(ref.shape)} {ref.dtype}"
+    return ""

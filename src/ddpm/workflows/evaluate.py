@@ -30,6 +30,7 @@ from ..io.atomic import write_json
 from ..io.data import DataConfig, data_fingerprint, load_images
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, broadcast_object, derive_seed, shard
 from ..io.distributed import init as dist_init
+from ..io.folders import claim_folder, usable_file
 from ..io.images import IMAGE_EXTENSIONS, open_image
 from ..io.progress import progress_bar
 from ..network.inception import FEATURE_DIM, NUM_CLASSES, WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX, InceptionV3, load_inception
@@ -367,11 +368,22 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     :param fast: "auto": the network with the device's fast paths (ddpm.network.fast.prepare_model); "off".
     """
     t0 = time.time()
+    # every input is checked before the Inception weights are loaded and sampling starts
+    for flag, value, least in (("--n", n, 1), ("--batch", batch, 1), ("--bpd-batch", bpd_batch, 1),
+                               ("--inception-batch", inception_batch, 1), ("--seed", seed, 0),
+                               ("--bpd-n", 0 if bpd_n is None else bpd_n, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"{flag} {value}: give an integer >= {least}")
+    for ref in (ref_train, ref_test):
+        if ref is not None:
+            load_stats(ref)
     dist = dist or dist_init(device)
     run_dir = Path(run_dir)
-    run, ema, diffusion, ckpt_file = load_run(run_dir, weights="ema", device=dist.device, fast=fast)
+    loaded = load_run(run_dir, weights="ema", device=dist.device, fast=fast)
+    run, ema, diffusion, ckpt_file = loaded.run, loaded.model, loaded.diffusion, loaded.checkpoint
     base = run_dir if run_dir.is_dir() else run_dir.parent
     out_dir = Path(out_dir) if out_dir is not None else base / "eval" / ckpt_file.stem
+    claim_folder(out_dir, ["eval.json", "samples", "nll"], "an evaluation")
     m = run.model
     shape = (m.in_channels, m.resolution, m.resolution)
     inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
@@ -380,12 +392,12 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     # 1. samples, as the files a user would save
     log(f"eval: {n} EMA samples (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}")
     res = sample_to_dir(ema, diffusion, out_dir / "samples", n, batch, seed, shape, dist, device=dist.device,
-                        progress=progress, model_tag=f"{ckpt_file.name} (ema)", **(sampler_opts or {}))
+                        progress=progress, model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)), **(sampler_opts or {}))
     source = NpzSource(Path(res["npz"]))  # the PNGs' pixels, read back from the files
     stats, is_ = samples_stats(source, inception, batch=inception_batch, dist=dist, progress=progress,
                                run=str(base), checkpoint=str(ckpt_file), weights="ema", seed=seed,
                                sampler={"sampler": "ancestral", **(sampler_opts or {}), "T": diffusion.num_timesteps})
-    report = dict(run=str(base), checkpoint=str(ckpt_file), weights="ema (the paper evaluates the EMA weights)",
+    report = dict(run=str(base), checkpoint=str(ckpt_file), checkpoint_sha256=loaded.sha256, weights="ema (the paper evaluates the EMA weights)",
                   n_samples=n, seed=seed, samples_dir=str(out_dir / "samples"), protocol=PROTOCOL,
                   inception=dict(inception.info), inception_score=is_, samples_pixels_sha256=stats.provenance["pixels_sha256"])
 
@@ -422,7 +434,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
             imgs = test.images[: bpd_n] if bpd_n else test.images
             log(f"eval: bits/dim of {len(imgs)} test images ({diffusion.num_timesteps} terms each) into {out_dir / 'nll'}")
             nll = evaluate_nll(ema, diffusion, imgs, bpd_batch, seed, out_dir / "nll", dist, progress, device=dist.device,
-                               model_tag=f"{ckpt_file.name} (ema)")
+                               model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)))
             report["bits_per_dim"] = dict(nll, split="test", data=test.source_description)
     report["notes"] = sorted({x for x in notes if x})
     report["seconds"] = round(time.time() - t0, 1)
@@ -506,12 +518,20 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_batch(batch) -> None:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise UserError(f"--inception-batch {batch}: give an integer >= 1")
+
+
 def fid_ref_run(data: DataConfig, out, *, weights=None, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
                 batch: int = 100, device: str = "auto", progress: bool = True) -> FIDStats:
     """`ddpm fid-ref`: the FID reference statistics of a data set, written to `out` (.npz)."""
+    out = usable_file(out, "--out", ".npz")  # every input is checked before the Inception weights are loaded
+    _check_batch(batch)
+    images = load_images(data)
     dist = dist_init(device)
     inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
-    stats = reference_stats(data, inception, batch=batch, dist=dist, progress=progress)
+    stats = reference_stats(data, inception, batch=batch, dist=dist, progress=progress, images=images)
     if dist.is_main:
         save_stats(out, stats)
     return stats
@@ -521,6 +541,12 @@ def fid_run(samples, refs: Sequence, *, out=None, weights=None, expected_sha256:
             batch: int = 100, device: str = "auto", progress: bool = True) -> dict:
     """`ddpm fid`: `fid_report` with the Inception weights loaded here; the report is also written
     to `out` (JSON) when given."""
+    for ref in refs:  # every input is checked before the Inception weights are loaded
+        load_stats(ref)
+    open_images(samples)
+    if out is not None:
+        usable_file(out, "--out", ".json")
+    _check_batch(batch)
     dist = dist_init(device)
     inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
     report = fid_report(samples, refs, inception, batch=batch, dist=dist, progress=progress)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io.atomic import write_npz
+from ..io.atomic import write_json, write_npz
+from ..io.folders import claim_folder
 from ..io.distributed import derive_seed
 from ..io.images import make_grid, read_image, write_png
 from ..io.progress import loop_progress
@@ -195,10 +196,21 @@ def reconstruction_figure(res: dict) -> np.ndarray:
     return make_grid(to_uint8(torch.cat([res["x_t"], res["x0"]])), nrow=len(res["t"]))
 
 
-def _write(out_dir, name: str, figure: np.ndarray, **arrays) -> dict:
-    """OUT/NAME.png (the figure) and OUT/NAME.npz (the arrays) -> dict(png, npz)."""
+FIGURES = ("progressive", "shared", "interpolation", "reconstruct")
+
+
+def _claim(out_dir) -> Path:
+    """The figures' folder: new, empty, or one that holds figures written here (io/folders.py)."""
+    return claim_folder(out_dir, [f"{name}.json" for name in FIGURES], "figures")
+
+
+def _write(out_dir, name: str, figure: np.ndarray, loaded, settings: dict, **arrays) -> dict:
+    """OUT/NAME.png (the figure), OUT/NAME.npz (the arrays) and OUT/NAME.json (which checkpoint, by
+    its content hash, and which settings made them) -> dict(png, npz, json)."""
     out = Path(out_dir)
-    return dict(png=str(write_png(figure, out / f"{name}.png")), npz=str(write_npz(out / f"{name}.npz", **arrays)))
+    record = write_json(out / f"{name}.json", dict(model=loaded.tag, checkpoint=str(loaded.checkpoint), **settings))
+    return dict(png=str(write_png(figure, out / f"{name}.png")), npz=str(write_npz(out / f"{name}.npz", **arrays)),
+                json=str(record))
 
 
 def _model_input(path, shape, device) -> torch.Tensor:
@@ -218,23 +230,27 @@ def progressive_run(run, out_dir, *, n_chains: int = 8, times: Optional[Sequence
 
     :param run: a run directory or checkpoint file. :param times: times t (default: 10 from T to 1).
     """
+    _claim(out_dir)
     loaded, dist, _ = open_run(run, weights, device, fast)
     T = loaded.diffusion.num_timesteps
     times = list(times) if times else default_progressive_times(T)
     res = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, times, n_chains, seed, dist.device,
                                  progress=progress, **sampler_opts)
-    return dict(res, **_write(out_dir, "progressive", progressive_figure(res), times=np.array(res["times"]),
-                              pred_x0=_nhwc(res["pred_x0"]), samples=_nhwc(res["samples"])))
+    settings = dict(n_chains=n_chains, times=[int(v) for v in res["times"]], seed=seed, **sampler_opts)
+    return dict(res, **_write(out_dir, "progressive", progressive_figure(res), loaded, settings,
+                              times=np.array(res["times"]), pred_x0=_nhwc(res["pred_x0"]), samples=_nhwc(res["samples"])))
 
 
 def shared_run(run, out_dir, share_t: Sequence[int], *, k: int = 8, seed: int = 0, weights: str = "ema",
                device: str = "auto", fast: str = "auto", progress: bool = True) -> dict:
     """`ddpm progressive --share-t`: Fig. 7 of a trained run into OUT/shared.png and .npz."""
+    _claim(out_dir)
     loaded, dist, _ = open_run(run, weights, device, fast)
     res = shared_latent_samples(loaded.model, loaded.diffusion, loaded.shape, share_t, k, seed, dist.device,
                                 progress=progress)
-    return dict(res, **_write(out_dir, "shared", shared_figure(res), share_t=np.array(res["share_t"]),
-                              x_t=_nhwc(res["x_t"]), samples=_nhwc(res["samples"])))
+    settings = dict(share_t=[int(v) for v in res["share_t"]], k=k, seed=seed)
+    return dict(res, **_write(out_dir, "shared", shared_figure(res), loaded, settings,
+                              share_t=np.array(res["share_t"]), x_t=_nhwc(res["x_t"]), samples=_nhwc(res["samples"])))
 
 
 def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,), steps: int = 11, seed: int = 0,
@@ -245,18 +261,22 @@ def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,)
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise UserError(f"--steps {steps}: give at least 2 values of λ (λ = 0 and 1)")
+    _claim(out_dir)
     loaded, dist, _ = open_run(run, weights, device, fast)
     a, b = (_model_input(p, loaded.shape, dist.device) for p in (image_a, image_b))
     res = interpolate(loaded.model, loaded.diffusion, a, b, t, np.linspace(0, 1, steps), seed, progress=progress)
-    return dict(res, **_write(out_dir, "interpolation", interpolation_figure(res, a, b), t=np.array(res["t"]),
-                              lambdas=np.array(res["lambdas"]), images=_nhwc(res["images"])))
+    settings = dict(images=[str(image_a), str(image_b)], t=[int(v) for v in res["t"]], steps=steps, seed=seed)
+    return dict(res, **_write(out_dir, "interpolation", interpolation_figure(res, a, b), loaded, settings,
+                              t=np.array(res["t"]), lambdas=np.array(res["lambdas"]), images=_nhwc(res["images"])))
 
 
 def reconstruct_run(run, image, out_dir, *, t: Sequence[int] = (0, 250, 500, 750, 1000), seed: int = 0,
                     weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True) -> dict:
     """`ddpm reconstruct`: one image file noised to x_t and brought back, into OUT/reconstruct.png and .npz."""
+    _claim(out_dir)
     loaded, dist, _ = open_run(run, weights, device, fast)
     x0 = _model_input(image, loaded.shape, dist.device)
     res = reconstruct(loaded.model, loaded.diffusion, x0, t, seed, progress=progress)
-    return dict(res, **_write(out_dir, "reconstruct", reconstruction_figure(res), t=np.array(res["t"]),
-                              x_t=_nhwc(res["x_t"]), x0=_nhwc(res["x0"])))
+    settings = dict(image=str(image), t=[int(v) for v in res["t"]], seed=seed)
+    return dict(res, **_write(out_dir, "reconstruct", reconstruction_figure(res), loaded, settings,
+                              t=np.array(res["t"]), x_t=_nhwc(res["x_t"]), x0=_nhwc(res["x0"])))

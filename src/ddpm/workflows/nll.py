@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,7 @@ from ..errors import UserError
 from ..io.atomic import atomic_file, write_json, write_npz
 from ..io.data import DataConfig, load_images
 from ..io.distributed import DistInfo, barrier, broadcast_object, is_main_process, shard
+from ..io.folders import usable_folder
 from ..io.images import CHANNEL_MODES, write_png
 from ..io.progress import loop_progress, progress_bar
 from ..io.results import check_settings
@@ -42,7 +44,8 @@ NLL_META = "nll.json"
 
 
 def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: int, out_dir, dist: Optional[DistInfo] = None,
-                 progress: bool = True, *, device=None, model_tag: str = "", clip_denoised: bool = True) -> dict:
+                 progress: bool = True, *, device=None, model_tag: str = "", recorded: Optional[dict] = None,
+                 clip_denoised: bool = True) -> dict:
     """Bits/dim of the true variational bound L_T + Σ_{t>1} L_{t-1} + L_0 (eq. 5) for each image.
 
     As the official code (`calc_bpd_loop`): each term with fresh noise, x̂_0 clipped to [-1, 1].
@@ -61,7 +64,8 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
 
     :param images: uint8 [N, C, H, W] (tensor or array) in {0 … 255}.
     :param batch: images per forward pass and per saved part, per process.
-    :param model_tag: recorded with the seed in `nll.json`; a rerun with other settings is refused.
+    :param model_tag: which model (`LoadedRun.tag`), recorded with the seed in `nll.json`; a rerun
+        with other settings is refused. :param recorded: recorded there too, not compared.
     :return: the summary dict (on every rank).
     """
     images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
@@ -74,14 +78,14 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
         raise UserError(f"batch={batch!r}: give a batch size of at least 1")
     dist = dist or DistInfo()
     device = torch.device(device) if device is not None else dist.device
-    out_dir = Path(out_dir)
+    out_dir = usable_folder(out_dir)
     parts = out_dir / "parts"
 
     batches = None
     if dist.is_main:
-        parts.mkdir(parents=True, exist_ok=True)
         check_settings(out_dir / NLL_META, dict(seed=int(seed), T=T, clip_denoised=bool(clip_denoised),
-                                                 shape=list(images.shape[1:]), model=model_tag))
+                                                 shape=list(images.shape[1:]), model=model_tag), recorded, what="bits/dim")
+        parts.mkdir(exist_ok=True)
         covered = set()
         for f, part in _read_parts(parts):
             inside = part["indices"] < N  # an earlier run may have had more images
@@ -184,13 +188,27 @@ def _write_nll_results(out_dir: Path, bpd: dict, seed: int, clip_denoised: bool)
     return summary
 
 
+BPD_ARRAYS = ("prior_bpd", "vb", "x0_mse")  # what rate_distortion reads
+
+
 def load_bpd(out_dir) -> dict:
     """The arrays `evaluate_nll` wrote to `out_dir/bpd.npz`."""
     path = Path(out_dir) / "bpd.npz"
     if not path.is_file():
         raise UserError(f"{path}: not found; run `ddpm nll --out {out_dir}` first")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            bpd = {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"{path}: not a bits/dim file of `ddpm nll` ({e}); run `ddpm nll --out {out_dir}` again") from None
+    missing = [k for k in BPD_ARRAYS if k not in bpd]
+    if missing:
+        raise UserError(f"{path}: lacks {', '.join(missing)}; it was not written by `ddpm nll`; run it again")
+    if not (bpd["prior_bpd"].ndim == 1 and bpd["vb"].ndim == 2 and bpd["x0_mse"].shape == bpd["vb"].shape
+            and len(bpd["vb"]) == len(bpd["prior_bpd"])):
+        raise UserError(f"{path}: its arrays do not have the shapes `ddpm nll` writes (prior_bpd [N], vb and x0_mse "
+                        f"[N, T]); run `ddpm nll --out {out_dir}` again")
+    return bpd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +351,7 @@ def nll_run(run, data: str, out_dir, *, split: str = "test", n: Optional[int] = 
     loaded, dist, tag = open_run(run, weights, device, fast)
     images = load_test_images(loaded.run.model, data, split, n)
     return evaluate_nll(loaded.model, loaded.diffusion, images, batch, seed, out_dir, dist, progress=progress,
-                        model_tag=tag)
+                        model_tag=tag, recorded=dict(checkpoint=str(loaded.checkpoint)))
 
 
 def rate_distortion_run(out_dir, *, from_nll=None, run=None, data: Optional[str] = None, split: str = "test",

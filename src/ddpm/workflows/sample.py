@@ -21,6 +21,7 @@ from ..config import Choice
 from ..errors import UserError
 from ..io.atomic import write_npz_rows
 from ..io.distributed import DistInfo, barrier, broadcast_object, derive_seed, shard
+from ..io.folders import usable_folder
 from ..io.images import make_grid, read_png, write_png
 from ..io.progress import loop_progress, progress_bar
 from ..io.results import check_settings
@@ -190,7 +191,8 @@ def _existing_indices(out_dir: Path, n: int, shape) -> set[int]:
 
 
 def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: int, seed: int, shape, dist=None, *,
-                  device=None, progress: bool = True, model_tag: str = "", grid_n: int = 64, **sampler_opts) -> dict:
+                  device=None, progress: bool = True, model_tag: str = "", recorded: Optional[dict] = None,
+                  grid_n: int = 64, **sampler_opts) -> dict:
     """Draw samples 0 … n-1 into `out_dir`: `000000.png` …, `samples.npz` (uint8 NHWC "x" and
     "indices") and `grid.png` (the first `grid_n`). Run it again to resume.
 
@@ -202,8 +204,12 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     :param model: any callable `model(x_t, t)` (e.g. the EMA network from `load_run`).
     :param shape: (C, H, W) of one image.
     :param dist: a `distributed.DistInfo` (default: one process).
-    :param model_tag: recorded in `sampling.json` with the seed and sampler settings; a rerun with
-        different ones is refused rather than mixed into the same directory.
+    :param model_tag: which model (`LoadedRun.tag`: the checkpoint's content hash), recorded in
+        `sampling.json` with the seed and sampler settings; a rerun with different ones is refused
+        rather than mixed into the same directory.
+    :param recorded: facts recorded beside them but not compared (e.g. the checkpoint's path).
+    A folder that holds files but no `sampling.json` is refused (io/folders.py): a user's
+    `000000.png` is never taken for a sample.
     :param sampler_opts: `sample`'s options: sampler, ddim_steps, ddim_eta, ddim_spacing, clip_denoised.
     :return: dict(out_dir, n, generated (by all processes), skipped, npz, grid).
     """
@@ -220,18 +226,17 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     chain(diffusion, **opts)  # validates the DDIM settings before anything is written
     dist = dist or DistInfo()
     device = torch.device(device) if device is not None else dist.device
-    out_dir = Path(out_dir)
+    out_dir = usable_folder(out_dir)
     shape = tuple(int(s) for s in shape)
     n, batch = int(n), int(batch)
 
     todo = None
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         meta = dict(seed=int(seed), shape=list(shape), T=diffusion.num_timesteps, model=model_tag, **opts)
         if opts["sampler"] == "ancestral":  # the DDIM settings do not matter then
             for k in ("ddim_steps", "ddim_eta", "ddim_spacing"):
                 meta.pop(k)
-        check_settings(out_dir / SAMPLES_META, meta)
+        check_settings(out_dir / SAMPLES_META, meta, recorded, what="samples")
         have = _existing_indices(out_dir, n, shape)
         todo = [i for i in range(n) if i not in have]
     todo = broadcast_object(todo, dist)
@@ -272,4 +277,4 @@ def sample_run(run, out_dir, n: int, *, batch: int = 64, seed: int = 0, weights:
     `out_dir`, split over torchrun's processes; run it again to resume (see `sample_to_dir`)."""
     loaded, dist, tag = open_run(run, weights, device, fast)
     return sample_to_dir(loaded.model, loaded.diffusion, out_dir, n, batch, seed, loaded.shape, dist, progress=progress,
-                         model_tag=tag, **sampler_opts)
+                         model_tag=tag, recorded=dict(checkpoint=str(loaded.checkpoint)), **sampler_opts)

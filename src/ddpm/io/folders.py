@@ -1,0 +1,137 @@
+"""Output folders: recognised before anything is written into them, and held by one process.
+
+Every command that writes a folder (a run, samples, bits/dim, figures, an evaluation) first
+claims it: the path must be usable as a folder, and the folder must be new, empty, or one that
+the same kind of command made (it holds that command's record file). A folder holding anything
+else is refused in one line that names what is there, and nothing in it is touched: `ddpm` never
+overwrites, adopts or deletes a file it did not write.
+
+`FolderLock` keeps a second process from writing the same folder at once. It is an advisory
+`fcntl.flock` on a hidden file in the folder, so the kernel releases it when its process ends,
+also by SIGKILL: a killed run never leaves its folder locked. (Where `fcntl` does not exist, on
+Windows, there is no lock.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from ..errors import UserError, os_error_line
+from .atomic import TEMP_PREFIX
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+LOCK_NAME = ".ddpm.lock"
+
+
+def usable_folder(path, flag: str = "--out") -> Path:
+    """`path` as a folder that exists or can be made: not empty, not a file, not under a file."""
+    if path is None or str(path).strip() == "":
+        raise UserError(f"{flag} is empty; give a folder, e.g. {flag} runs/NAME")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p}: is a file, not a folder; give a folder (a new one, or one ddpm wrote)")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {p}: {parent} is a file, not a folder; give a path inside a folder")
+            break
+    return p
+
+
+def usable_file(path, flag: str = "--out", suffix: Optional[str] = None) -> Path:
+    """`path` as a file that can be written: not empty, not a folder, not under a file, with
+    `suffix` if given."""
+    if path is None or str(path).strip() == "":
+        raise UserError(f"{flag} is empty; give a file name{f' ending in {suffix}' if suffix else ''}")
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {p}: is a folder; give a file name{f' ending in {suffix}' if suffix else ''}")
+    if suffix and p.suffix != suffix:
+        raise UserError(f"{flag} {p}: give a file name ending in {suffix}")
+    usable_folder(p.parent if str(p.parent) else ".", flag)
+    return p
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What a folder holds besides ddpm's lock and temporary files, sorted."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise UserError(f"cannot read the folder {os_error_line(e, folder)}") from None
+    return sorted(n for n in names if n != LOCK_NAME and not n.startswith(TEMP_PREFIX))
+
+
+def claim_folder(path, ours: Union[Sequence[str], Callable[[Path], bool]], what: str, flag: str = "--out") -> Path:
+    """Check that `path` may receive `what` (e.g. "samples"), then create it.
+
+    :param ours: the names of the record files the command writes first (the folder is ours if it
+        holds one of them), or a function that decides from the folder's path.
+    Raises UserError, naming up to three of the entries found, for a non-empty folder that is not
+    ours; nothing is created or changed then.
+    """
+    p = usable_folder(path, flag)
+    entries = foreign_entries(p)
+    if entries:
+        is_ours = ours(p) if callable(ours) else any((p / name).exists() for name in ours)
+        if not is_ours:
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise UserError(f"{flag} {p}: holds files that ddpm did not write for {what} ({shown}); nothing was "
+                            f"changed there; give a new or empty folder")
+    make_folder(p, flag)
+    return p
+
+
+def make_folder(p: Path, flag: str = "--out") -> Path:
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot create the folder {os_error_line(e, p)}") from None
+    return p
+
+
+class FolderLock:
+    """Hold `folder` for this process: `with FolderLock(run_dir, "training"): …`.
+
+    A second holder is refused with one line naming the process that holds it. The lock file is
+    created in the folder (a read-only folder is one line, too) and left there; only the lock on
+    it matters, and the kernel drops that when the process ends, however it ends.
+    """
+
+    def __init__(self, folder, what: str):
+        self.path, self.what = Path(folder) / LOCK_NAME, what
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "FolderLock":
+        if fcntl is None:
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write in {self.path.parent}: {os_error_line(e, self.path)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.path.parent}: is in use by {holder}; wait for it to finish or stop it, "
+                            f"or write to another folder") from None
+        try:  # who holds it, for the message above; the lock works without it (e.g. on a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{self.what} (pid {os.getpid()})".encode(), 0)
+        except OSError:
+            pass
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
