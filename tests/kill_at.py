@@ -9,11 +9,14 @@ POINT (N counts from 1, in this process):
                are on disk, under the temporary name
   ckpt-whole   when the N-th checkpoint is complete under its temporary name, before it is moved
                into place
+  sigterm      sends itself SIGTERM (what a scheduler sends before a kill) just before the N-th optimizer
+               step; with --twice, a second SIGTERM once the checkpoint that follows is being written
   png          right after the N-th sample PNG is in place
   part         right after the N-th bits/dim part is in place
 --rank R: only the process whose RANK (torchrun) is R arms the kill; the others run normally.
 
-The process kills itself with SIGKILL (no handler, no clean-up runs), exactly as `kill -9` would.
+The process kills itself with SIGKILL (no handler, no clean-up runs), exactly as `kill -9` would;
+`sigterm` is the one point where the process is asked to stop instead, and its handlers run.
 """
 
 import os
@@ -31,7 +34,7 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def arm(point: str, n: int) -> None:
+def arm(point: str, n: int, twice: bool = False) -> None:
     count = [0]
 
     def hit() -> bool:
@@ -47,6 +50,22 @@ def arm(point: str, n: int) -> None:
             return step(self, *a, **k)
 
         torch.optim.Adam.step = counted_step
+    elif point == "sigterm":
+        step, write = torch.optim.Adam.step, os.write
+
+        def signalled_step(self, *a, **k):
+            if hit():
+                os.kill(os.getpid(), signal.SIGTERM)
+                if twice:
+                    def second(fd, data):  # during the checkpoint's first write
+                        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".tmp-ckpt-"):
+                            os.write = write
+                            os.kill(os.getpid(), signal.SIGTERM)
+                        return write(fd, data)
+                    os.write = second
+            return step(self, *a, **k)
+
+        torch.optim.Adam.step = signalled_step
     elif point in ("ckpt-half", "ckpt-whole"):
         write, replace, writes = os.write, os.replace, {}
 
@@ -95,7 +114,7 @@ def main(argv: list[str]) -> int:
     point, n = opts[0], int(opts[1])
     rank = opts[opts.index("--rank") + 1] if "--rank" in opts else None
     if rank is None or os.environ.get("RANK", "0") == rank:
-        arm(point, n)
+        arm(point, n, twice="--twice" in opts)
     return ddpm.cli.main(args)
 
 

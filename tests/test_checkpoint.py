@@ -285,6 +285,19 @@ def test_crafted_pickle_is_rejected_without_running(tmp_path, writer):
     assert not marker.exists()
 
 
+def test_a_header_length_that_starts_like_a_pickle_still_loads(tmp_path):
+    # A safetensors file begins with its header's length (8 bytes, little-endian); when that length
+    # is 0x…80 the file's first byte is the pickle protocol marker 0x80. Such files are checkpoints.
+    hits = 0
+    for k in range(256):  # each character lengthens the header by one byte: every low byte occurs
+        state = dict(_small_state(1.0), note="x" * k)
+        path = save_checkpoint(tmp_path / str(k), 1, state)
+        if path.read_bytes()[:1] == b"\x80":
+            hits += 1
+            assert load_checkpoint(path)["note"] == state["note"]
+    assert hits >= 1
+
+
 def test_truncation_is_detected_and_latest_falls_back(tmp_path):
     save_checkpoint(tmp_path, 1, _small_state(1.0))
     path = save_checkpoint(tmp_path, 2, _small_state(2.0))
@@ -334,7 +347,7 @@ def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert latest_checkpoint(tmp_path / "absent") is None
     assert latest_checkpoint(tmp_path) is None
     (tmp_path / "ckpt-00000001.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CorruptCheckpointError, match="no valid checkpoint.*ckpt-00000001"):
+    with pytest.raises(CorruptCheckpointError, match="no usable checkpoint.*ckpt-00000001"):
         latest_checkpoint(tmp_path)
 
 

@@ -62,7 +62,7 @@ def test_every_preset_works_with_info(name, capsys):
 def test_every_preset_works_with_train(name, tmp_path, monkeypatch, capsys):
     # The whole command up to the training call: parsing, the preset, flags and --set.
     seen = {}
-    monkeypatch.setattr(cli, "train", lambda out, run, progress: seen.update(run=run) or dict(step=0, loss=0.0, run_dir=out))
+    monkeypatch.setattr(cli, "train", lambda out, run, progress, **_: seen.update(run=run) or dict(step=0, loss=0.0, run_dir=out))
     assert cli.main(["train", "--preset", name, "--out", str(tmp_path), "--steps", "3", "--set", "train.lr=1e-4"]) == 0
     run = seen["run"]
     assert run.train.steps == 3 and run.train.lr == 1e-4

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,15 +128,41 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     run = _tiny(npz, steps=8, checkpoint_every=2, log_every=1, lr=1e30, warmup=0)
     with pytest.raises(TrainingDiverged) as e:
         train(tmp_path, run, progress=False)
-    assert "NaN or infinite" in str(e.value) and "run the same command again" in str(e.value)
+    assert "NaN or infinite" in str(e.value) and "lower learning rate (--set train.lr=" in str(e.value)
     for _, p in list_checkpoints(tmp_path):  # whatever was written before is finite and loads
         assert all(torch.isfinite(t).all() for t in load_checkpoint(p)["model"].values())
 
 
+def test_the_divergence_advice_can_be_followed(npz, tmp_path):
+    # A good run to step 8, then a learning rate that blows it up: the advice is to resume from the
+    # last good checkpoint with a lower rate, and doing exactly that finishes the run.
+    train(tmp_path, _tiny(npz, steps=8, checkpoint_every=2, log_every=1), progress=False)
+    with pytest.raises(TrainingDiverged) as e:
+        train(tmp_path, _tiny(npz, steps=12, checkpoint_every=2, log_every=1, lr=1e30), progress=False)
+    assert "ckpt-00000008.safetensors is intact" in str(e.value)
+    advised = float(re.search(r"--set train.lr=([^)\s]+)", str(e.value)).group(1))
+    assert advised < 1e30
+    res = train(tmp_path, _tiny(npz, steps=12, checkpoint_every=2, log_every=1, lr=advised), progress=False)
+    assert res["step"] == 12 and np.isfinite(res["loss"])
+    history = json.loads((tmp_path / "config.json").read_text())["history"]
+    lrs = [h["changed"]["train.lr"] for h in history if "train.lr" in h.get("changed", {})]
+    assert lrs == [[1e-3, 1e30], [1e30, advised]] and history[-1]["step"] == 8
+
+
+def test_a_run_that_never_wrote_a_checkpoint_starts_again_with_other_values(npz, tmp_path):
+    run_dir, ref = tmp_path / "run", tmp_path / "ref"
+    with pytest.raises(TrainingDiverged, match="before any checkpoint"):
+        train(run_dir, _tiny(npz, steps=6, checkpoint_every=100, log_every=1, lr=1e30, warmup=0), progress=False)
+    train(run_dir, _tiny(npz, steps=6, seed=3), progress=False)  # another seed too: nothing to resume
+    train(ref, _tiny(npz, steps=6, seed=3), progress=False)
+    assert_states_equal(_final_state(run_dir), _final_state(ref))
+    assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 3
+
+
 def test_a_changed_setting_is_refused_on_resume(npz, tmp_path):
     train(tmp_path, _tiny(npz, steps=2), progress=False)
-    with pytest.raises(UserError, match=r"train.lr=0.001, now 0.0005"):
-        train(tmp_path, _tiny(npz, steps=4, lr=5e-4), progress=False)
+    with pytest.raises(UserError, match=r"train.seed=0, now 1"):
+        train(tmp_path, _tiny(npz, steps=4, seed=1), progress=False)
     train(tmp_path, _tiny(npz, steps=4), progress=False)  # more steps is fine
     assert latest_checkpoint(tmp_path)[1]["step"] == 4
 

@@ -46,14 +46,14 @@ import struct
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from ..errors import UserError
+from ..errors import UserError, os_error_line
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "checkpoint_path",
+    "checkpoint_sha256",
     "checkpoint_step",
     "flatten",
     "get_rng_state",
@@ -68,6 +69,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_weights",
+    "rng_state_problem",
     "save_checkpoint",
     "save_weights",
     "set_rng_state",
@@ -108,6 +110,10 @@ class CorruptCheckpointError(UserError):
 
     def __reduce__(self):  # survives pickling between processes (multiprocessing, DDP spawn)
         return type(self), (self.path, self.reason, self.advice)
+
+
+class UnfitCheckpointError(CorruptCheckpointError):
+    """A checkpoint that verifies but cannot be resumed from in this run (see `latest_checkpoint`)."""
 
 
 class CheckpointWarning(UserWarning):
@@ -291,13 +297,7 @@ def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
 
 
 def _write_error(path: Path, e: OSError, previous: str) -> CheckpointWriteError:
-    reason = e.strerror or str(e)
-    code = errno.errorcode.get(e.errno, "") if e.errno else ""
-    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        todo = "free disk space and run the same command again"
-    else:
-        todo = "fix the cause and run the same command again"
-    return CheckpointWriteError(f"could not write {path}: {reason}{f' ({code})' if code else ''}; {todo}; {previous}")
+    return CheckpointWriteError(f"could not write {os_error_line(e, path, then=previous)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,7 +317,9 @@ def _read_verified(path: Path, expected_format: str) -> tuple[dict, dict[str, to
             head = f.read(16)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}; check its permissions") from e
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+    # A safetensors file starts with its header's length, then "{"; that length's first byte can be
+    # 0x80, so the pickle signatures are only looked for in a file that is not laid out so.
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise CorruptCheckpointError(
             path,
             "this is a pickle / torch.save file, not safetensors; it was not opened, because "
@@ -460,12 +462,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """The content hash a checkpoint or weights file carries (see Checksum above), from its header
+    alone: what names a model in a results folder's record, wherever the file is copied to. Call
+    it on a file that was verified (`load_checkpoint`); it does not verify."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {})["ddpm_sha256"]
+    except Exception as e:  # SafetensorError, OSError, KeyError: not a ddpm file (any more)
+        raise CorruptCheckpointError(path, f"no readable ddpm checksum ({e})", "delete it or restore it from a backup") from e
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, check: Callable[[Path, dict], str] | None = None
+                      ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in `run_dir` that passes verification, loaded: (path, state).
 
-    Damaged newer checkpoints are skipped with a CheckpointWarning that names them and the one
-    used instead. Returns None if `run_dir` holds no checkpoint (a fresh run). Raises
-    CorruptCheckpointError if it holds checkpoints but none is valid: starting over silently
+    :param check: `check(path, state)` returns why a verified checkpoint cannot be used here (it
+        does not fit the run: another network's shapes, a step that is not its name's, an RNG or
+        optimizer state that cannot be restored), or "" if it can. Such a checkpoint is treated like
+        a damaged one.
+    Damaged or unusable newer checkpoints are skipped with a CheckpointWarning that names them and
+    the one used instead. Returns None if `run_dir` holds no checkpoint (a fresh run). Raises
+    CorruptCheckpointError if it holds checkpoints but none is usable: starting over silently
     would throw a run away. Temp files of interrupted writes are ignored.
     """
     run_dir = Path(run_dir)
@@ -473,12 +492,16 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
             state = load_checkpoint(path)
+            problem = check(path, state) if check is not None else ""
+            if problem:
+                raise UnfitCheckpointError(path, f"it does not fit this run: {problem}", "")
         except CorruptCheckpointError as e:
             skipped.append(e)
             continue
         for e in skipped:
             warnings.warn(
-                f"skipping damaged checkpoint {e.path.name} ({e.reason}); resuming from {path.name} instead",
+                f"skipping {'' if isinstance(e, UnfitCheckpointError) else 'damaged '}checkpoint {e.path.name} "
+                f"({e.reason}); resuming from {path.name} instead",
                 CheckpointWarning,
                 stacklevel=2,
             )
@@ -487,7 +510,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]
         names = ", ".join(e.path.name for e in skipped)
         raise CorruptCheckpointError(
             run_dir,
-            f"no valid checkpoint: {names} all failed verification (newest: {skipped[0].reason})",
+            f"no usable checkpoint: {names} all failed (newest: {skipped[0].reason})",
             "restore one from a backup, or move them elsewhere to start training from scratch",
         )
     return None
@@ -555,6 +578,33 @@ def get_rng_state() -> dict[str, torch.Tensor]:
     gauss = np.array([0.0 if gauss_next is None else gauss_next], dtype=np.float64).view(np.int64)
     state["python"] = torch.tensor([version, *internal, gauss_next is not None, int(gauss[0])], dtype=torch.int64)
     return state
+
+
+def rng_state_problem(state: Any) -> str:
+    """Why `set_rng_state(state)` could not restore `state` (a damaged or foreign one), or "".
+    Checked on throw-away generators, so no global state changes."""
+    if not isinstance(state, Mapping):
+        return f"the RNG state is {type(state).__name__}, not a mapping"
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            return f"RNG state {key} is {type(t).__name__}, not a tensor"
+        try:
+            if key == "cpu" or key.startswith("cuda/"):
+                if key == "cpu":
+                    torch.Generator().set_state(t.to("cpu", torch.uint8))
+                elif t.dtype != torch.uint8 or t.ndim != 1:
+                    raise ValueError(f"{t.dtype} {list(t.shape)}")
+            elif key == "numpy":
+                a = t.numpy()
+                np.random.RandomState().set_state(("MT19937", a[:624].astype(np.uint32), int(a[624]), int(a[625]), 0.0))
+                if a.shape != (627,):
+                    raise ValueError(f"shape {list(a.shape)}")
+            elif key == "python":
+                a = t.tolist()
+                random.Random().setstate((a[0], tuple(a[1:-2]), None))
+        except Exception as e:  # each library raises its own type for a state it cannot take
+            return f"RNG state {key} cannot be restored ({e})"
+    return ""
 
 
 def set_rng_state(state: Mapping[str, torch.Tensor]) -> None:

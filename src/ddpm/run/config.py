@@ -80,10 +80,18 @@ class TrainConfig(Config):
             raise UserError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (the paper uses 0.9999)")
 
 
-# Fields that may change when a run is resumed; any other change is refused.
+# Fields that may change when a run is resumed; any other change is refused. The learning rate and
+# the warm-up are among them so that a run that diverged can go on from its last good checkpoint
+# with a lower rate or a longer warm-up, and the data source so that data can move (whether they are
+# the same data is decided by their fingerprint, run/folder.py); every change is recorded in
+# config.json's history.
 RESUMABLE_CHANGES = {"train": {"steps", "checkpoint_every", "keep_last", "milestone_every", "log_every",
                                "sample_every", "sample_n", "device", "tensorboard", "channels_last", "compile",
-                               "winograd", "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_weights_sha256"}}
+                               "winograd", "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_weights_sha256",
+                               "lr", "warmup"},
+                     "data": {"source"}}  # data that moved; the checkpoint's fingerprint of them decides
+# Keys of a saved config.json that are a record, not configuration (run/folder.py).
+RECORD_KEYS = ("history",)
 
 SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
 
@@ -103,7 +111,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "config") -> "RunConfig":
         """From JSON-like sections; a missing section or field takes its default."""
-        unknown = sorted(set(d) - set(SECTIONS))
+        if not isinstance(d, Mapping):
+            raise UserError(f"{where}: expected a JSON object of sections ({', '.join(SECTIONS)}), found {type(d).__name__}")
+        unknown = sorted(set(d) - set(SECTIONS) - set(RECORD_KEYS))
         if unknown:
             raise UserError(f"{where}: unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
         return cls(**{k: kind.from_dict(d.get(k, {}), where=f"{where} [{k}]") for k, kind in SECTIONS.items()})
@@ -142,18 +152,30 @@ def preset_sections(name: str) -> dict:
 
 
 def resolve_run_config(preset: Optional[str] = None, config_file=None, *, data: Optional[str] = None,
-                       flags: Optional[Mapping] = None, sets: Sequence[str] = ()) -> RunConfig:
+                       flags: Optional[Mapping] = None, sets: Sequence[str] = (), base: Optional[Mapping] = None
+                       ) -> RunConfig:
     """A run's configuration from its layers, each over the last: the preset (default cifar10), a
     JSON config file of sections (merged field by field), the data source, `train` fields given
-    as flags (None means not given), and `section.key=value` overrides."""
-    d = preset_sections(preset or "cifar10")
+    as flags (None means not given), and `section.key=value` overrides.
+
+    :param base: the sections to start from instead of a preset: a run's own config when it is
+        resumed without --preset (`run.folder.read_run_record`)."""
+    if base is not None and preset is None:
+        d = {section: dict(fields) for section, fields in base.items() if section in SECTIONS}
+    else:
+        d = preset_sections(preset or "cifar10")
     if config_file:
-        for section, fields in load_json(config_file).items():
+        for section, fields in load_json(config_file, expect=dict).items():
+            if section in RECORD_KEYS:
+                continue
             if not isinstance(fields, dict):
                 raise UserError(f"{config_file}: section {section!r} must be an object of fields")
             d.setdefault(section, {}).update(fields)
-    run = RunConfig.from_dict(d, where=str(config_file or f"preset {preset or 'cifar10'}"))
-    if data:
+    origin = "the run's own config" if base is not None and preset is None else f"preset {preset or 'cifar10'}"
+    run = RunConfig.from_dict(d, where=str(config_file or origin))
+    if data is not None:
+        if not str(data).strip():
+            raise UserError("--data is empty; give a data source, e.g. --data cifar10:PATH or a folder of images")
         run = run.replace(data=run.data.replace(source=data))
     given = {k: v for k, v in (flags or {}).items() if v is not None}
     if given:
@@ -169,20 +191,36 @@ def model_config(preset: Optional[str] = None, config_file=None, sets: Sequence[
     if preset is not None:
         cfg = RunConfig.from_preset(preset).model
     else:
-        d = load_json(config_file)
+        d = load_json(config_file, expect=dict)
         cfg = UNetConfig.from_dict(d["model"] if isinstance(d.get("model"), dict) else d, where=str(config_file))
     return apply_overrides(cfg, list(sets))
 
 
-def check_resume_compatible(saved: Mapping, new: RunConfig, path: Path) -> None:
-    """Refuse to resume with a changed setting that would make the run something else."""
+def config_changes(saved: Mapping, new: RunConfig) -> list[tuple[str, object, object]]:
+    """Every field whose value in `new` differs from the saved config's: (section.key, old, new).
+    A field the saved config lacks (written by an older version) is not a change."""
+    changes = []
     for section, fields in new.to_dict().items():
-        old_fields = saved.get(section, {})
+        old_fields = saved.get(section, {}) if isinstance(saved, Mapping) else {}
         for k, v in fields.items():
-            if k in RESUMABLE_CHANGES.get(section, set()):
-                continue
-            if k in old_fields and old_fields[k] != v:
-                raise UserError(
-                    f"{path}: this run was started with {section}.{k}={old_fields[k]!r}, now {v!r}; "
-                    f"resume with the same setting, or start a new run in another --out directory"
-                )
+            if isinstance(old_fields, Mapping) and k in old_fields and old_fields[k] != v:
+                changes.append((f"{section}.{k}", old_fields[k], v))
+    return changes
+
+
+def is_resumable(key: str) -> bool:
+    section, field = key.split(".", 1)
+    return field in RESUMABLE_CHANGES.get(section, set())
+
+
+def check_resume_compatible(saved: Mapping, new: RunConfig, path: Path) -> list[tuple[str, object, object]]:
+    """Refuse to resume with a changed setting that would make the run something else; return the
+    changes that are allowed (RESUMABLE_CHANGES), for the run's history."""
+    changes = config_changes(saved, new)
+    for key, old, now in changes:
+        if not is_resumable(key):
+            raise UserError(
+                f"{path}: this run was started with {key}={old!r}, now {now!r}; "
+                f"resume with the same setting, or start a new run in another --out folder"
+            )
+    return changes

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..io.images import make_grid, write_png
 from ..process.scaling import to_uint8
 from ..run.config import RunConfig
+from ..run.folder import claim_run_folder
 from ..run.load import load_run
 from .experiments import progressive_figure, progressive_generation
 from .train import train
@@ -25,7 +26,9 @@ STRIP_CHAINS = 8
 
 
 def run_demo(out="runs/demo", steps: int | None = None, n: int = 64, progress: bool = True, seed: int = 0) -> dict:
-    out = Path(out)
+    out = claim_run_folder(out)  # a folder that cannot be a run is one line before anything else
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"--n {n}: give the number of samples to draw, at least 1")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run = RunConfig.from_preset("demo")
     if steps is not None:

@@ -12,30 +12,36 @@ The checkpoint still stores every RNG state (per rank) and the data position, fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
+import datetime
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..config import load_json
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..io import checkpoint as ckpt
-from ..io.atomic import write_json, write_text
-from ..io.data import ImageSet, load_images
+from ..io.atomic import remove_stale_temps
+from ..io.data import ImageSet, data_fingerprint, load_images
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, derive_seed
 from ..io.distributed import init as dist_init
+from ..io.folders import FolderLock
 from ..io.images import make_grid, write_png
 from ..io.progress import progress_bar
 from ..network.fast import autocast, match_layout_, resolve_switch, set_winograd, to_channels_last
 from ..network.unet import UNet
 from ..process.diffusion import GaussianDiffusion
 from ..process.scaling import to_model_range, to_uint8
-from ..run.config import RunConfig, TrainConfig, check_resume_compatible
+from ..run.config import RunConfig, TrainConfig, check_resume_compatible, config_changes, is_resumable
+from ..run.folder import (CONFIG_NAME, METRICS_NAME, append_metrics, claim_run_folder, read_run_record, truncate_metrics,
+                          write_run_record)
+from ..run.load import state_dict_problem
 from .evaluate import TrainingFID
 from .sample import sample
 
@@ -100,28 +106,45 @@ def _log(msg: str) -> None:
 
 
 def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progress: bool = True,
-          dist: Optional[DistInfo] = None) -> dict:
+          dist: Optional[DistInfo] = None, accept_new_data: bool = False) -> dict:
     """Train (or resume) the run in `run_dir`. Returns {"step", "loss", "run_dir"}.
 
     :param images: the data, if already loaded (otherwise `run.data` is loaded on every rank).
     :param dist: the process group (default: from torchrun's environment, or a single process).
+    :param accept_new_data: resume although the data differ from those the checkpoint was trained
+        on (recorded in config.json's history); otherwise that is refused.
+
+    Before anything is written, the folder must be new, empty or this run's (run/folder.py), no
+    other training may hold it, and, when a checkpoint exists, `run` may differ from the run's
+    config only in resumable fields (RESUMABLE_CHANGES; each change goes into the history). A run
+    that never wrote a checkpoint starts afresh with whatever `run` says. SIGTERM or Ctrl-C stops
+    at the end of the current step, after writing a checkpoint of it (`Interrupted`).
     """
-    run_dir = Path(run_dir)
     cfg = run.train
     dist = dist or dist_init(cfg.device)
     if cfg.batch_size % dist.world_size:
         raise UserError(f"train.batch_size={cfg.batch_size} is not divisible by the {dist.world_size} processes; "
                         f"use a multiple of {dist.world_size} (the batch size is the global batch)")
+    run_dir = claim_run_folder(run_dir)
+    with contextlib.ExitStack() as stack:
+        if dist.is_main:
+            stack.enter_context(FolderLock(run_dir, "ddpm train"))
+            remove_stale_temps(run_dir, max_age_s=0)  # the lock holder is the only writer: every temp file is orphaned
+        barrier()
+        stop = stack.enter_context(_StopSignals())
+        return _train(run_dir, run, images, progress, dist, accept_new_data, stop)
+
+
+def _train(run_dir: Path, run: RunConfig, images: Optional[ImageSet], progress: bool, dist: DistInfo,
+           accept_new_data: bool, stop: "_StopSignals") -> dict:
+    cfg = run.train
+    record = read_run_record(run_dir)
     if images is None:
         images = load_images(run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution))
     run = resolve_model(run, images)
-    config_path = run_dir / "config.json"
-    if config_path.exists():
-        check_resume_compatible(load_json(config_path), run, config_path)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(config_path, run.to_dict())
-    barrier()
+    resuming = record is not None and bool(ckpt.list_checkpoints(run_dir))
+    changes = check_resume_compatible(record.config, run, record.source) if resuming else []
+    history = list(record.history) if resuming else []
 
     device = dist.device
     diffusion = GaussianDiffusion.from_config(run.diffusion)
@@ -135,11 +158,20 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
     params = [p for p in model.parameters()]
     # foreach Adam on CPU; fused on CUDA (one kernel for all parameters).
     opt = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    data_print = dict(sha256=data_fingerprint(images.images), n=len(images), source=images.source_description)
 
     start = 0
-    found = ckpt.latest_checkpoint(run_dir)
+    found = ckpt.latest_checkpoint(run_dir, check=lambda path, state: _unfit(path, state, run, model, opt, dist))
     if found is not None:
         path, state = found
+        saved_data = state.get("data")
+        if isinstance(saved_data, dict) and saved_data.get("sha256") != data_print["sha256"]:
+            if not accept_new_data:
+                raise UserError(
+                    f"the data changed since {path} was written: {saved_data.get('n')} images (sha256 "
+                    f"{str(saved_data.get('sha256'))[:12]}…) then, {data_print['n']} (sha256 {data_print['sha256'][:12]}…) "
+                    f"now; give the same data to resume, or add --accept-new-data to go on with these (recorded)")
+            history.append(dict(step=int(state["step"]), time=_now(), data=dict(before=saved_data, after=data_print)))
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -148,9 +180,16 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
         rng = state.get("rng", {}).get(f"rank{dist.rank}")
         if rng:
             ckpt.set_rng_state(rng)
-        if dist.is_main:
-            _log(f"resuming {run_dir} from {path.name} (step {start})")
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
+    if changes:
+        history.append(dict(step=start, time=_now(), changed={k: [old, new] for k, old, new in changes}))
+    if dist.is_main:
+        if found is not None:
+            _log(f"resuming {run_dir} from {found[0].name} (step {start})")
+        for k, old, new in changes:
+            _log(f"changed {k} from {old!r} to {new!r} at step {start} (recorded in {run_dir / CONFIG_NAME})")
+        write_run_record(run_dir, run, history)
+        truncate_metrics(run_dir / METRICS_NAME, start)
+    barrier()
     net = model
     if dist.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -181,6 +220,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
     sums = torch.zeros(2, 4, device=device)  # loss sum / count per timestep quartile
     gn_sum = torch.zeros((), device=device)
     last_loss, t0, steps_timed = float("nan"), time.perf_counter(), 0
+    saved_at = start
     model.train()
     for step in range(start, cfg.steps):
         # ---- the step's randomness: a function of (seed, step), drawn for the global batch
@@ -222,7 +262,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
             s = sums.cpu()
             total = s[0].sum().item() / max(s[1].sum().item(), 1)
             if not math.isfinite(total):
-                raise TrainingDiverged(_diverged_message(run_dir, done))
+                raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
             elapsed = time.perf_counter() - t0
             rec = dict(step=done, loss=total, lr=lr_at(step, cfg), grad_norm=gn_sum.item() / steps_timed,
                        img_per_s=steps_timed * cfg.batch_size / max(elapsed, 1e-9),
@@ -232,11 +272,18 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
             last_loss = total
             sums.zero_(); gn_sum.zero_(); t0, steps_timed = time.perf_counter(), 0
         bar.update(1)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        stopping = stop.requested(dist, done, cfg.log_every)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or (stopping and saved_at != done):
             # Never write a checkpoint from a diverged state (one sync per checkpoint).
             if not (torch.isfinite(sums).all() and torch.isfinite(gn_sum) and torch.isfinite(loss)):
-                raise TrainingDiverged(_diverged_message(run_dir, done))
-            _save(run_dir, done, model, ema, opt, run, cfg, dist)
+                raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
+            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print)
+            saved_at = done
+        if stopping:
+            bar.close()
+            raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after step {done}, which "
+                                           f"{ckpt.checkpoint_path(run_dir, done).name} holds; run the same command "
+                                           f"to resume")
         if cfg.sample_every and done % cfg.sample_every == 0 and dist.is_main:
             write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n, cfg.seed, device)
         if fid is not None and done % cfg.fid_every == 0:
@@ -246,7 +293,96 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
     return dict(step=cfg.steps, loss=last_loss, run_dir=str(run_dir))
 
 
-def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist: DistInfo) -> None:
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _unfit(path: Path, state: dict, run: RunConfig, model, opt, dist: DistInfo) -> str:
+    """Why a verified checkpoint cannot be resumed from in this run, or "" (see latest_checkpoint)."""
+    missing = [k for k in ("step", "model", "ema", "optimizer", "config") if k not in state]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step != ckpt.checkpoint_step(path):
+        return f"its step is {step!r} but its name says {ckpt.checkpoint_step(path)}"
+    other = [(k, old, new) for k, old, new in config_changes(state["config"], run) if not is_resumable(k)]
+    if not isinstance(state["config"], dict) or other:
+        k, old, new = other[0] if other else ("config", state["config"], "a run config")
+        return f"it was written by another run ({k}={old!r} there, {new!r} here)"
+    for name in ("model", "ema"):
+        problem = state_dict_problem(state[name], model.state_dict())
+        if problem:
+            return f"its {name} weights do not fit the network ({problem})"
+    problem = _optimizer_problem(state["optimizer"], opt)
+    if problem:
+        return f"its optimizer state does not fit ({problem})"
+    rng = state.get("rng", {})
+    return ckpt.rng_state_problem(rng.get(f"rank{dist.rank}", {})) if isinstance(rng, dict) else "its RNG state is not a mapping"
+
+
+def _optimizer_problem(saved, opt: torch.optim.Optimizer) -> str:
+    """What keeps `opt.load_state_dict(saved)` from restoring an Adam state for these parameters."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) or not isinstance(saved.get("state"), dict):
+        return "not an optimizer state"
+    groups = saved["param_groups"]
+    if len(groups) != len(opt.param_groups) or any(
+            not isinstance(g, dict) or len(g.get("params", ())) != len(ours["params"]) for g, ours in zip(groups, opt.param_groups)):
+        return "its parameter groups differ"
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ids = [i for g in groups for i in g["params"]]
+    for i, p in zip(ids, params):
+        moments = saved["state"].get(i)
+        if moments is None:
+            continue
+        for k in ("exp_avg", "exp_avg_sq"):
+            m = moments.get(k) if isinstance(moments, dict) else None
+            if not isinstance(m, torch.Tensor) or m.shape != p.shape:
+                return f"moment {k} of parameter {i} is not {list(p.shape)}"
+    return ""
+
+
+class _StopSignals:
+    """SIGTERM (what schedulers such as SLURM send before a kill) and Ctrl-C ask training to stop at
+    the end of the current step, after a checkpoint of it; a second signal stops at once (the
+    temporary file of a checkpoint being written is removed, the previous checkpoint is kept).
+    With several processes they agree on the step every `log_every` steps (one all-reduce)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise Interrupted(signum, f"stopped at once by a second {signal.Signals(signum).name}, without a new "
+                                      f"checkpoint; run the same command to resume from the last one")
+        self.signum = signum
+        _log(f"ddpm train: {signal.Signals(signum).name} received: stopping after this step, with a checkpoint "
+             f"(send it again to stop at once)")
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def requested(self, dist: DistInfo, done: int, every: int) -> bool:
+        if dist.world_size == 1:
+            return self.signum is not None
+        if done % every:
+            return False
+        flag = torch.tensor([self.signum or 0], device=dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.signum is None:
+            self.signum = int(flag.item())
+        return self.signum is not None
+
+
+def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist: DistInfo, data_print: dict) -> None:
     # Every rank's RNG state goes into the one file rank 0 writes.
     mine = ckpt.get_rng_state()
     rng = {f"rank{r}": {} for r in range(dist.world_size)}
@@ -255,16 +391,30 @@ def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist
             rng[f"rank{r}"][key] = v
     if dist.is_main:
         state = dict(step=step, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=rng,
-                     data_position=step * cfg.batch_size, config=run.to_dict())
+                     data_position=step * cfg.batch_size, config=run.to_dict(), data=data_print)
         ckpt.save_checkpoint(run_dir, step, state, keep_last=cfg.keep_last, milestone_every=cfg.milestone_every or None)
     barrier()
 
 
-def _diverged_message(run_dir: Path, step: int) -> str:
+def _diverged_message(run_dir: Path, step: int, cfg: TrainConfig, start: int) -> str:
+    """What to do after a divergence: resume from the last good checkpoint with a lower learning
+    rate or a longer warm-up (resumable changes), or start again if there is none."""
     found = ckpt.list_checkpoints(run_dir)
-    last = f"the last good checkpoint {found[-1][1].name} is intact" if found else "no checkpoint was written yet"
-    return (f"the loss became NaN or infinite by step {step}; {last}. Lower train.lr or raise train.warmup, "
-            f"then run the same command again to resume from it")
+    lower = min(cfg.lr / 10, 2e-4)  # a tenth, or at most the paper's rate
+    change = (f"a lower learning rate (--set train.lr={lower:g}) or a longer warm-up "
+              f"(--set train.warmup={max(2 * cfg.warmup, 1000)})")
+    if not found:
+        return (f"the loss became NaN or infinite by step {step}, before any checkpoint; run the same command with "
+                f"{change} to start again")
+    (last, path), before = found[-1], found[-2][1].name if len(found) > 1 else None
+    if last == start and step - start <= cfg.log_every and before:
+        # it diverged right after resuming: the forward pass of the newest checkpoint already overflows
+        return (f"the loss became NaN or infinite by step {step}, right after resuming from {path.name}, which is "
+                f"itself diverged; move it out of the folder (mkdir {run_dir / 'diverged'} && mv {path} "
+                f"{run_dir / 'diverged'}) and run the same command with {change} to resume from {before} "
+                f"(the change is recorded in config.json)")
+    return (f"the loss became NaN or infinite by step {step}; the last good checkpoint {path.name} is intact; run "
+            f"the same command with {change} to resume from it (the change is recorded in config.json)")
 
 
 def write_sample_grid(ema: torch.nn.Module, diffusion: GaussianDiffusion, run: RunConfig, path: Path, n: int, seed: int,
@@ -276,14 +426,6 @@ def write_sample_grid(ema: torch.nn.Module, diffusion: GaussianDiffusion, run: R
     return write_png(make_grid(to_uint8(x)), path)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from: they will be written again."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    write_text(path, "".join(line + "\n" for line in keep))
-
-
 class _Logger:
     """metrics.jsonl always; TensorBoard when asked for and installed."""
 
@@ -291,7 +433,7 @@ class _Logger:
         self.enabled, self.tb = enabled, None
         if not enabled:
             return
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_NAME
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -302,8 +444,7 @@ class _Logger:
     def log(self, rec: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_metrics(self.path, rec)
         if self.tb is not None:
             for k, v in rec.items():
                 if k != "step" and v is not None:
