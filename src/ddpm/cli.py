@@ -2,23 +2,35 @@
 
 Each subcommand parses its arguments, builds configs and makes one library call, then prints
 what it got back; a notebook can make the same call. Times on the command line are the paper's
-t (docs/MATH.md § Time and indexing). A user's mistake (`UserError`) is printed as one line on
-stderr with exit status 2, never as a traceback.
+t (docs/MATH.md § Time and indexing).
+
+Whatever goes wrong because of the user's input or machine is one line on stderr, never a
+traceback: a `UserError` or an argument argparse rejects (status 2), an `OSError` such as a full
+disk or a read-only folder (status 2, naming the path), memory that cannot be allocated (status
+2), SIGTERM or Ctrl-C (status 128 + the signal; training first saves a checkpoint). Warnings are
+one line each too. Set DDPM_TRACEBACK=1 to see the traceback of any of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import warnings
 
-from .errors import UserError
+import torch
+
+from .errors import Interrupted, UserError, os_error_line
 from .io.data import DataConfig
 from .io.distributed import is_main_process
+from .io.folders import usable_folder
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .network.inception import WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX
 from .network.unet import summary
 from .run.config import model_config, resolve_run_config
+from .run.folder import read_run_record
 from .run.presets import PRESETS
 from .workflows.demo import run_demo
 from .workflows.evaluate import evaluate_run, fid_ref_run, fid_run
@@ -40,8 +52,15 @@ def command(name: str, help: str, arguments):
     return wrap
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (what is wrong, and where to look), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020)")
+    p = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, fn, arguments) in _COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -54,17 +73,55 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_fn", None):
-        parser.print_help()
+        print(f"ddpm: error: give a command: {', '.join(_COMMANDS)} (see ddpm --help)", file=sys.stderr)
         return 2
-    try:
-        rc = args._fn(args)
-    except UserError as e:
-        print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ddpm {args.command}: interrupted", file=sys.stderr)
-        return 130
+    name = f"ddpm {args.command}"
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *a, **k: print(f"{name}: warning: {message}", file=sys.stderr)
+        old_term = _on_sigterm()
+        try:
+            rc = args._fn(args)
+        except Exception as e:
+            line = _one_line(e)
+            if line is None or os.environ.get("DDPM_TRACEBACK"):
+                raise
+            print(f"{name}: error: {line}", file=sys.stderr)
+            return 2
+        except Interrupted as e:
+            print(f"{name}: {e.message}", file=sys.stderr)
+            return 128 + e.signum
+        except KeyboardInterrupt:
+            print(f"{name}: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
     return int(rc or 0)
+
+
+def _one_line(e: Exception) -> str | None:
+    """The line a user sees for an error that is not a bug, or None for one that is."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError):
+        return os_error_line(e)
+    if isinstance(e, MemoryError) or isinstance(e, torch.OutOfMemoryError) or (
+            isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "size calculation overflowed" in str(e))):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"out of memory ({first}); use a smaller --batch, a smaller model, or a machine with more memory"
+    return None
+
+
+def _on_sigterm():
+    """SIGTERM stops any command like Ctrl-C does (files being written are abandoned cleanly);
+    training installs its own handler, which first saves a checkpoint."""
+    def stop(signum, frame):
+        raise Interrupted(signum, "stopped by SIGTERM; run the same command again to go on where it stopped")
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,9 +133,12 @@ PRESET_NAMES = ", ".join(PRESETS)
 
 def _ints(text: str, flag: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"{flag} {text!r}: give comma-separated integers, e.g. {flag} 1000,750,500,250") from None
+        values = []
+    if not values:
+        raise UserError(f"{flag} {text!r}: give comma-separated integers, e.g. {flag} 1000,750,500,250")
+    return values
 
 
 def _model_args(p, seed: bool = True, required: bool = True):
@@ -112,13 +172,24 @@ def _model_opts(args) -> dict:
 
 def _sampler_args(p):
     p.add_argument("--sampler", default="ancestral", help="ancestral (Algorithm 2, default) or ddim")
-    p.add_argument("--ddim-steps", type=int, default=50, metavar="K")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's η: 0 deterministic, 1 ancestral-like")
-    p.add_argument("--spacing", default="uniform", help="DDIM time spacing: uniform, trailing or quad")
+    p.add_argument("--ddim-steps", type=int, default=None, metavar="K", help="with --sampler ddim: network "
+                                                                             "evaluations (default 50)")
+    p.add_argument("--eta", type=float, default=None, help="with --sampler ddim: DDIM's η, 0 deterministic (default), "
+                                                           "1 ancestral-like")
+    p.add_argument("--spacing", default=None, help="with --sampler ddim: time spacing uniform (default), trailing or "
+                                                   "quad")
+
+
+DDIM_DEFAULTS = dict(ddim_steps=50, eta=0.0, spacing="uniform")
 
 
 def _sampler_opts(args) -> dict:
-    return dict(sampler=args.sampler, ddim_steps=args.ddim_steps, ddim_eta=args.eta, ddim_spacing=args.spacing)
+    given = [f"--{k.replace('_', '-')}" for k in DDIM_DEFAULTS if getattr(args, k) is not None]
+    if given and args.sampler != "ddim":
+        raise UserError(f"{', '.join(given)}: for --sampler ddim only; add --sampler ddim, or leave "
+                        f"{'them' if len(given) > 1 else 'it'} out")
+    v = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in DDIM_DEFAULTS.items()}
+    return dict(sampler=args.sampler, ddim_steps=v["ddim_steps"], ddim_eta=v["eta"], ddim_spacing=v["spacing"])
 
 
 def _data_args(p, required: bool = True):
@@ -201,7 +272,8 @@ def cmd_convert(args):
 
 
 def _train_args(p):
-    p.add_argument("--preset", default=None, help=f"a preset: {PRESET_NAMES} (default cifar10)")
+    p.add_argument("--preset", default=None, help=f"a preset: {PRESET_NAMES} (default: the run's own config when "
+                                                  f"--out is a run, else cifar10)")
     p.add_argument("--data", default=None, help="data source: a named source (fashion-mnist-10k, fashion-mnist[:DIR], "
                                                 "cifar10[:PATH]) or a path")
     p.add_argument("--out", required=True, help="run directory; run the same command again to resume")
@@ -213,16 +285,20 @@ def _train_args(p):
                                                   "the preset")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field, e.g. train.lr=1e-4")
+    p.add_argument("--accept-new-data", action="store_true",
+                   help="resume although the data differ from those the run was trained on (recorded in its history)")
     p.add_argument("--no-progress", action="store_true")
 
 
 @command("train", "train a DDPM (Algorithm 1, the paper's recipe); rerun the same command to resume", _train_args)
 def cmd_train(args):
+    record = read_run_record(usable_folder(args.out)) if args.preset is None else None
     run = resolve_run_config(args.preset, args.config, data=args.data, sets=args.set,
                              flags=dict(steps=args.steps, batch_size=args.batch, seed=args.seed,
-                                        checkpoint_every=args.checkpoint_every))
+                                        checkpoint_every=args.checkpoint_every),
+                             base=record.config if record is not None else None)
     _say(json.dumps(run.to_dict(), indent=2))  # stdout: stderr is kept for progress and errors
-    res = train(args.out, run, progress=not args.no_progress)
+    res = train(args.out, run, progress=not args.no_progress, accept_new_data=args.accept_new_data)
     _say(f"trained {res['step']} steps; last logged loss {res['loss']:.5f}; run directory {res['run_dir']}", err=True)
 
 

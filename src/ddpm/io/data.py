@@ -305,7 +305,8 @@ def _load_tar(path: Path, split: str) -> _Raw:
                     if not in_split or split in in_split:
                         images[m.name] = tar.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: cannot read the tar archive ({e}); re-download or re-create it") from None
+        reason = " ".join(str(e).split())  # tarfile's messages can span lines
+        raise UserError(f"{path}: cannot read the tar archive ({reason}); re-download or re-create it") from None
     if batches:
         names = _cifar_split_names(batches, split)
         if not names:

@@ -122,4 +122,6 @@ def derive_seed(*ints: int) -> int:
     Every random draw of training and sampling is seeded this way, so a result depends only on
     these numbers: not on the batch size, the number of processes, or where a run was resumed.
     """
+    if any(int(i) < 0 for i in ints):
+        raise UserError(f"seed={ints[0]}: a seed is an integer >= 0")
     return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -17,6 +17,7 @@ The formulas follow the official code constant for constant; the additions from 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Protocol, Sequence
 
@@ -487,6 +488,8 @@ class DDIMStep:
     """DDIM's step (Song et al. 2021, eq. 12) from t to any t_next < t; η scales its noise."""
 
     def __init__(self, diffusion: GaussianDiffusion, eta: float = 0.0, clip_denoised: bool = True):
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+            raise UserError(f"DDIM eta={eta!r} must be a finite number >= 0 (0: deterministic, 1: as Algorithm 2's noise)")
         self.diffusion, self.eta, self.clip_denoised = diffusion, float(eta), clip_denoised
 
     def check(self, times: Sequence[int]) -> None:
