@@ -334,8 +334,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(npz,
     else:
         assert "stopped by SIGTERM after step 3, which ckpt-00000003.safetensors holds" in r.stderr and steps == [2, 3]
     assert _temps(run_dir) == []
-    r = subprocess.run([PY, "-m", "ddpm", *args], env=ENV, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(args) == 0  # the same command again, here
     assert_states_equal(_final(run_dir), _final(reference))
 
 
