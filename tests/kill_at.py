@@ -1,7 +1,8 @@
 """Run `ddpm ARGS` in this process and SIGKILL it at a chosen moment: a kill -9 that lands where
 a test says, not where a loaded machine's timing happens to put it.
 
-    python tests/kill_at.py POINT N [--rank R] -- ARGS...      (ARGS as for `python -m ddpm`)
+    python tests/kill_at.py POINT N [--rank R] [--signal TERM [--twice]] -- ARGS...
+                                                                   (ARGS as for `python -m ddpm`)
 
 POINT (N counts from 1, in this process):
   step         just before the N-th optimizer step (earlier checkpoints are on disk)
@@ -9,14 +10,14 @@ POINT (N counts from 1, in this process):
                are on disk, under the temporary name
   ckpt-whole   when the N-th checkpoint is complete under its temporary name, before it is moved
                into place
-  sigterm      sends itself SIGTERM (what a scheduler sends before a kill) just before the N-th optimizer
-               step; with --twice, a second SIGTERM once the checkpoint that follows is being written
   png          right after the N-th sample PNG is in place
   part         right after the N-th bits/dim part is in place
 --rank R: only the process whose RANK (torchrun) is R arms the kill; the others run normally.
+--signal TERM: send SIGTERM instead (what a scheduler sends before a kill): the process is asked
+  to stop, and its handlers run. With `step`, --twice sends a second SIGTERM once the checkpoint
+  that follows is being written.
 
-The process kills itself with SIGKILL (no handler, no clean-up runs), exactly as `kill -9` would;
-`sigterm` is the one point where the process is asked to stop instead, and its handlers run.
+The process kills itself with SIGKILL (no handler, no clean-up runs), exactly as `kill -9` would.
 """
 
 import os
@@ -30,8 +31,11 @@ import torch
 import ddpm.cli
 
 
+SIGNAL = [signal.SIGKILL]
+
+
 def die():
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), SIGNAL[0])
 
 
 def arm(point: str, n: int, twice: bool = False) -> None:
@@ -44,28 +48,22 @@ def arm(point: str, n: int, twice: bool = False) -> None:
     if point == "step":
         step = torch.optim.Adam.step
 
+        write = os.write
+
+        def second(fd, data):  # --twice: during the first write of the checkpoint that follows
+            if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".tmp-ckpt-"):
+                os.write = write
+                die()
+            return write(fd, data)
+
         def counted_step(self, *a, **k):
             if hit():
                 die()
-            return step(self, *a, **k)
-
-        torch.optim.Adam.step = counted_step
-    elif point == "sigterm":
-        step, write = torch.optim.Adam.step, os.write
-
-        def signalled_step(self, *a, **k):
-            if hit():
-                os.kill(os.getpid(), signal.SIGTERM)
                 if twice:
-                    def second(fd, data):  # during the checkpoint's first write
-                        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".tmp-ckpt-"):
-                            os.write = write
-                            os.kill(os.getpid(), signal.SIGTERM)
-                        return write(fd, data)
                     os.write = second
             return step(self, *a, **k)
 
-        torch.optim.Adam.step = signalled_step
+        torch.optim.Adam.step = counted_step
     elif point in ("ckpt-half", "ckpt-whole"):
         write, replace, writes = os.write, os.replace, {}
 
@@ -113,6 +111,8 @@ def main(argv: list[str]) -> int:
     opts, args = argv[:split], argv[split + 1:]
     point, n = opts[0], int(opts[1])
     rank = opts[opts.index("--rank") + 1] if "--rank" in opts else None
+    if "--signal" in opts:
+        SIGNAL[0] = signal.Signals["SIG" + opts[opts.index("--signal") + 1]]
     if rank is None or os.environ.get("RANK", "0") == rank:
         arm(point, n, twice="--twice" in opts)
     return ddpm.cli.main(args)

@@ -174,6 +174,7 @@ def test_a_missing_config_json_is_rebuilt_from_the_checkpoint(capsys, npz, refer
     rc, err = _cli(capsys, ["train", "--out", run_dir, "--steps", "8", "--no-progress"])
     assert rc == 0 and any("config.json is missing" in line for line in err), err
     rebuilt = json.loads((run_dir / "config.json").read_text())
+    assert rebuilt["history"][0]["rebuilt_from"] == "ckpt-00000004.safetensors"
     assert {k: v for k, v in rebuilt.items() if k != "history"} == {
         **{k: v for k, v in saved.items() if k != "history"}, "train": {**saved["train"], "steps": 8}}
     assert_states_equal(_final(run_dir), _final(reference))
@@ -325,8 +326,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(npz,
     run_dir = tmp_path / "run"
     args = _args(npz, run_dir, 8, "--set", "train.log_every=1")
     # SIGTERM just before the optimizer step of step 3 (kill_at.py); checkpoints every 2 steps
-    r = subprocess.run([PY, KILL_AT, "sigterm", "3", *(["--twice"] if twice else []), "--", *args], env=ENV,
-                       capture_output=True, text=True)
+    r = subprocess.run([PY, KILL_AT, "step", "3", "--signal", "TERM", *(["--twice"] if twice else []), "--", *args],
+                       env=ENV, capture_output=True, text=True)
     assert r.returncode == 128 + signal.SIGTERM and "Traceback" not in r.stderr, r.stderr
     steps = [s for s, _ in list_checkpoints(run_dir)]
     if twice:  # the second SIGTERM lands while the checkpoint of step 3 is written: abandoned, cleaned
@@ -336,6 +337,20 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(npz,
     assert _temps(run_dir) == []
     assert main(args) == 0  # the same command again, here
     assert_states_equal(_final(run_dir), _final(reference))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_sampling_cleanly_and_a_rerun_finishes(npz, tmp_path):
+    run_dir, out, ref = tmp_path / "run", tmp_path / "samples", tmp_path / "ref"
+    train(run_dir, _tiny(npz, steps=2).with_overrides(["diffusion.T=20"]), progress=False)
+    args = ["sample", "--run", str(run_dir), "--n", "6", "--batch", "2", "--no-progress", "--out", str(out)]
+    r = subprocess.run([PY, KILL_AT, "png", "3", "--signal", "TERM", "--", *args], env=ENV, capture_output=True, text=True)
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 128 + signal.SIGTERM and err == ["ddpm sample: stopped by SIGTERM; run the same command "
+                                                            "again to go on where it stopped"], r.stderr
+    assert _temps(out) == [] and not (out / "samples.npz").exists()
+    assert main(args) == 0 and main([*args[:-1], str(ref)]) == 0  # the rerun, and an uninterrupted run
+    assert np.array_equal(np.load(out / "samples.npz")["x"], np.load(ref / "samples.npz")["x"])
 
 
 def test_a_second_training_into_a_folder_in_use_is_refused(capsys, npz, tmp_path):

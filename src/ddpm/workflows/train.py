@@ -158,14 +158,16 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[ImageSet], progress: 
     params = [p for p in model.parameters()]
     # foreach Adam on CPU; fused on CUDA (one kernel for all parameters).
     opt = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    data_print = dict(sha256=data_fingerprint(images.images), n=len(images), source=images.source_description)
+    # The data's fingerprint, kept in every checkpoint; rank 0 writes and checks it (hashing once).
+    data_print = dict(sha256=data_fingerprint(images.images), n=len(images), source=images.source_description) \
+        if dist.is_main else None
 
     start = 0
     found = ckpt.latest_checkpoint(run_dir, check=lambda path, state: _unfit(path, state, run, model, opt, dist))
     if found is not None:
         path, state = found
         saved_data = state.get("data")
-        if isinstance(saved_data, dict) and saved_data.get("sha256") != data_print["sha256"]:
+        if dist.is_main and isinstance(saved_data, dict) and saved_data.get("sha256") != data_print["sha256"]:
             if not accept_new_data:
                 raise UserError(
                     f"the data changed since {path} was written: {saved_data.get('n')} images (sha256 "
@@ -180,6 +182,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[ImageSet], progress: 
         rng = state.get("rng", {}).get(f"rank{dist.rank}")
         if rng:
             ckpt.set_rng_state(rng)
+    if resuming and record.source.name != CONFIG_NAME:
+        history.append(dict(step=start, time=_now(), rebuilt_from=record.source.name))  # config.json was missing
     if changes:
         history.append(dict(step=start, time=_now(), changed={k: [old, new] for k, old, new in changes}))
     if dist.is_main:
