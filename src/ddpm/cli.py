@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             line = _one_line(e)
             if line is None or os.environ.get("DDPM_TRACEBACK"):
                 raise
-            print(f"{name}: error: {line}", file=sys.stderr)
+            print(f"{name}: error: {' '.join(line.splitlines())}", file=sys.stderr)  # one line, whatever it quotes
             return 2
         except Interrupted as e:
             print(f"{name}: {e.message}", file=sys.stderr)
