@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,27 @@ def test_the_divergence_advice_can_be_followed(npz, tmp_path):
     history = json.loads((tmp_path / "config.json").read_text())["history"]
     lrs = [h["changed"]["train.lr"] for h in history if "train.lr" in h.get("changed", {})]
     assert lrs == [[1e-3, 1e30], [1e30, advised]] and history[-1]["step"] == 8
+
+
+def test_the_advice_after_a_learning_rate_of_1_leads_to_a_finished_run(npz, tmp_path):
+    # lr = 1 from step 0: here the newest checkpoint before the NaN already overflows, so the first
+    # advice (resume with a lower rate) diverges again at once, and the second says to set that
+    # checkpoint aside (how many rounds it takes can differ between CPUs). Following each message
+    # as written finishes the run.
+    lr, messages, res = 1.0, [], None
+    for _ in range(4):
+        try:
+            res = train(tmp_path, _tiny(npz, steps=20, checkpoint_every=2, log_every=1, lr=lr), progress=False)
+            break
+        except TrainingDiverged as e:
+            messages.append(str(e))
+            aside = re.search(r"mkdir -p (\S+) && mv (\S+) (\S+)\)", str(e))
+            if aside:
+                Path(aside.group(1)).mkdir(parents=True, exist_ok=True)
+                shutil.move(aside.group(2), aside.group(3))
+            lr = float(re.search(r"--set train.lr=([^)\s]+)", str(e)).group(1))
+    assert messages and "is intact" in messages[0], messages
+    assert res is not None and res["step"] == 20, messages
 
 
 def test_a_run_that_never_wrote_a_checkpoint_starts_again_with_other_values(npz, tmp_path):

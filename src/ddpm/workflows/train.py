@@ -414,7 +414,7 @@ def _diverged_message(run_dir: Path, step: int, cfg: TrainConfig, start: int) ->
     if last == start and step - start <= cfg.log_every and before:
         # it diverged right after resuming: the forward pass of the newest checkpoint already overflows
         return (f"the loss became NaN or infinite by step {step}, right after resuming from {path.name}, which is "
-                f"itself diverged; move it out of the folder (mkdir {run_dir / 'diverged'} && mv {path} "
+                f"itself diverged; move it out of the folder (mkdir -p {run_dir / 'diverged'} && mv {path} "
                 f"{run_dir / 'diverged'}) and run the same command with {change} to resume from {before} "
                 f"(the change is recorded in config.json)")
     return (f"the loss became NaN or infinite by step {step}; the last good checkpoint {path.name} is intact; run "
