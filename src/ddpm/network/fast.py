@@ -38,12 +38,20 @@ steps only (workflows/train.py).
 `prepare_model` is the sampling side: it wraps a network once, and the wrapped model is what
 `sample(...)`, `calc_bpd_loop(...)` and friends take (any callable `model(x_t, t)`); `load_run(...,
 fast="auto")` and the CLI's sampling commands (`--fast auto`, the default) go through it.
+
+Fail-safe. A fast path that cannot be built on the machine at hand (torch.compile failing on a
+driver, a compiler or a torch version; a CUDA graph that cannot be captured) must not end a run:
+its first call is its build, and if the build fails where the plain network succeeds on the same
+input, a `FastPathWarning` says why and which switch turns it off, and the plain path is used
+from then on. If the plain network fails too, the fault is not the fast path's and its error is
+raised. Only building falls back: once built, a failure (in the middle of training, in a graph's
+replay) is raised like any other.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -51,6 +59,24 @@ import torch.nn as nn
 from ..config import Choice
 from ..errors import UserError
 from . import winograd
+
+
+class FastPathWarning(UserWarning):
+    """A fast path could not be built here; the plain path is used instead."""
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line: its type and first line, and those of its root cause
+    (torch.compile wraps the compiler's own error)."""
+    def line(x: BaseException) -> str:
+        lines = [s.strip() for s in str(x).splitlines() if s.strip()]
+        text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+        return f"{type(x).__name__}: {text[:200]}" if text else type(x).__name__
+
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return line(e) if root is e else f"{line(e)} {line(root)}"
 
 
 class Switch(Choice):
@@ -149,8 +175,49 @@ def match_layout_(optimizer: torch.optim.Optimizer) -> None:
 
 def compile_model(model: nn.Module, device) -> Callable:
     """torch.compile with inductor's default mode (max-autotune's conv/matmul search costs minutes for
-    little here: convolutions go to cuDNN / oneDNN either way). One graph, static shapes."""
+    little here: convolutions go to cuDNN / oneDNN either way). One graph, static shapes. Nothing
+    is compiled until the first call: see `compile_or_eager`."""
     return torch.compile(model, dynamic=False)
+
+
+def compile_or_eager(model: nn.Module, device, trial: Callable[[Callable], None], turn_off: str) -> Callable:
+    """`compile_model(model)` if its build succeeds, else `model` itself (see Fail-safe above).
+
+    :param trial: `trial(fn)` makes the calls that build `fn` (for training: a forward and a
+        backward at the training shapes, leaving no trace); it is run on the compiled model, and,
+        if that fails, on `model` to tell whose fault it is.
+    :param turn_off: the setting that skips the attempt, for the warning (e.g. "train.compile=off").
+    """
+    try:
+        compiled = compile_model(model, device)
+        trial(compiled)
+        return compiled
+    except Exception as e:  # torch.compile raises many types (BackendCompilerFailed, InductorError, …)
+        failed = e
+    trial(model)  # the plain network on the same input: if this fails too, that error is raised
+    warnings.warn(f"torch.compile could not build the network here ({_reason(failed)}); running it eagerly "
+                  f"instead, the same computation ({turn_off} skips the attempt)", FastPathWarning, stacklevel=2)
+    return model
+
+
+def training_trial(model: nn.Module, shape: Sequence[int], device, precision: str) -> Callable[[Callable], None]:
+    """A `compile_or_eager` trial for training: forward and backward of `fn` on zeros of `shape`
+    (the local batch) at t = 1, in `precision`, then every gradient cleared, with the random
+    number generators restored: the run's state is as if it never happened."""
+    device = torch.device(device)
+    x = torch.zeros(tuple(shape), device=device)
+    t = torch.ones(shape[0], dtype=torch.long, device=device)
+
+    def trial(fn: Callable) -> None:
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                with autocast(device, precision):
+                    out = fn(x, t)
+                out.float().sum().backward()
+        finally:
+            for p in model.parameters():
+                p.grad = None
+    return trial
 
 
 class FastModel(nn.Module):
@@ -169,6 +236,7 @@ class FastModel(nn.Module):
         self.device, self.precision = device, precision
         self.channels_last, self.compiled, self.cuda_graphs = channels_last, compile, cuda_graphs
         self._fn = compile_model(model, device) if compile else model
+        self._built: set = set()  # input signatures the compiled function was built for
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
 
@@ -180,8 +248,26 @@ class FastModel(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            out = self._fn(x, t)
+            out = self._call(x, t)
         return out.to(dtype=x.dtype, memory_format=torch.contiguous_format)
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network, compiled where that builds (the first call of each input signature is its
+        build; see Fail-safe at the top of this module)."""
+        key = (tuple(x.shape), x.dtype, x.stride(), tuple(t.shape), t.dtype)
+        if self._fn is self.model or key in self._built:
+            return self._fn(x, t)
+        try:
+            out = self._fn(x, t)
+        except Exception as e:
+            out = self.model(x, t)  # if the plain network fails too, that error is raised
+            warnings.warn(f"torch.compile could not build the network here ({_reason(e)}); running it eagerly "
+                          f"instead, the same computation (--fast off, or prepare_model(compile='off'), skips the "
+                          f"attempt)", FastPathWarning, stacklevel=4)
+            self._fn, self.compiled = self.model, False
+            return out
+        self._built.add(key)
+        return out
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -191,11 +277,15 @@ class FastModel(nn.Module):
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(x, t)
-            except RuntimeError as e:  # a network that syncs with the host cannot be captured
-                warnings.warn(f"CUDA graph capture failed ({e}); running without CUDA graphs", stacklevel=2)
+            except Exception as e:  # e.g. a network that syncs with the host cannot be captured
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                out = self._run(x, t)  # if the network itself fails, that error is raised
+                warnings.warn(f"CUDA graph capture failed here ({_reason(e)}); sampling without CUDA graphs, the "
+                              f"same computation (--fast off, or prepare_model(cuda_graphs='off'), skips the "
+                              f"attempt)", FastPathWarning, stacklevel=2)
                 self.cuda_graphs = False
-                torch.cuda.synchronize(x.device)
-                return self._run(x, t)
+                return out
         static_x, static_t, static_out, graph = self._graphs[key]
         static_x.copy_(x)
         static_t.copy_(t)

@@ -34,7 +34,8 @@ from ..io.distributed import init as dist_init
 from ..io.folders import FolderLock
 from ..io.images import make_grid, write_png
 from ..io.progress import progress_bar
-from ..network.fast import autocast, match_layout_, resolve_switch, set_winograd, to_channels_last
+from ..network.fast import (autocast, compile_or_eager, match_layout_, resolve_switch, set_winograd, to_channels_last,
+                            training_trial)
 from ..network.unet import UNet
 from ..process.diffusion import GaussianDiffusion
 from ..process.scaling import to_model_range, to_uint8
@@ -198,7 +199,11 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[ImageSet], progress: 
     if dist.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if resolve_switch("compile", cfg.compile, device):
-        net = torch.compile(net, dynamic=False)  # fuses norms, activations and adds; the checkpoint keeps `model`
+        # fuses norms, activations and adds; the checkpoint keeps `model`. A compiler that fails to
+        # build the network here warns and leaves it eager (network/fast.py, Fail-safe).
+        trial = training_trial(model, (cfg.batch_size // dist.world_size, *images.images.shape[1:]), device,
+                               cfg.precision)
+        net = compile_or_eager(net, device, trial, "train.compile=off")
 
     ema_params = [p for p in ema.parameters()]
     local = cfg.batch_size // dist.world_size
