@@ -12,7 +12,10 @@ POINT (N counts from 1, in this process):
                into place
   png          right after the N-th sample PNG is in place
   part         right after the N-th bits/dim part is in place
+  none         no kill (with --deterministic: a reference run under the same settings)
 --rank R: only the process whose RANK (torchrun) is R arms the kill; the others run normally.
+--deterministic: torch.use_deterministic_algorithms(True, warn_only=True) first; PyTorch then warns,
+  naming each op that has no deterministic kernel (tests/test_cuda.py reads those warnings).
 --signal TERM: send SIGTERM instead (what a scheduler sends before a kill): the process is asked
   to stop, and its handlers run. With `step`, --twice sends a second SIGTERM once the checkpoint
   that follows is being written.
@@ -64,6 +67,8 @@ def arm(point: str, n: int, twice: bool = False) -> None:
             return step(self, *a, **k)
 
         torch.optim.Adam.step = counted_step
+    elif point == "none":
+        pass
     elif point in ("ckpt-half", "ckpt-whole"):
         write, replace, writes = os.write, os.replace, {}
 
@@ -111,6 +116,8 @@ def main(argv: list[str]) -> int:
     opts, args = argv[:split], argv[split + 1:]
     point, n = opts[0], int(opts[1])
     rank = opts[opts.index("--rank") + 1] if "--rank" in opts else None
+    if "--deterministic" in opts:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if "--signal" in opts:
         SIGNAL[0] = signal.Signals["SIG" + opts[opts.index("--signal") + 1]]
     if rank is None or os.environ.get("RANK", "0") == rank:
