@@ -77,7 +77,7 @@ def _close(got, want, rtol, what):
     assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol} x {scale:.3e}"
 
 
-@pytest.mark.parametrize("path", ["compiled", "channels_last", "compiled+channels_last"])
+@pytest.mark.parametrize("path", ["channels_last", "compiled+channels_last"])  # the CUDA default is both
 def test_fast_training_paths_equal_eager(no_tf32, path):
     ref = _net()
     fast = copy.deepcopy(ref)
@@ -102,7 +102,7 @@ def test_prepared_model_equals_the_network_and_bf16_is_within_its_tolerance(no_t
     with autocast(CUDA, "bf16"):
         got = net(x, t).float()
     _close(got, want, 3e-2, "bf16 autocast")
-    bf16 = prepare_model(copy.deepcopy(net), CUDA, precision="bf16")
+    bf16 = prepare_model(copy.deepcopy(net), CUDA, precision="bf16", compile="off")  # one compile is enough here
     _close(bf16(x, t).float(), want, 3e-2, "prepare_model bf16")
 
 
@@ -124,7 +124,7 @@ def test_cuda_graph_sampling_equals_eager_sampling():
 
 def test_per_image_seeds_give_the_same_images_at_two_batch_sizes():
     net, diffusion = _sampler_setup()
-    model = prepare_model(copy.deepcopy(net), CUDA)
+    model = prepare_model(copy.deepcopy(net), CUDA, compile="off")  # CUDA graphs on; no compile per batch size
     whole = sample(model, diffusion, (3, 16, 16), seed=3, indices=range(6), device=CUDA)
     parts = torch.cat([sample(model, diffusion, (3, 16, 16), seed=3, indices=range(i, i + 2), device=CUDA)
                        for i in range(0, 6, 2)])
