@@ -24,6 +24,7 @@ import torch
 from ddpm.cli import main
 from ddpm.io.checkpoint import CheckpointWarning, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from ddpm.io.folders import FolderLock
+from ddpm.network.unet import UNet
 from ddpm.run.config import RunConfig
 from ddpm.run.folder import RunRecordWarning
 from ddpm.workflows.train import train
@@ -183,10 +184,13 @@ def test_a_missing_config_json_is_rebuilt_from_the_checkpoint(capsys, npz, refer
 # ---- 5. a checkpoint that verifies but does not fit is skipped like a damaged one
 
 
-def _other_width(npz, tmp_path):
-    other = tmp_path / "other"
-    train(other, _tiny(npz, steps=2).with_overrides(["model.ch=64"]), progress=False)
-    return load_checkpoint(other / "ckpt-00000002.safetensors")
+def _other_width(state):
+    """The checkpoint of step 6 of a run like this one but twice as wide: its config, weights and
+    optimizer all of width 64."""
+    run = RunConfig.from_dict(state["config"]).with_overrides(["model.ch=64"])
+    net = UNet.from_config(run.model)
+    opt = torch.optim.Adam(net.parameters())
+    return dict(state, config=run.to_dict(), model=net.state_dict(), ema=net.state_dict(), optimizer=opt.state_dict())
 
 
 def _bad_step(state):
@@ -212,7 +216,7 @@ def _bad_moments(state):
 
 
 @pytest.mark.parametrize("make, reason", [
-    ("other_width", "written by another run (model.ch=64 there, 32 here)"),
+    (_other_width, "written by another run (model.ch=64 there, 32 here)"),
     (_bad_step, "its step is 7 but its name says 6"),
     (_bad_rng, "RNG state cpu cannot be restored"),
     (_bad_optimizer, "parameter groups differ"),
@@ -221,8 +225,7 @@ def _bad_moments(state):
 ])
 def test_a_checkpoint_that_verifies_but_does_not_fit_is_skipped(npz, reference, half, good6, tmp_path, make, reason):
     run_dir = _copy(half, tmp_path)
-    # another run's checkpoint, or a well-formed checkpoint of this run at step 6, then spoiled
-    state = dict(_other_width(npz, tmp_path), step=6) if make == "other_width" else make(good6)
+    state = make(good6)  # another run's checkpoint, or a well-formed one of this run at step 6, spoiled
     save_checkpoint(run_dir, 6, state, keep_last=10)  # checksummed: it passes verification
     with pytest.warns(CheckpointWarning, match=r"skipping checkpoint ckpt-00000006.*" + reason.replace("(", r"\(")
                       .replace(")", r"\)") + r".*resuming from ckpt-00000004"):
