@@ -523,6 +523,9 @@ add("convert/dst-not-safetensors", lambda tmp, fx: _conv(fx.ckpt, tmp / "o.bin")
 add("convert/dst-empty", lambda tmp, fx: _conv(fx.ckpt, ""), ("dst", "empty", "''"))
 add("convert/dst-existing-directory", lambda tmp, fx: _conv(fx.ckpt, _dir(tmp, "odir.safetensors")), "odir.safetensors")
 add("convert/dst-under-regular-file", lambda tmp, fx: _conv(fx.ckpt, _under_file(tmp, "o.safetensors")), "o.safetensors")
+add("convert/dst-users-file", lambda tmp, fx: _conv(fx.ckpt, _text(tmp, "mine.safetensors")), "mine.safetensors")
+add("convert/dst-users-diffusers-config", lambda tmp, fx: _conv(
+    fx.ckpt, _write(tmp / "unet" / "config.json", '{"name": "mine"}').parent, to="diffusers"), "config.json")
 add("convert/dst-readonly-dir", lambda tmp, fx: _conv(fx.ckpt, _readonly_dir(tmp) / "o.safetensors"), "o.safetensors")
 add("convert/to=diffusers-dst-existing-file", lambda tmp, fx: _conv(fx.ckpt, _regular_file(tmp, "odiff"), to="diffusers"),
     "odiff")
@@ -971,6 +974,8 @@ add("fid-ref/inception-sha256=xyz-no-weights", lambda tmp, fx: _fidref(tmp, fx) 
 add("fid-ref/out-not-npz", lambda tmp, fx: _fidref(tmp, fx) + ["--out", tmp / "ref.txt"], "ref.txt", weights_first=True)
 add("fid-ref/out-existing-dir", lambda tmp, fx: _fidref(tmp, fx) + ["--out", _dir(tmp, "refdir.npz")], "refdir.npz",
     weights_first=True)
+add("fid-ref/out-users-npz", lambda tmp, fx: _fidref(tmp, fx) + ["--out", _npz(tmp, "mine.npz", x=np.zeros(3))],
+    "mine.npz")
 add("fid-ref/out-empty", lambda tmp, fx: _fidref(tmp, fx) + ["--out="], OUT_EMPTY, weights_first=True)
 
 # ---------------------------------------------------------------------------------------------
@@ -1015,6 +1020,7 @@ add("fid/out-existing-dir", lambda tmp, fx: _fid(tmp, fx) + ["--out", _dir(tmp, 
     weights_first=True)
 add("fid/out-under-regular-file", lambda tmp, fx: _fid(tmp, fx) + ["--out", _under_file(tmp, "r.json")],
     "parent-is-a-file", weights_first=True)
+add("fid/out-users-json", lambda tmp, fx: _fid(tmp, fx) + ["--out", _write(tmp / "mine.json", '{"a": 1}')], "mine.json")
 add("fid/no-ref", lambda tmp, fx: ["fid", "--samples", fx.samples_npz], "--ref")
 
 # ---------------------------------------------------------------------------------------------

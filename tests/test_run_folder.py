@@ -160,6 +160,30 @@ def test_samples_never_adopt_a_users_png(capsys, npz, tmp_path):
     assert sorted(os.listdir(out)) == ["000000.png"] and (out / "000000.png").read_bytes() == b"my picture"
 
 
+def test_named_output_files_of_the_user_are_never_replaced(capsys, half, tmp_path):
+    ckpt = half / "ckpt-00000004.safetensors"
+    mine = tmp_path / "mine.safetensors"
+    mine.write_text("my notes")
+    _one_error(capsys, ["convert", ckpt, mine, "--from", "ddpm", "--to", "ddpm"], "mine.safetensors", "not a weights file")
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "config.json").write_text('{"name": "my pipeline"}')
+    _one_error(capsys, ["convert", ckpt, pipeline, "--from", "ddpm", "--to", "diffusers"], "pipeline/config.json")
+    np.savez(tmp_path / "stats.npz", x=np.zeros(3))
+    _one_error(capsys, ["fid-ref", "--data", tmp_path / "x.npz", "--out", tmp_path / "stats.npz"], "stats.npz")
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4))
+    np.savez(tmp_path / "s.npz", x=np.zeros((2, 32, 32, 3), np.uint8))
+    (tmp_path / "report.json").write_text('{"mine": true}')
+    _one_error(capsys, ["fid", "--samples", tmp_path / "s.npz", "--ref", tmp_path / "ref.npz", "--out",
+                        tmp_path / "report.json"], "report.json", "not an FID report")
+    assert mine.read_text() == "my notes" and (pipeline / "config.json").read_text() == '{"name": "my pipeline"}'
+    assert np.load(tmp_path / "stats.npz").files == ["x"] and (tmp_path / "report.json").read_text() == '{"mine": true}'
+    # files that ddpm wrote are replaced by a rerun
+    for to, dst in (("ddpm", tmp_path / "w.safetensors"), ("diffusers", tmp_path / "unet")):
+        for _ in range(2):
+            assert main(["convert", str(ckpt), str(dst), "--from", "ddpm", "--to", to]) == 0
+
+
 # ---- 3. a run without its config.json resumes with its own config, and refuses a change
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "checkpoint_sha256",
     "checkpoint_step",
     "flatten",
+    "is_ddpm_file",
     "get_rng_state",
     "latest_checkpoint",
     "list_checkpoints",
@@ -460,6 +461,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except (KeyError, ValueError, TypeError) as e:
         raise CorruptCheckpointError(path, f"inconsistent ddpm header ({e})", "delete it or restore it from a backup") from e
     return state
+
+
+def is_ddpm_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a safetensors file with a ddpm header (a checkpoint or weights file, as
+    its header says; not verified)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return "ddpm" in (f.metadata() or {})
+    except Exception:  # not safetensors at all
+        return False
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:

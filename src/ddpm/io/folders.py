@@ -58,6 +58,17 @@ def usable_file(path, flag: str = "--out", suffix: Optional[str] = None) -> Path
     return p
 
 
+def claim_file(path, ours: Callable[[Path], bool], what: str, flag: str = "--out", suffix: Optional[str] = None) -> Path:
+    """`path` as a file to write `what` into: usable (`usable_file`), and, if it exists, one that
+    `ours(path)` recognises as a `what` written before (a rerun replaces it); anything else there
+    is refused in one line, untouched."""
+    p = usable_file(path, flag, suffix)
+    if p.exists() and not ours(p):
+        raise UserError(f"{flag} {p}: exists and is not {what} written by ddpm; nothing was changed; give another "
+                        f"name, or move it away")
+    return p
+
+
 def foreign_entries(folder: Path) -> list[str]:
     """What a folder holds besides ddpm's lock and temporary files, sorted."""
     try:

@@ -33,6 +33,7 @@ from ..network.interop import (config_from_diffusers, diffusers_config, from_dif
 from ..network.unet import UNet, UNetConfig, config_from_dict
 from . import checkpoint
 from .atomic import write_bytes, write_json
+from .folders import claim_file
 
 class ReadFormat(Choice):
     DDPM = "ddpm"
@@ -151,12 +152,24 @@ def write_unet(unet: UNet, dst, fmt: str) -> list[Path]:
         config = {"_class_name": "UNet2DModel", **diffusers_config(unet.config)}
         weights, cfg_path = (dst, _sidecar(dst)) if dst.suffix == ".safetensors" else \
             (dst / "diffusion_pytorch_model.safetensors", dst / "config.json")
+        # files already there are replaced only if they are a UNet2DModel's, as this writes
+        unet2d = lambda p: _is_unet2d_config(cfg_path)  # noqa: E731
+        claim_file(cfg_path, unet2d, "a UNet2DModel config", "DST")
+        claim_file(weights, unet2d, "a UNet2DModel's weights (with its config beside it)", "DST")
         write_bytes(weights, safetensors.torch.save(state, metadata={"format": "pt"}))
         write_json(cfg_path, config)
         return [weights, cfg_path]
 
     state = unet_to_tf_state_dict(unet) if fmt == "tf" else {k: v.detach() for k, v in unet.state_dict().items()}
+    claim_file(dst, checkpoint.is_ddpm_file, "a weights file", "DST")  # a file of ours is replaced, no other
     return [checkpoint.save_weights(dst, state, {"model": unet.config.to_dict()})]
+
+
+def _is_unet2d_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("_class_name") == "UNet2DModel"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def convert_file(src, dst, src_format: str, dst_format: str, config=None) -> list[Path]:

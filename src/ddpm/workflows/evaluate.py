@@ -15,6 +15,7 @@ merged in rank order, so every process works and the result does not depend on t
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sys
 import time
@@ -30,14 +31,14 @@ from ..io.atomic import write_json
 from ..io.data import DataConfig, data_fingerprint, load_images
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, broadcast_object, derive_seed, shard
 from ..io.distributed import init as dist_init
-from ..io.folders import claim_folder, usable_file
+from ..io.folders import claim_file, claim_folder
 from ..io.images import IMAGE_EXTENSIONS, open_image
 from ..io.progress import progress_bar
 from ..network.inception import FEATURE_DIM, NUM_CLASSES, WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX, InceptionV3, load_inception
 from ..process.scaling import to_uint8
 from ..run.load import load_run
 from ..version import __version__
-from .fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, load_stats, save_stats
+from .fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, is_stats_file, load_stats, save_stats
 from .nll import evaluate_nll
 from .sample import sample, sample_to_dir
 
@@ -518,6 +519,14 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _is_fid_report(path: Path) -> bool:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and {"fid", "samples"} <= set(d)
+
+
 def _check_batch(batch) -> None:
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise UserError(f"--inception-batch {batch}: give an integer >= 1")
@@ -526,7 +535,9 @@ def _check_batch(batch) -> None:
 def fid_ref_run(data: DataConfig, out, *, weights=None, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
                 batch: int = 100, device: str = "auto", progress: bool = True) -> FIDStats:
     """`ddpm fid-ref`: the FID reference statistics of a data set, written to `out` (.npz)."""
-    out = usable_file(out, "--out", ".npz")  # every input is checked before the Inception weights are loaded
+    # every input is checked before the Inception weights are loaded; an existing file is replaced
+    # only if it is reference statistics of ours
+    out = claim_file(out, is_stats_file, "reference statistics", "--out", ".npz")
     _check_batch(batch)
     images = load_images(data)
     dist = dist_init(device)
@@ -545,7 +556,7 @@ def fid_run(samples, refs: Sequence, *, out=None, weights=None, expected_sha256:
         load_stats(ref)
     open_images(samples)
     if out is not None:
-        usable_file(out, "--out", ".json")
+        claim_file(out, _is_fid_report, "an FID report", "--out", ".json")
     _check_batch(batch)
     dist = dist_init(device)
     inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)

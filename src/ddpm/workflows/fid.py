@@ -302,6 +302,15 @@ def load_stats(path: Union[str, Path]) -> FIDStats:
     return FIDStats(mu=mu, sigma=sigma, n=n, provenance=prov)
 
 
+def is_stats_file(path: Union[str, Path]) -> bool:
+    """Whether `path` holds statistics written by `save_stats` (its provenance says so)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return "provenance" in f.files and json.loads(str(f["provenance"])).get("format") == STATS_FORMAT
+    except Exception:  # not an .npz, or not ours
+        return False
+
+
 def fid_from_stats(samples: FIDStats, reference: FIDStats, *, where: str = "reference") -> float:
     """FID between two statistics, refusing ones measured with different Inception weights."""
     a = samples.provenance.get("inception", {}).get("weights_sha256")
