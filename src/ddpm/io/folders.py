@@ -36,12 +36,17 @@ def usable_folder(path, flag: str = "--out") -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {p}: is a file, not a folder; give a folder (a new one, or one ddpm wrote)")
+    _check_parents(p, flag)
+    return p
+
+
+def _check_parents(p: Path, flag: str) -> None:
+    """The nearest existing folder above `p` must be a folder, not a file."""
     for parent in p.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{flag} {p}: {parent} is a file, not a folder; give a path inside a folder")
-            break
-    return p
+            return
 
 
 def usable_file(path, flag: str = "--out", suffix: Optional[str] = None) -> Path:
@@ -54,7 +59,7 @@ def usable_file(path, flag: str = "--out", suffix: Optional[str] = None) -> Path
         raise UserError(f"{flag} {p}: is a folder; give a file name{f' ending in {suffix}' if suffix else ''}")
     if suffix and p.suffix != suffix:
         raise UserError(f"{flag} {p}: give a file name ending in {suffix}")
-    usable_folder(p.parent if str(p.parent) else ".", flag)
+    _check_parents(p, flag)
     return p
 
 
