@@ -73,13 +73,14 @@ def perturb_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def assert_same_function(ours: UNet, theirs, size: int, channels: int = 3):
+def assert_same_function(ours: UNet, theirs, size, channels: int = 3):
     """Our network at the paper's t equals diffusers' at its 0-based index t − 1 (the official
-    code's convention, docs/MATH.md § Time and indexing)."""
+    code's convention, docs/MATH.md § Time and indexing). `size`: a side, or (H, W)."""
     ours.eval(), theirs.eval()
     g = torch.Generator().manual_seed(0)
+    h, w = (size, size) if isinstance(size, int) else size
     for t in ([1, 2], [501, 1000]):
-        x = torch.randn(2, channels, size, size, generator=g)
+        x = torch.randn(2, channels, h, w, generator=g)
         t = torch.tensor(t)
         with torch.no_grad():
             a, b = ours(x, t), theirs(x, t - 1).sample
@@ -138,6 +139,23 @@ def test_256_layout_matches_diffusers_at_small_width():
         unet_from_diffusers(theirs.state_dict())
     again = unet_from_diffusers(theirs.state_dict(), config=small)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+@needs_diffusers
+def test_non_square_network_matches_diffusers():
+    from diffusers import UNet2DModel
+
+    # 32 x 64 images: attention at the level whose shorter side is 16 (the second), as diffusers
+    # places it by level; its config carries the size as [H, W].
+    cfg = dict(CIFAR10_DIFFUSERS, sample_size=[32, 64], block_out_channels=(32, 64, 64), layers_per_block=1,
+               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    torch.manual_seed(0)
+    theirs = perturb_(UNet2DModel(**cfg), seed=5)
+    ours = unet_from_diffusers(theirs)
+    assert ours.config.size == (32, 64) and ours.config.attn_resolutions == (16,)
+    assert_same_function(ours, theirs, (32, 64))
+    assert list(unet_to_diffusers(ours).config.sample_size) == [32, 64]
 
 
 @needs_diffusers

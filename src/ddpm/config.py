@@ -126,6 +126,31 @@ def _coerce(cls, name: str, value: Any, where: str) -> Any:
     return value
 
 
+def parse_size(value, field: str) -> tuple[int, int]:
+    """An image size as (height, width): an int n is n x n, a string "HxW" (or "H×W") is H x W.
+
+    One line naming `field` for anything else; both sides must be positive integers."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value >= 1:
+            return value, value
+    elif isinstance(value, str):
+        parts = value.lower().replace("×", "x").split("x")
+        if all(p.strip().isdigit() for p in parts) and len(parts) in (1, 2):
+            h, w = (int(parts[0]), int(parts[-1]))
+            if h >= 1 and w >= 1:
+                return h, w
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        return int(value[0]), int(value[1])
+    raise UserError(f"{field}={value!r} is not a valid size; give a positive integer (square) or HxW, e.g. 64x128")
+
+
+def size_value(size: tuple[int, int]):
+    """The canonical config value of a size: an int for a square, "HxW" otherwise."""
+    h, w = size
+    return h if h == w else f"{h}x{w}"
+
+
 def apply_overrides(cfg, pairs: list[str], where: str = "--set"):
     """Apply `key=value` strings (as given to --set) to a config, with the same checks as JSON."""
     changes: dict[str, Any] = {}

@@ -24,6 +24,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from ..config import parse_size, size_value
 from ..errors import UserError
 from ..network.unet import GROUPS, NORM_EPS, UNet, UNetConfig
 
@@ -58,7 +59,7 @@ def diffusers_config(cfg: UNetConfig) -> dict:
         raise UserError("resamp_with_conv=False: diffusers' UNet2DModel has no avg-pool/no-conv resampling in this layout")
     attn = [r in cfg.attn_resolutions for r in cfg.level_resolutions()]
     return {
-        "sample_size": cfg.resolution,
+        "sample_size": cfg.size[0] if cfg.size[0] == cfg.size[1] else list(cfg.size),
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
         "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
@@ -120,13 +121,10 @@ def config_from_diffusers(d: Mapping) -> UNetConfig:
         raise UserError(f"diffusers config up_block_types={up}: the DDPM layout mirrors the down path: {mirrored}")
 
     size = get("sample_size")
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise UserError(f"diffusers config sample_size={size}: only square images are supported")
-        size = size[0]
     if size is None:
         raise UserError("diffusers config has no sample_size; the attention placement needs the resolution")
-    size = int(size)
+    hw = parse_size(list(size) if isinstance(size, (list, tuple)) else int(size), "diffusers config sample_size")
+    size = min(hw)  # attention is placed by the shorter side (UNetConfig.level_resolutions)
     attn_levels = [i for i, t in enumerate(down) if t.startswith("Attn")]
     head_dim = get("attention_head_dim")
     if head_dim is not None:  # must still mean one head at every attention (and the middle)
@@ -138,7 +136,7 @@ def config_from_diffusers(d: Mapping) -> UNetConfig:
         in_channels=int(get("in_channels")), out_channels=int(get("out_channels")), ch=ch,
         ch_mult=tuple(w // ch for w in widths), num_res_blocks=int(get("layers_per_block")),
         attn_resolutions=tuple(size // 2**i for i in attn_levels), dropout=float(get("dropout") or 0.0),
-        resamp_with_conv=True, resolution=size,
+        resamp_with_conv=True, resolution=size_value(hw),
     )
 
 

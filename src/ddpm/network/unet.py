@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import Config
+from ..config import Config, parse_size, size_value
 from ..errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -43,13 +44,14 @@ class UNetConfig(Config):
     ch: int = 128  # base width; level i has ch * ch_mult[i] channels
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)  # spatial sizes (of `resolution`'s pyramid) with attention
+    attn_resolutions: tuple[int, ...] = (16,)  # level sizes (the shorter side, of `resolution`'s pyramid) with attention
     dropout: float = 0.1
     resamp_with_conv: bool = True  # strided conv / conv after upsampling, rather than avg-pool / nothing
-    resolution: int = 32
+    resolution: Union[int, str] = 32  # an int for square images (the paper's), or "HxW", e.g. "64x128"
 
     def validate(self) -> None:
-        for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "resolution"):
+        object.__setattr__(self, "resolution", size_value(parse_size(self.resolution, "UNetConfig.resolution")))
+        for name in ("in_channels", "out_channels", "ch", "num_res_blocks"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"UNetConfig.{name}={v!r} must be a positive integer")
@@ -60,10 +62,10 @@ class UNetConfig(Config):
             # everywhere; the paper fixes 32 groups and we do not silently change the model.
             raise UserError(f"UNetConfig.ch={self.ch} must be a multiple of {GROUPS} (GroupNorm uses {GROUPS} groups)")
         levels = len(self.ch_mult)
-        if self.resolution % 2 ** (levels - 1):
+        if any(side % 2 ** (levels - 1) for side in self.size):
             raise UserError(
                 f"UNetConfig.resolution={self.resolution} must be divisible by 2**(len(ch_mult)-1)={2 ** (levels - 1)} "
-                f"so every downsample halves an even size; change resolution or ch_mult"
+                f"(both sides) so every downsample halves an even size; change resolution or ch_mult"
             )
         sizes = self.level_resolutions()
         for r in self.attn_resolutions:
@@ -75,9 +77,14 @@ class UNetConfig(Config):
         if not 0.0 <= float(self.dropout) < 1.0:
             raise UserError(f"UNetConfig.dropout={self.dropout!r} must be in [0, 1)")
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the images."""
+        return parse_size(self.resolution, "UNetConfig.resolution")
+
     def level_resolutions(self) -> tuple[int, ...]:
-        """Spatial size at each level: resolution, resolution/2, ..."""
-        return tuple(self.resolution // 2**i for i in range(len(self.ch_mult)))
+        """Spatial size at each level, the shorter side for non-square images: resolution, resolution/2, ..."""
+        return tuple(min(self.size) // 2**i for i in range(len(self.ch_mult)))
 
 
 def config_from_dict(d, where: str = "config") -> UNetConfig:
@@ -349,7 +356,7 @@ def forward_flops(cfg: UNetConfig) -> float:
     """
     with torch.device("meta"):
         model = UNet.from_config(cfg).eval()
-        x = torch.zeros(1, cfg.in_channels, cfg.resolution, cfg.resolution)
+        x = torch.zeros(1, cfg.in_channels, *cfg.size)
         t = torch.zeros(1, dtype=torch.int64)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, t)
