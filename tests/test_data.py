@@ -87,7 +87,7 @@ def test_folder_png_round_trip_recursive_sorted(tmp_path):
     order = sorted(range(5), key=lambda i: rel[i])
     assert s.images.dtype == torch.uint8 and s.images.shape == (5, 3, 8, 8)
     assert torch.equal(s.images, nchw(imgs[order]))
-    assert (s.channels, s.resolution, len(s), s.skipped) == (3, 8, 5, [])
+    assert (s.channels, s.size, len(s), s.skipped) == (3, (8, 8), 5, [])
     assert str(tmp_path) in s.source_description
 
 
@@ -228,7 +228,7 @@ def test_centre_crop_keeps_the_centre_and_resize(tmp_path):
     save(tmp_path / "flat" / "0.png", img)
     for r in (5, 10, 23):
         s = load(tmp_path / "flat", resolution=r)
-        assert s.images.shape == (1, 3, r, r) and s.resolution == r
+        assert s.images.shape == (1, 3, r, r) and s.size == (r, r)
         assert (s.images[0].permute(1, 2, 0) == torch.tensor([40, 90, 200], dtype=torch.uint8)).all()
     assert "upsampled" in load(tmp_path / "flat", resolution=23).source_description
 
@@ -506,7 +506,7 @@ def test_embedded_fashion_mnist_10k():
     assert "Zalando SE" in (ASSETS / "FASHION_MNIST_LICENSE").read_text()
     s = load_images(DataConfig())
     assert s.images.shape == (10000, 1, 28, 28) and s.images.dtype == torch.uint8
-    assert (s.channels, s.resolution) == (1, 28)
+    assert (s.channels, s.size) == (1, (28, 28))
     with np.load(npz) as z:
         labels = z["labels"]
     assert np.bincount(labels, minlength=10).tolist() == [1000] * 10

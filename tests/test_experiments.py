@@ -252,11 +252,11 @@ def test_load_image_crops_resizes_and_converts(tmp_path):
     arr = np.zeros((30, 50, 3), np.uint8)
     arr[:, 10:40] = 200  # the centred 30x30 square is uniform
     Image.fromarray(arr).save(tmp_path / "x.png")
-    x = read_image(tmp_path / "x.png", 1, 16)
+    x = read_image(tmp_path / "x.png", 1, (16, 16))
     assert x.dtype == torch.uint8 and x.shape == (1, 16, 16) and (x == 200).all()
-    assert read_image(tmp_path / "x.png", 3, 8).shape == (3, 8, 8)
+    assert read_image(tmp_path / "x.png", 3, (8, 8)).shape == (3, 8, 8)
     with pytest.raises(UserError, match="no such image"):
-        read_image(tmp_path / "missing.png", 1, 16)
+        read_image(tmp_path / "missing.png", 1, (16, 16))
 
 
 # ---------------------------------------------------------------- the commands, on a tiny model

@@ -1,7 +1,9 @@
-"""Data sets: every supported source decoded into one in-memory uint8 tensor [N, C, H, W].
+"""Data sets: every supported source, decoded by one rule, with its labels when it has them.
 
-`load_images(DataConfig(...))` returns an `ImageSet` of uint8 pixels; the training loop scales a
-batch to the model's range (process/scaling.py). Random horizontal flips (the paper's CIFAR-10 /
+`load_images(DataConfig(...))` returns an `ImageSet`: uint8 pixels [N, C, H, W] in memory. Large
+sets are prepared once into memory-mapped shards instead (io/prepared.py, `ddpm prepare`), and
+read through the same interface (`len`, `shape`, `gather(indices)`, `labels`, `classes`,
+`fingerprint()`). The training loop scales a batch to the model's range (process/scaling.py). Random horizontal flips (the paper's CIFAR-10 /
 LSUN / CelebA-HQ augmentation) are applied by the training loop; `DataConfig.random_flip` only carries the flag.
 
 Sources (`DataConfig.source`):
@@ -18,12 +20,14 @@ Sources (`DataConfig.source`):
                            (data.mdb; values are encoded images, as in LSUN), a tarball of images
 
 One preprocessing rule for every source (io/images.py): convert the pixel mode to grayscale or
-RGB, centre-crop to a square, Lanczos-resize to `resolution`, as the official LSUN data were made.
-Mixed sizes are fine once a resolution is set.
+RGB, centre-crop to the target's aspect ratio (a square unless `resolution` is "HxW") or pad to it
+(`crop`), Lanczos-resize to `resolution`, as the official LSUN data were made. Mixed sizes are
+fine once a resolution is set.
 
-Everything is held in memory: right for CIFAR-10 (150 MB) and MNIST-scale data, and for folders
-or LMDBs up to a few hundred thousand small images; full LSUN (3M images at 256x256, ~600 GB)
-would not fit and needs a subset prepared beforehand.
+Labels (class ids 0 … K-1 with their names) come with: a folder (or tarball) whose images sit in
+class subfolders (the first folder below the data root or its split folder), CIFAR-10, idx files
+with their labels file beside them (Fashion-MNIST), an .npz with a `y` / `labels` array, the
+embedded subset, and an LMDB (its category, from the folder name, e.g. bedroom_train_lmdb).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ..config import Choice, Config
+from ..config import Choice, Config, parse_size, size_value
 from ..errors import UserError
 
 from .images import IMAGE_EXTENSIONS, is_image_file, prepare_image, rgb_to_gray
@@ -71,7 +75,16 @@ class OnError(Choice):
     SKIP = "skip"  # ... or skipped and counted
 
 
+class Crop(Choice):
+    CENTER = "center"  # the largest centred region of the target's aspect ratio (the paper's LSUN rule)
+    PAD = "pad"  # the whole picture, resized to fit and centred on black
+
+
 SPLITS = tuple(s.value for s in Split)
+# Class names in label order, as the releases define them.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 NAMED_SOURCES = ("fashion-mnist-10k", "fashion-mnist", "cifar10")
 
 EMBEDDED_NAME = "fashion-mnist-10k"
@@ -91,10 +104,16 @@ class DataConfig(Config):
     SECTION = "data"
 
     split: Split = Split.TRAIN
-    resolution: Optional[int] = None  # side of the square images; None = the data's own size
+    resolution: Union[int, str, None] = None  # side of square images, or "HxW"; None = the data's own size
     channels: Channels = Channels.AUTO  # "auto" keeps gray data 1-channel and colour 3; "rgb" / "gray" force
     on_error: OnError = OnError.STOP  # an unreadable image file: "stop" (UserError) or "skip" (counted)
     random_flip: bool = True  # horizontal flips, applied by the training loop (not here)
+    crop: Crop = Crop.CENTER  # fitting another aspect ratio: centre-crop (the paper's rule) or pad
+
+    @property
+    def size(self) -> Optional[tuple[int, int]]:
+        """(height, width) to resize to, or None for the data's own size."""
+        return None if self.resolution is None else parse_size(self.resolution, "data.resolution")
 
     def validate(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -103,10 +122,12 @@ class DataConfig(Config):
                 f"({', '.join(NAMED_SOURCES)}) or a path to images"
             )
         r = self.resolution
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-            raise UserError(
-                f"data.resolution={r!r} is not valid; give a positive integer, or null for the data's own size"
-            )
+        if r is not None:
+            try:
+                object.__setattr__(self, "resolution", size_value(parse_size(r, "data.resolution")))
+            except UserError:
+                raise UserError(f"data.resolution={r!r} is not valid; give a positive integer, HxW (e.g. 64x128), "
+                                "or null for the data's own size") from None
         if not isinstance(self.random_flip, bool):
             raise UserError(f"data.random_flip={self.random_flip!r} is not valid; give true or false")
         name, sep, arg = self.source.partition(":")
@@ -117,28 +138,74 @@ class DataConfig(Config):
             )
 
 
-@dataclass
-class ImageSet:
-    """A whole data set in memory. `images` is uint8 [N, C, H, W] with H == W."""
+class DataSet:
+    """What every placement of a data set offers (in memory here, memory-mapped in io/prepared.py).
 
-    images: torch.Tensor
+    Subclasses set `source_description`, `skipped`, `labels` (int64 [N] or None), `classes` and
+    implement `__len__`, `shape` and `gather`."""
+
     source_description: str  # one line for logs and provenance
-    skipped: list[str] = field(default_factory=list)  # unreadable files skipped (on_error="skip")
+    skipped: list[str]  # unreadable files skipped (on_error="skip")
+    labels: Optional[torch.Tensor]  # int64 [N] class ids, or None for an unlabelled source
+    classes: tuple[str, ...]  # class names, by id (empty when unlabelled)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        raise NotImplementedError
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W]: the images at `indices` (an int64 tensor), in that order."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """data_fingerprint of all the pixels, in order."""
+        raise NotImplementedError
 
     @property
     def channels(self) -> int:
-        return int(self.images.shape[1])
+        return self.shape[0]
 
     @property
-    def resolution(self) -> int:
-        return int(self.images.shape[-1])
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.shape[1], self.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        c, h, w = self.shape
+        return len(self) * c * h * w
 
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
 
+
+@dataclass
+class ImageSet(DataSet):
+    """A whole data set in memory: `images` is uint8 [N, C, H, W]."""
+
+    images: torch.Tensor
+    source_description: str
+    skipped: list[str] = field(default_factory=list)
+    labels: Optional[torch.Tensor] = None
+    classes: tuple[str, ...] = ()
+
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.images.shape[1:])
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.images[indices.to(self.images.device)]
+
+    def fingerprint(self) -> str:
+        return data_fingerprint(self.images)
 
 
 def data_fingerprint(images: Union[torch.Tensor, np.ndarray]) -> str:
@@ -154,10 +221,7 @@ def data_fingerprint(images: Union[torch.Tensor, np.ndarray]) -> str:
 
 def load_images(cfg: DataConfig) -> ImageSet:
     """Load the source named by `cfg` into memory, preprocessed (see the module docstring)."""
-    raw = _open_source(cfg)
-    if raw.array is not None:
-        return _finish_array(raw, cfg)
-    return _finish_items(raw, cfg)
+    return _finish(open_source(cfg), cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +234,37 @@ class _Raw:
     description: str
     array: Optional[np.ndarray] = None  # uint8 [N, H, W, C], C in {1, 3}
     items: Optional[list] = None  # [(name for messages, path or encoded bytes)]
+    labels: Optional[np.ndarray] = None  # int64 [N] (of the array or the items), or None
+    classes: tuple[str, ...] = ()
+
+
+def open_source(cfg: DataConfig) -> _Raw:
+    """The source named by `cfg`, listed (items to decode) or read (an array), not yet preprocessed."""
+    raw = _open_source(cfg)
+    n = len(raw.array) if raw.array is not None else len(raw.items)
+    if raw.labels is not None and len(raw.labels) != n:
+        raise UserError(f"{raw.description}: {len(raw.labels)} labels for {n} images; give one label per image")
+    return raw
+
+
+def _classes_for(labels: np.ndarray, names: Optional[tuple[str, ...]] = None) -> tuple[str, ...]:
+    """Class names for integer labels: `names` when they cover them, else the ids as text."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or not np.issubdtype(labels.dtype, np.integer)):
+        raise UserError(f"labels must be integers >= 0 (found {labels.min()}); give class ids 0 … K-1")
+    k = int(labels.max()) + 1 if labels.size else 0
+    if names is not None and k <= len(names):
+        return tuple(names)
+    return tuple(str(i) for i in range(k))
+
+
+def _path_labels(relpaths: list[PurePosixPath]) -> tuple[Optional[np.ndarray], tuple[str, ...]]:
+    """Class subfolders: the first folder of each relative path, when every image has one."""
+    if not relpaths or any(len(p.parts) < 2 for p in relpaths):
+        return None, ()
+    names = sorted({p.parts[0] for p in relpaths})
+    ids = {n: i for i, n in enumerate(names)}
+    return np.array([ids[p.parts[0]] for p in relpaths], np.int64), tuple(names)
 
 
 def _open_source(cfg: DataConfig) -> _Raw:
@@ -202,32 +297,62 @@ def _existing_path(text: str, source: str) -> Path:
 
 def _load_path(path: Path, split: str) -> _Raw:
     """Recognise a path by its content."""
+    return _recognise(path, split)[1]()
+
+
+ENCODED, ARRAY = "encoded", "array"  # the kinds of source: image files to decode, or pixels as they are
+
+
+def _recognise(path: Path, split: str):
+    """(kind, loader) for a path: ENCODED for image files, tarballs and LMDBs (worth preparing once,
+    io/prepared.py), ARRAY for pixel arrays (read in seconds)."""
     if path.is_dir():
         if (path / "data.mdb").is_file():
-            return _load_lmdb(path)
+            return ENCODED, lambda: _load_lmdb(path)
         batches = _cifar_batches_dir(path)
         if batches is not None:
-            return _load_cifar_dir(batches, split)
+            return ARRAY, lambda: _load_cifar_dir(batches, split)
         if (path / "cifar-10-python.tar.gz").is_file():
-            return _load_tar(path / "cifar-10-python.tar.gz", split)
+            return ENCODED, lambda: _load_tar(path / "cifar-10-python.tar.gz", split)
         if any("idx3" in p.name for p in path.iterdir() if p.is_file()):
-            return _load_idx_dir(path, split)
-        return _load_folder(path, split)
+            return ARRAY, lambda: _load_idx_dir(path, split)
+        return ENCODED, lambda: _load_folder(path, split)
     low = path.name.lower()
     if low.endswith((".npz", ".npy")):
-        return _load_npz(path, split)
+        return ARRAY, lambda: _load_npz(path, split)
     if low.endswith((".tar", ".tar.gz", ".tgz")):
-        return _load_tar(path, split)
+        return ENCODED, lambda: _load_tar(path, split)
     if path.name == "data.mdb":
-        return _load_lmdb(path.parent)
+        return ENCODED, lambda: _load_lmdb(path.parent)
     if _CIFAR_BATCH.fullmatch(path.name):
-        return _Raw(f"CIFAR-10 batch {path}", array=_read_cifar_batch(_read_bytes(path), str(path)))
+        return ARRAY, lambda: _cifar_raw(f"CIFAR-10 batch {path}", [(_read_bytes(path), str(path))])
     if "idx" in low or "ubyte" in low:
-        return _load_idx_file(path)
+        return ARRAY, lambda: _load_idx_file(path)
     raise UserError(
         f"{path}: not a recognised data source; give a folder of images (.png .jpg .jpeg .webp), "
-        "CIFAR-10 python batches or tarball, an idx file, an .npz/.npy of uint8 images, or an LMDB folder"
+        "CIFAR-10 python batches or tarball, an idx file, an .npz/.npy of uint8 images, an LMDB folder, "
+        "or a folder made by `ddpm prepare`"
     )
+
+
+def source_path(cfg: DataConfig) -> Optional[Path]:
+    """The file or folder `cfg.source` reads (None for the embedded set), checked to exist."""
+    name, sep, arg = cfg.source.partition(":")
+    if name == EMBEDDED_NAME and not sep:
+        return None
+    if name == "fashion-mnist":
+        return Path(arg).expanduser() if arg else FASHION_MNIST_DEBIAN_DIR
+    if name == "cifar10" and arg:
+        return _existing_path(arg, cfg.source)
+    return _existing_path(cfg.source, cfg.source)
+
+
+def source_kind(cfg: DataConfig) -> str:
+    """ENCODED or ARRAY (see _recognise); the named sources are arrays."""
+    name, sep, arg = cfg.source.partition(":")
+    if (name == EMBEDDED_NAME and not sep) or name == "fashion-mnist" or (name == "cifar10" and not arg):
+        return ARRAY
+    return _recognise(source_path(cfg), cfg.split)[0]
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -256,7 +381,9 @@ def _load_folder(root: Path, split: str) -> _Raw:
             f"{root}: no image files ({' '.join(IMAGE_EXTENSIONS)}) found, searched recursively; "
             "point data.source at a folder of images or a supported data set file"
         )
-    return _Raw(f"image folder {root} ({len(files)} files)", items=[(str(f), f) for f in files])
+    labels, classes = _path_labels([PurePosixPath(f.relative_to(root).as_posix()) for f in files])
+    return _Raw(f"image folder {root} ({len(files)} files)", items=[(str(f), f) for f in files], labels=labels,
+                classes=classes)
 
 
 def _descend_single_child(root: Path) -> Path:
@@ -311,8 +438,8 @@ def _load_tar(path: Path, split: str) -> _Raw:
         names = _cifar_split_names(batches, split)
         if not names:
             raise UserError(f"{path}: holds CIFAR-10 batches but none for data.split={split} ({_cifar_expected(split)})")
-        arr = np.concatenate([_read_cifar_batch(batches[n], f"{path}:{n}") for n in names])
-        return _Raw(f"CIFAR-10 python tarball {path} ({', '.join(names)})", array=arr)
+        return _cifar_raw(f"CIFAR-10 python tarball {path} ({', '.join(names)})",
+                          [(batches[n], f"{path}:{n}") for n in names])
     if has_split_dirs:
         images = {k: v for k, v in images.items() if split in PurePosixPath(k).parts[:-1]}
     if not images:
@@ -321,7 +448,16 @@ def _load_tar(path: Path, split: str) -> _Raw:
             "in this archive; give cifar-10-python.tar.gz or a tarball of images"
         )
     names = sorted(images)
-    return _Raw(f"image tarball {path} ({len(names)} files)", items=[(f"{path}:{n}", images[n]) for n in names])
+    labels, classes = _path_labels([_below_root(PurePosixPath(n)) for n in names])
+    return _Raw(f"image tarball {path} ({len(names)} files)", items=[(f"{path}:{n}", images[n]) for n in names],
+                labels=labels, classes=classes)
+
+
+def _below_root(name: PurePosixPath) -> PurePosixPath:
+    """An archive member's path below its split folder, or below its top folder when there is none."""
+    parts = name.parts
+    cut = max((i for i, p in enumerate(parts[:-1]) if p in SPLITS), default=0 if len(parts) > 2 else -1)
+    return PurePosixPath(*parts[cut + 1:])
 
 
 # --- CIFAR-10 python release (pickled batches) -----------------------------------------------
@@ -348,8 +484,7 @@ def _load_cifar_dir(d: Path, split: str) -> _Raw:
     names = _cifar_split_names([p.name for p in d.iterdir() if _CIFAR_BATCH.fullmatch(p.name)], split)
     if not names:
         raise UserError(f"{d}: no CIFAR-10 batch for data.split={split} (expected {_cifar_expected(split)})")
-    arr = np.concatenate([_read_cifar_batch(_read_bytes(d / n), str(d / n)) for n in names])
-    return _Raw(f"CIFAR-10 python batches {d} ({', '.join(names)})", array=arr)
+    return _cifar_raw(f"CIFAR-10 python batches {d} ({', '.join(names)})", [(_read_bytes(d / n), str(d / n)) for n in names])
 
 
 def _numpy_global(name: str, module: str):
@@ -390,10 +525,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return obj
 
 
-def _read_cifar_batch(raw: bytes, where: str) -> np.ndarray:
-    """One batch of the python release -> uint8 [N, 32, 32, 3]. The file is a pickled dict (of
-    Python 2 str keys, read as bytes as the CIFAR-10 page advises) with b"data": uint8
-    [N, 3072], each row the 1024 red, then green, then blue values of a 32x32 image, row-major."""
+def _cifar_raw(description: str, batches: list[tuple[bytes, str]]) -> _Raw:
+    read = [_read_cifar_batch(b, where) for b, where in batches]
+    labels = np.concatenate([y for _, y in read])
+    return _Raw(description, array=np.concatenate([x for x, _ in read]), labels=labels, classes=CIFAR10_CLASSES)
+
+
+def _read_cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of the python release -> (uint8 [N, 32, 32, 3], int64 labels [N]). The file is a
+    pickled dict (of Python 2 str keys, read as bytes as the CIFAR-10 page advises) with b"data":
+    uint8 [N, 3072], each row the 1024 red, then green, then blue values of a 32x32 image,
+    row-major, and b"labels": N class ids 0 … 9 (CIFAR10_CLASSES)."""
     try:
         obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except _RefusedGlobal as e:
@@ -412,7 +554,14 @@ def _read_cifar_batch(raw: bytes, where: str) -> np.ndarray:
             f"{where}: not a CIFAR-10 python batch (expected a dict with b'data' a uint8 [N, 3072] array); "
             "re-download cifar-10-python.tar.gz"
         )
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = obj.get(b"labels", obj.get("labels"))
+    try:
+        labels = np.asarray(labels, np.int64).reshape(-1)
+    except (TypeError, ValueError):
+        labels = np.zeros(0, np.int64)
+    if len(labels) != len(data) or (labels.size and not (0 <= labels.min() and labels.max() < 10)):
+        raise UserError(f"{where}: b'labels' is not {len(data)} class ids 0 … 9; re-download cifar-10-python.tar.gz")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 # --- idx files (MNIST, Fashion-MNIST) ---------------------------------------------------------
@@ -460,8 +609,18 @@ def _idx_images(path: Path) -> np.ndarray:
     return a[..., None] if a.ndim == 3 else a
 
 
-def _load_idx_file(path: Path) -> _Raw:
-    return _Raw(f"idx file {path}", array=_idx_images(path))
+def _load_idx_file(path: Path, names: Optional[tuple[str, ...]] = None) -> _Raw:
+    """An idx images file, with the labels file beside it when there is one (`images` -> `labels`,
+    `idx3` -> `idx1` in the name, as in the MNIST and Fashion-MNIST releases)."""
+    raw = _Raw(f"idx file {path}", array=_idx_images(path))
+    twin = path.with_name(path.name.replace("images", "labels").replace("idx3", "idx1"))
+    if twin != path and twin.is_file():
+        y = read_idx(twin)
+        if y.dtype != np.uint8 or y.ndim != 1 or len(y) != len(raw.array):
+            raise UserError(f"{twin}: expected {len(raw.array)} uint8 labels for {path.name}, found {y.dtype} "
+                            f"{list(y.shape)}; re-download it or remove it")
+        raw.labels, raw.classes = y.astype(np.int64), _classes_for(y, names)
+    return raw
 
 
 def _find_idx_images(d: Path, split: str) -> Optional[Path]:
@@ -473,12 +632,12 @@ def _find_idx_images(d: Path, split: str) -> Optional[Path]:
     return found[0] if found else None
 
 
-def _load_idx_dir(d: Path, split: str) -> _Raw:
+def _load_idx_dir(d: Path, split: str, names: Optional[tuple[str, ...]] = None) -> _Raw:
     f = _find_idx_images(d, split)
     if f is None:
         prefix = "train" if split == "train" else "t10k"
         raise UserError(f"{d}: no {prefix}-images-idx3-ubyte[.gz] for data.split={split}; add it or choose another split")
-    return _Raw(f"idx file {f}", array=_idx_images(f))
+    return _load_idx_file(f, names)
 
 
 def _load_fashion_mnist(arg: Optional[str], split: str) -> _Raw:
@@ -493,7 +652,7 @@ def _load_fashion_mnist(arg: Optional[str], split: str) -> _Raw:
             f"data.source=fashion-mnist: {d} not found; install it with `apt-get install dataset-fashion-mnist` "
             "or give its folder as fashion-mnist:/path/to/dir"
         )
-    raw = _load_idx_dir(d, split)
+    raw = _load_idx_dir(d, split, FASHION_MNIST_CLASSES)
     raw.description = f"Fashion-MNIST {split} from {raw.description}"
     return raw
 
@@ -530,6 +689,18 @@ def _load_npz(path: Path, split: str) -> _Raw:
             except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
                 raise UserError(f"{path}: array {key!r} is corrupt ({e}); re-create the file") from None
     where = f"{path}" + (f" array {key!r}" if key else "")
+    labels = None
+    if not isinstance(z, np.ndarray):
+        ykey = next((k for k in (f"y_{split}", "y", "labels") if k in keys), None)
+        if ykey is not None:
+            with np.load(path, allow_pickle=False) as z2:
+                try:
+                    labels = np.asarray(z2[ykey]).reshape(-1)
+                except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                    raise UserError(f"{path}: labels array {ykey!r} is unreadable ({e}); re-create the file") from None
+            if not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(arr):
+                raise UserError(f"{path}: labels array {ykey!r} is {labels.dtype} [{len(labels)}], expected {len(arr)} "
+                                f"integer class ids; fix it or save the images alone")
     if arr.dtype != np.uint8:
         raise UserError(
             f"{where}: dtype {arr.dtype}, expected uint8 pixels 0..255; convert first, "
@@ -542,7 +713,8 @@ def _load_npz(path: Path, split: str) -> _Raw:
         raise UserError(
             f"{where}: shape {list(arr.shape)}, expected uint8 images [N, H, W] or [N, H, W, C] with C = 1 or 3{hint}"
         )
-    return _Raw(f"array file {where}", array=arr)
+    return _Raw(f"array file {where}", array=arr, labels=None if labels is None else labels.astype(np.int64),
+                classes=() if labels is None else _classes_for(labels))
 
 
 # --- LMDB (LSUN) ------------------------------------------------------------------------------
@@ -569,7 +741,9 @@ def _load_lmdb(path: Path) -> _Raw:
         env.close()
     if not items:
         raise UserError(f"{path}: the LMDB holds no entries; give an LMDB of encoded images (such as LSUN's)")
-    return _Raw(f"LMDB {path} ({len(items)} entries)", items=items)
+    category = re.sub(r"_(train|val|test)?_?lmdb$", "", path.name) or path.name  # LSUN: bedroom_train_lmdb
+    return _Raw(f"LMDB {path} ({len(items)} entries)", items=items, labels=np.zeros(len(items), np.int64),
+                classes=(category,))
 
 
 # --- embedded Fashion-MNIST subset ------------------------------------------------------------
@@ -588,98 +762,126 @@ def _load_embedded(split: str) -> _Raw:
                 f"{p}: the embedded {EMBEDDED_NAME} file is missing; reinstall ddpm or run scripts/make_fashion_mnist_10k.py"
             )
         raw = _load_npz(Path(p), split)
+    raw.classes = FASHION_MNIST_CLASSES
     raw.description = f"{EMBEDDED_NAME} (embedded: first 1,000 per class of the Fashion-MNIST train set)"
     return raw
 
 
 # ---------------------------------------------------------------------------------------------
-# Preprocessing (io/images.py) on a thread pool; then one uint8 [N, C, H, W] tensor.
+# Preprocessing (io/images.py) on a thread pool, in order: the same for memory and for prepare.
 # ---------------------------------------------------------------------------------------------
 
 
-def _map_prepare(sources: list, cfg: DataConfig, desc: str):
-    """Run images.prepare_image over sources on a thread pool, in order, with a progress bar."""
-    bar = progress_bar(len(sources), desc=desc, unit="img", enabled=len(sources) > PROGRESS_MIN_ITEMS)
-    pool = ThreadPoolExecutor(DECODE_THREADS)
-    try:
-        for r in pool.map(lambda s: prepare_image(s, cfg.resolution, cfg.channels), sources):
-            bar.update()
-            yield r
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # a UserError mid-way stops the rest
-        bar.close()
+def source_length(raw: _Raw) -> int:
+    return len(raw.array) if raw.array is not None else len(raw.items)
 
 
-def _finish_items(raw: _Raw, cfg: DataConfig) -> ImageSet:
-    names = [n for n, _ in raw.items]
-    arrays, sides, kept, skipped = [], [], [], []
-    with contextlib.closing(_map_prepare([s for _, s in raw.items], cfg, "decoding images")) as results:
-        for name, (a, info) in zip(names, results):
+def item_name(raw: _Raw, i: int) -> str:
+    return raw.items[i][0] if raw.items is not None else f"{raw.description} image {i}"
+
+
+def decode(raw: _Raw, cfg: DataConfig, start: int = 0, stop: Optional[int] = None, bar=None):
+    """Yield (i, uint8 HWC array or None, enlarged-or-reason) for images start … stop-1 of `raw`,
+    in order, each by the one rule (io/images.py). An array needing no resize is converted whole."""
+    stop = source_length(raw) if stop is None else stop
+    if raw.array is not None and _needs_no_resize(raw.array, cfg):
+        a = _convert_channels(raw.array[start:stop], cfg.channels)
+        for k in range(len(a)):
+            yield start + k, a[k], False
+        if bar is not None:
+            bar.update(len(a))
+        return
+    sources = [raw.array[i] for i in range(start, stop)] if raw.array is not None else \
+        [raw.items[i][1] for i in range(start, stop)]
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        try:
+            for k, (a, info) in enumerate(pool.map(lambda x: prepare_image(x, cfg.size, cfg.channels, cfg.crop),
+                                                   sources)):
+                if bar is not None:
+                    bar.update()
+                yield start + k, a, info
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a UserError mid-way stops the rest
+
+
+def _needs_no_resize(a: np.ndarray, cfg: DataConfig) -> bool:
+    h, w = a.shape[1:3]
+    return cfg.size in (None, (h, w)) and (h == w or cfg.size == (h, w))
+
+
+def _convert_channels(a: np.ndarray, channels: str) -> np.ndarray:
+    if channels == "rgb" and a.shape[-1] == 1:
+        return np.repeat(a, 3, axis=-1)
+    if channels == "gray" and a.shape[-1] == 3:
+        return rgb_to_gray(a)
+    return a
+
+
+def unreadable(name: str, info: str) -> UserError:
+    return UserError(f"{name}: cannot read image ({info}); fix or delete the file, or set data.on_error=skip")
+
+
+def mismatch(first: str, shape, name: str, a: np.ndarray) -> Optional[UserError]:
+    """The error for an image whose size differs from the first one's (None when it fits)."""
+    if a.shape[:2] == tuple(shape[:2]):
+        return None
+    return UserError(
+        f"images differ in size after the crop ({shape[0]}x{shape[1]} in {first}, {a.shape[0]}x{a.shape[1]} in "
+        f"{name}); set data.resolution to resize them all")
+
+
+def _finish(raw: _Raw, cfg: DataConfig) -> ImageSet:
+    n = source_length(raw)
+    if n == 0:
+        raise UserError(f"{raw.description}: holds no images; give a non-empty data set")
+    arrays, kept, skipped, up = [], [], [], 0
+    bar = progress_bar(n, desc="decoding images", unit="img", enabled=raw.items is not None and n > PROGRESS_MIN_ITEMS)
+    with bar, contextlib.closing(decode(raw, cfg, bar=bar)) as results:
+        for i, a, info in results:
             if a is None:
                 if cfg.on_error == "stop":
-                    raise UserError(
-                        f"{name}: cannot read image ({info}); fix or delete the file, or set data.on_error=skip"
-                    )
-                skipped.append(name)
+                    raise unreadable(item_name(raw, i), info)
+                skipped.append(item_name(raw, i))
                 continue
+            if arrays:
+                bad = mismatch(item_name(raw, kept[0]), arrays[0].shape, item_name(raw, i), a)
+                if bad is not None:
+                    raise UserError(f"{raw.description}: {bad}")
             arrays.append(a)
-            sides.append(info)
-            kept.append(name)
+            kept.append(i)
+            up += bool(info)
     if not arrays:
         raise UserError(
-            f"{raw.description}: none of the {len(names)} files is a readable image (first: {skipped[0]}); check the files"
+            f"{raw.description}: none of the {n} files is a readable image (first: {skipped[0]}); check the files"
         )
     if skipped:
         warnings.warn(
-            f"data: skipped {len(skipped)} unreadable image(s) of {len(names)} in {raw.description} "
+            f"data: skipped {len(skipped)} unreadable image(s) of {n} in {raw.description} "
             f"(data.on_error=skip); first: {skipped[0]}",
             stacklevel=3,
         )
-    first = arrays[0].shape[0]
-    for name, a in zip(kept, arrays):
-        if a.shape[0] != first:
-            raise UserError(
-                f"{raw.description}: images differ in size after the centre crop ({first}x{first} in {kept[0]}, "
-                f"{a.shape[0]}x{a.shape[0]} in {name}); set data.resolution to resize them all"
-            )
+    h, w = arrays[0].shape[:2]
     c = max(a.shape[2] for a in arrays)  # "auto" with gray and colour files mixed: all RGB
-    out = np.empty((len(arrays), first, first, c), np.uint8)
+    out = np.empty((len(arrays), h, w, c), np.uint8)
     for i, a in enumerate(arrays):
         out[i] = a  # broadcasting repeats a gray image over 3 channels
-    notes = _resize_notes(np.array(sides), cfg.resolution)
-    return _image_set(out, raw.description + notes, skipped)
+    labels = None if raw.labels is None else torch.from_numpy(raw.labels[kept])
+    return _image_set(out, raw.description + resize_note(cfg, up, n), skipped, labels, raw.classes)
 
 
-def _finish_array(raw: _Raw, cfg: DataConfig) -> ImageSet:
-    a = raw.array
-    if a.shape[0] == 0:
-        raise UserError(f"{raw.description}: holds no images; give a non-empty data set")
-    n, h, w, c = a.shape
-    if h == w and cfg.resolution in (None, h):  # no resampling: stay vectorised
-        if cfg.channels == "rgb" and c == 1:
-            a = np.repeat(a, 3, axis=3)
-        elif cfg.channels == "gray" and c == 3:
-            a = rgb_to_gray(a)
-        return _image_set(a, raw.description, [])
-    with contextlib.closing(_map_prepare(list(a), cfg, "resizing images")) as results:
-        out = [r[0] for r in results]
-    notes = _resize_notes(np.full(n, min(h, w)), cfg.resolution)
-    return _image_set(np.stack(out), raw.description + notes, [])
-
-
-def _resize_notes(sides: np.ndarray, resolution: Optional[int]) -> str:
-    if resolution is None:
+def resize_note(cfg: DataConfig, enlarged: int, n: int) -> str:
+    if cfg.size is None:
         return ""
-    note = f", centre-cropped and Lanczos-resized to {resolution}x{resolution}"
-    up = int((sides < resolution).sum())
-    return note + (f" ({up} of {len(sides)} upsampled)" if up else "")
+    how = "padded" if cfg.crop == "pad" else "centre-cropped"
+    note = f", {how} and Lanczos-resized to {cfg.size[0]}x{cfg.size[1]}"
+    return note + (f" ({enlarged} of {n} upsampled)" if enlarged else "")
 
 
-def _image_set(nhwc: np.ndarray, description: str, skipped: list[str]) -> ImageSet:
+def _image_set(nhwc: np.ndarray, description: str, skipped: list[str], labels, classes) -> ImageSet:
     nchw = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))
     if not nchw.flags.writeable:  # a view of a read-only buffer (e.g. an idx file's bytes)
         nchw = nchw.copy()
     images = torch.from_numpy(nchw)
     n, c, h, w = images.shape
     desc = f"{description}; {n} images {c}x{h}x{w}" + (f", {len(skipped)} unreadable skipped" if skipped else "")
-    return ImageSet(images=images, source_description=desc, skipped=skipped)
+    return ImageSet(images=images, source_description=desc, skipped=skipped, labels=labels, classes=tuple(classes))

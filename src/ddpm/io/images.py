@@ -1,8 +1,8 @@
 """Image files: which ones we read, how a picture becomes data, grids and PNGs.
 
 One preprocessing rule for every source of pixels (data sets, the images given to `ddpm
-interpolate` / `reconstruct`): convert the pixel mode to grayscale or RGB, centre-crop to a square,
-resize to the model's resolution. The crop and resize are those of the official DDPM LSUN data,
+interpolate` / `reconstruct`): convert the pixel mode to grayscale or RGB, centre-crop to the
+target's aspect ratio (a square by default) or pad to it, resize to the model's size. The crop and resize are those of the official DDPM LSUN data,
 made by StyleGAN2's dataset tool (`create_lsun`): crop the largest centred square (offset
 (size - side) // 2), then PIL's antialiased Lanczos resize (`PIL.Image.ANTIALIAS`, today
 `Image.Resampling.LANCZOS`). Images smaller than the resolution are upsampled with the same filter.
@@ -65,16 +65,45 @@ def _on_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def crop_resize(im: Image.Image, resolution: Optional[int]) -> Image.Image:
-    """Largest centred square, then Lanczos (antialiased) to `resolution` (None: no resize)."""
+def crop_resize(im: Image.Image, size: Optional[tuple[int, int]], crop: str = "center") -> Image.Image:
+    """Fit a picture to `size` = (height, width) with an antialiased Lanczos resize (None: no resize).
+
+    crop="center": the largest centred region of the target's aspect ratio (a square by default,
+    offset (size - side) // 2 as in the official LSUN data), then the resize. crop="pad": the whole
+    picture resized to fit inside the target, centred on black (with size None: padded to a square).
+    """
     w, h = im.size
-    s = min(w, h)
-    if w != h:
-        left, top = (w - s) // 2, (h - s) // 2
-        im = im.crop((left, top, left + s, top + s))
-    if resolution is not None and s != resolution:
-        im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    if crop == "pad":
+        th, tw = size if size is not None else (max(w, h), max(w, h))
+        scale = min(tw / w, th / h) if size is not None else 1.0
+        nw, nh = max(1, min(tw, round(w * scale))), max(1, min(th, round(h * scale)))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+        if (nw, nh) == (tw, th):
+            return im
+        canvas = Image.new(im.mode, (tw, th), 0)
+        canvas.paste(im, ((tw - nw) // 2, (th - nh) // 2))
+        return canvas
+    th, tw = size if size is not None else (min(w, h), min(w, h))
+    if w * th > h * tw:  # wider than the target: keep the full height
+        cw, ch = max(1, min(w, round(h * tw / th))), h
+    else:
+        cw, ch = w, max(1, min(h, round(w * th / tw)))
+    if (cw, ch) != (w, h):
+        left, top = (w - cw) // 2, (h - ch) // 2
+        im = im.crop((left, top, left + cw, top + ch))
+    if (cw, ch) != (tw, th):
+        im = im.resize((tw, th), Image.Resampling.LANCZOS)
     return im
+
+
+def upsampled(src_size: tuple[int, int], size: Optional[tuple[int, int]], crop: str = "center") -> bool:
+    """Whether fitting a (width, height) picture to `size` = (height, width) enlarges it."""
+    if size is None:
+        return False
+    w, h = src_size
+    th, tw = size
+    return (min(tw / w, th / h) if crop == "pad" else max(tw / w, th / h)) > 1
 
 
 def rgb_to_gray(a: np.ndarray) -> np.ndarray:
@@ -91,12 +120,14 @@ def open_image(src: Union[str, Path, bytes]) -> Image.Image:
         return to_gray_or_rgb(f)
 
 
-def prepare_image(src, resolution: Optional[int], channels: str = "auto"):
-    """One image (path, encoded bytes, or uint8 HWC array) -> (uint8 HWC array, native square side),
-    by the module's one rule. Returns (None, reason) for an unreadable file instead of raising, so
-    that a data set can apply its skip/stop policy.
+def prepare_image(src, size: Optional[tuple[int, int]], channels: str = "auto", crop: str = "center"):
+    """One image (path, encoded bytes, or uint8 HWC array) -> (uint8 HWC array, whether it was
+    enlarged), by the module's one rule. Returns (None, reason) for an unreadable file instead of
+    raising, so that a data set can apply its skip/stop policy.
 
+    :param size: (height, width), or None to keep the (centre-cropped square or padded) own size.
     :param channels: "auto" (gray stays 1 channel, colour 3), "rgb" or "gray".
+    :param crop: "center" or "pad" (crop_resize).
     """
     try:
         if isinstance(src, np.ndarray):
@@ -110,18 +141,19 @@ def prepare_image(src, resolution: Optional[int], channels: str = "auto"):
         im = im.convert("RGB")
     elif channels == "gray" and im.mode == "RGB":
         im = im.convert("L")
-    side = min(im.size)
-    a = np.asarray(crop_resize(im, resolution))
-    return (a[..., None] if a.ndim == 2 else a), side
+    up = upsampled(im.size, size, crop)
+    a = np.asarray(crop_resize(im, size, crop))
+    return (a[..., None] if a.ndim == 2 else a), up
 
 
-def read_image(path, channels: int, resolution: int) -> torch.Tensor:
+def read_image(path, channels: int, size: tuple[int, int]) -> torch.Tensor:
     """One picture file as the model sees data: converted to gray (channels=1) or RGB (3), the
-    largest centred square Lanczos-resized to `resolution`. -> uint8 [C, H, W]."""
+    largest centred region of the model's aspect ratio Lanczos-resized to `size` = (H, W).
+    -> uint8 [C, H, W]."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
-    a, info = prepare_image(path, resolution, CHANNEL_MODES[channels])
+    a, info = prepare_image(path, size, CHANNEL_MODES[channels])
     if a is None:
         raise UserError(f"{path}: cannot read image ({info}); give a PNG, JPEG, WebP or BMP file")
     return torch.from_numpy(a.transpose(2, 0, 1).copy())

@@ -215,7 +215,7 @@ def _write(out_dir, name: str, figure: np.ndarray, loaded, settings: dict, **arr
 
 def _model_input(path, shape, device) -> torch.Tensor:
     """An image file as the model's data: (C, H, W) of `shape`, in [-1, 1], on `device`."""
-    return to_model_range(read_image(path, shape[0], shape[1])).to(device)
+    return to_model_range(read_image(path, shape[0], tuple(shape[1:]))).to(device)
 
 
 def default_progressive_times(T: int, n: int = 10) -> list[int]:
