@@ -284,8 +284,10 @@ def test_fashion_mnist_named_source(tmp_path, monkeypatch):
     tr, te = rng_images(3, 28, 28, 1, seed=12)[..., 0], rng_images(2, 28, 28, 1, seed=13)[..., 0]
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(tr)))
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(te)))
-    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(3, np.uint8))))
-    assert torch.equal(load(f"fashion-mnist:{tmp_path}").images, nchw(tr))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.array([9, 0, 3], np.uint8))))
+    s = load(f"fashion-mnist:{tmp_path}")
+    assert torch.equal(s.images, nchw(tr)) and s.labels.tolist() == [9, 0, 3]  # the labels file beside it
+    assert s.classes[9] == "Ankle boot" and load(tmp_path, split="test").labels is None  # no t10k labels here
     assert torch.equal(load(f"fashion-mnist:{tmp_path}", split="test").images, nchw(te))
     assert torch.equal(load(tmp_path, split="test").images, nchw(te))  # detected by content too
     monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", tmp_path)
@@ -300,8 +302,9 @@ def test_fashion_mnist_named_source(tmp_path, monkeypatch):
 
 def test_npz_nhwc_nhw_and_keys(tmp_path):
     nhwc = rng_images(3, 6, 6, 3, seed=14)
-    np.savez(tmp_path / "a.npz", x=nhwc, labels=np.arange(3))
-    assert torch.equal(load(tmp_path / "a.npz").images, nchw(nhwc))
+    np.savez(tmp_path / "a.npz", x=nhwc, labels=np.array([2, 0, 2]))
+    s = load(tmp_path / "a.npz")
+    assert torch.equal(s.images, nchw(nhwc)) and s.labels.tolist() == [2, 0, 2] and s.classes == ("0", "1", "2")
     nhw = nhwc[..., 0]
     np.savez_compressed(tmp_path / "b.npz", nhw)  # arr_0
     s = load(tmp_path / "b.npz")
@@ -391,10 +394,11 @@ def test_cifar_batches_dir_py2_and_py3_pickles(tmp_path, cifar_batches):
     d.mkdir()
     for name, part in parts.items():
         maker = py2_pickle if name in ("data_batch_1", "test_batch") else py3_pickle
-        (d / name).write_bytes(maker(cifar_rows(part), [1] * len(part)))
+        (d / name).write_bytes(maker(cifar_rows(part), [int(name[-1]) if name[-1].isdigit() else 9] * len(part)))
     (d / "batches.meta").write_bytes(b"ignored")
     s = load(tmp_path)  # finds cifar-10-batches-py/ inside
     assert s.images.shape == (10, 3, 32, 32) and torch.equal(s.images, nchw(hwc[:10]))
+    assert s.labels.tolist() == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and s.classes[:2] == ("airplane", "automobile")
     assert torch.equal(load(f"cifar10:{d}", split="test").images, nchw(hwc[10:]))
     assert torch.equal(load(d / "data_batch_1").images, nchw(hwc[:2]))
 
@@ -455,6 +459,8 @@ def test_cifar10_jpeg_layout_folder_and_tarball(tmp_path):
         tar.add(root, arcname="cifar10-jpeg")
     assert torch.equal(load(tgz).images, expected_train)
     assert torch.equal(load(tgz, split="test").images, nchw(te))
+    for s in (load(tgz), load(f"cifar10:{tmp_path / 'x'}")):  # class folders below the split folder
+        assert s.labels.tolist() == [0, 0, 1] and s.classes == ("cat", "dog")
     with pytest.raises(UserError, match="needs a path"):
         load("cifar10")
 
@@ -479,6 +485,7 @@ def test_lmdb_round_trip_and_skip(tmp_path):
     env.close()
     s = load(db, resolution=10)
     assert torch.equal(s.images, nchw(imgs[[1, 0, 2]][:, :, 2:12]))
+    assert s.classes == ("bedroom",) and s.labels.tolist() == [0, 0, 0]  # LSUN: the category, from the name
     assert torch.equal(load(db / "data.mdb", resolution=10).images, s.images)
     env = lmdb.open(str(db), map_size=1 << 24)
     with env.begin(write=True) as txn:
@@ -510,6 +517,7 @@ def test_embedded_fashion_mnist_10k():
     with np.load(npz) as z:
         labels = z["labels"]
     assert np.bincount(labels, minlength=10).tolist() == [1000] * 10
+    assert s.labels.tolist() == labels.tolist() and s.classes[0] == "T-shirt/top"
     record = json.loads((ASSETS / "fashion_mnist_10k.json").read_text())
     assert data_fingerprint(s.images) == record["images_sha256"]
     assert s.images.float().mean() / 255 == pytest.approx(0.286, abs=0.01)  # Fashion-MNIST's mean
