@@ -23,9 +23,11 @@ import warnings
 import torch
 
 from .errors import Interrupted, UserError, os_error_line
-from .io.data import DataConfig
+from .config import parse_size
+from .io.data import Channels, Crop, DataConfig, OnError, Split
 from .io.distributed import is_main_process
 from .io.folders import usable_folder
+from .io.prepared import DEFAULT_SHARD_BYTES, PreparedSet, prepare
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .network.inception import WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX
 from .network.unet import summary
@@ -246,7 +248,8 @@ def cmd_info(args):
     for k, v in cfg.items():
         print(f"  {k}: {v}")
     print(f"parameters: {s['parameters']:,}")
-    print(f"forward: {s['gflops']:.2f} GFLOPs per image at {cfg['resolution']}x{cfg['resolution']} (a multiply-add counts 2)")
+    h, w = parse_size(cfg["resolution"], "resolution")
+    print(f"forward: {s['gflops']:.2f} GFLOPs per image at {h}x{w} (a multiply-add counts 2)")
 
 
 def _convert_args(p):
@@ -264,6 +267,51 @@ def _convert_args(p):
 def cmd_convert(args):
     for path in convert_file(args.src, args.dst, args.src_format, args.dst_format, config=args.config):
         print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def _preprocess_args(p, resize_help: str):
+    p.add_argument("--split", default="train", choices=[s.value for s in Split], help="default train")
+    p.add_argument("--resolution", default=None, metavar="N|HxW", help=resize_help)
+    p.add_argument("--channels", default="auto", choices=[c.value for c in Channels])
+    p.add_argument("--crop", default="center", choices=[c.value for c in Crop],
+                   help="fitting another aspect ratio: center (crop, the paper's rule; default) or pad")
+
+
+def _prepare_args(p):
+    p.add_argument("source", help="a data source, as for train: a folder of images, a tarball, an LMDB, "
+                                  "cifar10:PATH, fashion-mnist[:DIR], .npz ...; with --verify, a prepared folder")
+    p.add_argument("--out", default=None, help="the folder to write (new or empty; run again to resume)")
+    _preprocess_args(p, "resize to N x N or H x W (default: the data's own size)")
+    p.add_argument("--on-error", default="stop", choices=[c.value for c in OnError],
+                   help="an unreadable image: stop (default) or skip and count it")
+    p.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20, help="shard size in MiB (default 1024)")
+    p.add_argument("--verify", action="store_true", help="check a prepared folder's checksums instead")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("prepare", "decode a data set once into memory-mapped shards (with labels and checksums) that training "
+                    "reads without decoding; resumable", _prepare_args)
+def cmd_prepare(args):
+    if args.verify:
+        data = PreparedSet(usable_folder(args.source, "SOURCE"))
+        data.verify(progress=not args.no_progress)
+        _say(f"{data.path}: {len(data)} images, {len(data.manifest['shards'])} shard(s), checksums match")
+        return
+    if args.out is None:
+        raise UserError("ddpm prepare needs --out DIR (the folder to write), or --verify to check a prepared folder")
+    if args.shard_mb < 1:
+        raise UserError(f"--shard-mb {args.shard_mb}: give at least 1")
+    cfg = DataConfig(source=args.source, split=args.split, resolution=args.resolution, channels=args.channels,
+                     crop=args.crop, on_error=args.on_error)
+    data = prepare(cfg, args.out, shard_bytes=args.shard_mb << 20, progress=not args.no_progress)
+    labels = f", {len(data.classes)} classes" if data.labels is not None else ", no labels"
+    _say(f"wrote {data.path}: {len(data)} images {'x'.join(map(str, data.shape))}{labels}, "
+         f"{len(data.manifest['shards'])} shard(s), sha256 {data.fingerprint()[:12]}…")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,15 +485,17 @@ def _fid_ref_args(p):
     p.add_argument("--data", required=True, help="data source, as for train (e.g. cifar10:/path/cifar-10-python.tar.gz)")
     p.add_argument("--split", default="train", choices=("train", "test"), help="default train (the paper's FID reference)")
     p.add_argument("--out", required=True, metavar="STATS.npz")
-    p.add_argument("--resolution", type=int, default=None, help="resize as for training (default: the data's own size)")
-    p.add_argument("--channels", default="auto", choices=("auto", "rgb", "gray"))
+    p.add_argument("--resolution", default=None, metavar="N|HxW", help="resize as for training (default: the data's own size)")
+    p.add_argument("--channels", default="auto", choices=[c.value for c in Channels])
+    p.add_argument("--crop", default="center", choices=[c.value for c in Crop], help="as for training")
     _inception_args(p)
 
 
 @command("fid-ref", "reference statistics for FID (μ, Σ of Inception pool-3 features) of a data set, with provenance",
          _fid_ref_args)
 def cmd_fid_ref(args):
-    data = DataConfig(source=args.data, split=args.split, resolution=args.resolution, channels=args.channels)
+    data = DataConfig(source=args.data, split=args.split, resolution=args.resolution, channels=args.channels,
+                      crop=args.crop)
     p = fid_ref_run(data, args.out, **_inception_opts(args)).provenance
     _say(f"wrote {args.out}: {p['n_images']} images of {p['source_description']} (sha256 {p['data_sha256'][:12]}…), "
          f"Inception weights sha256 {p['inception']['weights_sha256'][:12]}…; the data's own IS {p['is_mean']:.3f} "

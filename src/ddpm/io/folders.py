@@ -121,8 +121,9 @@ class FolderLock:
     it matters, and the kernel drops that when the process ends, however it ends.
     """
 
-    def __init__(self, folder, what: str):
-        self.path, self.what = Path(folder) / LOCK_NAME, what
+    def __init__(self, folder, what: str, wait: bool = False):
+        """:param wait: wait for the holder to finish instead of refusing (a shared cache entry)."""
+        self.path, self.what, self.wait = Path(folder) / LOCK_NAME, what, wait
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "FolderLock":
@@ -133,7 +134,7 @@ class FolderLock:
         except OSError as e:
             raise UserError(f"cannot write in {self.path.parent}: {os_error_line(e, self.path)}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except OSError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)

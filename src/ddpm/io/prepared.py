@@ -1,0 +1,474 @@
+"""Prepared data: a source decoded once into memory-mappable shards, then read by index.
+
+    ddpm prepare /data/church_outdoor_train_lmdb --out /data/church256 --resolution 256
+    train(run_dir, run.replace(data=run.data.replace(source="/data/church256")))
+
+The format (a folder) is made for reading any image by its index without decoding anything:
+
+    manifest.json        what the folder holds (written last: without it the folder is unfinished)
+    shard-00000.u8       fixed-size uint8 records [count, C, H, W] in C order, one per image
+    shard-00000.labels   int64 little-endian class ids [count], when the source has labels
+    prepare-state.json   only while `prepare` runs: the shards finished so far
+
+The manifest records the count, the shape, the preprocessing (data.py's one rule and its
+settings), the source and a cheap fingerprint of it (names, sizes and modification times), the
+class names, the unreadable files skipped, each shard's count and sha256, and the sha256 of all
+the pixels in order (`data_fingerprint`, the same number an in-memory set of the same pixels
+has, so a checkpoint's data check does not depend on the placement).
+
+Opening checks the manifest and every shard's size (cheap); the checksums are verified on
+demand (`PreparedSet.verify`, `ddpm prepare --verify DIR`) and by training in the background
+(`verify_in_background`). A damaged shard is one line that names it.
+
+Shards are memory-mapped: a gather copies the records it needs out of the OS page cache, which
+every process of a node shares, so a process's own memory does not grow with the data set.
+A prepare killed at any point resumes at its first unfinished shard (each shard is written
+atomically, then recorded in the state file). Shards hold about `shard_bytes` (1 GiB) each, so
+even LSUN Bedroom at 256x256 (590 GB) stays under a thousand open maps.
+
+`open_data` is the one door for the workflows: a prepared folder is opened as it is; a source of
+encoded images (a folder, a tarball, an LMDB) is prepared into a cache on first use, keyed by
+its fingerprint and the preprocessing, and opened from there ever after (a resume never decodes);
+array sources (the embedded set, .npz / .npy, idx files, CIFAR-10 batches) are read into memory.
+Written by hand: the format is a few fixed-size files that numpy maps directly; the streaming
+libraries' formats (io/streaming.py) add remote storage, not random access on a local disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..config import load_json, size_value
+from ..errors import UserError
+from ..version import __version__
+from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes, write_json
+from .data import (ARRAY, DataConfig, DataSet, ImageSet, decode, item_name, load_images, mismatch, open_source,
+                   resize_note, source_kind, source_length, source_path, unreadable)
+from .folders import LOCK_NAME, FolderLock, claim_folder
+from .images import CHANNEL_MODES
+from .progress import progress_bar
+
+FORMAT = "ddpm-prepared"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STATE_NAME = "prepare-state.json"
+DEFAULT_SHARD_BYTES = 1 << 30
+CACHE_ENV = "DDPM_CACHE_DIR"  # where sources are prepared on first use (default ~/.cache/ddpm/prepared)
+HASH_CHUNK = 8 << 20
+
+
+def cache_root() -> Path:
+    """The cache of prepared sources: $DDPM_CACHE_DIR, else $XDG_CACHE_HOME/ddpm/prepared, else
+    ~/.cache/ddpm/prepared."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "ddpm" / "prepared"
+
+
+def is_prepared(path) -> bool:
+    """Whether `path` is a folder that `prepare` finished."""
+    m = Path(path) / MANIFEST_NAME
+    if not m.is_file():
+        return False
+    try:
+        return json.loads(m.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def stat_fingerprint(path: Optional[Path]) -> str:
+    """sha256 of the names, sizes and modification times of a source's files (not their bytes):
+    cheap enough for millions of files, and it changes when any file is added, removed or rewritten."""
+    h = hashlib.sha256()
+    if path is None:
+        h.update(f"embedded {__version__}".encode())
+        return h.hexdigest()
+    path = path.resolve()
+    if path.is_file():
+        st = path.stat()
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith(".") or f == LOCK_NAME:
+                continue
+            p = Path(dirpath, f)
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def prepare_settings(cfg: DataConfig) -> dict:
+    """What a prepared folder was made from and how: equal settings, equal pixels."""
+    path = source_path(cfg)
+    return dict(source=cfg.source, path=None if path is None else str(path.resolve()),
+                source_stat=stat_fingerprint(path), split=str(cfg.split), resolution=cfg.resolution,
+                channels=str(cfg.channels), crop=str(cfg.crop), on_error=str(cfg.on_error))
+
+
+def prepare(cfg: DataConfig, out, *, shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+            flag: str = "--out", wait: bool = False) -> "PreparedSet":
+    """Decode `cfg`'s source once into OUT (the module's format) and open it.
+
+    Resumable: run it again after a kill and it goes on from its first unfinished shard. A folder
+    already prepared with the same settings is opened as it is; other settings are refused.
+    :param wait: wait for another process preparing the same folder (a shared cache) to finish.
+    """
+    if not isinstance(shard_bytes, int) or shard_bytes < 1:
+        raise UserError(f"shard_bytes={shard_bytes!r}: give a positive number of bytes")
+    out = claim_folder(out, (MANIFEST_NAME, STATE_NAME), "prepared data", flag)
+    with FolderLock(out, "ddpm prepare", wait=wait):
+        remove_stale_temps(out, max_age_s=0)  # the lock holder is the only writer: a temp file is a killed one's
+        return _prepare(cfg, out, shard_bytes, progress)
+
+
+def _prepare(cfg: DataConfig, out: Path, shard_bytes: int, progress: bool) -> "PreparedSet":
+    settings = prepare_settings(cfg)
+    if (out / MANIFEST_NAME).exists():
+        _check_same(read_manifest(out).get("settings"), settings, out, "holds data prepared")
+        return PreparedSet(out)
+    raw = open_source(cfg)
+    n = source_length(raw)
+    if n == 0:
+        raise UserError(f"{raw.description}: holds no images; give a non-empty data set")
+    state = _read_state(out)
+    if state is not None:
+        _check_same(state.get("settings"), settings, out, "holds an unfinished prepare")
+    else:
+        first, shape = _first_image(raw, cfg)
+        record = int(np.prod(shape))
+        state = dict(settings=settings, shape=list(shape), first=first, per_shard=max(1, shard_bytes // record),
+                     shards=[], skipped=[], enlarged=0)
+    shape, per = tuple(state["shape"]), int(state["per_shard"])
+    state["shards"], full = _keep_intact(out, state["shards"])  # full: data_fingerprint of all, in order
+    k = len(state["shards"])
+    bar = progress_bar(n, desc="preparing", unit="img", initial=min(n, k * per), enabled=progress)
+    with bar:
+        while k * per < n:
+            entry, skipped, enlarged = _write_shard(raw, cfg, out, k, k * per, min(n, (k + 1) * per), shape,
+                                                    state["first"], full, bar)
+            state["shards"].append(entry)
+            state["skipped"] += skipped
+            state["enlarged"] += enlarged
+            write_json(out / STATE_NAME, state)
+            k += 1
+    count = sum(s["count"] for s in state["shards"])
+    if count == 0:
+        raise UserError(f"{raw.description}: none of the {n} files is a readable image (first: "
+                        f"{state['skipped'][0]}); check the files")
+    c, h, w = shape
+    description = (f"{raw.description}{resize_note(cfg, state['enlarged'], n)}; {count} images {c}x{h}x{w}"
+                   + (f", {len(state['skipped'])} unreadable skipped" if state["skipped"] else ""))
+    manifest = dict(format=FORMAT, version=FORMAT_VERSION, count=count, shape=list(shape), dtype="uint8",
+                    layout="NCHW", channels=CHANNEL_MODES[c], resolution=size_value((h, w)), settings=settings,
+                    description=description, classes=list(raw.classes), labelled=raw.labels is not None,
+                    shards=state["shards"], skipped=state["skipped"], sha256=full.hexdigest(),
+                    sha256_of="uint8 [N, C, H, W] pixels, C order", created_by=f"ddpm {__version__}")
+    write_json(out / MANIFEST_NAME, manifest)
+    remove_quietly(out / STATE_NAME, "the prepare state file")
+    if state["skipped"]:
+        warnings.warn(f"data: skipped {len(state['skipped'])} unreadable image(s) of {n} in {raw.description} "
+                      f"(data.on_error=skip); first: {state['skipped'][0]}", stacklevel=3)
+    return PreparedSet(out)
+
+
+def _check_same(found, settings: dict, out: Path, what: str) -> None:
+    if found == settings:
+        return
+    found = found if isinstance(found, dict) else {}
+    diff = [f"{k}={found.get(k)!r} (now {v!r})" for k, v in settings.items() if found.get(k) != v]
+    raise UserError(f"{out}: {what} from other settings ({'; '.join(diff[:3])}); give another folder, or delete "
+                    f"this one to prepare it again")
+
+
+def _read_state(out: Path) -> Optional[dict]:
+    if not (out / STATE_NAME).exists():
+        return None
+    state = load_json(out / STATE_NAME, expect=dict)
+    if not isinstance(state.get("shards"), list) or not isinstance(state.get("shape"), list):
+        raise UserError(f"{out / STATE_NAME}: not a ddpm prepare state; delete {out} to prepare it again")
+    return state
+
+
+def _first_image(raw, cfg: DataConfig) -> tuple[str, tuple[int, int, int]]:
+    """The first readable image's name and (C, H, W): it fixes the size (when data.resolution is
+    unset) and, for channels=auto, the channel count of the whole set."""
+    n = source_length(raw)
+    for i in range(n):
+        _, a, info = next(iter(decode(raw, cfg, i, i + 1)))
+        if a is not None:
+            return item_name(raw, i), (a.shape[2], a.shape[0], a.shape[1])
+        if cfg.on_error == "stop":
+            raise unreadable(item_name(raw, i), info)
+    raise UserError(f"{raw.description}: none of the {n} files is a readable image; check the files")
+
+
+def _keep_intact(out: Path, shards: list):
+    """(the finished shards whose files still match their checksums, the hash of their pixels in
+    order); the first damaged or missing shard and all after it are written again."""
+    full, kept = hashlib.sha256(), []
+    for entry in shards:
+        trial = full.copy()
+        try:
+            ok = _sha256_file(out / entry["file"], trial) == entry["sha256"]
+        except OSError:
+            ok = False
+        if not ok:
+            break
+        full = trial
+        kept.append(entry)
+    return kept, full
+
+
+def _write_shard(raw, cfg: DataConfig, out: Path, k: int, lo: int, hi: int, shape, first: str, full, bar):
+    name = f"shard-{k:05d}.u8"
+    h = hashlib.sha256()
+    count, labels, skipped, enlarged = 0, [], [], 0
+    c = shape[0]
+    with atomic_file(out / name) as f, contextlib.closing(decode(raw, cfg, lo, hi, bar)) as results:
+        for i, a, info in results:
+            if a is None:
+                if cfg.on_error == "stop":
+                    raise unreadable(item_name(raw, i), info)
+                skipped.append(item_name(raw, i))
+                continue
+            bad = mismatch(first, shape[1:], item_name(raw, i), a)
+            if bad is not None:
+                raise UserError(f"{raw.description}: {bad}")
+            if a.shape[2] != c:
+                if c == 1:
+                    raise UserError(f"{item_name(raw, i)}: a colour image, but the first image {first} is gray "
+                                    f"(data.channels=auto); prepare with --channels rgb (or gray)")
+                a = np.broadcast_to(a, (*a.shape[:2], c))  # gray among colour: repeated, lossless
+            b = np.ascontiguousarray(a.transpose(2, 0, 1)).tobytes()
+            f.write(b)
+            h.update(b)
+            full.update(b)
+            count += 1
+            enlarged += bool(info)
+            if raw.labels is not None:
+                labels.append(raw.labels[i])
+    entry = dict(file=name, count=count, sha256=h.hexdigest(), items=[lo, hi])
+    if raw.labels is not None:
+        data = np.asarray(labels, "<i8").tobytes()
+        write_bytes(out / f"shard-{k:05d}.labels", data)
+        entry.update(labels=f"shard-{k:05d}.labels", labels_sha256=hashlib.sha256(data).hexdigest())
+    return entry, skipped, enlarged
+
+
+def _sha256_file(path: Path, *also) -> str:
+    """sha256 hex of a file, read in chunks; each hashlib object in `also` is fed the same bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+            for o in also:
+                o.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a prepared folder, its fields checked; one line naming it otherwise."""
+    f = Path(path) / MANIFEST_NAME
+    m = load_json(f, expect=dict)
+    if m.get("format") != FORMAT:
+        raise UserError(f"{f}: not a ddpm prepared data manifest (format {m.get('format')!r}); prepare the data "
+                        f"with `ddpm prepare`")
+    if m.get("version") != FORMAT_VERSION:
+        raise UserError(f"{f}: prepared data format version {m.get('version')!r}, this ddpm reads "
+                        f"{FORMAT_VERSION}; prepare the data again with this version")
+    shape, shards = m.get("shape"), m.get("shards")
+    ok = (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)
+          and isinstance(shards, list) and isinstance(m.get("count"), int)
+          and all(isinstance(s, dict) and isinstance(s.get("file"), str) and "/" not in s["file"]
+                  and isinstance(s.get("count"), int) and s["count"] >= 0 for s in shards)
+          and sum(s["count"] for s in shards) == m["count"] and m["count"] > 0)
+    if not ok:
+        raise UserError(f"{f}: the manifest is damaged (shape, count or shards); prepare the data again")
+    return m
+
+
+class PreparedSet(DataSet):
+    """A prepared folder, memory-mapped: the `DataSet` interface, records copied out on `gather`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        m = self.manifest = read_manifest(self.path)
+        self._shape = tuple(m["shape"])
+        record = int(np.prod(self._shape))
+        self._shards = [s for s in m["shards"] if s["count"] > 0]  # a shard whose images were all skipped is empty
+        for s in self._shards:
+            _check_size(self.path / s["file"], s["count"] * record)
+        self._offsets = np.cumsum([0] + [s["count"] for s in self._shards])
+        self._maps: list = [None] * len(self._shards)
+        self.source_description = f"prepared {self.path}: {m.get('description', '')}"
+        self.skipped = list(m.get("skipped") or [])
+        self.classes = tuple(m.get("classes") or ())
+        self.labels = self._read_labels() if m.get("labelled") else None
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    def fingerprint(self) -> str:
+        return self.manifest["sha256"]
+
+    def _map(self, k: int) -> np.ndarray:
+        if self._maps[k] is None:
+            s = self._shards[k]
+            self._maps[k] = np.memmap(self.path / s["file"], np.uint8, "r", shape=(s["count"], *self._shape))
+        return self._maps[k]
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(indices).cpu().numpy().astype(np.int64, copy=False).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} images")
+        if len(self._shards) == 1:
+            return torch.from_numpy(np.asarray(self._map(0)[idx]))
+        which = np.searchsorted(self._offsets, idx, side="right") - 1
+        out = np.empty((len(idx), *self._shape), np.uint8)
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self._map(int(k))[idx[sel] - self._offsets[k]]
+        return torch.from_numpy(out)
+
+    def _read_labels(self) -> torch.Tensor:
+        parts = []
+        for s in self._shards:
+            f = self.path / str(s.get("labels"))
+            _check_size(f, 8 * s["count"])
+            parts.append(np.fromfile(f, "<i8"))
+        return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+
+    def verify(self, progress: bool = False, stop: Optional[threading.Event] = None) -> None:
+        """Check every shard (and label file) against the manifest's sha256; one line naming the
+        first damaged one. `stop` ends a background check early."""
+        bar = progress_bar(len(self._shards), desc="verifying", unit="shard", enabled=progress)
+        with bar:
+            for s in self._shards:
+                for name, want in ((s["file"], s.get("sha256")), (s.get("labels"), s.get("labels_sha256"))):
+                    if name is None or (stop is not None and stop.is_set()):
+                        continue
+                    try:
+                        got = _sha256_file(self.path / name)
+                    except OSError as e:
+                        raise UserError(f"{self.path / name}: cannot read ({e.strerror or e}); restore it or "
+                                        f"prepare the data again") from None
+                    if got != want:
+                        raise UserError(f"{self.path / name}: damaged (its sha256 differs from the manifest's); "
+                                        f"restore it, or prepare the data again into a new folder")
+                bar.update()
+
+    def verify_in_background(self) -> "BackgroundCheck":
+        return BackgroundCheck(self.verify)
+
+    def load(self) -> ImageSet:
+        """The whole set in memory (the other placement)."""
+        return ImageSet(images=self.gather(torch.arange(len(self))), source_description=self.source_description,
+                        skipped=self.skipped, labels=self.labels, classes=self.classes)
+
+
+def _check_size(path: Path, size: int) -> None:
+    try:
+        got = path.stat().st_size
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e}); the prepared folder is incomplete, restore the "
+                        f"file or prepare the data again") from None
+    if got != size:
+        raise UserError(f"{path}: {got} bytes, the manifest says {size} (cut short or replaced); restore the file "
+                        f"or prepare the data again")
+
+
+class BackgroundCheck:
+    """Runs `check(stop=event)` on a daemon thread; `raise_if_failed()` re-raises its UserError."""
+
+    def __init__(self, check: Callable):
+        self._stop, self.error = threading.Event(), None
+        self._thread = threading.Thread(target=self._run, args=(check,), daemon=True, name="ddpm-verify")
+        self._thread.start()
+
+    def _run(self, check) -> None:
+        try:
+            check(stop=self._stop)
+        except UserError as e:
+            self.error = e
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# The one door
+# ---------------------------------------------------------------------------------------------
+
+
+def open_data(cfg: DataConfig, *, progress: bool = True, preparer: bool = True,
+              barrier: Optional[Callable[[], None]] = None) -> DataSet:
+    """The data of `cfg` in their placement: a prepared folder memory-mapped; an encoded source
+    prepared into the cache (cache_root()) on first use, then memory-mapped; an array source in memory.
+
+    :param preparer: whether this process may prepare (under torchrun: local rank 0 of each node;
+        the others wait at `barrier`). Processes sharing a cache folder take turns (a file lock).
+    """
+    path = source_path(cfg)
+    if path is not None and path.is_dir() and (path / MANIFEST_NAME).exists():
+        data = PreparedSet(path)
+        _check_fits(data, cfg)
+        return data
+    if source_kind(cfg) == ARRAY:
+        return load_images(cfg)
+    entry = cache_entry(cfg)
+    if preparer and not is_prepared(entry):
+        prepare(cfg, entry, progress=progress, flag=f"cache {CACHE_ENV}", wait=True)
+    if barrier is not None:
+        barrier()
+    return PreparedSet(entry)
+
+
+def cache_entry(cfg: DataConfig) -> Path:
+    """The cache folder of `cfg`'s source and preprocessing."""
+    key = hashlib.sha256(json.dumps(prepare_settings(cfg), sort_keys=True).encode()).hexdigest()
+    return cache_root() / key[:32]
+
+
+def _check_fits(data: PreparedSet, cfg: DataConfig) -> None:
+    """A prepared folder is used as prepared: a different size or channel mode is one line."""
+    c, h, w = data.shape
+    if cfg.size not in (None, (h, w)):
+        raise UserError(f"{data.path}: prepared at {h}x{w}, but data.resolution={cfg.resolution}; prepare it again "
+                        f"with --resolution {cfg.resolution}, or set data.resolution={size_value((h, w))}")
+    if cfg.channels != "auto" and CHANNEL_MODES[c] != cfg.channels:
+        raise UserError(f"{data.path}: prepared as {CHANNEL_MODES[c]}, but data.channels={cfg.channels}; prepare it "
+                        f"again with --channels {cfg.channels}")
