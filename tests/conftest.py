@@ -1,5 +1,14 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    # Sources of image files are prepared into a cache on first use (io/prepared.py): the tests'
+    # cache is a fresh folder of their own (subprocesses inherit it), never the user's.
+    os.environ["DDPM_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-test-cache-")
 
 
 @pytest.fixture(scope="module")

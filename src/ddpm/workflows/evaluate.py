@@ -26,9 +26,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..config import size_value
 from ..errors import UserError
 from ..io.atomic import write_json
-from ..io.data import DataConfig, data_fingerprint, load_images
+from ..io.data import DataConfig, DataSet
+from ..io.prepared import open_data
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, broadcast_object, derive_seed, shard
 from ..io.distributed import init as dist_init
 from ..io.folders import claim_file, claim_folder
@@ -61,16 +63,19 @@ class ImageSource:
 
 
 class ArraySource(ImageSource):
-    """Pixels in memory, uint8 [N, C, H, W] (e.g. an `ImageSet`'s images)."""
+    """Pixels, uint8 [N, C, H, W]: a tensor, or a data set in either placement (io/data.py's
+    `DataSet`: in memory or memory-mapped)."""
 
-    def __init__(self, images: torch.Tensor, description: str = "images in memory"):
-        images = torch.as_tensor(images)
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise UserError(f"{description}: expected uint8 [N, C, H, W] pixels, got {images.dtype} {list(images.shape)}")
+    def __init__(self, images, description: str = "images in memory"):
+        if not isinstance(images, DataSet):
+            images = torch.as_tensor(images)
+            if images.dtype != torch.uint8 or images.dim() != 4:
+                raise UserError(f"{description}: expected uint8 [N, C, H, W] pixels, got {images.dtype} {list(images.shape)}")
         self.images, self.n, self.description = images, len(images), description
 
     def read(self, indices):
-        return self.images[torch.as_tensor(list(indices), dtype=torch.long)]
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return self.images.gather(idx) if isinstance(self.images, DataSet) else self.images[idx]
 
 
 class FolderSource(ImageSource):
@@ -261,15 +266,15 @@ def reference_stats(data, inception: InceptionV3, *, batch: int = 100, dist=None
     preprocessing rule), with their provenance and the data's own Inception Score.
 
     :param data: a `data.DataConfig` (source, split, resolution, channels).
-    :param images: the `ImageSet` of `data`, if already loaded.
+    :param images: the data set of `data`, if already opened.
     """
-    images = images if images is not None else load_images(data)
-    fs, iss, _ = measure(ArraySource(images.images, images.source_description), inception, batch=batch, dist=dist,
+    images = images if images is not None else open_data(data, progress=progress)
+    fs, iss, _ = measure(ArraySource(images, images.source_description), inception, batch=batch, dist=dist,
                          progress=progress)
     prov = _stats_provenance(
         inception, kind="reference", data_source=data.source, source_description=images.source_description,
-        split=data.split, resolution=images.resolution, channels=images.channels, n_images=len(images),
-        data_sha256=data_fingerprint(images.images), data_sha256_of="uint8 [N, C, H, W] pixels, C order",
+        split=data.split, resolution=size_value(images.size), channels=images.channels, n_images=len(images),
+        data_sha256=images.fingerprint(), data_sha256_of="uint8 [N, C, H, W] pixels, C order",
         augmentation="none (no flips)", skipped_files=images.num_skipped, **iss.result())
     return FIDStats.from_features(fs, prov)
 
@@ -329,7 +334,7 @@ def _valid_cache(path: Path, images, inception: InceptionV3, dist=None) -> Optio
     ok = False
     if (dist is None or dist.is_main) and Path(path).is_file():
         p = load_stats(path).provenance
-        ok = (p.get("data_sha256") == data_fingerprint(images.images)
+        ok = (p.get("data_sha256") == images.fingerprint()
               and p.get("inception", {}).get("weights_sha256") == inception.info["weights_sha256"])
     if dist is not None:
         ok = broadcast_object(ok, dist)
@@ -339,7 +344,7 @@ def _valid_cache(path: Path, images, inception: InceptionV3, dist=None) -> Optio
 def cached_reference(path: Path, data, inception: InceptionV3, *, batch: int, dist=None, progress: bool = False) -> FIDStats:
     """Reference statistics of `data`, reused from `path` when they were made from the same pixels
     (sha256) with the same Inception weights, else computed and written there."""
-    images = load_images(data)
+    images = open_data(data, progress=progress)
     old = _valid_cache(path, images, inception, dist)
     if old is not None:
         return old
@@ -386,7 +391,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     out_dir = Path(out_dir) if out_dir is not None else base / "eval" / ckpt_file.stem
     claim_folder(out_dir, ["eval.json", "samples", "nll"], "an evaluation")
     m = run.model
-    shape = (m.in_channels, m.resolution, m.resolution)
+    shape = (m.in_channels, *m.size)
     inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
     log = _log if dist.is_main else (lambda *_: None)
 
@@ -427,12 +432,12 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     report["bits_per_dim"] = None
     if bpd_n != 0:
         try:
-            test = load_images(data.replace(split="test"))
+            test = open_data(data.replace(split="test"), progress=progress)
         except UserError as e:
             notes.append(f"no bits/dim: {e}")
             log(f"eval: warning: no bits/dim: {e}")
         else:
-            imgs = test.images[: bpd_n] if bpd_n else test.images
+            imgs = test.gather(torch.arange(min(bpd_n, len(test)) if bpd_n else len(test)))
             log(f"eval: bits/dim of {len(imgs)} test images ({diffusion.num_timesteps} terms each) into {out_dir / 'nll'}")
             nll = evaluate_nll(ema, diffusion, imgs, bpd_batch, seed, out_dir / "nll", dist, progress, device=dist.device,
                                model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)))
@@ -539,7 +544,7 @@ def fid_ref_run(data: DataConfig, out, *, weights=None, expected_sha256: Optiona
     # only if it is reference statistics of ours
     out = claim_file(out, is_stats_file, "reference statistics", "--out", ".npz")
     _check_batch(batch)
-    images = load_images(data)
+    images = open_data(data, progress=progress)
     dist = dist_init(device)
     inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
     stats = reference_stats(data, inception, batch=batch, dist=dist, progress=progress, images=images)

@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import UserError
 from ..io.atomic import atomic_file, write_json, write_npz
-from ..io.data import DataConfig, load_images
+from ..io.data import DataConfig
+from ..io.prepared import open_data
 from ..io.distributed import DistInfo, barrier, broadcast_object, is_main_process, shard
 from ..io.folders import usable_folder
 from ..io.images import CHANNEL_MODES, write_png
@@ -336,12 +337,10 @@ def load_test_images(model: UNetConfig, source: str, split: str = "test", n: Opt
     """The first `n` images (default all) of a data source's split, at the model's resolution and
     channels: uint8 [N, C, H, W]."""
     cfg = DataConfig(source=source, split=split, resolution=model.resolution, channels=CHANNEL_MODES[model.in_channels])
-    images = load_images(cfg).images
-    if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise UserError(f"--n {n}: give at least 1 image")
-        images = images[:n]
-    return images
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UserError(f"--n {n}: give at least 1 image")
+    data = open_data(cfg)
+    return data.gather(torch.arange(len(data) if n is None else min(n, len(data))))
 
 
 def nll_run(run, data: str, out_dir, *, split: str = "test", n: Optional[int] = None, batch: int = 64, seed: int = 0,

@@ -25,14 +25,17 @@ from typing import Optional
 
 import torch
 
+from ..config import size_value
 from ..errors import Interrupted, UserError
 from ..io import checkpoint as ckpt
 from ..io.atomic import remove_stale_temps
-from ..io.data import ImageSet, data_fingerprint, load_images
+from ..io.data import DataSet, ImageSet
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, derive_seed
 from ..io.distributed import init as dist_init
 from ..io.folders import FolderLock
 from ..io.images import make_grid, write_png
+from ..io.loader import Prefetcher
+from ..io.prepared import PreparedSet, open_data
 from ..io.progress import progress_bar
 from ..network.fast import (autocast, compile_or_eager, match_layout_, resolve_switch, set_winograd, to_channels_last,
                             training_trial)
@@ -47,16 +50,29 @@ from .evaluate import TrainingFID
 from .sample import sample
 
 
-def resolve_model(run: RunConfig, images: ImageSet) -> RunConfig:
+def resolve_model(run: RunConfig, images: DataSet) -> RunConfig:
     """Fit the model's channels to the data (and the output to the variance type)."""
     c = images.channels
     model = run.model.replace(in_channels=c, out_channels=GaussianDiffusion.from_config(run.diffusion).model_output_channels(c))
-    if images.resolution != model.resolution:
+    if images.size != model.size:
+        (h, w), (mh, mw) = images.size, model.size
         raise UserError(
-            f"the data are {images.resolution}x{images.resolution} but the model is built for {model.resolution}x{model.resolution}; "
-            f"set data.resolution={model.resolution} (to resize the data) or model.resolution={images.resolution}"
+            f"the data are {h}x{w} but the model is built for {mh}x{mw}; set data.resolution={model.resolution} "
+            f"(to resize the data) or model.resolution={size_value(images.size)}"
         )
     return run.replace(model=model)
+
+
+def resident_pixels(data: DataSet, device: torch.device) -> Optional[torch.Tensor]:
+    """The placement of the data for training: all of it as one uint8 tensor on `device` when that
+    is faster (a set in memory; on CUDA anything under RESIDENT_GPU_BYTES, copied once), or None
+    to gather each batch from the memory map on worker threads (io/loader.py)."""
+    if device.type == "cuda" and data.nbytes < RESIDENT_GPU_BYTES:
+        return (data.images if isinstance(data, ImageSet) else data.load().images).to(device)
+    return data.images if isinstance(data, ImageSet) else None
+
+
+RESIDENT_GPU_BYTES = 4 * 2**30
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -106,11 +122,12 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progress: bool = True,
+def train(run_dir, run: RunConfig, *, images: Optional[DataSet] = None, progress: bool = True,
           dist: Optional[DistInfo] = None, accept_new_data: bool = False) -> dict:
     """Train (or resume) the run in `run_dir`. Returns {"step", "loss", "run_dir"}.
 
-    :param images: the data, if already loaded (otherwise `run.data` is loaded on every rank).
+    :param images: the data, if already opened (otherwise `run.data` is opened on every rank: see
+        io/prepared.py's open_data; a source of image files is prepared into the cache once).
     :param dist: the process group (default: from torchrun's environment, or a single process).
     :param accept_new_data: resume although the data differ from those the checkpoint was trained
         on (recorded in config.json's history); otherwise that is refused.
@@ -133,15 +150,16 @@ def train(run_dir, run: RunConfig, *, images: Optional[ImageSet] = None, progres
             remove_stale_temps(run_dir, max_age_s=0)  # the lock holder is the only writer: every temp file is orphaned
         barrier()
         stop = stack.enter_context(_StopSignals())
-        return _train(run_dir, run, images, progress, dist, accept_new_data, stop)
+        return _train(run_dir, run, images, progress, dist, accept_new_data, stop, stack)
 
 
-def _train(run_dir: Path, run: RunConfig, images: Optional[ImageSet], progress: bool, dist: DistInfo,
-           accept_new_data: bool, stop: "_StopSignals") -> dict:
+def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: bool, dist: DistInfo,
+           accept_new_data: bool, stop: "_StopSignals", stack: contextlib.ExitStack) -> dict:
     cfg = run.train
     record = read_run_record(run_dir)
     if images is None:
-        images = load_images(run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution))
+        images = open_data(run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution),
+                           progress=progress and dist.local_rank == 0, preparer=dist.local_rank == 0, barrier=barrier)
     run = resolve_model(run, images)
     resuming = record is not None and bool(ckpt.list_checkpoints(run_dir))
     changes = check_resume_compatible(record.config, run, record.source) if resuming else []
@@ -160,7 +178,7 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[ImageSet], progress: 
     # foreach Adam on CPU; fused on CUDA (one kernel for all parameters).
     opt = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     # The data's fingerprint, kept in every checkpoint; rank 0 writes and checks it (hashing once).
-    data_print = dict(sha256=data_fingerprint(images.images), n=len(images), source=images.source_description) \
+    data_print = dict(sha256=images.fingerprint(), n=len(images), source=images.source_description) \
         if dist.is_main else None
 
     start = 0
@@ -201,22 +219,24 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[ImageSet], progress: 
     if resolve_switch("compile", cfg.compile, device):
         # fuses norms, activations and adds; the checkpoint keeps `model`. A compiler that fails to
         # build the network here warns and leaves it eager (network/fast.py, Fail-safe).
-        trial = training_trial(model, (cfg.batch_size // dist.world_size, *images.images.shape[1:]), device,
+        trial = training_trial(model, (cfg.batch_size // dist.world_size, *images.shape), device,
                                cfg.precision)
         net = compile_or_eager(net, device, trial, "train.compile=off")
 
     ema_params = [p for p in ema.parameters()]
     local = cfg.batch_size // dist.world_size
     lo, hi = dist.rank * local, (dist.rank + 1) * local
-    data = images.images  # uint8 [N, C, H, W]; moved to the GPU whole when it is small
-    if device.type == "cuda" and data.numel() < 4 * 2**30:
-        data = data.to(device)
-    order = DataOrder(len(images), cfg.batch_size, cfg.seed, device=data.device)
+    data = resident_pixels(images, device)  # uint8 [N, C, H, W], or None: gathered ahead by `loader`
+    order = DataOrder(len(images), cfg.batch_size, cfg.seed, device=data.device if data is not None else None)
+    loader = None if data is not None else stack.enter_context(
+        Prefetcher(images, lambda s: order.indices(s)[lo:hi], start, cfg.steps, pin=device.type == "cuda"))
+    check = stack.enter_context(contextlib.closing(images.verify_in_background())) \
+        if isinstance(images, PreparedSet) and dist.local_rank == 0 else None
     # On CUDA the step's t, ε and flips are drawn on the device (a CUDA generator seeded from
     # (seed, step)), so no host-to-device copy waits for the GPU; on the CPU they come from a CPU
     # generator. The two devices therefore draw different (equally valid) streams.
     gen_device = torch.Generator(device) if device.type == "cuda" else None
-    shape = tuple(data.shape[1:])
+    shape = images.shape
     T = diffusion.num_timesteps
 
     logger = _Logger(run_dir, cfg, enabled=dist.is_main)
@@ -237,12 +257,12 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[ImageSet], progress: 
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, step))
         else:
             g = gen_device.manual_seed(derive_seed(cfg.seed, step))
-        idx = order.indices(step)[lo:hi]
         t = 1 + torch.randint(0, T, (cfg.batch_size,), generator=g, device=g.device)[lo:hi].to(device)  # t ~ U{1 … T}
         noise = torch.randn((cfg.batch_size, *shape), generator=g, device=g.device)[lo:hi].to(device)
         flip = (torch.rand(cfg.batch_size, generator=g, device=g.device) < 0.5)[lo:hi].to(device)
         torch.manual_seed(derive_seed(cfg.seed, step, dist.rank))  # dropout
-        x0 = to_model_range(data[idx].to(device, non_blocking=True))
+        batch = data[order.indices(step)[lo:hi]] if loader is None else loader.get(step)
+        x0 = to_model_range(batch.to(device, non_blocking=True))
         if run.data.random_flip:
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
 
@@ -272,6 +292,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[ImageSet], progress: 
             total = s[0].sum().item() / max(s[1].sum().item(), 1)
             if not math.isfinite(total):
                 raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
+            if check is not None:
+                check.raise_if_failed()  # a damaged shard of prepared data
             elapsed = time.perf_counter() - t0
             rec = dict(step=done, loss=total, lr=lr_at(step, cfg), grad_norm=gn_sum.item() / steps_timed,
                        img_per_s=steps_timed * cfg.batch_size / max(elapsed, 1e-9),
@@ -430,7 +452,7 @@ def write_sample_grid(ema: torch.nn.Module, diffusion: GaussianDiffusion, run: R
                       device, progress: bool = False) -> Path:
     """n EMA samples (Algorithm 2) as one PNG grid."""
     m = run.model
-    x = sample(ema, diffusion, (m.in_channels, m.resolution, m.resolution), seed=seed, indices=range(n), device=device,
+    x = sample(ema, diffusion, (m.in_channels, *m.size), seed=seed, indices=range(n), device=device,
                progress=progress)
     return write_png(make_grid(to_uint8(x)), path)
 
