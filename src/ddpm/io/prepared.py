@@ -159,6 +159,7 @@ def _prepare(cfg: DataConfig, out: Path, shard_bytes: int, progress: bool) -> "P
         record = int(np.prod(shape))
         state = dict(settings=settings, shape=list(shape), first=first, per_shard=max(1, shard_bytes // record),
                      shards=[], skipped=[], enlarged=0)
+        write_json(out / STATE_NAME, state)  # first: a folder with a shard but no state is not recognised as ours
     shape, per = tuple(state["shape"]), int(state["per_shard"])
     state["shards"], full = _keep_intact(out, state["shards"])  # full: data_fingerprint of all, in order
     k = len(state["shards"])
