@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from ddpm.io.prepared import cache_root
 from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from ddpm.io.distributed import DistInfo
 from ddpm.errors import UserError
@@ -74,21 +77,39 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(npz, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(npz, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_two_nodes_on_a_shared_folder_equal_one_process(npz, tmp_path):
+    """torchrun on two "nodes" (one process each, a local rendezvous) training from a folder of PNG
+    files on a shared file system: each node's first process prepares it into the shared cache
+    (one waits for the other), and the run equals one process trained on the same pixels in memory."""
+    one, two, pngs = tmp_path / "one", tmp_path / "two", tmp_path / "pngs"
+    with np.load(npz) as z:
+        for i, a in enumerate(z["x"]):
+            (pngs / f"{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(a).save(pngs / f"{i % 2}" / f"{i:02d}.png")
+    order = sorted(range(24), key=lambda i: (i % 2, i))  # the folder's order: 0/00, 0/02, …, 1/01, …
+    with np.load(npz) as z:
+        np.savez(tmp_path / "same.npz", x=z["x"][order])
     steps = 3
-    train(one, _tiny(npz, steps=steps, checkpoint_every=2), progress=False)
-    r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ddpm", "train",
-                        "--preset", "tiny", "--data", str(npz), "--out", str(two), "--steps", str(steps),
-                        "--checkpoint-every", "2", "--no-progress"], env=_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    train(one, _tiny(tmp_path / "same.npz", steps=steps, checkpoint_every=2), progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={r}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "ddpm",
+                               "train", "--preset", "tiny", "--data", str(pngs), "--out", str(two), "--steps",
+                               str(steps), "--checkpoint-every", "2", "--no-progress"],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
     a, b = _final_state(one), _final_state(two)
     worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
-    print(f"max |θ_1proc − θ_2proc| after {steps} steps: {worst:.3e}")
+    print(f"max |θ_1proc − θ_2nodes| after {steps} steps: {worst:.3e}")
     assert worst < 5e-5  # measured 5.0e-6: Adam's first steps are sign-like and amplify rounding
     assert any(not torch.equal(a["model"][k], load_checkpoint(list_checkpoints(one)[0][1])["model"][k]) for k in a["model"])
-    # every rank's RNG state is in the checkpoint
-    assert set(b["rng"]) == {"rank0", "rank1"}
+    assert set(b["rng"]) == {"rank0", "rank1"}  # every rank's RNG state is in the checkpoint
+    assert a["data"]["sha256"] == b["data"]["sha256"]  # the same pixels, memory-mapped from the cache
+    assert len([d for d in cache_root().iterdir() if (d / "manifest.json").is_file()]) >= 1
 
 
 def _tiny(npz, **train):
