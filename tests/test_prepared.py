@@ -124,6 +124,18 @@ def test_damage_is_one_line_naming_the_file(folder, tmp_path, capsys):
         PreparedSet(tmp_path / "p")
 
 
+def test_training_reports_a_damaged_shard(folder, tmp_path):
+    root, _ = folder
+    ps = prepare(DataConfig(source=str(root), resolution=SIZE), tmp_path / "p", shard_bytes=4 * _record(),
+                 progress=False)
+    shard = tmp_path / "p" / ps.manifest["shards"][2]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[0] ^= 1
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=f"{shard.name}: damaged"):  # the background check, joined by the end
+        train(tmp_path / "run", _run(tmp_path / "p", 2), progress=False)
+
+
 def test_the_prefetcher_gives_each_steps_batch(folder, tmp_path):
     root, _ = folder
     ps = prepare(DataConfig(source=str(root), resolution=SIZE), tmp_path / "p", shard_bytes=4 * _record(), progress=False)

@@ -18,7 +18,7 @@ has, so a checkpoint's data check does not depend on the placement).
 
 Opening checks the manifest and every shard's size (cheap); the checksums are verified on
 demand (`PreparedSet.verify`, `ddpm prepare --verify DIR`) and by training in the background
-(`verify_in_background`). A damaged shard is one line that names it.
+(`verify_in_background`, for sets up to 16 GiB). A damaged shard is one line that names it.
 
 Shards are memory-mapped: a gather copies the records it needs out of the OS page cache, which
 every process of a node shares, so a process's own memory does not grow with the data set.
@@ -425,6 +425,11 @@ class BackgroundCheck:
     def raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
+
+    def finish(self) -> None:
+        """Wait for the check to end, then raise what it found."""
+        self._thread.join()
+        self.raise_if_failed()
 
     def close(self) -> None:
         self._stop.set()

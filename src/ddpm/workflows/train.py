@@ -73,6 +73,9 @@ def resident_pixels(data: DataSet, device: torch.device) -> Optional[torch.Tenso
 
 
 RESIDENT_GPU_BYTES = 4 * 2**30
+# Prepared data up to this size have their checksums verified on a thread while training runs;
+# reading more would push the training's own pages out of the page cache (`ddpm prepare --verify`).
+VERIFY_IN_BACKGROUND_BYTES = 16 * 2**30
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -231,7 +234,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     loader = None if data is not None else stack.enter_context(
         Prefetcher(images, lambda s: order.indices(s)[lo:hi], start, cfg.steps, pin=device.type == "cuda"))
     check = stack.enter_context(contextlib.closing(images.verify_in_background())) \
-        if isinstance(images, PreparedSet) and dist.local_rank == 0 else None
+        if isinstance(images, PreparedSet) and dist.local_rank == 0 and images.nbytes <= VERIFY_IN_BACKGROUND_BYTES \
+        else None
     # On CUDA the step's t, ε and flips are drawn on the device (a CUDA generator seeded from
     # (seed, step)), so no host-to-device copy waits for the GPU; on the CPU they come from a CPU
     # generator. The two devices therefore draw different (equally valid) streams.
@@ -321,6 +325,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
             logger.log(dict(step=done, **fid(ema, diffusion, shape)))
     bar.close()
     logger.close()
+    if check is not None:
+        check.finish()  # a damaged shard is reported, at the latest now
     return dict(step=cfg.steps, loss=last_loss, run_dir=str(run_dir))
 
 
