@@ -531,6 +531,47 @@ add("convert/to=diffusers-dst-existing-file", lambda tmp, fx: _conv(fx.ckpt, _re
     "odiff")
 
 # ---------------------------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepare(tmp, fx, source=None, out=None):
+    return ["prepare", fx.npz if source is None else source, "--out", tmp / "prepared" if out is None else out,
+            "--no-progress"]
+
+
+def _prepared_with_manifest(tmp: Path, text: str) -> Path:
+    d = _dir(tmp, "prep")
+    (d / "manifest.json").write_text(text)
+    return d
+
+
+add("prepare/no-out", lambda tmp, fx: ["prepare", fx.npz], "--out")
+add("prepare/source-missing", lambda tmp, fx: _prepare(tmp, fx, source=tmp / "nope"), "nope")
+add("prepare/unreadable-images", lambda tmp, fx: _prepare(tmp, fx, source=_random_png_folder(tmp)), "0.png")
+add("prepare/out-foreign-folder", lambda tmp, fx: _prepare(tmp, fx, out=_regular_file(tmp, "mine").parent),
+    ("mine", "--out"))
+add("prepare/out-existing-file", lambda tmp, fx: _prepare(tmp, fx, out=_regular_file(tmp, "prepfile")), "prepfile")
+vary("prepare", _prepare, "--resolution", ["0", "8x", "axb", "-3", "8x0"], N["resolution"])
+vary("prepare", _prepare, "--crop", ["fit"], "--crop")
+vary("prepare", _prepare, "--shard-mb", ["0", "abc"], "--shard-mb")
+vary("prepare", _prepare, "--on-error", ["ignore"], "--on-error")
+add("prepare/verify-not-prepared", lambda tmp, fx: ["prepare", fx.root, "--verify"], "manifest.json")
+add("prepare/verify-manifest-garbage", lambda tmp, fx: ["prepare", _prepared_with_manifest(tmp, "{"), "--verify"],
+    "manifest.json")
+add("prepare/verify-manifest-foreign", lambda tmp, fx: ["prepare", _prepared_with_manifest(tmp, '{"format": "x"}'),
+                                                        "--verify"], "manifest.json")
+
+
+def _prepared_at_16(tmp: Path, fx: Fixtures) -> Path:
+    from ddpm.io.data import DataConfig
+    from ddpm.io.prepared import prepare
+    return prepare(DataConfig(source=str(fx.npz), resolution=16), tmp / "prepared16", progress=False).path
+
+
+add("train/data-prepared-at-another-size", lambda tmp, fx: _train(tmp, fx, _prepared_at_16(tmp, fx)), "prepared16")
+
+# ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
 
