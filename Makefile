@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 # FID tests: torch-fidelity without its declared torchvision, which would replace the torch above
 # (ddpm imports only its Inception modules, which need no torchvision; docs/FID.md).
 	$(PY) -m pip install -q --no-deps "torch-fidelity>=0.4,<0.5"
+# Streaming tests: LitData without its declared torchvision, for the same reason (docs/DATA.md).
+	$(PY) -m pip install -q --no-deps "litdata>=0.2.76,<0.3"
+	$(PY) -m pip install -q "boto3>=1.26" "filelock>=3.8" "lightning-utilities>=0.10" "requests>=2.28"
 	touch $@
 
 install: $(VENV)/.installed

@@ -27,7 +27,8 @@ from .config import parse_size
 from .io.data import Channels, Crop, DataConfig, OnError, Split
 from .io.distributed import is_main_process
 from .io.folders import usable_folder
-from .io.prepared import DEFAULT_SHARD_BYTES, PreparedSet, prepare
+from .io.prepared import DEFAULT_SHARD_BYTES, PreparedSet, open_data, prepare
+from .io.streaming import write_stream
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .network.inception import WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX
 from .network.unet import summary
@@ -290,6 +291,8 @@ def _prepare_args(p):
     p.add_argument("--on-error", default="stop", choices=[c.value for c in OnError],
                    help="an unreadable image: stop (default) or skip and count it")
     p.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20, help="shard size in MiB (default 1024)")
+    p.add_argument("--to", default="ddpm", choices=("ddpm", "litdata"),
+                   help="ddpm: memory-mapped shards (default); litdata: LitData's format, to copy to object storage")
     p.add_argument("--verify", action="store_true", help="check a prepared folder's checksums instead")
     p.add_argument("--no-progress", action="store_true")
 
@@ -308,6 +311,12 @@ def cmd_prepare(args):
         raise UserError(f"--shard-mb {args.shard_mb}: give at least 1")
     cfg = DataConfig(source=args.source, split=args.split, resolution=args.resolution, channels=args.channels,
                      crop=args.crop, on_error=args.on_error)
+    if args.to == "litdata":  # decoded once into the cache (or read in memory), then written in LitData's format
+        data = open_data(cfg, progress=not args.no_progress)
+        out = write_stream(data, args.out, progress=not args.no_progress)
+        _say(f"wrote {out}: {len(data)} images {'x'.join(map(str, data.shape))} in LitData's format, sha256 "
+             f"{data.fingerprint()[:12]}…; copy the folder to a bucket and give its URL as --data")
+        return
     data = prepare(cfg, args.out, shard_bytes=args.shard_mb << 20, progress=not args.no_progress)
     labels = f", {len(data.classes)} classes" if data.labels is not None else ", no labels"
     _say(f"wrote {data.path}: {len(data)} images {'x'.join(map(str, data.shape))}{labels}, "

@@ -57,6 +57,7 @@ from .data import (ARRAY, DataConfig, DataSet, ImageSet, decode, item_name, load
 from .folders import LOCK_NAME, FolderLock, claim_folder
 from .images import CHANNEL_MODES
 from .progress import progress_bar
+from .streaming import StreamSet, is_stream_source, stream_cache
 
 FORMAT = "ddpm-prepared"
 FORMAT_VERSION = 1
@@ -442,16 +443,21 @@ class BackgroundCheck:
 
 def open_data(cfg: DataConfig, *, progress: bool = True, preparer: bool = True,
               barrier: Optional[Callable[[], None]] = None) -> DataSet:
-    """The data of `cfg` in their placement: a prepared folder memory-mapped; an encoded source
+    """The data of `cfg` in their placement: a prepared folder memory-mapped; LitData's format (a
+    bucket URL or a folder, io/streaming.py) read through its local cache; an encoded source
     prepared into the cache (cache_root()) on first use, then memory-mapped; an array source in memory.
 
     :param preparer: whether this process may prepare (under torchrun: local rank 0 of each node;
         the others wait at `barrier`). Processes sharing a cache folder take turns (a file lock).
     """
+    if is_stream_source(cfg.source):
+        data = StreamSet(cfg.source, stream_cache(cfg.source, cache_root()))
+        _check_fits(data, cfg, cfg.source)
+        return data
     path = source_path(cfg)
     if path is not None and path.is_dir() and (path / MANIFEST_NAME).exists():
         data = PreparedSet(path)
-        _check_fits(data, cfg)
+        _check_fits(data, cfg, data.path)
         return data
     if source_kind(cfg) == ARRAY:
         return load_images(cfg)
@@ -469,12 +475,12 @@ def cache_entry(cfg: DataConfig) -> Path:
     return cache_root() / key[:32]
 
 
-def _check_fits(data: PreparedSet, cfg: DataConfig) -> None:
-    """A prepared folder is used as prepared: a different size or channel mode is one line."""
+def _check_fits(data: DataSet, cfg: DataConfig, where) -> None:
+    """Prepared data are used as prepared: a different size or channel mode is one line."""
     c, h, w = data.shape
     if cfg.size not in (None, (h, w)):
-        raise UserError(f"{data.path}: prepared at {h}x{w}, but data.resolution={cfg.resolution}; prepare it again "
+        raise UserError(f"{where}: prepared at {h}x{w}, but data.resolution={cfg.resolution}; prepare it again "
                         f"with --resolution {cfg.resolution}, or set data.resolution={size_value((h, w))}")
     if cfg.channels != "auto" and CHANNEL_MODES[c] != cfg.channels:
-        raise UserError(f"{data.path}: prepared as {CHANNEL_MODES[c]}, but data.channels={cfg.channels}; prepare it "
+        raise UserError(f"{where}: prepared as {CHANNEL_MODES[c]}, but data.channels={cfg.channels}; prepare it "
                         f"again with --channels {cfg.channels}")
