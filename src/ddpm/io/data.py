@@ -804,6 +804,19 @@ def decode(raw: _Raw, cfg: DataConfig, start: int = 0, stop: Optional[int] = Non
             pool.shutdown(wait=True, cancel_futures=True)  # a UserError mid-way stops the rest
 
 
+def decode_readable(raw: _Raw, cfg: DataConfig, skipped: list, start: int = 0, stop: Optional[int] = None, bar=None):
+    """`decode`, with the policy for unreadable files applied: stop with one line naming the file
+    (data.on_error=stop), or append its name to `skipped` and go on (skip)."""
+    with contextlib.closing(decode(raw, cfg, start, stop, bar)) as results:
+        for i, a, info in results:
+            if a is None:
+                if cfg.on_error == "stop":
+                    raise unreadable(item_name(raw, i), info)
+                skipped.append(item_name(raw, i))
+                continue
+            yield i, a, info
+
+
 def _needs_no_resize(a: np.ndarray, cfg: DataConfig) -> bool:
     h, w = a.shape[1:3]
     return cfg.size in (None, (h, w)) and (h == w or cfg.size == (h, w))
@@ -836,13 +849,8 @@ def _finish(raw: _Raw, cfg: DataConfig) -> ImageSet:
         raise UserError(f"{raw.description}: holds no images; give a non-empty data set")
     arrays, kept, skipped, up = [], [], [], 0
     bar = progress_bar(n, desc="decoding images", unit="img", enabled=raw.items is not None and n > PROGRESS_MIN_ITEMS)
-    with bar, contextlib.closing(decode(raw, cfg, bar=bar)) as results:
+    with bar, contextlib.closing(decode_readable(raw, cfg, skipped, bar=bar)) as results:
         for i, a, info in results:
-            if a is None:
-                if cfg.on_error == "stop":
-                    raise unreadable(item_name(raw, i), info)
-                skipped.append(item_name(raw, i))
-                continue
             if arrays:
                 bad = mismatch(item_name(raw, kept[0]), arrays[0].shape, item_name(raw, i), a)
                 if bad is not None:

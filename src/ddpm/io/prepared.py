@@ -52,8 +52,8 @@ from ..config import load_json, size_value
 from ..errors import UserError
 from ..version import __version__
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes, write_json
-from .data import (ARRAY, DataConfig, DataSet, ImageSet, decode, item_name, load_images, mismatch, open_source,
-                   resize_note, source_kind, source_length, source_path, unreadable)
+from .data import (ARRAY, DataConfig, DataSet, ImageSet, decode, decode_readable, item_name, load_images, mismatch,
+                   open_source, resize_note, source_kind, source_length, source_path, unreadable)
 from .folders import LOCK_NAME, FolderLock, claim_folder
 from .images import CHANNEL_MODES
 from .progress import progress_bar
@@ -105,18 +105,30 @@ def stat_fingerprint(path: Optional[Path]) -> str:
         st = path.stat()
         h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if f.startswith(".") or f == LOCK_NAME:
-                continue
-            p = Path(dirpath, f)
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    lines: list[str] = []
+    _stat_lines(path, "", lines)
+    h.update("".join(sorted(lines)).encode())
     return h.hexdigest()
+
+
+def _stat_lines(folder: Path, prefix: str, lines: list) -> None:
+    """"relative path, size, mtime" of every file below `folder` (hidden ones left out), by
+    os.scandir: its entries carry their type, so only files are stat()ed (50,000 files: ~0.3 s)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for e in entries:
+        if e.name.startswith(".") or e.name == LOCK_NAME:
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False):  # as the image listing (os.walk) does
+                _stat_lines(Path(e.path), f"{prefix}{e.name}/", lines)
+            else:
+                st = e.stat()
+                lines.append(f"{prefix}{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+        except OSError:
+            continue
 
 
 def prepare_settings(cfg: DataConfig) -> dict:
@@ -247,13 +259,8 @@ def _write_shard(raw, cfg: DataConfig, out: Path, k: int, lo: int, hi: int, shap
     h = hashlib.sha256()
     count, labels, skipped, enlarged = 0, [], [], 0
     c = shape[0]
-    with atomic_file(out / name) as f, contextlib.closing(decode(raw, cfg, lo, hi, bar)) as results:
+    with atomic_file(out / name) as f, contextlib.closing(decode_readable(raw, cfg, skipped, lo, hi, bar)) as results:
         for i, a, info in results:
-            if a is None:
-                if cfg.on_error == "stop":
-                    raise unreadable(item_name(raw, i), info)
-                skipped.append(item_name(raw, i))
-                continue
             bad = mismatch(first, shape[1:], item_name(raw, i), a)
             if bad is not None:
                 raise UserError(f"{raw.description}: {bad}")
