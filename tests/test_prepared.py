@@ -23,6 +23,7 @@ from ddpm.io.loader import Prefetcher
 from ddpm.io.prepared import MANIFEST_NAME, STATE_NAME, PreparedSet, cache_root, open_data, prepare
 from ddpm.io.checkpoint import latest_checkpoint
 from ddpm.run.config import RunConfig
+from ddpm.workflows.sample import sample_run
 from ddpm.workflows.train import DataOrder, train
 from helpers import assert_states_equal
 
@@ -148,7 +149,7 @@ def test_the_prefetcher_gives_each_steps_batch(folder, tmp_path):
 def _run(source, steps, **model):
     run = RunConfig.from_preset("tiny", data=str(source))
     return run.replace(model=run.model.replace(resolution=f"{H}x{W}", attn_resolutions=(4,), **model),
-                       data=run.data.replace(resolution=SIZE),
+                       diffusion=run.diffusion.replace(T=20), data=run.data.replace(resolution=SIZE),
                        train=run.train.replace(steps=steps, checkpoint_every=2, batch_size=4, log_every=2))
 
 
@@ -165,6 +166,10 @@ def test_training_on_prepared_data_equals_memory_and_resumes_bit_for_bit(folder,
     assert_states_equal(a, b)
     assert_states_equal(b, c)
     assert a["data"]["sha256"] == b["data"]["sha256"] == p.fingerprint()  # the placement does not change it
+    # the non-square run samples at its own size
+    res = sample_run(tmp_path / "prep", tmp_path / "samples", 2, batch=2, device="cpu", progress=False)
+    with np.load(res["npz"]) as z:
+        assert z["x"].shape == (2, H, W, 3)  # NHWC, as image files are
 
 
 def test_a_raw_folder_is_prepared_once_into_the_cache(folder, tmp_path, monkeypatch):

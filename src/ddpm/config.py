@@ -117,10 +117,10 @@ def _coerce(cls, name: str, value: Any, where: str) -> Any:
             inner = args[0] if args else str
             inner = inner if inner in (int, float, str) else (lambda v: v)
             return tuple(inner(v) for v in value)
-        if origin is typing.Union and type(None) in args:  # Optional[X]
-            inner = [a for a in args if a is not type(None)][0]
-            if inner in (int, float, str):
-                return inner(value)
+        if origin is typing.Union and type(None) in args:  # Optional[X]; a union of several is left to validate()
+            inner = [a for a in args if a is not type(None)]
+            if len(inner) == 1 and inner[0] in (int, float, str):
+                return inner[0](value)
     except (TypeError, ValueError):
         raise UserError(f"{where}: field {name}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
     return value

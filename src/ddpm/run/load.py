@@ -54,7 +54,7 @@ class LoadedRun(NamedTuple):
     def shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
         m = self.run.model
-        return (m.in_channels, m.resolution, m.resolution)
+        return (m.in_channels, *m.size)
 
 
 def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> LoadedRun:
