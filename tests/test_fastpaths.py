@@ -110,7 +110,7 @@ def test_bf16_autocast_forward_and_gradients_are_close_to_fp32():
     assert_grads_close(g16, g32, 1e-2)
 
 
-def test_bits_per_dim_in_bf16_is_within_0_01_of_fp32():
+def test_bits_per_dim_in_bf16_is_within_0_01_of_fp32(one_thread):
     # The paper's T = 1000 terms on a real image (Fashion-MNIST at 8x8, with its many exactly-black
     # pixels in the decoder's edge bin) and the same noise for both precisions. The network is the
     # smallest with every layer kind: these CPUs may emulate bf16, and 2 x 1000 evaluations add up.
