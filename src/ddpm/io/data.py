@@ -847,6 +847,9 @@ def _finish(raw: _Raw, cfg: DataConfig) -> ImageSet:
     n = source_length(raw)
     if n == 0:
         raise UserError(f"{raw.description}: holds no images; give a non-empty data set")
+    if raw.array is not None and _needs_no_resize(raw.array, cfg):  # no resampling: stay vectorised, no copy
+        labels = None if raw.labels is None else torch.from_numpy(raw.labels)
+        return _image_set(_convert_channels(raw.array, cfg.channels), raw.description, [], labels, raw.classes)
     arrays, kept, skipped, up = [], [], [], 0
     bar = progress_bar(n, desc="decoding images", unit="img", enabled=raw.items is not None and n > PROGRESS_MIN_ITEMS)
     with bar, contextlib.closing(decode_readable(raw, cfg, skipped, bar=bar)) as results:
