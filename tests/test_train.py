@@ -80,7 +80,8 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(npz, tmp_path):
 def test_two_nodes_on_a_shared_folder_equal_one_process(npz, tmp_path):
     """torchrun on two "nodes" (one process each, a local rendezvous) training from a folder of PNG
     files on a shared file system: each node's first process prepares it into the shared cache
-    (one waits for the other), and the run equals one process trained on the same pixels in memory."""
+    (one waits for the other), and the run equals one process trained on the same pixels in memory.
+    The nodes also split their share of 4 images into micro-batches of 3 and 1 (one all-reduce)."""
     one, two, pngs = tmp_path / "one", tmp_path / "two", tmp_path / "pngs"
     with np.load(npz) as z:
         for i, a in enumerate(z["x"]):
@@ -97,7 +98,7 @@ def test_two_nodes_on_a_shared_folder_equal_one_process(npz, tmp_path):
     nodes = [subprocess.Popen([PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                f"--node_rank={r}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "ddpm",
                                "train", "--preset", "tiny", "--data", str(pngs), "--out", str(two), "--steps",
-                               str(steps), "--checkpoint-every", "2", "--no-progress"],
+                               str(steps), "--checkpoint-every", "2", "--no-progress", "--set", "train.microbatch=3"],
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for node in nodes:
         _, err = node.communicate(timeout=300)

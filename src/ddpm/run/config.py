@@ -49,6 +49,12 @@ class TrainConfig(Config):
     sample_every: int = 0  # EMA sample grid every N steps (0: never during training)
     sample_n: int = 64
     precision: Precision = Precision.FP32  # "bf16": autocast the network in bfloat16
+    # Memory (docs/MATH.md § Fitting in memory): they change what a step holds, not what it computes.
+    microbatch: int = 0  # images per forward/backward, gradients accumulated over the batch (0: all at once)
+    checkpointing: bool = False  # recompute each block's activations in the backward pass (network/memory.py)
+    # Fine-tuning: a new run starts from these weights (a run directory, a checkpoint, a diffusers
+    # folder) with a fresh optimizer at step 0; "" starts from the paper's initialisation.
+    init_from: str = ""
     device: Device = Device.AUTO
     # Fast paths (network/fast.py): "auto" is each device's default, or "on"/"off".
     channels_last: Switch = Switch.AUTO  # NHWC weights and activations (auto: on for CUDA; CPU: on from width ch=128)
@@ -68,12 +74,14 @@ class TrainConfig(Config):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"train.{name}={v!r} must be a positive integer")
-        for name in ("warmup", "sample_every", "milestone_every", "seed", "fid_every"):
+        for name in ("warmup", "sample_every", "milestone_every", "seed", "fid_every", "microbatch"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise UserError(f"train.{name}={v!r} must be an integer >= 0")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"train.lr={self.lr!r} must be a positive number (the paper uses 2e-4 for CIFAR-10)")
+        if not isinstance(self.checkpointing, bool):
+            raise UserError(f"train.checkpointing={self.checkpointing!r} is not valid; give true or false")
         if not self.grad_clip > 0:
             raise UserError(f"train.grad_clip={self.grad_clip!r} must be positive (the paper clips at 1.0)")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -88,7 +96,7 @@ class TrainConfig(Config):
 RESUMABLE_CHANGES = {"train": {"steps", "checkpoint_every", "keep_last", "milestone_every", "log_every",
                                "sample_every", "sample_n", "device", "tensorboard", "channels_last", "compile",
                                "winograd", "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_weights_sha256",
-                               "lr", "warmup"},
+                               "lr", "warmup", "microbatch", "checkpointing"},
                      "data": {"source"}}  # data that moved; the checkpoint's fingerprint of them decides
 # Keys of a saved config.json that are a record, not configuration (run/folder.py).
 RECORD_KEYS = ("history",)

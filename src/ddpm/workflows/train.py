@@ -37,6 +37,7 @@ from ..io.images import make_grid, write_png
 from ..io.loader import Prefetcher
 from ..io.prepared import PreparedSet, open_data
 from ..io.progress import progress_bar
+from ..network.memory import set_checkpointing
 from ..network.fast import (autocast, compile_or_eager, match_layout_, resolve_switch, set_winograd, to_channels_last,
                             training_trial)
 from ..network.unet import UNet
@@ -45,7 +46,7 @@ from ..process.scaling import to_model_range, to_uint8
 from ..run.config import RunConfig, TrainConfig, check_resume_compatible, config_changes, is_resumable
 from ..run.folder import (CONFIG_NAME, METRICS_NAME, append_metrics, claim_run_folder, read_run_record, truncate_metrics,
                           write_run_record)
-from ..run.load import state_dict_problem
+from ..run.load import initial_weights, state_dict_problem
 from .evaluate import TrainingFID
 from .sample import sample
 
@@ -177,6 +178,7 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
         to_channels_last(model)  # the EMA copy, the optimizer's moments and the gradients follow
     set_winograd(model, resolve_switch("winograd", cfg.winograd, device))  # the EMA copy too
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # kept apart, never swapped in
+    set_checkpointing(model, cfg.checkpointing)  # the training copy only: the EMA never runs a backward
     params = [p for p in model.parameters()]
     # foreach Adam on CPU; fused on CUDA (one kernel for all parameters).
     opt = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
@@ -204,6 +206,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
         rng = state.get("rng", {}).get(f"rank{dist.rank}")
         if rng:
             ckpt.set_rng_state(rng)
+    if found is None and cfg.init_from:  # a new run from given weights (fine-tuning); resumes use their checkpoint
+        history.append(dict(step=0, time=_now(), init_from=_init_weights(cfg.init_from, model, ema)))
     if resuming and record.source.name != CONFIG_NAME:
         history.append(dict(step=start, time=_now(), rebuilt_from=record.source.name))  # config.json was missing
     if changes:
@@ -216,19 +220,21 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
         write_run_record(run_dir, run, history)
         truncate_metrics(run_dir / METRICS_NAME, start)
     barrier()
-    net = model
+    local = cfg.batch_size // dist.world_size
+    lo, hi = dist.rank * local, (dist.rank + 1) * local
+    mb = cfg.microbatch or local
+    chunks = [slice(a, min(a + mb, local)) for a in range(0, local, mb)]
+    net = ddp = model
     if dist.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if resolve_switch("compile", cfg.compile, device):
         # fuses norms, activations and adds; the checkpoint keeps `model`. A compiler that fails to
         # build the network here warns and leaves it eager (network/fast.py, Fail-safe).
-        trial = training_trial(model, (cfg.batch_size // dist.world_size, *images.shape), device,
+        trial = training_trial(model, (min(mb, local), *images.shape), device,
                                cfg.precision)
         net = compile_or_eager(net, device, trial, "train.compile=off")
 
     ema_params = [p for p in ema.parameters()]
-    local = cfg.batch_size // dist.world_size
-    lo, hi = dist.rank * local, (dist.rank + 1) * local
     data = resident_pixels(images, device)  # uint8 [N, C, H, W], or None: gathered ahead by `loader`
     order = DataOrder(len(images), cfg.batch_size, cfg.seed, device=data.device if data is not None else None)
     loader = None if data is not None else stack.enter_context(
@@ -270,12 +276,18 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
         if run.data.random_flip:
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
 
-        # ---- Algorithm 1
-        with autocast(device, cfg.precision):
-            losses = diffusion.training_losses(net, x0, t, noise)
-        loss = losses["loss"].mean()
+        # ---- Algorithm 1, over micro-batches of the local batch when asked (the same draws, the
+        # gradient of the whole batch's mean loss; under DDP one all-reduce, after the last one)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for j, part in enumerate(chunks):
+            with ddp.no_sync() if ddp is not model and j < len(chunks) - 1 else contextlib.nullcontext():
+                with autocast(device, cfg.precision):
+                    losses = diffusion.training_losses(net, x0[part], t[part], noise[part])
+                loss = losses["loss"].mean() if len(chunks) == 1 else losses["loss"].sum() / local
+                loss.backward()
+            q = ((t[part] - 1) * 4) // T  # quartile of t: 1 … T/4 is the first
+            sums[0].index_add_(0, q, losses["loss"].detach().float())
+            sums[1].index_add_(0, q, torch.ones_like(q, dtype=sums.dtype))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -283,9 +295,6 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
         ema_update(ema_params, params, cfg.ema_decay)
 
         # ---- bookkeeping on the device; read back only every log_every steps
-        q = ((t - 1) * 4) // T  # quartile of t: 1 … T/4 is the first
-        sums[0].index_add_(0, q, losses["loss"].detach().float())
-        sums[1].index_add_(0, q, torch.ones_like(q, dtype=sums.dtype))
         gn_sum += grad_norm.detach().float()
         done = step + 1
         steps_timed += 1
@@ -431,6 +440,20 @@ def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist
                      data_position=step * cfg.batch_size, config=run.to_dict(), data=data_print)
         ckpt.save_checkpoint(run_dir, step, state, keep_last=cfg.keep_last, milestone_every=cfg.milestone_every or None)
     barrier()
+
+
+def _init_weights(path: str, model: torch.nn.Module, ema: torch.nn.Module) -> dict:
+    """Load the weights at `path` (run/load.py's initial_weights) into the model and its EMA; one
+    line naming the first tensor that does not fit. Returns where they came from, for the history."""
+    init = initial_weights(path)
+    for name, sd, net in (("model", init.model, model), ("EMA", init.ema, ema)):
+        problem = state_dict_problem(sd, net.state_dict())
+        if problem:
+            raise UserError(f"--init-from {path}: its {name} weights do not fit this run's network ({problem}); give "
+                            f"weights of the same model.* settings, or change the model to match them")
+        net.load_state_dict(sd)
+    _log(f"initialised the model and its EMA from {init.source['file']} (sha256 {init.source['sha256'][:12]}…)")
+    return init.source
 
 
 def _diverged_message(run_dir: Path, step: int, cfg: TrainConfig, start: int) -> str:
