@@ -342,6 +342,8 @@ def _train_args(p):
                                                   "the preset")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field, e.g. train.lr=1e-4")
+    p.add_argument("--init-from", default=None, metavar="RUN|CHECKPOINT|DIFFUSERS_DIR",
+                   help="fine-tune: start a new run from these weights (model and EMA), fresh optimizer, step 0")
     p.add_argument("--accept-new-data", action="store_true",
                    help="resume although the data differ from those the run was trained on (recorded in its history)")
     p.add_argument("--no-progress", action="store_true")
@@ -352,7 +354,7 @@ def cmd_train(args):
     record = read_run_record(usable_folder(args.out)) if args.preset is None else None
     run = resolve_run_config(args.preset, args.config, data=args.data, sets=args.set,
                              flags=dict(steps=args.steps, batch_size=args.batch, seed=args.seed,
-                                        checkpoint_every=args.checkpoint_every),
+                                        checkpoint_every=args.checkpoint_every, init_from=args.init_from),
                              base=record.config if record is not None else None)
     _say(json.dumps(run.to_dict(), indent=2))  # stdout: stderr is kept for progress and errors
     res = train(args.out, run, progress=not args.no_progress, accept_new_data=args.accept_new_data)

@@ -64,7 +64,7 @@ def _config_arg(config) -> UNetConfig | None:
     return config_from_dict(dict(config), "config")
 
 
-def _ddpm_header(path: Path) -> str | None:
+def ddpm_format(path: Path) -> str | None:
     """The `format` in a ddpm safetensors header (weights or training checkpoint), else None."""
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -123,7 +123,7 @@ def read_unet(src, fmt: str, config=None) -> UNet:
     if fmt == "pt":
         return load_state(meta_unet(_plain_config(src, cfg)), _read_torch_save(src), str(src))
 
-    header = _ddpm_header(src)
+    header = ddpm_format(src)
     if header == checkpoint.CHECKPOINT_FORMAT:  # a training checkpoint: its EMA weights, as the paper evaluates
         state = checkpoint.load_checkpoint(src)
         tensors, stored = state["ema"], state.get("config")

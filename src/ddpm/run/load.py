@@ -8,6 +8,7 @@ Every command that uses a trained model (sample, nll, the experiments, eval) sta
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from ..config import Choice
 from ..errors import UserError
 from ..io import checkpoint as ckpt
 from ..io.distributed import DistInfo
+from ..io.weights import ddpm_format, read_unet
 from ..io.distributed import init as dist_init
 from ..network.fast import prepare_model
 from ..network.unet import UNet
@@ -122,3 +124,50 @@ def state_dict_problem(given, expected) -> str:
             what = f"{list(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
             return f"{k} is {what}, the network needs {list(ref.shape)} {ref.dtype}"
     return ""
+
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class InitialWeights(NamedTuple):
+    """Weights to start a new run from (`ddpm train --init-from`): the model's and the EMA's."""
+
+    model: dict
+    ema: dict
+    source: dict  # what they came from, for the run's history: path, file, sha256, kind
+
+
+def initial_weights(path) -> InitialWeights:
+    """The weights of a run directory (its newest valid checkpoint: model and EMA), a checkpoint
+    or ddpm weights file, or a diffusers UNet2DModel folder (or a pipeline folder holding one in
+    unet/): the latter two give the same weights to the model and the EMA."""
+    p = Path(path)
+    if (p / "unet" / DIFFUSERS_WEIGHTS).is_file():  # a diffusers pipeline: its U-Net
+        p = p / "unet"
+    if p.is_dir() and (p / DIFFUSERS_WEIGHTS).is_file():
+        sd = read_unet(p, "diffusers").state_dict()
+        return InitialWeights(sd, sd, dict(path=str(path), file=str(p / DIFFUSERS_WEIGHTS), kind="diffusers",
+                                           sha256=_file_sha256(p / DIFFUSERS_WEIGHTS)))
+    if p.is_dir():
+        found = ckpt.latest_checkpoint(p)
+        if found is None:
+            raise UserError(f"--init-from {p}: no checkpoint and no diffusers weights ({DIFFUSERS_WEIGHTS}) in this "
+                            f"folder; give a run directory, a checkpoint, or a diffusers model folder")
+        file, state = found
+    elif p.is_file():
+        if ddpm_format(p) != ckpt.CHECKPOINT_FORMAT:  # a weights file (ddpm's, or plain with a config beside it)
+            sd = read_unet(p, "ddpm").state_dict()
+            return InitialWeights(sd, sd, dict(path=str(path), file=str(p), kind="weights", sha256=_file_sha256(p)))
+        file, state = p, ckpt.load_checkpoint(p)
+    else:
+        raise UserError(f"--init-from {p}: no such run directory, checkpoint or diffusers model folder")
+    return InitialWeights(state["model"], state["ema"], dict(path=str(path), file=str(file), kind="checkpoint",
+                                                             sha256=ckpt.checkpoint_sha256(file)))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
