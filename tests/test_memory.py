@@ -2,12 +2,13 @@
 path (the reference is the same training without them), and they change only what is held."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from ddpm.io.checkpoint import latest_checkpoint
+from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from ddpm.network.memory import set_checkpointing
 from ddpm.network.unet import UNet, UNetConfig
 from ddpm.process.diffusion import GaussianDiffusion
@@ -30,7 +31,7 @@ def _run(npz, **train_fields):
     run = RunConfig.from_preset("tiny", data=str(npz))
     model = run.model.replace(resolution=16, attn_resolutions=(8,), dropout=0.3)  # dropout: masks must replay
     return run.replace(model=model, data=run.data.replace(resolution=16),
-                       train=run.train.replace(steps=3, checkpoint_every=3, batch_size=4, **train_fields))
+                       train=run.train.replace(**dict(dict(steps=3, checkpoint_every=3, batch_size=4), **train_fields)))
 
 
 def test_checkpointed_blocks_give_the_same_gradients_and_dropout_masks():
@@ -85,3 +86,29 @@ def test_micro_batches_give_the_whole_batch_gradient(npz, tmp_path, monkeypatch)
     a, b = latest_checkpoint(tmp_path / "whole")[1], latest_checkpoint(tmp_path / "micro")[1]
     worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     assert worst < 5e-5  # float rounding of a sum in another order, amplified by Adam's sign-like first steps
+
+
+def test_fp16_skips_an_overflowing_step_counts_it_and_resumes_exactly(npz, tmp_path, monkeypatch):
+    calls = []
+    real = GaussianDiffusion.training_losses
+
+    def overflow_at_step_2(self, net, x0, t, noise):  # the loss (so every gradient) of step 2 is infinite
+        calls.append(1)
+        out = real(self, net, x0, t, noise)
+        return dict(out, loss=out["loss"] * float("inf")) if len(calls) == 2 else out
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", overflow_at_step_2)
+    run = _run(npz, precision="fp16", checkpoint_every=1, keep_last=10, log_every=1)
+    run = run.replace(train=run.train.replace(steps=4))
+    train(tmp_path / "straight", run, progress=False)
+    ck = {s: load_checkpoint(p) for s, p in list_checkpoints(tmp_path / "straight")}
+    for part in ("model", "ema"):  # step 2 changed nothing: not the weights, not their average
+        assert all(torch.equal(ck[1][part][k], ck[2][part][k]) for k in ck[1][part]), part
+        assert not all(torch.equal(ck[2][part][k], ck[3][part][k]) for k in ck[2][part]), part
+    assert (ck[1]["scaler"]["scale"], ck[2]["scaler"]["scale"]) == (65536.0, 32768.0)  # backed off by half
+    logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in logged] == [0, 1, 0, 0] and all(np.isfinite(r["loss"]) for r in logged[2:])
+    calls.clear()
+    train(tmp_path / "cut", run.replace(train=run.train.replace(steps=2)), progress=False)
+    train(tmp_path / "cut", run, progress=False)  # resumed at step 2, with the scaler's state
+    assert_states_equal(latest_checkpoint(tmp_path / "cut")[1], ck[4])

@@ -88,6 +88,7 @@ class Switch(Choice):
 class Precision(Choice):
     FP32 = "fp32"
     BF16 = "bf16"  # autocast of the network in bfloat16; the diffusion math stays in float32
+    FP16 = "fp16"  # autocast in float16, for GPUs without bf16 (training adds dynamic loss scaling)
 
 
 SWITCH_VALUES = tuple(s.value for s in Switch)
@@ -120,9 +121,10 @@ def resolve_switch(name: str, value: str, device, model: Optional[nn.Module] = N
 
 
 def autocast(device, precision: str):
-    """The network's autocast context: bf16 for precision "bf16", a no-op for "fp32"."""
+    """The network's autocast context: bf16 or fp16 for those precisions, a no-op for "fp32"."""
     precision = Precision.parse(precision, "precision")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision is Precision.BF16)
+    dtype = torch.float16 if precision is Precision.FP16 else torch.bfloat16
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=precision is not Precision.FP32)
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:

@@ -74,6 +74,9 @@ def resident_pixels(data: DataSet, device: torch.device) -> Optional[torch.Tenso
 
 
 RESIDENT_GPU_BYTES = 4 * 2**30
+# fp16: this many overflowing steps in a row (the loss scale halved each time, 2^-25 of where it
+# started) is a diverged run, not a scale still settling.
+FP16_SKIPS_IN_A_ROW = 25
 # Prepared data up to this size have their checksums verified on a thread while training runs;
 # reading more would push the training's own pages out of the page cache (`ddpm prepare --verify`).
 VERIFY_IN_BACKGROUND_BYTES = 16 * 2**30
@@ -112,10 +115,12 @@ class DataOrder:
         return torch.cat(parts)
 
 
-def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float,
+               applied: Optional[torch.Tensor] = None) -> None:
     """ema ← decay·ema + (1 − decay)·θ (docs/MATH.md § Training recipe), one fused foreach kernel per
-    dtype group."""
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    dtype group. `applied` (a 0/1 tensor on the device): whether the step updated θ at all; a step
+    that fp16 loss scaling skipped leaves the EMA as it is, without a host sync to find out."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay if applied is None else (1.0 - decay) * applied)
 
 
 class TrainingDiverged(UserError):
@@ -246,6 +251,14 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     # (seed, step)), so no host-to-device copy waits for the GPU; on the CPU they come from a CPU
     # generator. The two devices therefore draw different (equally valid) streams.
     gen_device = torch.Generator(device) if device.type == "cuda" else None
+    # fp16: dynamic loss scaling (docs/MATH.md § Fitting in memory). A step whose gradients overflow
+    # is skipped by the scaler, counted, and leaves the EMA and the logged loss alone.
+    fp16 = cfg.precision == "fp16"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    if fp16 and found is not None and isinstance(found[1].get("scaler"), dict):
+        scaler.load_state_dict(found[1]["scaler"])
+    step_sums = torch.zeros(2, 4, device=device)
+    skipped, in_a_row = torch.zeros((), device=device), torch.zeros((), device=device)
     shape = images.shape
     T = diffusion.num_timesteps
 
@@ -279,20 +292,31 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
         # ---- Algorithm 1, over micro-batches of the local batch when asked (the same draws, the
         # gradient of the whole batch's mean loss; under DDP one all-reduce, after the last one)
         opt.zero_grad(set_to_none=True)
+        tally = step_sums.zero_() if fp16 else sums
         for j, part in enumerate(chunks):
             with ddp.no_sync() if ddp is not model and j < len(chunks) - 1 else contextlib.nullcontext():
                 with autocast(device, cfg.precision):
                     losses = diffusion.training_losses(net, x0[part], t[part], noise[part])
                 loss = losses["loss"].mean() if len(chunks) == 1 else losses["loss"].sum() / local
-                loss.backward()
+                scaler.scale(loss).backward()
             q = ((t[part] - 1) * 4) // T  # quartile of t: 1 … T/4 is the first
-            sums[0].index_add_(0, q, losses["loss"].detach().float())
-            sums[1].index_add_(0, q, torch.ones_like(q, dtype=sums.dtype))
+            tally[0].index_add_(0, q, losses["loss"].detach().float())
+            tally[1].index_add_(0, q, torch.ones_like(q, dtype=sums.dtype))
+        scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        opt.step()
-        ema_update(ema_params, params, cfg.ema_decay)
+        scaler.step(opt)  # opt.step(), unless fp16 gradients overflowed
+        scaler.update()
+        if fp16:
+            applied = torch.isfinite(grad_norm).float()
+            ema_update(ema_params, params, cfg.ema_decay, applied)
+            sums.add_(torch.where(applied > 0, step_sums, 0.0))  # an overflowed loss may be inf: 0 x inf is nan
+            skipped.add_(1 - applied)
+            in_a_row.mul_(1 - applied).add_(1 - applied)
+            grad_norm = torch.nan_to_num(grad_norm * applied, nan=0.0)
+        else:
+            ema_update(ema_params, params, cfg.ema_decay)
 
         # ---- bookkeeping on the device; read back only every log_every steps
         gn_sum += grad_norm.detach().float()
@@ -303,25 +327,27 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
                 torch.distributed.all_reduce(sums)
             s = sums.cpu()
             total = s[0].sum().item() / max(s[1].sum().item(), 1)
-            if not math.isfinite(total):
+            n_skipped = int(skipped.item()) if fp16 else 0
+            if not math.isfinite(total) or (fp16 and in_a_row.item() >= FP16_SKIPS_IN_A_ROW):
                 raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
             if check is not None:
                 check.raise_if_failed()  # a damaged shard of prepared data
             elapsed = time.perf_counter() - t0
             rec = dict(step=done, loss=total, lr=lr_at(step, cfg), grad_norm=gn_sum.item() / steps_timed,
                        img_per_s=steps_timed * cfg.batch_size / max(elapsed, 1e-9),
-                       **{f"loss_q{i}": (s[0, i] / s[1, i]).item() if s[1, i] > 0 else None for i in range(4)})
+                       **{f"loss_q{i}": (s[0, i] / s[1, i]).item() if s[1, i] > 0 else None for i in range(4)},
+                       **(dict(skipped_steps=n_skipped, loss_scale=scaler.get_scale()) if fp16 else {}))
             logger.log(rec)
             bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rec['img_per_s']:.0f}")
             last_loss = total
-            sums.zero_(); gn_sum.zero_(); t0, steps_timed = time.perf_counter(), 0
+            sums.zero_(); gn_sum.zero_(); skipped.zero_(); t0, steps_timed = time.perf_counter(), 0
         bar.update(1)
         stopping = stop.requested(dist, done, cfg.log_every)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or (stopping and saved_at != done):
             # Never write a checkpoint from a diverged state (one sync per checkpoint).
-            if not (torch.isfinite(sums).all() and torch.isfinite(gn_sum) and torch.isfinite(loss)):
+            if not (torch.isfinite(sums).all() and torch.isfinite(gn_sum) and (fp16 or torch.isfinite(loss))):
                 raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
-            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print)
+            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print, scaler)
             saved_at = done
         if stopping:
             bar.close()
@@ -428,7 +454,8 @@ class _StopSignals:
         return self.signum is not None
 
 
-def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist: DistInfo, data_print: dict) -> None:
+def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist: DistInfo, data_print: dict,
+          scaler: torch.amp.GradScaler) -> None:
     # Every rank's RNG state goes into the one file rank 0 writes.
     mine = ckpt.get_rng_state()
     rng = {f"rank{r}": {} for r in range(dist.world_size)}
@@ -437,7 +464,8 @@ def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist
             rng[f"rank{r}"][key] = v
     if dist.is_main:
         state = dict(step=step, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=rng,
-                     data_position=step * cfg.batch_size, config=run.to_dict(), data=data_print)
+                     data_position=step * cfg.batch_size, config=run.to_dict(), data=data_print,
+                     **(dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}))
         ckpt.save_checkpoint(run_dir, step, state, keep_last=cfg.keep_last, milestone_every=cfg.milestone_every or None)
     barrier()
 
