@@ -112,3 +112,44 @@ def test_fp16_skips_an_overflowing_step_counts_it_and_resumes_exactly(npz, tmp_p
     train(tmp_path / "cut", run.replace(train=run.train.replace(steps=2)), progress=False)
     train(tmp_path / "cut", run, progress=False)  # resumed at step 2, with the scaler's state
     assert_states_equal(latest_checkpoint(tmp_path / "cut")[1], ck[4])
+
+
+def test_replica_clipping_averages_the_clipped_gradients_of_each_share(npz, tmp_path, monkeypatch):
+    """The official TPU recipe, by its definition: the gradient each share of N images would have
+    alone (the mean loss over its images), clipped to norm c, averaged over the shares."""
+    shares, used = [], []
+    real = GaussianDiffusion.training_losses
+
+    def recording(self, net, x0, t, noise):
+        shares.append(({k: v.clone() for k, v in net.state_dict().items()}, x0.clone(), t.clone(), noise.clone()))
+        return real(self, net, x0, t, noise)
+
+    def recording_step(self, closure=None):
+        used.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", recording)
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    c = 0.05  # small enough that every share is clipped
+    run = _run(npz, steps=1, clip_granularity="replica:2", grad_clip=c)
+    run = run.replace(model=run.model.replace(dropout=0.0))
+    train(tmp_path / "replica", run, progress=False)
+    monkeypatch.undo()
+    diffusion = GaussianDiffusion.from_config(run.diffusion)
+    expected = None
+    for state, x0, t, noise in shares:  # the network as it was before the step (no update was made)
+        net = UNet.from_config(run.model.replace(in_channels=1, out_channels=1))
+        net.load_state_dict(state)
+        diffusion.training_losses(net, x0, t, noise)["loss"].mean().backward()
+        g = [p.grad for p in net.parameters()]
+        norm = torch.sqrt(sum((x.double() ** 2).sum() for x in g))
+        assert norm > c  # really clipped
+        g = [x * (c / norm).float() for x in g]
+        expected = g if expected is None else [a + b for a, b in zip(expected, g)]
+    assert len(shares) == 2 and [len(x0) for _, x0, _, _ in shares] == [2, 2]
+    for got, want in zip(used[0], expected):
+        assert torch.allclose(got, want / 2, rtol=1e-4, atol=1e-9)
+    # one share of the whole batch is the default's clipping of the batch, bit for bit
+    one = _run(npz, clip_granularity="replica:4")
+    train(tmp_path / "one-share", one, progress=False)
+    train(tmp_path / "batch", _run(npz), progress=False)
+    assert_states_equal(latest_checkpoint(tmp_path / "one-share")[1], latest_checkpoint(tmp_path / "batch")[1])

@@ -39,6 +39,9 @@ class TrainConfig(Config):
     lr: float = 2e-4
     warmup: int = 5000  # linear learning-rate warm-up, in steps
     grad_clip: float = 1.0  # global-norm clipping
+    # "batch": clip the gradient of the global batch (default); "replica:N": clip the gradient of
+    # each share of N images, then average, as the official TPU code did (docs/MATH.md § Training recipe)
+    clip_granularity: str = "batch"
     ema_decay: float = 0.9999
     adam_eps: float = 1e-8
     seed: int = 0
@@ -82,10 +85,33 @@ class TrainConfig(Config):
             raise UserError(f"train.lr={self.lr!r} must be a positive number (the paper uses 2e-4 for CIFAR-10)")
         if not isinstance(self.checkpointing, bool):
             raise UserError(f"train.checkpointing={self.checkpointing!r} is not valid; give true or false")
+        self.clip_share  # parses clip_granularity, or one line
+        if self.clip_share and self.batch_size % self.clip_share:
+            raise UserError(f"train.clip_granularity={self.clip_granularity}: the batch of {self.batch_size} does not "
+                            f"split into shares of {self.clip_share}; give a divisor of train.batch_size")
+        if self.clip_share and self.microbatch not in (0, self.clip_share):
+            raise UserError(f"train.microbatch={self.microbatch} with train.clip_granularity={self.clip_granularity}: "
+                            f"each share is one micro-batch; set train.microbatch=0 (or {self.clip_share})")
+        if self.clip_share and self.precision == "fp16":
+            raise UserError(f"train.clip_granularity={self.clip_granularity} is not available with "
+                            f"train.precision=fp16; use bf16 or fp32, or clip_granularity=batch")
         if not self.grad_clip > 0:
             raise UserError(f"train.grad_clip={self.grad_clip!r} must be positive (the paper clips at 1.0)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (the paper uses 0.9999)")
+
+
+    @property
+    def clip_share(self) -> int:
+        """Images per clipped share: 0 for "batch", N for "replica:N"."""
+        g = self.clip_granularity
+        if g == "batch":
+            return 0
+        kind, _, n = str(g).partition(":")
+        if kind != "replica" or not n.isdigit() or int(n) < 1:
+            raise UserError(f"train.clip_granularity={g!r} is not valid; give 'batch' or 'replica:N' with N images "
+                            f"per share (the official code: replica:16 for CIFAR-10, replica:8 for the 256 models)")
+        return int(n)
 
 
 # Fields that may change when a run is resumed; any other change is refused. The learning rate and

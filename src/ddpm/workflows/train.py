@@ -227,8 +227,12 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     barrier()
     local = cfg.batch_size // dist.world_size
     lo, hi = dist.rank * local, (dist.rank + 1) * local
-    mb = cfg.microbatch or local
+    if cfg.clip_share and local % cfg.clip_share:
+        raise UserError(f"train.clip_granularity={cfg.clip_granularity}: each of the {dist.world_size} processes holds "
+                        f"{local} images, not a multiple of {cfg.clip_share}; change the batch or the share")
+    mb = cfg.clip_share or cfg.microbatch or local  # with replica:N clipping each share is one micro-batch
     chunks = [slice(a, min(a + mb, local)) for a in range(0, local, mb)]
+    shares = torch._foreach_mul([p.detach() for p in params], 0.0) if cfg.clip_share else None
     net = ddp = model
     if dist.world_size > 1:
         net = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -257,7 +261,7 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     if fp16 and found is not None and isinstance(found[1].get("scaler"), dict):
         scaler.load_state_dict(found[1]["scaler"])
-    step_sums = torch.zeros(2, 4, device=device)
+    step_sums, share_norms = torch.zeros(2, 4, device=device), []
     skipped, in_a_row = torch.zeros((), device=device), torch.zeros((), device=device)
     shape = images.shape
     T = diffusion.num_timesteps
@@ -294,16 +298,23 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
         opt.zero_grad(set_to_none=True)
         tally = step_sums.zero_() if fp16 else sums
         for j, part in enumerate(chunks):
-            with ddp.no_sync() if ddp is not model and j < len(chunks) - 1 else contextlib.nullcontext():
+            last = j == len(chunks) - 1 and not cfg.clip_share  # replica:N all-reduces the clipped shares itself
+            with ddp.no_sync() if ddp is not model and not last else contextlib.nullcontext():
                 with autocast(device, cfg.precision):
                     losses = diffusion.training_losses(net, x0[part], t[part], noise[part])
-                loss = losses["loss"].mean() if len(chunks) == 1 else losses["loss"].sum() / local
+                loss = losses["loss"].mean() if len(chunks) == 1 or cfg.clip_share else losses["loss"].sum() / local
                 scaler.scale(loss).backward()
             q = ((t[part] - 1) * 4) // T  # quartile of t: 1 … T/4 is the first
             tally[0].index_add_(0, q, losses["loss"].detach().float())
             tally[1].index_add_(0, q, torch.ones_like(q, dtype=sums.dtype))
+            if cfg.clip_share:
+                share_norms = share_norms + [_clip_share(params, shares, cfg.grad_clip, first=j == 0)]
         scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        if cfg.clip_share:  # the mean of the clipped shares of the whole global batch
+            grad_norm = _average_shares(params, shares, cfg.batch_size // cfg.clip_share, share_norms, dist)
+            share_norms = []
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         scaler.step(opt)  # opt.step(), unless fp16 gradients overflowed
@@ -468,6 +479,30 @@ def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist
                      **(dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}))
         ckpt.save_checkpoint(run_dir, step, state, keep_last=cfg.keep_last, milestone_every=cfg.milestone_every or None)
     barrier()
+
+
+def _clip_share(params: list, shares: list, clip: float, first: bool) -> torch.Tensor:
+    """Clip the gradient of one share (what `params` hold after its backward pass) to global norm
+    `clip`, add it to `shares` (reset by the first share of a step) and clear the gradients for the
+    next share. Returns the share's norm before clipping."""
+    grads = [p.grad for p in params]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    if first:
+        torch._foreach_copy_(shares, grads)
+    else:
+        torch._foreach_add_(shares, grads)
+    torch._foreach_zero_(grads)
+    return norm
+
+
+def _average_shares(params: list, shares: list, n_shares: int, norms: list, dist: DistInfo) -> torch.Tensor:
+    """The gradient becomes the mean of every process's clipped shares; returns their mean norm."""
+    if dist.world_size > 1:
+        for s in shares:  # the DDP hooks were held back (no_sync): the sum over processes, here
+            torch.distributed.all_reduce(s)
+    torch._foreach_div_(shares, float(n_shares))
+    torch._foreach_copy_([p.grad for p in params], shares)
+    return torch.stack(norms).mean()
 
 
 def _init_weights(path: str, model: torch.nn.Module, ema: torch.nn.Module) -> dict:
