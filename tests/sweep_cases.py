@@ -652,9 +652,16 @@ TRAIN_SETS = [
     ("data.split=val", "split"), ("data.on_error=ignore", "on_error"), ("data.random_flip=maybe", "random_flip"),
     ("train.compile=maybe", "compile"), ("model.attn_resolutions=7", "attn_resolutions"),
     ("model.ch=1099511627776", ("ch", "smaller model")), ("data.source=", "source"), ("model", "model"),
+    ("train.microbatch=-1", "microbatch"), ("train.microbatch=x", "microbatch"), ("train.checkpointing=maybe", "checkpointing"),
+    ("train.clip_granularity=replica", "clip_granularity"), ("train.clip_granularity=replica:0", "clip_granularity"),
+    ("train.clip_granularity=replica:3", "clip_granularity"), ("train.clip_granularity=shard:2", "clip_granularity"),
+    ("data.resolution=8x", "resolution"), ("data.crop=fit", "crop"), ("model.resolution=32x31", "resolution"),
 ]
 for s, needle in TRAIN_SETS:
     add(f"train/set-{s}", lambda tmp, fx, s=s: _train(tmp, fx) + ["--set", s], needle)
+add("train/init-from-missing", lambda tmp, fx: _train(tmp, fx) + ["--init-from", tmp / "no-such-run"], "no-such-run")
+add("train/init-from-other-shape", lambda tmp, fx: _train(tmp, fx) + ["--init-from", fx.run, "--set", "model.ch=64"],
+    "temb.dense.0.weight")
 add("train/set-train.fid_every=1", lambda tmp, fx: _train(tmp, fx) + ["--set", "train.fid_every=1"], "fid_every",
     weights_first=True)
 add("train/set-fid_ref-missing-with-fid_every", lambda tmp, fx: _train(tmp, fx) + ["--set", "train.fid_every=1", "--set",
