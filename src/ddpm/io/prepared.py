@@ -389,8 +389,7 @@ class PreparedSet(DataSet):
                     try:
                         got = _sha256_file(self.path / name)
                     except OSError as e:
-                        raise UserError(f"{self.path / name}: cannot read ({e.strerror or e}); restore it or "
-                                        f"prepare the data again") from None
+                        raise _unreadable(self.path / name, e) from None
                     if got != want:
                         raise UserError(f"{self.path / name}: damaged (its sha256 differs from the manifest's); "
                                         f"restore it, or prepare the data again into a new folder")
@@ -405,12 +404,17 @@ class PreparedSet(DataSet):
                         skipped=self.skipped, labels=self.labels, classes=self.classes)
 
 
+def _unreadable(path: Path, e: OSError) -> UserError:
+    """The one line for a file of a prepared folder that is missing or cannot be read."""
+    return UserError(f"{path}: cannot read ({e.strerror or e}); the prepared folder is incomplete or damaged, "
+                     f"restore the file or prepare the data again")
+
+
 def _check_size(path: Path, size: int) -> None:
     try:
         got = path.stat().st_size
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e}); the prepared folder is incomplete, restore the "
-                        f"file or prepare the data again") from None
+        raise _unreadable(path, e) from None
     if got != size:
         raise UserError(f"{path}: {got} bytes, the manifest says {size} (cut short or replaced); restore the file "
                         f"or prepare the data again")
