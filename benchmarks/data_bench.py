@@ -98,6 +98,15 @@ def _save(what: str, result: dict) -> Path:
     return p
 
 
+def _report(what: str, result: dict, header: list, lines: list) -> None:
+    """Save `result` (_save) and print its Markdown table for BENCHMARKS.md."""
+    _save(what, result)
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for cells in lines:
+        print("| " + " | ".join(cells) + " |")
+
+
 def _small_run(source: str, size: int, steps: int, batch: int):
     from ddpm.run.config import RunConfig
     run = RunConfig.from_preset("tiny", data=source)
@@ -175,13 +184,12 @@ def bench_rss(args) -> None:
                                       "--run-dir", work / f"m{n}-b{args.batch}-{time.time_ns()}", "--in-memory")
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    _save("rss", dict(rows=rows))
-    print("| images (64x64x3) | set size | prepared: own RSS peak | prepared: file-backed peak | in memory: own RSS peak |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        mem = f"{r['in_memory']['own'] / 2**20:.0f} MiB" if "in_memory" in r else "—"
-        print(f"| {r['n']:,} | {r['gb']:.2f} GB | {r['prepared']['own'] / 2**20:.0f} MiB | "
-              f"{r['prepared'].get('RssFile', 0) / 2**20:.0f} MiB | {mem} |")
+    _report("rss", dict(rows=rows),
+            ["images (64x64x3)", "set size", "prepared: own RSS peak", "prepared: file-backed peak",
+             "in memory: own RSS peak"],
+            [[f"{r['n']:,}", f"{r['gb']:.2f} GB", f"{r['prepared']['own'] / 2**20:.0f} MiB",
+              f"{r['prepared'].get('RssFile', 0) / 2**20:.0f} MiB",
+              f"{r['in_memory']['own'] / 2**20:.0f} MiB" if "in_memory" in r else "—"] for r in rows])
 
 
 # --- CIFAR-10 JPEGs -----------------------------------------------------------------------------------
@@ -233,12 +241,12 @@ def bench_first_step(args) -> None:
             print(name, json.dumps(m), file=sys.stderr)
     med = {k: float(np.median([m["first_step_s"] for m in v])) for k, v in rows.items()}
     ready = {k: float(np.median([m["data_ready_s"] for m in v])) for k, v in rows.items()}
-    _save("first-step", dict(rows=rows, median_first_step_s=med, median_data_ready_s=ready))
     base, base_ready = med["decode at start (in memory)"], ready["decode at start (in memory)"]
-    print("| 50k CIFAR-10 JPEGs | data ready (median) | vs decode at start | first step done (median) | vs decode at start |")
-    print("|---|---|---|---|---|")
-    for k, v in med.items():
-        print(f"| {k} | {ready[k]:.3f} s | {base_ready / ready[k]:,.0f}x | {v:.2f} s | {base / v:.1f}x |")
+    _report("first-step", dict(rows=rows, median_first_step_s=med, median_data_ready_s=ready),
+            ["50k CIFAR-10 JPEGs", "data ready (median)", "vs decode at start", "first step done (median)",
+             "vs decode at start"],
+            [[k, f"{ready[k]:.3f} s", f"{base_ready / ready[k]:,.0f}x", f"{v:.2f} s", f"{base / v:.1f}x"]
+             for k, v in med.items()])
 
 
 def bench_loader(args) -> None:
@@ -278,13 +286,9 @@ def bench_loader(args) -> None:
                 res.setdefault(label, []).append(steps * batch / (time.perf_counter() - t))
         rows.append(res)
         print(json.dumps(res), file=sys.stderr)
-    _save("loader", dict(rows=rows))
-    print("| set | batch | prefetcher, 2 threads | prefetcher, 1 thread | in memory |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        cells = " | ".join(f"{np.median(r[k]):,.0f} img/s" for k in ("prefetcher, 2 threads", "prefetcher, 1 thread",
-                                                                      "in memory (gather)"))
-        print(f"| {r['set']} | {r['batch']} | {cells} |")
+    kinds = ("prefetcher, 2 threads", "prefetcher, 1 thread", "in memory (gather)")
+    _report("loader", dict(rows=rows), ["set", "batch", *kinds],
+            [[r["set"], str(r["batch"]), *(f"{np.median(r[k]):,.0f} img/s" for k in kinds)] for r in rows])
 
 
 def main() -> None:
