@@ -169,6 +169,30 @@ def test_round_trip_through_diffusers_is_identity():
     assert sd.keys() == back_sd.keys() and all(torch.equal(sd[k], back_sd[k]) for k in sd)
 
 
+@needs_diffusers
+def test_class_conditional_network_matches_diffusers_both_ways():
+    from diffusers import UNet2DModel
+
+    # K = 10 classes are diffusers' num_class_embeds = 11: the last row is "no class".
+    cfg = dict(CIFAR10_DIFFUSERS, block_out_channels=(32, 64), layers_per_block=1, num_class_embeds=11,
+               down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    torch.manual_seed(0)
+    theirs = perturb_(UNet2DModel(**cfg), seed=6).eval()
+    ours = unet_from_diffusers(theirs).eval()
+    assert ours.config.num_classes == 10
+    back = unet_to_diffusers(ours).eval()
+    assert back.config.num_class_embeds == 11 and back.config.class_embed_type is None
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(4, 3, 32, 32, generator=g), torch.tensor([1, 300, 700, 1000]), torch.tensor([0, 3, 9, 10])
+    with torch.no_grad():
+        a, b, c = ours(x, t, y), theirs(x, t - 1, class_labels=y).sample, back(x, t - 1, class_labels=y).sample
+        other = ours(x, t, torch.tensor([1, 4, 8, 0]))
+    assert b.abs().mean() > 0.1 and (a - other).abs().max() > 1e-2  # the class matters
+    assert (a - b).abs().max().item() <= 1e-5 and (a - c).abs().max().item() <= 1e-5
+    with pytest.raises(UserError, match="no class conditioning"):
+        unet_to_tf_state_dict(ours)
+
+
 def tf_state_dict_by_hand(model: UNet) -> dict:
     """The official names and layouts, written out from diffusion_tf/models/unet.py and nn.py."""
     out = {}

@@ -204,17 +204,20 @@ def compile_or_eager(model: nn.Module, device, trial: Callable[[Callable], None]
 
 def training_trial(model: nn.Module, shape: Sequence[int], device, precision: str) -> Callable[[Callable], None]:
     """A `compile_or_eager` trial for training: forward and backward of `fn` on zeros of `shape`
-    (the local batch) at t = 1, in `precision`, then every gradient cleared, with the random
-    number generators restored: the run's state is as if it never happened."""
+    (the local batch) at t = 1 (with class 0 for a conditional network, as training calls it),
+    in `precision`, then every gradient cleared, with the random number generators restored: the
+    run's state is as if it never happened."""
     device = torch.device(device)
     x = torch.zeros(tuple(shape), device=device)
     t = torch.ones(shape[0], dtype=torch.long, device=device)
+    conditional = getattr(getattr(model, "config", None), "num_classes", 0) > 0
+    args = (x, t, torch.zeros_like(t)) if conditional else (x, t)
 
     def trial(fn: Callable) -> None:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 with autocast(device, precision):
-                    out = fn(x, t)
+                    out = fn(*args)
                 out.float().sum().backward()
         finally:
             for p in model.parameters():
@@ -223,8 +226,9 @@ def training_trial(model: nn.Module, shape: Sequence[int], device, precision: st
 
 
 class FastModel(nn.Module):
-    """A network prepared for inference (sampling, bits/dim): `FastModel(x_t, t)` equals `model(x_t, t)`
-    within the tolerances of tests/test_fastpaths.py, in x_t's dtype and contiguous layout.
+    """A network prepared for inference (sampling, bits/dim): `FastModel(x_t, t[, y])` equals
+    `model(x_t, t[, y])` within the tolerances of tests/test_fastpaths.py, in x_t's dtype and
+    contiguous layout (y: the class labels of a conditional network).
 
     Build it with `prepare_model`. With CUDA graphs, each new input shape is captured once (after
     warm-up iterations, which also trigger compilation) and then replayed; the output is a copy of
@@ -246,23 +250,24 @@ class FastModel(nn.Module):
     def config(self):
         return getattr(self.model, "config", None)
 
-    def _run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            out = self._call(x, t)
+            out = self._call(x, t, y)
         return out.to(dtype=x.dtype, memory_format=torch.contiguous_format)
 
-    def _call(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _call(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         """The network, compiled where that builds (the first call of each input signature is its
         build; see Fail-safe at the top of this module)."""
-        key = (tuple(x.shape), x.dtype, x.stride(), tuple(t.shape), t.dtype)
+        args = (x, t) if y is None else (x, t, y)  # an unconditional network takes no y
+        key = (tuple(x.shape), x.dtype, x.stride(), tuple(t.shape), t.dtype, y is None)
         if self._fn is self.model or key in self._built:
-            return self._fn(x, t)
+            return self._fn(*args)
         try:
-            out = self._fn(x, t)
+            out = self._fn(*args)
         except Exception as e:
-            out = self.model(x, t)  # if the plain network fails too, that error is raised
+            out = self.model(*args)  # if the plain network fails too, that error is raised
             warnings.warn(f"torch.compile could not build the network here ({_reason(e)}); running it eagerly "
                           f"instead, the same computation (--fast off, or prepare_model(compile='off'), skips the "
                           f"attempt)", FastPathWarning, stacklevel=4)
@@ -272,42 +277,45 @@ class FastModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.cuda_graphs:
-            return self._run(x, t)
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
+            return self._run(x, t, y)
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, y is None)
         if key not in self._graphs:
             try:
-                self._graphs[key] = self._capture(x, t)
+                self._graphs[key] = self._capture(x, t, y)
             except Exception as e:  # e.g. a network that syncs with the host cannot be captured
                 if x.is_cuda:
                     torch.cuda.synchronize(x.device)
-                out = self._run(x, t)  # if the network itself fails, that error is raised
+                out = self._run(x, t, y)  # if the network itself fails, that error is raised
                 warnings.warn(f"CUDA graph capture failed here ({_reason(e)}); sampling without CUDA graphs, the "
                               f"same computation (--fast off, or prepare_model(cuda_graphs='off'), skips the "
                               f"attempt)", FastPathWarning, stacklevel=2)
                 self.cuda_graphs = False
                 return out
-        static_x, static_t, static_out, graph = self._graphs[key]
+        static_x, static_t, static_y, static_out, graph = self._graphs[key]
         static_x.copy_(x)
         static_t.copy_(t)
+        if y is not None:
+            static_y.copy_(y)
         graph.replay()
         return static_out.clone()
 
-    def _capture(self, x: torch.Tensor, t: torch.Tensor):
+    def _capture(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]):
         static_x, static_t = x.clone(), t.clone()
+        static_y = None if y is None else y.clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
             for _ in range(3):  # warm-up outside the graph: compilation, cuDNN's algorithm choice, workspaces
-                self._run(static_x, static_t)
+                self._run(static_x, static_t, static_y)
         torch.cuda.current_stream(x.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every shape's graph
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            static_out = self._run(static_x, static_t)
-        return static_x, static_t, static_out, graph
+            static_out = self._run(static_x, static_t, static_y)
+        return static_x, static_t, static_y, static_out, graph
 
 
 def prepare_model(model: nn.Module, device, precision: str = "fp32", compile: str = "auto",

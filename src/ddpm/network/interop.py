@@ -10,7 +10,9 @@ Three layouts of the same network (unet.py's `UNet`):
   layouts: conv W [kh, kw, in, out], dense and 1x1 "nin" W [in, out], GroupNorm gamma/beta.
 
 The layouts correspond one to one, so conversion is a rename plus transposes and outputs agree
-to float rounding. Every function here works on state dicts without importing diffusers; only
+to float rounding. A class-conditional network's K + 1 class embeddings (the last: no class) are
+diffusers' `class_embedding` with `num_class_embeds = K + 1`; the official TF code had no classes,
+so the `tf` layout holds unconditional networks only. Every function here works on state dicts without importing diffusers; only
 `unet_to_diffusers`, which returns a diffusers model, needs it.
 
 Reading and writing files of these layouts is io/weights.py's (`ddpm convert`).
@@ -79,6 +81,8 @@ def diffusers_config(cfg: UNetConfig) -> dict:
         "center_input_sample": False,
         "add_attention": True,
         "dropout": cfg.dropout,
+        "class_embed_type": None,
+        "num_class_embeds": cfg.num_classes + 1 if cfg.num_classes else None,  # the last row: no class
     }
 
 
@@ -95,7 +99,7 @@ def config_from_diffusers(d: Mapping) -> UNetConfig:
         "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
         "center_input_sample": False, "add_attention": True, "mid_block_type": "UNetMidBlock2D",
         "mid_block_scale_factor": 1, "downsample_type": "conv", "upsample_type": "conv",
-        "class_embed_type": None, "num_class_embeds": None,
+        "class_embed_type": None,
     }
     for k, want in expect.items():
         if get(k) != want:
@@ -104,6 +108,10 @@ def config_from_diffusers(d: Mapping) -> UNetConfig:
         raise UserError(f"diffusers config act_fn={get('act_fn')!r} is not the DDPM layout (needs 'silu')")
     if abs(float(get("norm_eps")) - NORM_EPS) > 1e-12:
         raise UserError(f"diffusers config norm_eps={get('norm_eps')!r} is not the DDPM layout (needs {NORM_EPS})")
+    n_embeds = get("num_class_embeds")
+    if n_embeds is not None and (isinstance(n_embeds, bool) or not isinstance(n_embeds, int) or n_embeds < 2):
+        raise UserError(f"diffusers config num_class_embeds={n_embeds!r}: ddpm reads K classes plus a last "
+                        f"'no class' embedding, so it needs None or an integer >= 2")
     if get("attn_norm_num_groups") not in (None, GROUPS):
         raise UserError(f"diffusers config attn_norm_num_groups={get('attn_norm_num_groups')!r} must be None or {GROUPS}")
 
@@ -136,7 +144,7 @@ def config_from_diffusers(d: Mapping) -> UNetConfig:
         in_channels=int(get("in_channels")), out_channels=int(get("out_channels")), ch=ch,
         ch_mult=tuple(w // ch for w in widths), num_res_blocks=int(get("layers_per_block")),
         attn_resolutions=tuple(size // 2**i for i in attn_levels), dropout=float(get("dropout") or 0.0),
-        resamp_with_conv=True, resolution=size_value(hw),
+        resamp_with_conv=True, resolution=size_value(hw), num_classes=n_embeds - 1 if n_embeds else 0,
     )
 
 
@@ -152,7 +160,7 @@ _ATT = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out":
 def _diffusers_name(name: str, levels: int) -> str:
     """Our parameter name -> UNet2DModel's. The up path is numbered from the deepest level there."""
     top = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
-           "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+           "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out", "label_emb": "class_embedding"}
     module, param = name.rsplit(".", 1)
     if module in top:
         return f"{top[module]}.{param}"
@@ -281,8 +289,15 @@ def _norm_params(model: nn.Module) -> set[str]:
     return {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.GroupNorm) for p in ("weight", "bias")}
 
 
+def _unconditional_only(cfg: UNetConfig) -> None:
+    if cfg.num_classes:
+        raise UserError(f"num_classes={cfg.num_classes}: the official TF code has no class conditioning, so its "
+                        f"layout cannot hold this network; use the ddpm or diffusers layout")
+
+
 def unet_to_tf_state_dict(unet: UNet) -> dict[str, torch.Tensor]:
     """Our weights under the official TF names and layouts (the inverse of unet_from_tf_state_dict)."""
+    _unconditional_only(unet.config)
     norms = _norm_params(unet)
     out = {}
     for k, v in unet.state_dict().items():
@@ -310,6 +325,7 @@ def unet_from_tf_state_dict(state: Mapping[str, torch.Tensor], config: UNetConfi
     evaluates) each variable's `.../ExponentialMovingAverage` copy is taken where there is one;
     Adam slots and variables outside `model/` (global_step...) are ignored.
     """
+    _unconditional_only(config)
     if not any(k.startswith("model/") for k in state):
         state = {f"model/{k}": v for k, v in state.items()}
     model = meta_unet(config)

@@ -7,6 +7,11 @@ Module names mirror the official TensorFlow variable scopes (`down.0.block.1.con
 (see interop.py); they are exactly the names of the PyTorch ports of those weights
 (pesser/pytorch_diffusion, ermongroup/ddim), so their state dicts load as they are.
 
+Class conditioning (docs/MATH.md § Classes and guidance) is off by default (`num_classes=0`, the
+paper's network, parameter for parameter). With K classes, a learned embedding of K + 1 rows (the
+last is "no class", for classifier-free guidance) is added to the time embedding, after its MLP,
+before any residual block: improved-diffusion's placement and diffusers' `num_class_embeds`.
+
 The network knows nothing of beta or of what it predicts. For the `learned` variance type the
 diffusion needs 2C output channels (the second half a log-variance): build it with
 `out_channels=2 * in_channels`, e.g. `UNetConfig(out_channels=6)` (the training loop sets it from the data).
@@ -48,6 +53,7 @@ class UNetConfig(Config):
     dropout: float = 0.1
     resamp_with_conv: bool = True  # strided conv / conv after upsampling, rather than avg-pool / nothing
     resolution: Union[int, str] = 32  # an int for square images (the paper's), or "HxW", e.g. "64x128"
+    num_classes: int = 0  # 0: unconditional (the paper's); K: conditioned on a class 0 … K-1, or K = "no class"
 
     def validate(self) -> None:
         object.__setattr__(self, "resolution", size_value(parse_size(self.resolution, "UNetConfig.resolution")))
@@ -55,6 +61,9 @@ class UNetConfig(Config):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"UNetConfig.{name}={v!r} must be a positive integer")
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
+            raise UserError(f"UNetConfig.num_classes={self.num_classes!r} must be an integer >= 0 (0: unconditional; "
+                            f"K: the number of classes of the data)")
         if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
             raise UserError(f"UNetConfig.ch_mult={self.ch_mult!r} must be a non-empty tuple of positive integers")
         if self.ch % GROUPS:
@@ -82,6 +91,11 @@ class UNetConfig(Config):
         """(height, width) of the images."""
         return parse_size(self.resolution, "UNetConfig.resolution")
 
+    @property
+    def null_class(self) -> int:
+        """The label that means "no class" (the last row of the class embedding): K."""
+        return self.num_classes
+
     def level_resolutions(self) -> tuple[int, ...]:
         """Spatial size at each level, the shorter side for non-square images: resolution, resolution/2, ..."""
         return tuple(min(self.size) // 2**i for i in range(len(self.ch_mult)))
@@ -103,12 +117,14 @@ def default_init_(layer: nn.Module, scale: float = 1.0) -> nn.Module:
     """TF variance_scaling(scale, mode='fan_avg', distribution='uniform'), zero bias.
 
     The official code's `default_init`; scale 0 there means 1e-10 ("start near zero" without an
-    exactly-zero weight). For a conv, fan_in = k*k*C_in and fan_out = k*k*C_out, as in TF and torch.
+    exactly-zero weight). For a conv, fan_in = k*k*C_in and fan_out = k*k*C_out, as in TF and torch;
+    an embedding [rows, dim] is a dense layer from a one-hot vector, and fan_avg is the same
+    either way round.
     """
     fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
     limit = math.sqrt(3.0 * scale / ((fan_in + fan_out) / 2.0))
     nn.init.uniform_(layer.weight, -limit, limit)
-    if layer.bias is not None:
+    if getattr(layer, "bias", None) is not None:
         nn.init.zeros_(layer.bias)
     return layer
 
@@ -243,7 +259,8 @@ class Middle(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t): x_t [B, in_channels, H, W], t [B] int64 (the paper's t, 1 … T) -> [B, out_channels, H, W].
+    """ε_θ(x_t, t[, y]): x_t [B, in_channels, H, W], t [B] int64 (the paper's t, 1 … T), and for a
+    class-conditional network y [B] int64 (0 … K-1, or K for "no class") -> [B, out_channels, H, W].
 
     Attention is placed at construction, at the levels whose size (of `resolution`'s pyramid) is
     in `attn_resolutions`; the network is convolutional and runs on other sizes divisible by
@@ -251,12 +268,12 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels=3, out_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True, resolution=32):
+                 attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True, resolution=32, num_classes=0):
         super().__init__()
         self.config = cfg = UNetConfig(
             in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=tuple(ch_mult),
             num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions), dropout=dropout,
-            resamp_with_conv=resamp_with_conv, resolution=resolution)
+            resamp_with_conv=resamp_with_conv, resolution=resolution, num_classes=num_classes)
         levels = len(cfg.ch_mult)
         temb_ch = 4 * ch
         sizes = cfg.level_resolutions()
@@ -305,16 +322,29 @@ class UNet(nn.Module):
         self.norm_out = group_norm(c)
         self.conv_out = conv3x3(c, out_channels, scale=1e-10)
 
+        # Class embedding, K + 1 rows (the last: no class). Built last, so the rest of a conditional
+        # network draws the same initial weights as the unconditional one of the same seed.
+        self.label_emb = default_init_(nn.Embedding(num_classes + 1, temb_ch)) if num_classes else None
+
     @classmethod
     def from_config(cls, cfg: UNetConfig) -> "UNet":
         return cls(**cfg.to_dict())
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε_θ(x_t, t) with the paper's t ∈ 1 … T. The official code fed the network the 0-based
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """ε_θ(x_t, t[, y]) with the paper's t ∈ 1 … T. The official code fed the network the 0-based
         index t − 1, and every released checkpoint (and diffusers' UNet2DModel) expects that
-        embedding: it is converted here, the only place it appears (docs/MATH.md § Time and indexing)."""
+        embedding: it is converted here, the only place it appears (docs/MATH.md § Time and indexing).
+
+        y: the class of each image, for a conditional network; None there means "no class" (K) for
+        all. An unconditional network takes no y."""
         temb = timestep_embedding(t - 1, self.config.ch)  # [B, ch]
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))  # [B, 4ch]
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full_like(t, self.config.null_class)
+            temb = temb + self.label_emb(y)  # [B, 4ch]
+        elif y is not None:
+            raise ValueError("this network is unconditional (num_classes=0): it takes no class labels y")
 
         hs = [self.conv_in(x)]  # the skip stack; conv_in's output is its first entry
         for level in self.down:
