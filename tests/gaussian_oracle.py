@@ -6,6 +6,9 @@ any network could do, so samplers and the bound driven by it can be checked agai
 is called with the paper's t ∈ 1 … T (docs/MATH.md § Time and indexing): ᾱ_t is abar[t − 1].
 """
 
+import math
+import types
+
 import numpy as np
 import torch
 
@@ -28,3 +31,45 @@ class Oracle:
 
 def oracle_for(betas=PAPER_BETAS):
     return Oracle(betas)
+
+
+# Class-conditional data: class k has prior π_k and x_0 ~ N(μ_k, s_k²) per pixel.
+CLASS_PRIORS = (0.5, 0.3, 0.2)
+CLASS_MU = (-0.5, 0.1, 0.6)
+CLASS_S = (0.1, 0.2, 0.15)
+
+
+class ClassOracle:
+    """model(x_t, t, y) = E[ε | x_t, y] for the per-class Gaussian data above: for a class k the
+    single-Gaussian formula with (μ_k, s_k); for y = K ("no class") the unconditional E[ε | x_t] =
+    Σ_k p(k | x_t) E[ε | x_t, k], where p(k | x_t) ∝ π_k Π_pixels N(x_t; √ᾱ_t μ_k, ᾱ_t s_k² + 1 − ᾱ_t).
+    Counts the images and the calls it gets."""
+
+    def __init__(self, betas=PAPER_BETAS, priors=CLASS_PRIORS, mu=CLASS_MU, s=CLASS_S):
+        self.abar = torch.from_numpy(np.cumprod(1 - np.asarray(betas, np.float64)))
+        self.priors, self.mu, self.s = (torch.tensor(v, dtype=torch.float64) for v in (priors, mu, s))
+        self.K = len(priors)
+        self.config = types.SimpleNamespace(num_classes=self.K)  # what sampling reads of a network
+        self.images = self.calls = 0
+
+    def per_class(self, x, t):
+        """E[ε | x_t, k] for every k -> [K, B, ...], and log p(x_t | k) summed over pixels -> [K, B]."""
+        a = self.abar.to(x)[t - 1].view(-1, *([1] * (x.ndim - 1)))
+        mu, s = (v.to(x).view(-1, *([1] * x.ndim)) for v in (self.mu, self.s))
+        var = a * s**2 + 1 - a  # [K, B, 1, ...]
+        eps = (1 - a).sqrt() * (x - a.sqrt() * mu) / var
+        logp = (-0.5 * (x - a.sqrt() * mu) ** 2 / var - 0.5 * torch.log(2 * math.pi * var)).flatten(2).sum(-1)
+        return eps, logp
+
+    def unconditional(self, x, t):
+        eps, logp = self.per_class(x, t)
+        r = torch.softmax(logp + self.priors.to(x).log()[:, None], dim=0)  # p(k | x_t) [K, B]
+        return (r.view(*r.shape, *([1] * (x.ndim - 1))) * eps).sum(0)
+
+    def __call__(self, x, t, y):
+        self.images += x.shape[0]
+        self.calls += 1
+        eps, _ = self.per_class(x, t)
+        b = torch.arange(x.shape[0])
+        cond = eps[y.clamp(max=self.K - 1), b]
+        return torch.where((y == self.K).view(-1, *([1] * (x.ndim - 1))), self.unconditional(x, t), cond)
