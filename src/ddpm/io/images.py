@@ -172,6 +172,18 @@ def make_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) ->
     return grid[..., 0] if c == 1 else grid
 
 
+def make_class_grid(images: torch.Tensor, labels, per_row: int = 8, pad: int = 2) -> np.ndarray:
+    """uint8 [N, C, H, W] with a class label each -> a grid with one class per row (classes in
+    increasing order), the first `per_row` images of each class in their order, on white."""
+    labels = torch.as_tensor(labels).cpu()
+    classes = sorted(set(labels.tolist()))
+    cells = torch.full((len(classes) * per_row, *images.shape[1:]), 255, dtype=torch.uint8)
+    for r, k in enumerate(classes):
+        mine = images[(labels == k).nonzero().flatten()[:per_row]]
+        cells[r * per_row: r * per_row + len(mine)] = mine.cpu()
+    return make_grid(cells, nrow=per_row, pad=pad)
+
+
 def write_png(array: np.ndarray, path) -> Path:
     """uint8 HW, HW1 or HWC pixels as a PNG, written atomically."""
     a = np.asarray(array)

@@ -43,6 +43,9 @@ class TrainConfig(Config):
     # each share of N images, then average, as the official TPU code did (docs/MATH.md § Training recipe)
     clip_granularity: str = "batch"
     ema_decay: float = 0.9999
+    # A class-conditional model (model.num_classes > 0) sees "no class" instead of the label at this
+    # rate, so it also learns p(x) for classifier-free guidance (docs/MATH.md § Classes and guidance)
+    label_dropout: float = 0.1
     adam_eps: float = 1e-8
     seed: int = 0
     checkpoint_every: int = 5000
@@ -97,6 +100,10 @@ class TrainConfig(Config):
                             f"train.precision=fp16; use bf16 or fp32, or clip_granularity=batch")
         if not self.grad_clip > 0:
             raise UserError(f"train.grad_clip={self.grad_clip!r} must be positive (the paper clips at 1.0)")
+        if isinstance(self.label_dropout, bool) or not isinstance(self.label_dropout, (int, float)) \
+                or not 0.0 <= self.label_dropout < 1.0:
+            raise UserError(f"train.label_dropout={self.label_dropout!r} must be in [0, 1) (0.1, the usual rate: one "
+                            f"label in ten replaced by 'no class'; 0: no unconditional model, so no guidance)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (the paper uses 0.9999)")
 

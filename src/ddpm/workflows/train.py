@@ -4,7 +4,8 @@
     train("runs/cifar10", run)          # killed at any moment? run the same call again.
 
 Determinism is by construction, not by saved state alone: every random draw of step s (the data
-order, t, ε, the flips, dropout) is seeded from (seed, s) and, for dropout, the rank. A resumed
+order, t, ε, the flips, the dropped class labels, dropout) is seeded from (seed, s) and, for
+dropout, the rank. A resumed
 run therefore equals an uninterrupted one bit for bit on the same machine, and the inputs of a
 step do not depend on the number of processes (the global batch is drawn, then sliced by rank).
 The checkpoint still stores every RNG state (per rank) and the data position, for the record.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
+import hashlib
 import math
 import signal
 import sys
@@ -33,7 +36,7 @@ from ..io.data import DataSet, ImageSet
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, derive_seed
 from ..io.distributed import init as dist_init
 from ..io.folders import FolderLock
-from ..io.images import make_grid, write_png
+from ..io.images import make_class_grid, make_grid, write_png
 from ..io.loader import Prefetcher
 from ..io.prepared import PreparedSet, open_data
 from ..io.progress import progress_bar
@@ -52,7 +55,8 @@ from .sample import sample
 
 
 def resolve_model(run: RunConfig, images: DataSet) -> RunConfig:
-    """Fit the model's channels to the data (and the output to the variance type)."""
+    """Fit the model's channels to the data (and the output to the variance type); check that a
+    class-conditional model's classes are the data's."""
     c = images.channels
     model = run.model.replace(in_channels=c, out_channels=GaussianDiffusion.from_config(run.diffusion).model_output_channels(c))
     if images.size != model.size:
@@ -61,7 +65,33 @@ def resolve_model(run: RunConfig, images: DataSet) -> RunConfig:
             f"the data are {h}x{w} but the model is built for {mh}x{mw}; set data.resolution={model.resolution} "
             f"(to resize the data) or model.resolution={size_value(images.size)}"
         )
+    K = model.num_classes
+    if K and images.labels is None:
+        raise UserError(
+            f"model.num_classes={K} needs labelled data, and {images.source_description} has no labels; give class "
+            f"subfolders (DIR/CLASS/IMAGE), cifar10, fashion-mnist, an .npz with a 'labels' array, or a prepared "
+            f"folder of such data; or set model.num_classes=0 to train unconditionally")
+    if K and len(images.classes) != K:
+        names = ", ".join(images.classes[:5]) + (", …" if len(images.classes) > 5 else "")
+        raise UserError(f"model.num_classes={K}, but {images.source_description} has {len(images.classes)} classes "
+                        f"({names}); set model.num_classes={len(images.classes)}")
     return run.replace(model=model)
+
+
+def class_record(images: DataSet) -> dict:
+    """What a conditional run keeps of its data's classes, in every checkpoint: their names, how
+    many images each has (sampling draws classes in these proportions) and the labels' sha256 (a
+    resume with other labels is other data)."""
+    labels = images.labels.cpu()
+    return dict(names=list(images.classes), counts=torch.bincount(labels, minlength=len(images.classes)).tolist(),
+                labels_sha256=hashlib.sha256(labels.numpy().astype("<i8").tobytes()).hexdigest())
+
+
+def drop_labels(labels: torch.Tensor, rate: float, null_class: int, g: torch.Generator) -> torch.Tensor:
+    """Each label replaced by `null_class` ("no class") with probability `rate`, by uniforms drawn
+    from `g` (the step's generator): classifier-free guidance's joint training of p(x | c) and p(x)."""
+    drop = torch.rand(labels.shape[0], generator=g, device=g.device) < rate
+    return torch.where(drop.to(labels.device), null_class, labels)
 
 
 def resident_pixels(data: DataSet, device: torch.device) -> Optional[torch.Tensor]:
@@ -190,16 +220,21 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     # The data's fingerprint, kept in every checkpoint; rank 0 writes and checks it (hashing once).
     data_print = dict(sha256=images.fingerprint(), n=len(images), source=images.source_description) \
         if dist.is_main else None
+    classes = class_record(images) if run.model.num_classes else None
+    if data_print is not None and classes is not None:
+        data_print["labels_sha256"] = classes["labels_sha256"]
 
     start = 0
     found = ckpt.latest_checkpoint(run_dir, check=lambda path, state: _unfit(path, state, run, model, opt, dist))
     if found is not None:
         path, state = found
         saved_data = state.get("data")
-        if dist.is_main and isinstance(saved_data, dict) and saved_data.get("sha256") != data_print["sha256"]:
+        if dist.is_main and isinstance(saved_data, dict) and any(
+                saved_data.get(k) != data_print.get(k) for k in ("sha256", "labels_sha256") if k in saved_data):
             if not accept_new_data:
+                what = "data" if saved_data.get("sha256") != data_print["sha256"] else "class labels of the data"
                 raise UserError(
-                    f"the data changed since {path} was written: {saved_data.get('n')} images (sha256 "
+                    f"the {what} changed since {path} was written: {saved_data.get('n')} images (sha256 "
                     f"{str(saved_data.get('sha256'))[:12]}…) then, {data_print['n']} (sha256 {data_print['sha256'][:12]}…) "
                     f"now; give the same data to resume, or add --accept-new-data to go on with these (recorded)")
             history.append(dict(step=int(state["step"]), time=_now(), data=dict(before=saved_data, after=data_print)))
@@ -246,6 +281,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     ema_params = [p for p in ema.parameters()]
     data = resident_pixels(images, device)  # uint8 [N, C, H, W], or None: gathered ahead by `loader`
     order = DataOrder(len(images), cfg.batch_size, cfg.seed, device=data.device if data is not None else None)
+    K = run.model.num_classes
+    labels = images.labels.to(data.device if data is not None else "cpu") if K else None  # beside the order
     loader = None if data is not None else stack.enter_context(
         Prefetcher(images, lambda s: order.indices(s)[lo:hi], start, cfg.steps, pin=device.type == "cuda"))
     check = stack.enter_context(contextlib.closing(images.verify_in_background())) \
@@ -261,7 +298,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     if fp16 and found is not None and isinstance(found[1].get("scaler"), dict):
         scaler.load_state_dict(found[1]["scaler"])
-    step_sums, share_norms = torch.zeros(2, 4, device=device), []
+    # loss sum / count per timestep quartile (columns 0-3) and, for a conditional model, per class (4 …)
+    step_sums, share_norms = torch.zeros(2, 4 + K, device=device), []
     skipped, in_a_row = torch.zeros((), device=device), torch.zeros((), device=device)
     shape = images.shape
     T = diffusion.num_timesteps
@@ -271,9 +309,10 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     if cfg.fid_every:
         fid = TrainingFID(n=cfg.fid_n, batch=cfg.batch_size, seed=cfg.seed, ref=cfg.fid_ref or None, images=images,
                           data=run.data, cache=run_dir / "fid-ref-train.npz", weights=cfg.fid_weights or None,
-                          expected_sha256=cfg.fid_weights_sha256 or None, dist=dist)
+                          expected_sha256=cfg.fid_weights_sha256 or None, dist=dist,
+                          class_counts=classes["counts"] if classes else None)
     bar = progress_bar(cfg.steps, desc="train", unit="step", initial=start, enabled=progress and dist.is_main)
-    sums = torch.zeros(2, 4, device=device)  # loss sum / count per timestep quartile
+    sums = torch.zeros(2, 4 + K, device=device)
     gn_sum = torch.zeros((), device=device)
     last_loss, t0, steps_timed = float("nan"), time.perf_counter(), 0
     saved_at = start
@@ -287,6 +326,10 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
         t = 1 + torch.randint(0, T, (cfg.batch_size,), generator=g, device=g.device)[lo:hi].to(device)  # t ~ U{1 … T}
         noise = torch.randn((cfg.batch_size, *shape), generator=g, device=g.device)[lo:hi].to(device)
         flip = (torch.rand(cfg.batch_size, generator=g, device=g.device) < 0.5)[lo:hi].to(device)
+        if K:  # the true class, and the one the network sees: "no class" at rate label_dropout
+            y_true = labels[order.indices(step)].to(device, non_blocking=True)
+            y = drop_labels(y_true, cfg.label_dropout, K, g)[lo:hi]
+            y_true = y_true[lo:hi]
         torch.manual_seed(derive_seed(cfg.seed, step, dist.rank))  # dropout
         batch = data[order.indices(step)[lo:hi]] if loader is None else loader.get(step)
         x0 = to_model_range(batch.to(device, non_blocking=True))
@@ -301,11 +344,14 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
             last = j == len(chunks) - 1 and not cfg.clip_share  # replica:N all-reduces the clipped shares itself
             with ddp.no_sync() if ddp is not model and not last else contextlib.nullcontext():
                 with autocast(device, cfg.precision):
-                    losses = diffusion.training_losses(net, x0[part], t[part], noise[part])
+                    fn = functools.partial(net, y=y[part]) if K else net
+                    losses = diffusion.training_losses(fn, x0[part], t[part], noise[part])
                 loss = losses["loss"].mean() if len(chunks) == 1 or cfg.clip_share else losses["loss"].sum() / local
                 scaler.scale(loss).backward()
             q = ((t[part] - 1) * 4) // T  # quartile of t: 1 … T/4 is the first
-            tally[0].index_add_(0, q, losses["loss"].detach().float())
+            if K:
+                q = torch.cat([q, 4 + y_true[part]])
+            tally[0].index_add_(0, q, losses["loss"].detach().float().repeat(2 if K else 1))
             tally[1].index_add_(0, q, torch.ones_like(q, dtype=sums.dtype))
             if cfg.clip_share:
                 share_norms = share_norms + [_clip_share(params, shares, cfg.grad_clip, first=j == 0)]
@@ -337,7 +383,7 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
             if dist.world_size > 1:  # the loss of the whole global batch, not rank 0's share
                 torch.distributed.all_reduce(sums)
             s = sums.cpu()
-            total = s[0].sum().item() / max(s[1].sum().item(), 1)
+            total = s[0, :4].sum().item() / max(s[1, :4].sum().item(), 1)
             n_skipped = int(skipped.item()) if fp16 else 0
             if not math.isfinite(total) or (fp16 and in_a_row.item() >= FP16_SKIPS_IN_A_ROW):
                 raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
@@ -347,6 +393,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
             rec = dict(step=done, loss=total, lr=lr_at(step, cfg), grad_norm=gn_sum.item() / steps_timed,
                        img_per_s=steps_timed * cfg.batch_size / max(elapsed, 1e-9),
                        **{f"loss_q{i}": (s[0, i] / s[1, i]).item() if s[1, i] > 0 else None for i in range(4)},
+                       **(dict(loss_by_class={name: (s[0, 4 + k] / s[1, 4 + k]).item() if s[1, 4 + k] > 0 else None
+                                              for k, name in enumerate(classes["names"])}) if K else {}),
                        **(dict(skipped_steps=n_skipped, loss_scale=scaler.get_scale()) if fp16 else {}))
             logger.log(rec)
             bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rec['img_per_s']:.0f}")
@@ -358,7 +406,7 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
             # Never write a checkpoint from a diverged state (one sync per checkpoint).
             if not (torch.isfinite(sums).all() and torch.isfinite(gn_sum) and (fp16 or torch.isfinite(loss))):
                 raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
-            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print, scaler)
+            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print, scaler, classes)
             saved_at = done
         if stopping:
             bar.close()
@@ -366,7 +414,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
                                            f"{ckpt.checkpoint_path(run_dir, done).name} holds; run the same command "
                                            f"to resume")
         if cfg.sample_every and done % cfg.sample_every == 0 and dist.is_main:
-            write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n, cfg.seed, device)
+            write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n, cfg.seed,
+                              device)
         if fid is not None and done % cfg.fid_every == 0:
             logger.log(dict(step=done, **fid(ema, diffusion, shape)))
     bar.close()
@@ -466,7 +515,7 @@ class _StopSignals:
 
 
 def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist: DistInfo, data_print: dict,
-          scaler: torch.amp.GradScaler) -> None:
+          scaler: torch.amp.GradScaler, classes: Optional[dict]) -> None:
     # Every rank's RNG state goes into the one file rank 0 writes.
     mine = ckpt.get_rng_state()
     rng = {f"rank{r}": {} for r in range(dist.world_size)}
@@ -476,7 +525,8 @@ def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist
     if dist.is_main:
         state = dict(step=step, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=rng,
                      data_position=step * cfg.batch_size, config=run.to_dict(), data=data_print,
-                     **(dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}))
+                     **(dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}),
+                     **(dict(classes=dict(names=classes["names"], counts=classes["counts"])) if classes else {}))
         ckpt.save_checkpoint(run_dir, step, state, keep_last=cfg.keep_last, milestone_every=cfg.milestone_every or None)
     barrier()
 
@@ -542,11 +592,15 @@ def _diverged_message(run_dir: Path, step: int, cfg: TrainConfig, start: int) ->
 
 def write_sample_grid(ema: torch.nn.Module, diffusion: GaussianDiffusion, run: RunConfig, path: Path, n: int, seed: int,
                       device, progress: bool = False) -> Path:
-    """n EMA samples (Algorithm 2) as one PNG grid."""
+    """n EMA samples (Algorithm 2) as one PNG grid; for a conditional model, one class per row
+    (about n / K images of each class, unguided)."""
     m = run.model
-    x = sample(ema, diffusion, (m.in_channels, *m.size), seed=seed, indices=range(n), device=device,
-               progress=progress)
-    return write_png(make_grid(to_uint8(x)), path)
+    K = m.num_classes
+    per = max(1, round(n / K)) if K else 0
+    labels = torch.arange(K).repeat_interleave(per) if K else None
+    x = sample(ema, diffusion, (m.in_channels, *m.size), seed=seed, indices=range(per * K if K else n), device=device,
+               progress=progress, labels=labels)
+    return write_png(make_class_grid(to_uint8(x), labels, per_row=per) if K else make_grid(to_uint8(x)), path)
 
 
 class _Logger:
@@ -570,8 +624,11 @@ class _Logger:
         append_metrics(self.path, rec)
         if self.tb is not None:
             for k, v in rec.items():
-                if k != "step" and v is not None:
-                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+                if k == "step":
+                    continue
+                for tag, x in ((f"train/{k}/{name}", x) for name, x in v.items()) if isinstance(v, dict) else [(f"train/{k}", v)]:
+                    if x is not None:
+                        self.tb.add_scalar(tag, x, rec["step"])
 
     def close(self) -> None:
         if self.tb is not None:
