@@ -39,7 +39,7 @@ from .workflows.demo import run_demo
 from .workflows.evaluate import evaluate_run, fid_ref_run, fid_run
 from .workflows.experiments import interpolate_run, progressive_run, reconstruct_run, shared_run
 from .workflows.nll import nll_run, rate_distortion_run
-from .workflows.sample import sample_run
+from .workflows.sample import ClassChoice, sample_run
 from .workflows.train import train
 
 _COMMANDS: dict[str, tuple] = {}
@@ -193,6 +193,33 @@ def _sampler_opts(args) -> dict:
                         f"{'them' if len(given) > 1 else 'it'} out")
     v = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in DDIM_DEFAULTS.items()}
     return dict(sampler=args.sampler, ddim_steps=v["ddim_steps"], ddim_eta=v["eta"], ddim_spacing=v["spacing"])
+
+
+GUIDANCE_HELP = ("classifier-free guidance weight w of a class-conditional model: ε̃ = ε(x, ∅) + w·(ε(x, c) − ε(x, ∅)); "
+                 "1 (default) is plain conditional sampling, 0 unconditional, above 1 more typical of the class and "
+                 "less varied; the two predictions are one batched forward")
+
+
+def _class_args(p, several: bool = True):
+    """A class-conditional model's classes and guidance weight."""
+    p.add_argument("--class", dest="class_", default=None, metavar="K",
+                   help="class-conditional models: every image of class K (an index, a class name, or none: no class)")
+    if several:
+        p.add_argument("--classes", default=None, metavar="K,K,…",
+                       help="image i of class K[i mod len] (indices or names), or with --per-class those classes only")
+        p.add_argument("--per-class", type=int, default=None, metavar="N",
+                       help="N images of each class, class by class (all classes, or --classes); replaces --n. "
+                            "Default for a conditional model: classes in the training set's proportions")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="W", help=GUIDANCE_HELP)
+
+
+def _class_choice(args) -> ClassChoice:
+    classes = getattr(args, "classes", None)
+    if classes is not None:
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
+        if not classes:
+            raise UserError("--classes is empty; give class indices or names, e.g. --classes 0,3,7")
+    return ClassChoice(args.class_, classes, getattr(args, "per_class", None))
 
 
 def _data_args(p, required: bool = True):
@@ -380,15 +407,18 @@ def cmd_demo(args):
 
 def _sample_args(p):
     _model_args(p)
-    p.add_argument("--n", type=int, required=True, help="number of samples (indices 0 … N-1)")
+    p.add_argument("--n", type=int, default=None, help="number of samples (indices 0 … N-1); required unless --per-class")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass, per process")
     _sampler_args(p)
+    _class_args(p)
 
 
 @command("sample", "draw samples into a folder: 000000.png …, samples.npz, grid.png; run again to resume", _sample_args)
 def cmd_sample(args):
+    if args.n is None and args.per_class is None:
+        raise UserError("ddpm sample needs --n N (how many samples), or --per-class N for a class-conditional model")
     res = sample_run(args.run or args.checkpoint, args.out, args.n, batch=args.batch, seed=args.seed,
-                     **_model_opts(args), **_sampler_opts(args))
+                     classes=_class_choice(args), guidance=args.guidance, **_model_opts(args), **_sampler_opts(args))
     _say(f"sampled {res['generated']} images ({res['skipped']} already there) with {args.sampler}, seed {args.seed}: "
          f"{res['n']} PNGs in {res['out_dir']}, {res['npz']}, {res['grid']}")
 
@@ -437,6 +467,7 @@ def _progressive_args(p):
     p.add_argument("--share-t", default=None, metavar="T_SHARE", help="instead: the time t (0 … T, comma-separated "
                                                                         "for several rows) of the shared x_t (Fig. 7)")
     p.add_argument("--k", type=int, default=8, help="with --share-t: samples continued from each shared x_t")
+    _class_args(p, several=False)
 
 
 @command("progressive", "x̂_0 along sampling chains (Fig. 6), or samples sharing one x_t with --share-t (Fig. 7)",
@@ -444,13 +475,14 @@ def _progressive_args(p):
 def cmd_progressive(args):
     source = args.run or args.checkpoint
     if args.share_t is not None:
-        res = shared_run(source, args.out, _ints(args.share_t, "--share-t"), k=args.k, seed=args.seed, **_model_opts(args))
+        res = shared_run(source, args.out, _ints(args.share_t, "--share-t"), k=args.k, seed=args.seed,
+                         class_=args.class_, guidance=args.guidance, **_model_opts(args))
         _say(f"{args.k} samples from each shared x_t, t = {', '.join(map(str, res['share_t']))} (rows; first column "
              f"x_t): wrote {res['png']} and {res['npz']}")
         return
     times = _ints(args.times, "--times") if args.times else None
-    res = progressive_run(source, args.out, n_chains=args.n_chains, times=times, seed=args.seed, **_model_opts(args),
-                          **_sampler_opts(args))
+    res = progressive_run(source, args.out, n_chains=args.n_chains, times=times, seed=args.seed, class_=args.class_,
+                          guidance=args.guidance, **_model_opts(args), **_sampler_opts(args))
     _say(f"x̂_0 of {args.n_chains} chains (rows) predicted from x_t at t = {', '.join(map(str, res['times']))} "
          f"(columns): wrote {res['png']} and {res['npz']}")
 
@@ -462,13 +494,14 @@ def _interpolate_args(p):
     p.add_argument("--t", default="500", help="the time t, diffusion steps before mixing (0 … T); comma-separated "
                                               "for rows")
     p.add_argument("--steps", type=int, default=11, metavar="K", help="values of λ from 0 to 1 (default 11)")
+    _class_args(p, several=False)
 
 
 @command("interpolate", "interpolate two images in x_t and decode (Fig. 8); several --t give the coarse-to-fine figure",
          _interpolate_args)
 def cmd_interpolate(args):
     res = interpolate_run(args.run or args.checkpoint, args.a, args.b, args.out, t=_ints(args.t, "--t"), steps=args.steps,
-                          seed=args.seed, **_model_opts(args))
+                          seed=args.seed, class_=args.class_, guidance=args.guidance, **_model_opts(args))
     _say(f"interpolated at t = {', '.join(map(str, res['t']))} (rows) over λ = 0 … 1 in {args.steps} steps "
          f"(columns, between the two inputs): wrote {res['png']} and {res['npz']}")
 
@@ -477,12 +510,13 @@ def _reconstruct_args(p):
     p.add_argument("image", metavar="IMG")
     _model_args(p)
     p.add_argument("--t", default="0,250,500,750,1000", help="times t (0 … T), comma-separated")
+    _class_args(p, several=False)
 
 
 @command("reconstruct", "noise one image to x_t and bring it back, for several t", _reconstruct_args)
 def cmd_reconstruct(args):
     res = reconstruct_run(args.run or args.checkpoint, args.image, args.out, t=_ints(args.t, "--t"), seed=args.seed,
-                          **_model_opts(args))
+                          class_=args.class_, guidance=args.guidance, **_model_opts(args))
     _say(f"reconstructed from t = {', '.join(map(str, res['t']))} (columns; top x_t, bottom reconstruction): "
          f"wrote {res['png']} and {res['npz']}")
 
@@ -544,6 +578,8 @@ def _eval_args(p):
     p.add_argument("--ref-test", default=None, metavar="STATS.npz", help="default: computed from the run's data, cached in RUN_DIR/eval")
     p.add_argument("--bpd-n", type=int, default=None, help="bits/dim of the first N test images (default all; 0 skips)")
     p.add_argument("--bpd-batch", type=int, default=64)
+    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help=GUIDANCE_HELP + "; a conditional model's classes follow the training set's proportions")
     _fast_arg(p)
     _inception_args(p)
 
@@ -555,7 +591,7 @@ def cmd_eval(args):
     rep = evaluate_run(args.run, args.n, out_dir=args.out, batch=args.batch, seed=args.seed, ref_train=args.ref_train,
                        ref_test=args.ref_test, bpd_n=args.bpd_n, bpd_batch=args.bpd_batch,
                        inception_batch=opts["batch"], weights=opts["weights"], expected_sha256=opts["expected_sha256"],
-                       device=opts["device"], progress=opts["progress"], fast=args.fast)
+                       device=opts["device"], progress=opts["progress"], fast=args.fast, guidance=args.guidance)
     fid, bpd = rep["fid"], rep["bits_per_dim"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     _say(f"FID train {fmt(fid.get('train'))}, test {fmt(fid.get('test'))}; IS {rep['inception_score']['is_mean']:.4f} "

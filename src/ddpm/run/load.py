@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -45,12 +45,24 @@ class LoadedRun(NamedTuple):
     checkpoint: Path
     sha256: str  # the checkpoint's content hash: names the model wherever the file lives
     weights: Weights
+    classes: Optional[dict] = None  # a conditional run's data classes: {"names": [...], "counts": [...]}
 
     @property
     def tag(self) -> str:
         """Which model made a result: the checkpoint's content and which of its weights. Results
         folders record it and refuse a rerun with another model (io/results.py)."""
         return f"sha256:{self.sha256} [{self.weights.value}]"
+
+    @property
+    def class_info(self) -> tuple[tuple[str, ...], Optional[list[int]]]:
+        """(class names, images per class) of the data a conditional model was trained on; names
+        are the indices as text, and counts None, where the checkpoint does not say."""
+        K = self.run.model.num_classes
+        c = self.classes if isinstance(self.classes, dict) else {}
+        names, counts = c.get("names"), c.get("counts")
+        names = tuple(str(v) for v in names) if isinstance(names, list) and len(names) == K else tuple(map(str, range(K)))
+        ok = isinstance(counts, list) and len(counts) == K and all(isinstance(v, int) and v >= 0 for v in counts)
+        return names, (counts if ok and sum(counts) > 0 else None)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -88,7 +100,8 @@ def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> Loa
     net = net.to(device).eval().requires_grad_(False)
     if fast is Fast.AUTO:
         net = prepare_model(net, device)
-    return LoadedRun(run, net, GaussianDiffusion.from_config(run.diffusion), file, ckpt.checkpoint_sha256(file), weights)
+    return LoadedRun(run, net, GaussianDiffusion.from_config(run.diffusion), file, ckpt.checkpoint_sha256(file), weights,
+                     state.get("classes"))
 
 
 class OpenedRun(NamedTuple):

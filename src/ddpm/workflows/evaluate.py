@@ -37,12 +37,13 @@ from ..io.folders import claim_file, claim_folder
 from ..io.images import IMAGE_EXTENSIONS, open_image
 from ..io.progress import progress_bar
 from ..network.inception import FEATURE_DIM, NUM_CLASSES, WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX, InceptionV3, load_inception
+from ..process.guidance import check_weight, conditioned
 from ..process.scaling import to_uint8
 from ..run.load import load_run
 from ..version import __version__
 from .fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, is_stats_file, load_stats, save_stats
-from .nll import evaluate_nll
-from .sample import sample, sample_to_dir
+from .nll import evaluate_nll, test_set
+from .sample import ClassChoice, proportional_labels, sample, sample_labels, sample_to_dir
 
 PROTOCOL = (f"Inception-v3 2015-12-05 weights ({WEIGHTS_NAME}), pool-3 2048-d features, "
             "TF1 bilinear resize to 299 (no antialiasing), uint8 inputs, statistics and distance in float64; "
@@ -358,7 +359,8 @@ def cached_reference(path: Path, data, inception: InceptionV3, *, batch: int, di
 def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, seed: int = 0, ref_train=None,
                  ref_test=None, bpd_n: Optional[int] = None, bpd_batch: int = 64, inception_batch: int = 100,
                  weights=None, expected_sha256=WEIGHTS_SHA256_PREFIX, device: str = "auto", dist=None,
-                 progress: bool = True, sampler_opts: Optional[dict] = None, fast: str = "auto") -> dict:
+                 progress: bool = True, sampler_opts: Optional[dict] = None, fast: str = "auto",
+                 guidance: float = 1.0) -> dict:
     """`ddpm eval`: the paper's evaluation of a run's EMA weights, into one JSON report.
 
     1. n samples with Algorithm 2 from the EMA weights, saved as PNGs (+ samples.npz) under
@@ -370,6 +372,10 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
        `nll.evaluate_nll` into OUT/nll (resumable);
     4. OUT/eval.json with every number and what it was measured against.
 
+    A class-conditional run samples its classes in the training set's proportions (the usual
+    protocol for conditional FID; `sample.proportional_labels`) with guidance weight `guidance`,
+    both recorded, and its bits/dim are those of log p(x | c) with the test images' true labels.
+
     :param out_dir: default RUN_DIR/eval/<checkpoint name>.
     :param fast: "auto": the network with the device's fast paths (ddpm.network.fast.prepare_model); "off".
     """
@@ -380,6 +386,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
                                ("--bpd-n", 0 if bpd_n is None else bpd_n, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UserError(f"{flag} {value}: give an integer >= {least}")
+    guidance = check_weight(guidance)
     for ref in (ref_train, ref_test):
         if ref is not None:
             load_stats(ref)
@@ -396,9 +403,13 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     log = _log if dist.is_main else (lambda *_: None)
 
     # 1. samples, as the files a user would save
+    labels, _, classes = sample_labels(ClassChoice(), n, m.num_classes, *loaded.class_info)
+    if labels is None:
+        conditioned(ema, None, 0, guidance)  # a weight for an unconditional model: one line
     log(f"eval: {n} EMA samples (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}")
     res = sample_to_dir(ema, diffusion, out_dir / "samples", n, batch, seed, shape, dist, device=dist.device,
-                        progress=progress, model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)), **(sampler_opts or {}))
+                        progress=progress, model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)),
+                        labels=labels, guidance=guidance, classes=classes, **(sampler_opts or {}))
     source = NpzSource(Path(res["npz"]))  # the PNGs' pixels, read back from the files
     stats, is_ = samples_stats(source, inception, batch=inception_batch, dist=dist, progress=progress,
                                run=str(base), checkpoint=str(ckpt_file), weights="ema", seed=seed,
@@ -406,6 +417,9 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     report = dict(run=str(base), checkpoint=str(ckpt_file), checkpoint_sha256=loaded.sha256, weights="ema (the paper evaluates the EMA weights)",
                   n_samples=n, seed=seed, samples_dir=str(out_dir / "samples"), protocol=PROTOCOL,
                   inception=dict(inception.info), inception_score=is_, samples_pixels_sha256=stats.provenance["pixels_sha256"])
+    if labels is not None:
+        report["conditional"] = dict(guidance=guidance, classes=classes,
+                                     samples_per_class=torch.bincount(labels, minlength=m.num_classes).tolist())
 
     # 2. FID against the training and test splits
     data = run.data if run.data.resolution else run.data.replace(resolution=m.resolution)
@@ -437,10 +451,10 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
             notes.append(f"no bits/dim: {e}")
             log(f"eval: warning: no bits/dim: {e}")
         else:
-            imgs = test.gather(torch.arange(min(bpd_n, len(test)) if bpd_n else len(test)))
+            imgs, test_labels = test_set(test, m, min(bpd_n, len(test)) if bpd_n else None)
             log(f"eval: bits/dim of {len(imgs)} test images ({diffusion.num_timesteps} terms each) into {out_dir / 'nll'}")
             nll = evaluate_nll(ema, diffusion, imgs, bpd_batch, seed, out_dir / "nll", dist, progress, device=dist.device,
-                               model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)))
+                               model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)), labels=test_labels)
             report["bits_per_dim"] = dict(nll, split="test", data=test.source_description)
     report["notes"] = sorted({x for x in notes if x})
     report["seconds"] = round(time.time() - t0, 1)
@@ -469,8 +483,10 @@ class TrainingFID:
 
     def __init__(self, *, n: int = 10_000, batch: int = 250, seed: int = 0, ref=None, images=None, data=None,
                  cache: Optional[Path] = None, weights=None, expected_sha256=WEIGHTS_SHA256_PREFIX, dist=None,
-                 inception_batch: int = 100):
+                 inception_batch: int = 100, class_counts: Optional[Sequence[int]] = None):
         self.dist = dist or DistInfo()
+        # a conditional model: samples in the training set's class proportions, unguided (w = 1)
+        self.class_counts = class_counts
         self.n, self.batch, self.inception_batch = int(n), int(batch), int(inception_batch)
         self.seed = derive_seed(seed, 0xF1D)
         self.inception = load_inception(weights, expected_sha256=expected_sha256, device=self.dist.device)
@@ -499,7 +515,9 @@ class TrainingFID:
         def batches():
             for s in range(0, len(mine), self.batch):
                 idx = mine[s:s + self.batch]
-                x = to_uint8(sample(ema, diffusion, shape, seed=self.seed, indices=idx, device=self.dist.device))
+                labels = proportional_labels(self.class_counts, idx) if self.class_counts else None
+                x = to_uint8(sample(ema, diffusion, shape, seed=self.seed, indices=idx, device=self.dist.device,
+                                    labels=labels))
                 for j in range(0, len(idx), self.inception_batch):
                     yield idx[j:j + self.inception_batch], x[j:j + self.inception_batch].cpu()
 

@@ -8,7 +8,10 @@
 - `reconstruct`: one image noised to x_t and brought back, for several t.
 
 Time is the paper's t everywhere (docs/MATH.md § Time and indexing): x_t ~ q(x_t | x_0) after t
-forward steps, decoded by the t reverse steps t, …, 1; t = 0 is the image itself. Every random
+forward steps, decoded by the t reverse steps t, …, 1; t = 0 is the image itself. A class-conditional
+model runs each of them for a class, with a guidance weight (process/guidance.py): progressive
+generation's chains take the classes `ddpm sample` would give them; the others take one class, by
+default none (the unconditional model that label dropout trained). Every random
 draw comes from a per-image generator seeded by (seed, image index), so results do not depend on
 batch size or the number of processes.
 """
@@ -28,9 +31,10 @@ from ..io.distributed import derive_seed
 from ..io.images import make_grid, read_image, write_png
 from ..io.progress import loop_progress
 from ..process.diffusion import GaussianDiffusion, check_time
+from ..process.guidance import check_weight, conditioned
 from ..process.scaling import to_model_range, to_uint8
-from ..run.load import open_run
-from .sample import ImageNoise, chain, sample
+from ..run.load import LoadedRun, open_run
+from .sample import ClassChoice, ImageNoise, chain, class_index, num_classes_of, sample, sample_labels
 
 # Salts that keep the seed streams of different roles apart (encoding noise vs decoding noise).
 _DECODE = 0xDEC0DE
@@ -43,13 +47,15 @@ _CONTINUE = 0xC0417
 
 
 def progressive_generation(model, diffusion: GaussianDiffusion, shape, times: Sequence[int], n_chains: int, seed: int,
-                           device="cpu", *, progress: bool = False, **sampler_opts) -> dict:
+                           device="cpu", *, progress: bool = False, labels=None, guidance: float = 1.0,
+                           **sampler_opts) -> dict:
     """x̂_0 predicted from x_t along sampling chains, at chosen times t (Fig. 6).
 
     The chains are samples 0 … n_chains-1 of seed `seed` (`sample`, so chain i is image i of
     `ddpm sample` with the same seed and sampler).
 
     :param times: paper times t at which the sampler evaluates the network (1 … T for ancestral).
+    :param labels, guidance: a conditional model's class of each chain, and the guidance weight (`sample`).
     :return: dict(times, pred_x0 [n_chains, len(times), C, H, W], samples [n_chains, C, H, W]).
     """
     if n_chains < 1:
@@ -68,19 +74,22 @@ def progressive_generation(model, diffusion: GaussianDiffusion, shape, times: Se
             keep[t] = out["pred_x0"].float().cpu()
 
     x = sample(model, diffusion, tuple(shape), seed=seed, indices=range(n_chains), device=device, progress=progress,
-               callback=callback, **sampler_opts)
+               callback=callback, labels=labels, guidance=guidance, **sampler_opts)
     return dict(times=times, pred_x0=torch.stack([keep[t] for t in times], dim=1), samples=x.float().cpu())
 
 
 def shared_latent_samples(model, diffusion: GaussianDiffusion, shape, share_t: Sequence[int], k: int, seed: int,
-                          device="cpu", *, clip_denoised: bool = True, progress: bool = False) -> dict:
+                          device="cpu", *, clip_denoised: bool = True, progress: bool = False, label=None,
+                          guidance: float = 1.0) -> dict:
     """Samples that share an intermediate x_t (Fig. 7): one chain (image 0 of `seed`) is run from
     x_T down to each time t in `share_t`; from that same x_t, k chains continue to x_0 with their
     own noise (images 1 … k of seed (seed, salt)).
 
     :param share_t: times t in 0 … T (T: only x_T is shared; 0: the finished sample is).
+    :param label, guidance: a conditional model's class for every chain (None: no class), and the guidance weight.
     :return: dict(share_t, x_t [len(share_t), C, H, W], samples [len(share_t), k, C, H, W]).
     """
+    model = conditioned(model, label, num_classes_of(model), guidance)
     T = diffusion.num_timesteps
     share_t = [check_time(t, T, "share t") for t in share_t]
     if not share_t or k < 1:
@@ -112,15 +121,18 @@ def _diffuse(diffusion: GaussianDiffusion, x0: torch.Tensor, t: int, noise: torc
 
 
 def interpolate(model, diffusion: GaussianDiffusion, x0_a: torch.Tensor, x0_b: torch.Tensor, ts: Sequence[int],
-                lambdas: Sequence[float], seed: int, *, clip_denoised: bool = True, progress: bool = False) -> dict:
+                lambdas: Sequence[float], seed: int, *, clip_denoised: bool = True, progress: bool = False, label=None,
+                guidance: float = 1.0) -> dict:
     """Interpolation in latent space (§4.4, Fig. 8): x_t ~ q(x_t | x_0) and x'_t ~ q(x'_t | x'_0),
     x̄_t = (1 − λ) x_t + λ x'_t, decoded by the reverse process; the decoding noise is the same for
     every λ. Several t give the coarse-to-fine figure: more steps, coarser and more varied.
 
     :param x0_a, x0_b: the two images in [-1, 1], [C, H, W] (on the model's device).
     :param ts: times t, 0 … T (0: no noise and no reverse steps, a pixel-space blend).
+    :param label, guidance: a conditional model's class for the decoding (None: no class), and the guidance weight.
     :return: dict(t, lambdas, images [len(ts), len(lambdas), C, H, W]) in [-1, 1].
     """
+    model = conditioned(model, label, num_classes_of(model), guidance)
     T = diffusion.num_timesteps
     ts = [check_time(t, T, "t") for t in ts]
     lam = torch.tensor([float(v) for v in lambdas], dtype=x0_a.dtype, device=x0_a.device)
@@ -139,13 +151,15 @@ def interpolate(model, diffusion: GaussianDiffusion, x0_a: torch.Tensor, x0_b: t
 
 
 def reconstruct(model, diffusion: GaussianDiffusion, x0: torch.Tensor, ts: Sequence[int], seed: int, *,
-                clip_denoised: bool = True, progress: bool = False) -> dict:
+                clip_denoised: bool = True, progress: bool = False, label=None, guidance: float = 1.0) -> dict:
     """One image noised to x_t ~ q(x_t | x_0) and brought back by the reverse process, for each
     time t in `ts` (0 … T): small t keeps the details, large t only the coarse layout.
 
     :param x0: the image in [-1, 1], [C, H, W].
+    :param label, guidance: a conditional model's class for the decoding (None: no class), and the guidance weight.
     :return: dict(t, x_t [len(ts), C, H, W], x0 [len(ts), C, H, W]) in model range.
     """
+    model = conditioned(model, label, num_classes_of(model), guidance)
     T = diffusion.num_timesteps
     ts = [check_time(t, T, "t") for t in ts]
     if not ts:
@@ -213,6 +227,17 @@ def _write(out_dir, name: str, figure: np.ndarray, loaded, settings: dict, **arr
                 json=str(record))
 
 
+def _one_class(loaded: LoadedRun, class_, guidance: float) -> tuple[Optional[int], dict]:
+    """The label for an experiment of a conditional run (`class_`: an index, a name, or None/"none":
+    no class) and its record for the settings; (None, {}) for an unconditional run given no class."""
+    K = loaded.run.model.num_classes
+    if not K:
+        conditioned(loaded.model, class_, 0, guidance)  # one line if a class or a weight was given
+        return None, {}
+    label = K if class_ is None else class_index(class_, loaded.class_info[0], K)
+    return label, dict(label=label, guidance=check_weight(guidance))
+
+
 def _model_input(path, shape, device) -> torch.Tensor:
     """An image file as the model's data: (C, H, W) of `shape`, in [-1, 1], on `device`."""
     return to_model_range(read_image(path, shape[0], tuple(shape[1:]))).to(device)
@@ -225,58 +250,73 @@ def default_progressive_times(T: int, n: int = 10) -> list[int]:
 
 def progressive_run(run, out_dir, *, n_chains: int = 8, times: Optional[Sequence[int]] = None, seed: int = 0,
                     weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True,
-                    **sampler_opts) -> dict:
+                    class_=None, guidance: float = 1.0, **sampler_opts) -> dict:
     """`ddpm progressive`: Fig. 6 of a trained run into OUT/progressive.png and .npz.
 
     :param run: a run directory or checkpoint file. :param times: times t (default: 10 from T to 1).
+    :param class_, guidance: a conditional run's class for every chain (default: the classes
+        `ddpm sample` gives images 0 … n_chains-1) and the guidance weight.
     """
     _claim(out_dir)
+    guidance = check_weight(guidance)
     loaded, dist, _ = open_run(run, weights, device, fast)
+    labels, _, record = sample_labels(ClassChoice(class_), n_chains, loaded.run.model.num_classes, *loaded.class_info)
     T = loaded.diffusion.num_timesteps
     times = list(times) if times else default_progressive_times(T)
     res = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, times, n_chains, seed, dist.device,
-                                 progress=progress, **sampler_opts)
-    settings = dict(n_chains=n_chains, times=[int(v) for v in res["times"]], seed=seed, **sampler_opts)
+                                 progress=progress, labels=labels, guidance=guidance, **sampler_opts)
+    settings = dict(n_chains=n_chains, times=[int(v) for v in res["times"]], seed=seed, **sampler_opts,
+                    **(dict(labels=labels.tolist(), classes=record, guidance=guidance) if labels is not None else {}))
     return dict(res, **_write(out_dir, "progressive", progressive_figure(res), loaded, settings,
                               times=np.array(res["times"]), pred_x0=_nhwc(res["pred_x0"]), samples=_nhwc(res["samples"])))
 
 
 def shared_run(run, out_dir, share_t: Sequence[int], *, k: int = 8, seed: int = 0, weights: str = "ema",
-               device: str = "auto", fast: str = "auto", progress: bool = True) -> dict:
+               device: str = "auto", fast: str = "auto", progress: bool = True, class_=None,
+               guidance: float = 1.0) -> dict:
     """`ddpm progressive --share-t`: Fig. 7 of a trained run into OUT/shared.png and .npz."""
     _claim(out_dir)
     loaded, dist, _ = open_run(run, weights, device, fast)
+    label, cls = _one_class(loaded, class_, guidance)
     res = shared_latent_samples(loaded.model, loaded.diffusion, loaded.shape, share_t, k, seed, dist.device,
-                                progress=progress)
-    settings = dict(share_t=[int(v) for v in res["share_t"]], k=k, seed=seed)
+                                progress=progress, label=label, guidance=guidance)
+    settings = dict(share_t=[int(v) for v in res["share_t"]], k=k, seed=seed, **cls)
     return dict(res, **_write(out_dir, "shared", shared_figure(res), loaded, settings,
                               share_t=np.array(res["share_t"]), x_t=_nhwc(res["x_t"]), samples=_nhwc(res["samples"])))
 
 
 def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,), steps: int = 11, seed: int = 0,
-                    weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True) -> dict:
+                    weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True, class_=None,
+                    guidance: float = 1.0) -> dict:
     """`ddpm interpolate`: Fig. 8 for two image files, into OUT/interpolation.png and .npz.
 
     :param t: times t, one row each. :param steps: values of λ from 0 to 1.
+    :param class_, guidance: a conditional run's class for the decoding (default none) and the guidance weight.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise UserError(f"--steps {steps}: give at least 2 values of λ (λ = 0 and 1)")
     _claim(out_dir)
     loaded, dist, _ = open_run(run, weights, device, fast)
+    label, cls = _one_class(loaded, class_, guidance)
     a, b = (_model_input(p, loaded.shape, dist.device) for p in (image_a, image_b))
-    res = interpolate(loaded.model, loaded.diffusion, a, b, t, np.linspace(0, 1, steps), seed, progress=progress)
-    settings = dict(images=[str(image_a), str(image_b)], t=[int(v) for v in res["t"]], steps=steps, seed=seed)
+    res = interpolate(loaded.model, loaded.diffusion, a, b, t, np.linspace(0, 1, steps), seed, progress=progress,
+                      label=label, guidance=guidance)
+    settings = dict(images=[str(image_a), str(image_b)], t=[int(v) for v in res["t"]], steps=steps, seed=seed, **cls)
     return dict(res, **_write(out_dir, "interpolation", interpolation_figure(res, a, b), loaded, settings,
                               t=np.array(res["t"]), lambdas=np.array(res["lambdas"]), images=_nhwc(res["images"])))
 
 
 def reconstruct_run(run, image, out_dir, *, t: Sequence[int] = (0, 250, 500, 750, 1000), seed: int = 0,
-                    weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True) -> dict:
-    """`ddpm reconstruct`: one image file noised to x_t and brought back, into OUT/reconstruct.png and .npz."""
+                    weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True, class_=None,
+                    guidance: float = 1.0) -> dict:
+    """`ddpm reconstruct`: one image file noised to x_t and brought back, into OUT/reconstruct.png and .npz.
+
+    :param class_, guidance: a conditional run's class for the decoding (default none) and the guidance weight."""
     _claim(out_dir)
     loaded, dist, _ = open_run(run, weights, device, fast)
+    label, cls = _one_class(loaded, class_, guidance)
     x0 = _model_input(image, loaded.shape, dist.device)
-    res = reconstruct(loaded.model, loaded.diffusion, x0, t, seed, progress=progress)
-    settings = dict(image=str(image), t=[int(v) for v in res["t"]], seed=seed)
+    res = reconstruct(loaded.model, loaded.diffusion, x0, t, seed, progress=progress, label=label, guidance=guidance)
+    settings = dict(image=str(image), t=[int(v) for v in res["t"]], seed=seed, **cls)
     return dict(res, **_write(out_dir, "reconstruct", reconstruction_figure(res), loaded, settings,
                               t=np.array(res["t"]), x_t=_nhwc(res["x_t"]), x0=_nhwc(res["x0"])))

@@ -3,6 +3,7 @@
 - `evaluate_nll`: bits/dim of the true bound (eq. 5) per test image, with its parts, resumable.
 - `rate_distortion`: progressive lossy compression (§4.3, Fig. 5) from `evaluate_nll`'s terms.
 
+A class-conditional model's bits/dim are those of log p(x | c), each image with its true class.
 Time is the paper's t (docs/MATH.md § Time and indexing). The noise of image i comes from a
 generator seeded by (seed, i), so results do not depend on the batch size or the number of
 processes.
@@ -32,9 +33,10 @@ from ..io.progress import loop_progress, progress_bar
 from ..io.results import check_settings
 from ..process.diffusion import GaussianDiffusion
 from ..network.unet import UNetConfig
+from ..process.guidance import conditioned
 from ..process.scaling import to_model_range
 from ..run.load import open_run
-from .sample import ImageNoise
+from .sample import ImageNoise, num_classes_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +48,7 @@ NLL_META = "nll.json"
 
 def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: int, out_dir, dist: Optional[DistInfo] = None,
                  progress: bool = True, *, device=None, model_tag: str = "", recorded: Optional[dict] = None,
-                 clip_denoised: bool = True) -> dict:
+                 clip_denoised: bool = True, labels: Optional[torch.Tensor] = None) -> dict:
     """Bits/dim of the true variational bound L_T + Σ_{t>1} L_{t-1} + L_0 (eq. 5) for each image.
 
     As the official code (`calc_bpd_loop`): each term with fresh noise, x̂_0 clipped to [-1, 1].
@@ -64,6 +66,8 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
     - `bpd.npz`: the arrays (indices, total_bpd [N], prior_bpd [N], vb/mse/x0_mse [N, T]).
 
     :param images: uint8 [N, C, H, W] (tensor or array) in {0 … 255}.
+    :param labels: the images' classes, int64 [N], for a class-conditional model (required there):
+        the bound is then that of log p(x | c).
     :param batch: images per forward pass and per saved part, per process.
     :param model_tag: which model (`LoadedRun.tag`), recorded with the seed in `nll.json`; a rerun
         with other settings is refused. :param recorded: recorded there too, not compared.
@@ -77,6 +81,15 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
         raise UserError("no images to evaluate; give a data set with at least one image")
     if isinstance(batch, bool) or int(batch) != batch or batch < 1:
         raise UserError(f"batch={batch!r}: give a batch size of at least 1")
+    K = num_classes_of(model)
+    if K and labels is None:
+        raise UserError("bits/dim of a class-conditional model are those of log p(x | c): they need the images' "
+                        "labels; give labelled test data (the same kind of source as for training)")
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.shape != (N,):
+            raise UserError(f"{tuple(labels.shape)} labels for {N} images; give one label per image")
+    conditioned(model, labels, K)  # an unconditional model given labels: one line
     dist = dist or DistInfo()
     device = torch.device(device) if device is not None else dist.device
     out_dir = usable_folder(out_dir)
@@ -84,8 +97,10 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
 
     batches = None
     if dist.is_main:
-        check_settings(out_dir / NLL_META, dict(seed=int(seed), T=T, clip_denoised=bool(clip_denoised),
-                                                 shape=list(images.shape[1:]), model=model_tag), recorded, what="bits/dim")
+        settings = dict(seed=int(seed), T=T, clip_denoised=bool(clip_denoised), shape=list(images.shape[1:]), model=model_tag)
+        if labels is not None:
+            settings["conditional_on"] = "each image's label: log p(x | c)"
+        check_settings(out_dir / NLL_META, settings, recorded, what="bits/dim")
         parts.mkdir(exist_ok=True)
         covered = set()
         for f, part in _read_parts(parts):
@@ -102,7 +117,8 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
     bar = progress_bar(sum(len(b) for b in mine), desc="bits/dim", unit="img", enabled=progress and dist.is_main)
     for idx in mine:
         x0 = to_model_range(images[torch.tensor(idx)]).to(device)
-        res = diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised, noise_fn=ImageNoise(seed, idx, device),
+        fn = conditioned(model, None if labels is None else labels[torch.tensor(idx)], K)
+        res = diffusion.calc_bpd_loop(fn, x0, clip_denoised=clip_denoised, noise_fn=ImageNoise(seed, idx, device),
                                       progress=loop_progress("bits/dim", progress and dist.is_main))
         arrays = {k: res[k].float().cpu().numpy() for k in ("prior_bpd", "vb", "mse", "x0_mse")}
         write_npz(parts / f"batch-{idx[0]:06d}.npz", indices=np.asarray(idx, np.int64),
@@ -333,14 +349,28 @@ def _panel(img, draw, box, xs, ys, xlabel: str, ylabel: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_test_images(model: UNetConfig, source: str, split: str = "test", n: Optional[int] = None) -> torch.Tensor:
+def load_test_images(model: UNetConfig, source: str, split: str = "test", n: Optional[int] = None
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The first `n` images (default all) of a data source's split, at the model's resolution and
-    channels: uint8 [N, C, H, W]."""
+    channels: uint8 [N, C, H, W], and for a class-conditional model their labels int64 [N]."""
     cfg = DataConfig(source=source, split=split, resolution=model.resolution, channels=CHANNEL_MODES[model.in_channels])
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise UserError(f"--n {n}: give at least 1 image")
     data = open_data(cfg)
-    return data.gather(torch.arange(len(data) if n is None else min(n, len(data))))
+    return test_set(data, model, None if n is None else min(n, len(data)))
+
+
+def test_set(data, model: UNetConfig, n: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The first `n` images (default all) of an opened data set and, for a conditional model, their
+    labels (a set without labels, or with another number of classes, is one line)."""
+    idx = torch.arange(len(data) if n is None else n)
+    if not model.num_classes:
+        return data.gather(idx), None
+    if data.labels is None or len(data.classes) != model.num_classes:
+        has = "no labels" if data.labels is None else f"{len(data.classes)} classes"
+        raise UserError(f"{data.source_description} has {has}, and this class-conditional model needs the labels of "
+                        f"its {model.num_classes} classes for log p(x | c); give the test split of its training data")
+    return data.gather(idx), data.labels[idx]
 
 
 def nll_run(run, data: str, out_dir, *, split: str = "test", n: Optional[int] = None, batch: int = 64, seed: int = 0,
@@ -348,9 +378,9 @@ def nll_run(run, data: str, out_dir, *, split: str = "test", n: Optional[int] = 
     """`ddpm nll`: bits/dim of a trained run on the first `n` images of `data`'s split, into
     `out_dir` (see `evaluate_nll`); resumable. -> the summary dict."""
     loaded, dist, tag = open_run(run, weights, device, fast)
-    images = load_test_images(loaded.run.model, data, split, n)
+    images, labels = load_test_images(loaded.run.model, data, split, n)
     return evaluate_nll(loaded.model, loaded.diffusion, images, batch, seed, out_dir, dist, progress=progress,
-                        model_tag=tag, recorded=dict(checkpoint=str(loaded.checkpoint)))
+                        model_tag=tag, recorded=dict(checkpoint=str(loaded.checkpoint)), labels=labels)
 
 
 def rate_distortion_run(out_dir, *, from_nll=None, run=None, data: Optional[str] = None, split: str = "test",

@@ -1,18 +1,23 @@
-"""Sampling on top of `GaussianDiffusion.reverse_loop`: per-image seeds, samplers, image files.
+"""Sampling on top of `GaussianDiffusion.reverse_loop`: per-image seeds, samplers, classes, image files.
 
 Image i of a run always comes from seed (S, i): its x_T and every z of Algorithm 2 are drawn
 from a generator of its own, so a sample set does not depend on the batch size, the number of
 processes, or which images were already written. Times are the paper's t (docs/MATH.md § Time
 and indexing).
+
+A class-conditional model samples image i with class label i of a list that depends on i alone
+(`sample_labels`), and with classifier-free guidance of weight w (process/guidance.py; w = 1 is
+plain conditional sampling): docs/MATH.md § Classes and guidance.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,10 +27,11 @@ from ..errors import UserError
 from ..io.atomic import write_npz_rows
 from ..io.distributed import DistInfo, barrier, broadcast_object, derive_seed, shard
 from ..io.folders import usable_folder
-from ..io.images import make_grid, read_png, write_png
+from ..io.images import make_class_grid, make_grid, read_png, write_png
 from ..io.progress import loop_progress, progress_bar
 from ..io.results import check_settings
 from ..process.diffusion import GaussianDiffusion, Step, ddim_timesteps
+from ..process.guidance import check_weight, conditioned
 from ..process.scaling import to_uint8
 from ..run.load import open_run
 
@@ -122,6 +128,117 @@ class PrefetchNoise:
         self._stop.set()
 
 
+# ---------------------------------------------------------------------------------------------
+# Classes: which label each image gets
+# ---------------------------------------------------------------------------------------------
+
+_PHI = (math.sqrt(5.0) - 1.0) / 2.0  # the golden ratio's fractional part
+
+
+def num_classes_of(model) -> int:
+    """K of a class-conditional network (its config's num_classes; also of a `FastModel`), else 0."""
+    return int(getattr(getattr(model, "config", None), "num_classes", 0) or 0)
+
+
+def proportional_labels(counts: Sequence[int], indices: Sequence[int]) -> torch.Tensor:
+    """The classes of images `indices` for a sample set in the proportions `counts` (the training
+    set's: the usual protocol for a conditional model's FID).
+
+    Image i gets the class whose interval of the cumulative proportions holds u_i = frac(½ + iφ),
+    φ = (√5 − 1)/2: a low-discrepancy (Weyl) sequence, so image i's class depends on i alone, not on
+    how many images are drawn or how they are batched, and the first n images hold each class's
+    share n·p_k to within a few images (O(log n)), which random draws would miss by about √n.
+    """
+    p = np.asarray(counts, dtype=np.float64)
+    if p.ndim != 1 or not len(p) or (p < 0).any() or p.sum() <= 0:
+        raise UserError(f"class counts {list(counts)[:8]}: need at least one class with images")
+    cum = np.cumsum(p) / p.sum()
+    u = np.mod(0.5 + np.asarray(list(indices), dtype=np.float64) * _PHI, 1.0)
+    return torch.from_numpy(np.minimum(np.searchsorted(cum, u, side="right"), len(p) - 1)).long()
+
+
+class ClassChoice(NamedTuple):
+    """Which classes a sample set of a conditional model has (the `ddpm sample` options).
+
+    :param class_: every image of this class (an index, a class name, or "none": no class, i.e.
+        unconditional samples from the conditional model).
+    :param classes: image i of class classes[i % len(classes)] (indices or names).
+    :param per_class: N images of each class (of `classes`, default all), class by class: the set
+        has N·K images. Nothing given: classes in the training set's proportions.
+    """
+
+    class_: Union[int, str, None] = None
+    classes: Optional[Sequence[Union[int, str]]] = None
+    per_class: Optional[int] = None
+
+    def given(self) -> bool:
+        return self.class_ is not None or self.classes is not None or self.per_class is not None
+
+
+def class_index(value, names: Sequence[str], K: int) -> int:
+    """A class given as an index 0 … K-1, a name of the data's classes, or "none" (K: no class)."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return K
+    if isinstance(value, str) and value in names:
+        return list(names).index(value)
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        k = -1
+    if isinstance(value, bool) or not 0 <= k < K:
+        shown = ", ".join(f"{i}={n}" for i, n in enumerate(names[:12])) + (", …" if len(names) > 12 else "")
+        raise UserError(f"class {value!r} is not one of this model's {K} classes ({shown}); give an index from 0 to "
+                        f"{K - 1}, a class name, or 'none' for no class")
+    return k
+
+
+def sample_labels(choice: ClassChoice, n: Optional[int], num_classes: int, names: Sequence[str] = (),
+                  counts: Optional[Sequence[int]] = None) -> tuple[Optional[torch.Tensor], int, dict]:
+    """The class of every image of a sample set -> (labels int64 [n] or None for an unconditional
+    model, n, a record of the choice for the folder's settings).
+
+    :param n: how many images (None with `per_class`, which decides it).
+    :param names, counts: the training data's class names and images per class (from the checkpoint).
+    """
+    K = num_classes
+    if K == 0:
+        if choice.given():
+            raise UserError("this model is unconditional (model.num_classes=0): --class, --classes and --per-class "
+                            "need a class-conditional model (train one with model.num_classes=K on labelled data)")
+        return None, _count(n), {}
+    names = list(names) or [str(k) for k in range(K)]
+    if choice.class_ is not None and (choice.classes is not None or choice.per_class is not None):
+        raise UserError("--class K draws every image of one class; --classes and --per-class choose several: give one")
+    if choice.per_class is not None:
+        per = choice.per_class
+        if isinstance(per, bool) or not isinstance(per, int) or per < 1:
+            raise UserError(f"--per-class {per!r}: give the number of images of each class, at least 1")
+        ks = [class_index(c, names, K) for c in choice.classes] if choice.classes is not None else list(range(K))
+        if n is not None and n != per * len(ks):
+            raise UserError(f"--per-class {per} with {len(ks)} classes makes {per * len(ks)} images, not --n {n}; leave "
+                            f"--n out")
+        labels = torch.tensor(ks, dtype=torch.long).repeat_interleave(per)
+        return labels, len(labels), dict(classes=ks, per_class=per)
+    n = _count(n)
+    if choice.class_ is not None:
+        k = class_index(choice.class_, names, K)
+        return torch.full((n,), k, dtype=torch.long), n, dict(classes=[k])
+    if choice.classes is not None:
+        ks = [class_index(c, names, K) for c in choice.classes]
+        if not ks:
+            raise UserError("--classes is empty; give class indices or names, e.g. --classes 0,3,7")
+        return torch.tensor(ks, dtype=torch.long)[torch.arange(n) % len(ks)], n, dict(classes=ks, cycled=True)
+    if counts is None or len(counts) != K:
+        counts = [1] * K  # a model without its data's counts: every class equally often
+    return proportional_labels(counts, range(n)), n, dict(classes="in the training set's proportions", counts=list(counts))
+
+
+def _count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise UserError(f"n={n!r}: give the number of samples to draw, at least 1")
+    return int(n)
+
+
 def chain(diffusion: GaussianDiffusion, sampler: str = "ancestral", ddim_steps: int = 50, ddim_eta: float = 0.0,
           ddim_spacing: str = "uniform", clip_denoised: bool = True) -> tuple[list[int], Step]:
     """A sampler's times (paper t, from its first down to 0) and its step, for the reverse loop."""
@@ -135,10 +252,13 @@ def chain(diffusion: GaussianDiffusion, sampler: str = "ancestral", ddim_steps: 
 def sample(model, diffusion: GaussianDiffusion, shape, *, seed: int, indices: Sequence[int], device,
            sampler: str = "ancestral", ddim_steps: int = 50, ddim_eta: float = 0.0, ddim_spacing: str = "uniform",
            clip_denoised: bool = True, progress: bool = False, callback: Optional[Callable] = None,
-           prefetch_noise: Optional[bool] = None) -> torch.Tensor:
+           prefetch_noise: Optional[bool] = None, labels=None, guidance: float = 1.0) -> torch.Tensor:
     """Samples for `indices` (one image each) in [-1, 1], float [len(indices), C, H, W].
 
     :param shape: (C, H, W) of one image.
+    :param labels: for a class-conditional model, the class of each image (int64 [len(indices)]),
+        or one class for all (an int); None: no class. An unconditional model takes none.
+    :param guidance: the guidance weight w (1: plain conditional sampling; process/guidance.py).
     :param callback: `callback(t, out)` after the step from each time t (out["pred_x0"] is the x̂_0
         predicted from x_t).
     :param prefetch_noise: draw the per-image noise on a background thread, ahead of the loop
@@ -147,6 +267,7 @@ def sample(model, diffusion: GaussianDiffusion, shape, *, seed: int, indices: Se
         network for the cores).
     """
     device = torch.device(device)
+    model = conditioned(model, labels, num_classes_of(model), guidance)
     times, step = chain(diffusion, sampler, ddim_steps, ddim_eta, ddim_spacing, clip_denoised)
     prefetch = device.type == "cuda" if prefetch_noise is None else prefetch_noise
     noise = ImageNoise(seed, indices, "cpu" if prefetch else device)
@@ -192,9 +313,11 @@ def _existing_indices(out_dir: Path, n: int, shape) -> set[int]:
 
 def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: int, seed: int, shape, dist=None, *,
                   device=None, progress: bool = True, model_tag: str = "", recorded: Optional[dict] = None,
-                  grid_n: int = 64, **sampler_opts) -> dict:
-    """Draw samples 0 … n-1 into `out_dir`: `000000.png` …, `samples.npz` (uint8 NHWC "x" and
-    "indices") and `grid.png` (the first `grid_n`). Run it again to resume.
+                  grid_n: int = 64, labels: Optional[torch.Tensor] = None, guidance: float = 1.0,
+                  classes: Optional[dict] = None, **sampler_opts) -> dict:
+    """Draw samples 0 … n-1 into `out_dir`: `000000.png` …, `samples.npz` (uint8 NHWC "x",
+    "indices", and "labels" for a conditional model) and `grid.png` (the first `grid_n`; for a
+    conditional model one class per row, its first 8 images). Run it again to resume.
 
     Image i always comes from seed (seed, i) (see `ImageNoise`), whatever `batch` or the number of
     processes. Indices whose PNG exists and is readable are skipped; the missing ones are split
@@ -210,6 +333,9 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     :param recorded: facts recorded beside them but not compared (e.g. the checkpoint's path).
     A folder that holds files but no `sampling.json` is refused (io/folders.py): a user's
     `000000.png` is never taken for a sample.
+    :param labels: a conditional model's class of each image, int64 [n] (`sample_labels`), with
+        the guidance weight `guidance`; both recorded in `sampling.json` with `classes` (how the
+        labels were chosen), and a rerun with others is refused.
     :param sampler_opts: `sample`'s options: sampler, ddim_steps, ddim_eta, ddim_spacing, clip_denoised.
     :return: dict(out_dir, n, generated (by all processes), skipped, npz, grid).
     """
@@ -224,6 +350,11 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     opts.update(sampler_opts)
     opts["sampler"] = Sampler.parse(opts["sampler"], "sampler").value
     chain(diffusion, **opts)  # validates the DDIM settings before anything is written
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.shape != (int(n),):
+            raise ValueError(f"sample_to_dir: {tuple(labels.shape)} labels for n={n} images")
+    conditioned(model, labels, num_classes_of(model), guidance)  # an unconditional model given classes: one line
     dist = dist or DistInfo()
     device = torch.device(device) if device is not None else dist.device
     out_dir = usable_folder(out_dir)
@@ -236,6 +367,8 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
         if opts["sampler"] == "ancestral":  # the DDIM settings do not matter then
             for k in ("ddim_steps", "ddim_eta", "ddim_spacing"):
                 meta.pop(k)
+        if labels is not None:
+            meta.update(classes=classes or {}, guidance=check_weight(guidance))
         check_settings(out_dir / SAMPLES_META, meta, recorded, what="samples")
         have = _existing_indices(out_dir, n, shape)
         todo = [i for i in range(n) if i not in have]
@@ -245,7 +378,8 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     bar = progress_bar(len(mine), desc="sampling", unit="img", enabled=progress and dist.is_main)
     for start in range(0, len(mine), batch):
         idx = mine[start:start + batch]
-        x = sample(model, diffusion, shape, seed=seed, indices=idx, device=device, progress=progress and dist.is_main, **opts)
+        x = sample(model, diffusion, shape, seed=seed, indices=idx, device=device, progress=progress and dist.is_main,
+                   labels=None if labels is None else labels[idx], guidance=guidance, **opts)
         pics = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         for i, pic in zip(idx, pics):
             write_png(pic, out_dir / png_name(i))
@@ -264,17 +398,30 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
                     raise UserError(f"{out_dir / png_name(i)}: missing or unreadable after sampling; run the same command again")
                 yield a
 
-        write_npz_rows(npz_path, {"indices": np.arange(n, dtype=np.int64)}, (n, h, w, c), rows())
-        first = np.stack([_read_sample(out_dir / png_name(i), shape) for i in range(min(grid_n, n))])
-        write_png(make_grid(torch.from_numpy(first).permute(0, 3, 1, 2), nrow=8), grid_path)
+        extra = {} if labels is None else {"labels": labels.numpy()}
+        write_npz_rows(npz_path, {"indices": np.arange(n, dtype=np.int64), **extra}, (n, h, w, c), rows())
+        if labels is None:
+            shown = list(range(min(grid_n, n)))
+        else:  # the first 8 images of each class
+            shown = sorted(i for k in labels.unique().tolist() for i in (labels == k).nonzero().flatten()[:8].tolist())
+        first = torch.from_numpy(np.stack([_read_sample(out_dir / png_name(i), shape) for i in shown])).permute(0, 3, 1, 2)
+        grid = make_grid(first, nrow=8) if labels is None else make_class_grid(first, labels[shown], per_row=8)
+        write_png(grid, grid_path)
     barrier()
     return dict(out_dir=str(out_dir), n=n, generated=len(todo), skipped=n - len(todo), npz=str(npz_path), grid=str(grid_path))
 
 
-def sample_run(run, out_dir, n: int, *, batch: int = 64, seed: int = 0, weights: str = "ema", device: str = "auto",
-               fast: str = "auto", progress: bool = True, **sampler_opts) -> dict:
+def sample_run(run, out_dir, n: Optional[int], *, batch: int = 64, seed: int = 0, weights: str = "ema",
+               device: str = "auto", fast: str = "auto", progress: bool = True, classes: ClassChoice = ClassChoice(),
+               guidance: float = 1.0, **sampler_opts) -> dict:
     """`ddpm sample`: images 0 … n-1 of a trained run (a run directory or a checkpoint file) into
-    `out_dir`, split over torchrun's processes; run it again to resume (see `sample_to_dir`)."""
+    `out_dir`, split over torchrun's processes; run it again to resume (see `sample_to_dir`).
+
+    A class-conditional run samples the classes `classes` chooses (`sample_labels`; by default in
+    its training set's proportions) with guidance weight `guidance`."""
+    guidance = check_weight(guidance)
     loaded, dist, tag = open_run(run, weights, device, fast)
+    labels, n, record = sample_labels(classes, n, loaded.run.model.num_classes, *loaded.class_info)
     return sample_to_dir(loaded.model, loaded.diffusion, out_dir, n, batch, seed, loaded.shape, dist, progress=progress,
-                         model_tag=tag, recorded=dict(checkpoint=str(loaded.checkpoint)), **sampler_opts)
+                         model_tag=tag, recorded=dict(checkpoint=str(loaded.checkpoint)), labels=labels,
+                         guidance=guidance, classes=record, **sampler_opts)
