@@ -1,0 +1,315 @@
+"""Class-conditional models and classifier-free guidance, against facts from outside the code.
+
+The oracle (gaussian_oracle.ClassOracle) is the exact E[ε | x_t, c] and E[ε | x_t] of data that
+are a Gaussian per class, in closed form: driven by it, conditional sampling must give each class's
+mean and variance, unconditional sampling the mixture's, and the guided ε is checked against the
+formula computed here with numpy. The rest are properties: guidance 1 is plain conditional
+sampling bit for bit, guidance is one batched forward, label dropout happens at its rate, a
+conditional run resumes exactly, and the class embedding is diffusers' `num_class_embeds`.
+"""
+
+import functools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gaussian_oracle import CLASS_MU, CLASS_PRIORS, CLASS_S, PAPER_BETAS, ClassOracle
+from helpers import active, preset_net
+from ddpm import GaussianDiffusion, UserError, make_betas
+from ddpm.cli import main
+from ddpm.io.checkpoint import latest_checkpoint
+from ddpm.io.data import FASHION_MNIST_CLASSES, DataConfig, load_images
+from ddpm.network.unet import UNet, count_parameters
+from ddpm.process.guidance import Guided
+from ddpm.run.config import RunConfig
+from ddpm.workflows.sample import ClassChoice, proportional_labels, sample, sample_labels, sample_to_dir
+from ddpm.workflows.train import drop_labels, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+K = len(CLASS_PRIORS)
+
+
+# ---------------------------------------------------------------- the oracle: sampling and the formula
+
+def _run_chain(model, n_rows: int, seed: int) -> torch.Tensor:
+    d = GaussianDiffusion(make_betas("linear", 1000), var_type="fixedlarge")
+    g = torch.Generator().manual_seed(seed)
+    return d.p_sample_loop(model, (n_rows, 1, 1, 1), clip_denoised=False,
+                           noise_fn=lambda shape: torch.randn(shape, generator=g, dtype=torch.float64)).flatten()
+
+
+def test_conditional_sampling_gives_each_class_its_mean_and_variance():
+    n = 20_000
+    labels = torch.arange(K).repeat_interleave(n)
+    x = _run_chain(Guided(ClassOracle(), labels, 1.0, null_class=K), K * n, seed=11)
+    for k in range(K):
+        xs = x[labels == k]
+        mean, var = xs.mean().item(), xs.var().item()
+        print(f"class {k}: mean {mean:.4f} (data {CLASS_MU[k]}), var {var:.5f} (data {CLASS_S[k] ** 2:.5f})")
+        assert abs(mean - CLASS_MU[k]) < 4 * CLASS_S[k] / math.sqrt(n)
+        assert abs(var / CLASS_S[k] ** 2 - 1) < 0.04  # 4 standard errors of a variance estimate, √(2/n) = 0.01
+
+
+def test_guidance_0_samples_the_mixture():
+    n = 40_000
+    x = _run_chain(Guided(ClassOracle(), torch.zeros(n, dtype=torch.long), 0.0, null_class=K), n, seed=12)
+    p, mu, s = (np.array(v) for v in (CLASS_PRIORS, CLASS_MU, CLASS_S))
+    mean = (p * mu).sum()
+    var = (p * (s**2 + mu**2)).sum() - mean**2
+    print(f"mixture: mean {x.mean():.4f} (data {mean:.4f}), var {x.var():.5f} (data {var:.5f})")
+    assert abs(x.mean().item() - mean) < 4 * math.sqrt(var / n)
+    assert abs(x.var().item() / var - 1) < 4 * math.sqrt(2 / n) * 1.5  # a mixture's variance estimate is noisier
+
+
+def _eps_by_hand(x, abar, w, y):
+    """ε̃ = ε_∅ + w (ε_c − ε_∅) for the per-class Gaussians, written out in numpy."""
+    p, mu, s = (np.array(v) for v in (CLASS_PRIORS, CLASS_MU, CLASS_S))
+    out = np.empty_like(x)
+    for b in range(x.shape[0]):
+        a, xb = abar[b], x[b]
+        var = a * s**2 + 1 - a
+        eps = [np.sqrt(1 - a) * (xb - np.sqrt(a) * mu[k]) / var[k] for k in range(K)]
+        logw = [np.log(p[k]) + np.sum(-0.5 * (xb - np.sqrt(a) * mu[k]) ** 2 / var[k] - 0.5 * np.log(2 * np.pi * var[k]))
+                for k in range(K)]
+        r = np.exp(np.array(logw) - max(logw))
+        r /= r.sum()
+        uncond = sum(r[k] * eps[k] for k in range(K))
+        cond = uncond if y[b] == K else eps[y[b]]
+        out[b] = uncond + w * (cond - uncond)
+    return out
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 2.5])
+def test_guided_eps_is_the_formula_from_one_batched_forward(w):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 10, 200, 500, 800, 1000])
+    y = torch.tensor([0, 1, 2, 0, 2, K])  # the last image: no class
+    oracle = ClassOracle()
+    out = Guided(oracle, y, w, null_class=K)(x, t)
+    abar = np.cumprod(1 - PAPER_BETAS)[t.numpy() - 1]
+    np.testing.assert_allclose(out.numpy(), _eps_by_hand(x.numpy(), abar, w, y.numpy()), rtol=1e-9, atol=1e-12)
+    assert oracle.calls == 1 and oracle.images == (12 if w not in (0.0, 1.0) else 6)
+
+
+def test_learned_variance_channels_are_the_conditional_ones():
+    def net(x, t, y):  # mean channel depends on y, variance channel too
+        return torch.cat([x + y.view(-1, 1, 1, 1), 10 * x + y.view(-1, 1, 1, 1)], dim=1)
+
+    x, t, y = torch.zeros(2, 1, 1, 1), torch.ones(2, dtype=torch.long), torch.tensor([1, 2])
+    out = Guided(net, y, 3.0, null_class=4)(x, t)
+    # guided mean: 4 + 3 (y − 4); variance: the conditional's, y
+    assert out[:, 0].flatten().tolist() == [4 + 3 * (1 - 4), 4 + 3 * (2 - 4)]
+    assert out[:, 1].flatten().tolist() == [1, 2]
+
+
+# ---------------------------------------------------------------- the network: guidance 1, batching, seeds
+
+@pytest.fixture(scope="module")
+def cond_net():
+    torch.manual_seed(0)
+    return active(UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, resolution=8,
+                       in_channels=1, out_channels=1, num_classes=3), seed=1).eval()
+
+
+D10 = GaussianDiffusion(make_betas("linear", 10, 1e-3, 0.2))
+
+
+def test_guidance_1_is_plain_conditional_sampling_bitwise(cond_net):
+    y = torch.tensor([2, 0, 1, 2])
+    opts = dict(seed=5, indices=range(4), device="cpu")
+    plain = sample(lambda x, t: cond_net(x, t, y), D10, (1, 8, 8), **opts)
+    assert torch.equal(sample(cond_net, D10, (1, 8, 8), labels=y, guidance=1.0, **opts), plain)
+    unconditional = sample(lambda x, t: cond_net(x, t, torch.full_like(t, 3)), D10, (1, 8, 8), **opts)
+    assert torch.equal(sample(cond_net, D10, (1, 8, 8), labels=y, guidance=0.0, **opts), unconditional)
+    assert not torch.equal(plain, unconditional)
+
+
+def test_guided_sampling_is_one_forward_of_twice_the_batch_per_step(cond_net):
+    seen = []
+
+    class Spy(torch.nn.Module):
+        config = cond_net.config
+
+        def forward(self, x, t, y):
+            seen.append((x.shape[0], y.tolist()))
+            return cond_net(x, t, y)
+
+    sample(Spy(), D10, (1, 8, 8), seed=0, indices=range(3), device="cpu", labels=torch.tensor([0, 1, 2]),
+           guidance=4.0, sampler="ddim", ddim_steps=5)
+    assert len(seen) == 5 and all(b == 6 and y == [0, 1, 2, 3, 3, 3] for b, y in seen)
+
+
+def test_image_i_of_class_c_does_not_depend_on_the_batch(cond_net, tmp_path):
+    labels, n, record = sample_labels(ClassChoice(per_class=3), None, 3)
+    assert n == 9 and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    a = sample_to_dir(cond_net, D10, tmp_path / "a", n, 2, 7, (1, 8, 8), progress=False, labels=labels, guidance=2.0,
+                      classes=record)
+    sample_to_dir(cond_net, D10, tmp_path / "b", n, 5, 7, (1, 8, 8), progress=False, labels=labels, guidance=2.0)
+    za, zb = np.load(a["npz"]), np.load(tmp_path / "b" / "samples.npz")
+    assert np.abs(za["x"].astype(int) - zb["x"].astype(int)).max() <= 1  # float rounding of other batch shapes
+    assert za["labels"].tolist() == labels.tolist()
+    # the grid: one class per row, its three images in order, on white
+    from PIL import Image
+    grid = np.asarray(Image.open(a["grid"]))
+    for k in range(3):
+        for j in range(8):
+            cell = grid[2 + k * 10: 2 + k * 10 + 8, 2 + j * 10: 2 + j * 10 + 8]
+            expect = za["x"][3 * k + j, :, :, 0] if j < 3 else np.full((8, 8), 255)
+            assert np.array_equal(cell, expect), (k, j)
+    meta = json.loads((tmp_path / "a" / "sampling.json").read_text())
+    assert meta["guidance"] == 2.0 and meta["classes"] == {"classes": [0, 1, 2], "per_class": 3}
+    with pytest.raises(UserError, match="guidance"):  # another weight is another sample set
+        sample_to_dir(cond_net, D10, tmp_path / "a", n, 2, 7, (1, 8, 8), progress=False, labels=labels, guidance=3.0,
+                      classes=record)
+
+
+def test_class_choices():
+    names = ("cat", "dog", "eel")
+    assert sample_labels(ClassChoice(class_="dog"), 3, 3, names)[0].tolist() == [1, 1, 1]
+    assert sample_labels(ClassChoice(class_="none"), 2, 3, names)[0].tolist() == [3, 3]
+    assert sample_labels(ClassChoice(classes=["eel", 0]), 5, 3, names)[0].tolist() == [2, 0, 2, 0, 2]
+    assert sample_labels(ClassChoice(classes=[2, 0], per_class=2), None, 3, names)[0].tolist() == [2, 2, 0, 0]
+    with pytest.raises(UserError, match="0=cat, 1=dog, 2=eel"):
+        sample_labels(ClassChoice(class_="emu"), 3, 3, names)
+    with pytest.raises(UserError, match="unconditional"):
+        sample_labels(ClassChoice(class_=1), 3, 0)
+    with pytest.raises(UserError, match="not --n 5"):
+        sample_labels(ClassChoice(per_class=2), 5, 3, names)
+
+
+@pytest.mark.parametrize("counts", [[5000] * 10, [6000, 3000, 1000], [10, 0, 990, 5]])
+def test_proportional_labels_hold_each_share_of_any_prefix(counts):
+    p = np.array(counts) / sum(counts)
+    labels = proportional_labels(counts, range(50_000)).numpy()
+    for n in (100, 1000, 10_000, 50_000):
+        dev = np.abs(np.bincount(labels[:n], minlength=len(counts)) - n * p).max()
+        assert dev <= 2 + math.log2(n), (n, dev)  # a low-discrepancy sequence; i.i.d. draws miss by ~√n
+    assert (np.bincount(labels, minlength=len(counts))[p == 0] == 0).all()
+    assert torch.equal(proportional_labels(counts, range(7, 19)), torch.from_numpy(labels[7:19]))
+
+
+# ---------------------------------------------------------------- the network and its weights
+
+def test_unconditional_network_is_the_papers_and_the_embedding_adds_k_plus_1_rows():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        assert count_parameters(UNet()) == 35_746_307
+        assert count_parameters(UNet(num_classes=10)) == 35_746_307 + 11 * 512  # (K + 1) x 4ch
+    torch.manual_seed(4)
+    plain = preset_net("tiny")
+    torch.manual_seed(4)
+    cond = preset_net("tiny", num_classes=5)
+    assert "label_emb.weight" not in plain.state_dict()
+    sd = cond.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in plain.state_dict().items())  # built last: the same draws
+    w = sd["label_emb.weight"]
+    limit = math.sqrt(6 / (6 + 128))  # TF variance_scaling fan_avg uniform, as every other layer
+    assert w.abs().max() <= limit and abs(w.std().item() / (limit / math.sqrt(3)) - 1) < 0.1
+
+
+def test_no_label_is_no_class_and_labels_change_the_output():
+    torch.manual_seed(0)
+    net = active(preset_net("tiny", num_classes=4), seed=2).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(net(x, t), net(x, t, torch.tensor([4, 4])))
+        assert (net(x, t, torch.tensor([0, 0])) - net(x, t, torch.tensor([1, 1]))).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="unconditional"):
+            preset_net("tiny")(x, t, torch.tensor([0, 0]))
+
+
+# ---------------------------------------------------------------- training
+
+def test_label_dropout_happens_at_its_rate():
+    labels = torch.randint(0, 7, (200_000,), generator=torch.Generator().manual_seed(0))
+    out = drop_labels(labels, 0.1, 7, torch.Generator().manual_seed(1))
+    rate = (out == 7).float().mean().item()
+    print(f"dropped {rate:.4f} of the labels at rate 0.1")
+    assert abs(rate - 0.1) < 4 * math.sqrt(0.1 * 0.9 / len(labels))
+    assert torch.equal(out[out != 7], labels[out != 7])
+    assert torch.equal(drop_labels(labels, 0.0, 7, torch.Generator().manual_seed(1)), labels)
+
+
+def _tiny(steps, **train):
+    run = RunConfig.from_preset("tiny")
+    return run.replace(model=run.model.replace(num_classes=10), train=run.train.replace(steps=steps, **train))
+
+
+def test_training_feeds_true_labels_and_drops_them_at_the_rate(tmp_path, monkeypatch):
+    data = load_images(DataConfig(source="fashion-mnist-10k", resolution=32))
+    seen, forward = [], UNet.forward
+
+    def spy(self, x, t, y=None):
+        if self.training:
+            seen.append(y.clone())
+        return forward(self, x, t, y)
+
+    monkeypatch.setattr(UNet, "forward", spy)
+    train(tmp_path / "run", _tiny(12, label_dropout=0.5, checkpoint_every=100, log_every=4), progress=False)
+    y = torch.cat(seen)
+    rate = (y == 10).float().mean().item()
+    assert len(y) == 96 and abs(rate - 0.5) < 4 * math.sqrt(0.25 / 96), rate
+    kept = y[y != 10]
+    assert ((kept >= 0) & (kept < 10)).all()
+    state = latest_checkpoint(tmp_path / "run")[1]
+    assert state["classes"]["names"] == list(FASHION_MNIST_CLASSES)
+    assert state["classes"]["counts"] == torch.bincount(data.labels, minlength=10).tolist()
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert set(rec[-1]["loss_by_class"]) == set(FASHION_MNIST_CLASSES)
+
+
+def test_a_conditional_run_resumes_exactly(tmp_path):
+    from helpers import assert_states_equal
+
+    train(tmp_path / "whole", _tiny(6, checkpoint_every=3), progress=False)
+    train(tmp_path / "parts", _tiny(3, checkpoint_every=3), progress=False)
+    train(tmp_path / "parts", _tiny(6, checkpoint_every=3), progress=False)
+    assert_states_equal(latest_checkpoint(tmp_path / "whole")[1], latest_checkpoint(tmp_path / "parts")[1])
+
+
+def test_a_conditional_model_needs_labelled_data_with_its_classes(tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    for data, k, message in ((str(folder), 3, "has no labels"), ("fashion-mnist-10k", 3, "set model.num_classes=10")):
+        rc = main(["train", "--preset", "tiny", "--data", data, "--out", str(tmp_path / f"run{k}{len(message)}"),
+                   "--set", f"model.num_classes={k}", "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], err
+
+
+# ---------------------------------------------------------------- bits/dim of log p(x | c)
+
+def _bins(mu, s):
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    v = np.arange(256) / 127.5 - 1
+    hi = np.array([1.0 if k == 255 else phi((v[k] + 1 / 255 - mu) / s) for k in range(256)])
+    lo = np.array([0.0 if k == 0 else phi((v[k] - 1 / 255 - mu) / s) for k in range(256)])
+    return hi - lo
+
+
+@pytest.mark.slow
+def test_bits_per_dim_given_the_class_bound_the_true_conditional_nll(tmp_path):
+    from ddpm.workflows.nll import evaluate_nll
+
+    g = torch.Generator().manual_seed(6)
+    labels = torch.arange(K).repeat(64)
+    mu, s = torch.tensor(CLASS_MU)[labels], torch.tensor(CLASS_S)[labels]
+    x = mu.view(-1, 1, 1, 1) + s.view(-1, 1, 1, 1) * torch.randn(len(labels), 1, 4, 4, generator=g, dtype=torch.float64)
+    k = (x * 127.5 + 127.5).round().clamp(0, 255)
+    d = GaussianDiffusion(make_betas("linear", 1000), var_type="fixedlarge")
+    summary = evaluate_nll(ClassOracle(), d, k.to(torch.uint8), 96, seed=0, out_dir=tmp_path, progress=False,
+                           labels=labels)
+    per = np.genfromtxt(tmp_path / "per_image.csv", delimiter=",", names=True)
+    nll = np.array([-np.log2(_bins(CLASS_MU[c], CLASS_S[c])[k[i].long().numpy()]).mean() for i, c in enumerate(labels)])
+    gap = per["total_bpd"] - nll
+    print(f"bits/dim of log p(x | c) {summary['total_bpd']:.4f}, true {nll.mean():.4f}, gap {gap.mean():.4f}")
+    assert gap.mean() >= -3 * gap.std() / math.sqrt(len(gap)) and gap.mean() < 0.25
+    with pytest.raises(UserError, match="labels"):
+        evaluate_nll(ClassOracle(), d, k.to(torch.uint8), 96, seed=0, out_dir=tmp_path / "x", progress=False)
