@@ -69,6 +69,7 @@ class Fixtures:
     png2: Path
     samples_npz: Path  # 4 uint8 RGB 32x32 images
     stats_npz: Path  # a small well-formed mu/sigma file
+    cond_run: Path  # the tiny preset conditioned on 3 classes, trained 2 steps (T=20) on 8 labelled images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +179,13 @@ def build_fixtures(root: Path) -> Fixtures:
         rc, exc, _ = call_main(["convert", run / "ckpt-00000002.safetensors", weights, "--from", "ddpm", "--to", "ddpm"])
         if rc != 0 or exc is not None:
             raise RuntimeError(f"exporting the fixture weights failed: rc={rc} exc={exc!r}\n{err.getvalue()}")
+        labelled = root / "labelled.npz"
+        np.savez(labelled, x=rng.randint(0, 256, (8, 32, 32), dtype=np.uint8), labels=np.arange(8) % 3)
+        rc, exc, _ = call_main(["train", "--preset", "tiny", "--data", labelled, "--out", root / "cond", "--steps", "2",
+                                "--checkpoint-every", "2", "--no-progress", "--set", "diffusion.T=20", "--set",
+                                "model.num_classes=3"])
+        if rc != 0 or exc is not None:
+            raise RuntimeError(f"training the conditional fixture run failed: rc={rc} exc={exc!r}\n{err.getvalue()}")
     unet_json = root / "unet.json"
     unet_json.write_text(json.dumps(json.loads((run / "config.json").read_text())["model"]))
     samples = root / "samples.npz"
@@ -186,7 +194,7 @@ def build_fixtures(root: Path) -> Fixtures:
     np.savez(stats, mu=np.zeros(8), sigma=np.eye(8))
     return Fixtures(root=root, npz=npz, run=run, ckpt=run / "ckpt-00000002.safetensors", weights=weights,
                     unet_json=unet_json, png=_png(root / "a.png", seed=1), png2=_png(root / "b.png", seed=2),
-                    samples_npz=samples, stats_npz=stats)
+                    samples_npz=samples, stats_npz=stats, cond_run=root / "cond")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,6 +664,9 @@ TRAIN_SETS = [
     ("train.clip_granularity=replica", "clip_granularity"), ("train.clip_granularity=replica:0", "clip_granularity"),
     ("train.clip_granularity=replica:3", "clip_granularity"), ("train.clip_granularity=shard:2", "clip_granularity"),
     ("data.resolution=8x", "resolution"), ("data.crop=fit", "crop"), ("model.resolution=32x31", "resolution"),
+    ("model.num_classes=-1", "num_classes"), ("model.num_classes=two", "num_classes"),
+    ("model.num_classes=3", ("labels", "num_classes")), ("train.label_dropout=1", "label_dropout"),
+    ("train.label_dropout=-0.1", "label_dropout"),
 ]
 for s, needle in TRAIN_SETS:
     add(f"train/set-{s}", lambda tmp, fx, s=s: _train(tmp, fx) + ["--set", s], needle)
@@ -826,6 +837,30 @@ def _sample_out_bigger_png(tmp, fx):
 
 add("sample/out-holds-other-size-png", _sample_out_bigger_png, "000000.png")
 
+
+def _sample_cond(tmp, fx):
+    return _sample_ns(tmp, fx) + ["--run", fx.cond_run]
+
+
+for flag, value in (("--class", "1"), ("--classes", "0,1"), ("--per-class", "2"), ("--guidance", "2")):
+    add(f"sample/{flag.lstrip('-')}-of-an-unconditional-model", lambda tmp, fx, f=flag, v=value: _sample(tmp, fx) + [f, v],
+        "unconditional")
+vary("sample", _sample_cond, "--guidance", ["-1", "nan", "inf", "abc"], ("--guidance", "guidance"))
+vary("sample", _sample_cond, "--class", ["3", "-1", "cat", ""], ("--class", "class"))
+vary("sample", _sample_cond, "--classes", ["", ",", "0,7"], ("--classes", "classes", "class"))
+vary("sample", _sample_cond, "--per-class", ["0", "-2", "abc"], "--per-class")
+add("sample/class-and-per-class", lambda tmp, fx: _sample_cond(tmp, fx) + ["--class", "0", "--per-class", "2"],
+    "--class")
+add("sample/per-class-and-n", lambda tmp, fx: _sample_cond(tmp, fx) + ["--per-class", "2", "--n", "5"], "--n")
+add("sample/no-n", lambda tmp, fx: [a for a in _sample_cond(tmp, fx) if a not in ("--n", "1")], "--n")
+for cmd, base in (("progressive", lambda tmp, fx: ["progressive", "--run", fx.run, "--out", tmp / "p", "--n-chains", "1",
+                                                   "--no-progress"]),
+                  ("reconstruct", lambda tmp, fx: ["reconstruct", fx.png, "--run", fx.run, "--out", tmp / "r", "--t", "2",
+                                                   "--no-progress"])):
+    add(f"{cmd}/class-of-an-unconditional-model", lambda tmp, fx, b=base: b(tmp, fx) + ["--class", "0"], "unconditional")
+    add(f"{cmd}/guidance-of-an-unconditional-model", lambda tmp, fx, b=base: b(tmp, fx) + ["--guidance", "3"],
+        "unconditional")
+
 # ---------------------------------------------------------------------------------------------
 # nll
 # ---------------------------------------------------------------------------------------------
@@ -856,6 +891,7 @@ vary("nll", _nll, "--split", ["bogus", "val"], N["split"])
 vary("nll", _nll, "--n", ["0", "-1", "abc"], N["n"])
 vary("nll", _nll, "--batch", ["0", "-1"], N["batch"])
 vary("nll", _nll, "--seed", ["-1"], N["seed"])
+add("nll/conditional-model-unlabelled-data", lambda tmp, fx: _nll_ns(tmp, fx) + ["--run", fx.cond_run], "labels")
 
 # ---------------------------------------------------------------------------------------------
 # rate-distortion

@@ -11,6 +11,7 @@ conditional run resumes exactly, and the class embedding is diffusers' `num_clas
 import functools
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -311,5 +312,87 @@ def test_bits_per_dim_given_the_class_bound_the_true_conditional_nll(tmp_path):
     gap = per["total_bpd"] - nll
     print(f"bits/dim of log p(x | c) {summary['total_bpd']:.4f}, true {nll.mean():.4f}, gap {gap.mean():.4f}")
     assert gap.mean() >= -3 * gap.std() / math.sqrt(len(gap)) and gap.mean() < 0.25
+    # With "no class" the same images give the bound of log p(x) = log p(x | c) + log π_c − log p(c | x);
+    # these classes are far apart (p(c | x) ≈ 1), so it costs each image −log2 π_c bits more, over 16 dims.
+    evaluate_nll(ClassOracle(), d, k.to(torch.uint8), 96, seed=0, out_dir=tmp_path / "u", progress=False,
+                 labels=torch.full_like(labels, K))
+    extra = np.genfromtxt(tmp_path / "u" / "per_image.csv", delimiter=",", names=True)["total_bpd"] - per["total_bpd"]
+    info = -np.log2(np.array(CLASS_PRIORS))[labels.numpy()] / 16
+    print(f"log p(x) costs {extra.mean():.4f} bits/dim more than log p(x | c); −log2 π_c / D = {info.mean():.4f}")
+    assert abs(extra.mean() - info.mean()) < 0.01
     with pytest.raises(UserError, match="labels"):
         evaluate_nll(ClassOracle(), d, k.to(torch.uint8), 96, seed=0, out_dir=tmp_path / "x", progress=False)
+
+
+# ---------------------------------------------------------------- commands on a conditional run
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cond")
+    rng = np.random.default_rng(0)
+    data = root / "two-classes.npz"
+    np.savez(data, x=rng.integers(0, 256, (6, 32, 32), dtype=np.uint8), labels=np.array([0, 0, 0, 0, 1, 1]))
+    run = RunConfig.from_preset("tiny", data=str(data))
+    run = run.replace(model=run.model.replace(num_classes=2), diffusion=run.diffusion.replace(T=20),
+                      train=run.train.replace(steps=2, batch_size=2, checkpoint_every=2))
+    train(root / "run", run, progress=False)
+    return root / "run"
+
+
+def test_a_progressive_chain_is_the_sample_of_its_class(cond_run, tmp_path):
+    # Chain i of `ddpm progressive --class K` is image i of `ddpm sample --class K` (same seed, sampler, weight).
+    common = ["--run", str(cond_run), "--seed", "3", "--class", "1", "--guidance", "2.5", "--no-progress"]
+    assert main(["sample", "--n", "2", "--out", str(tmp_path / "s"), *common]) == 0
+    assert main(["progressive", "--n-chains", "2", "--times", "20,1", "--out", str(tmp_path / "p"), *common]) == 0
+    assert np.array_equal(np.load(tmp_path / "p" / "progressive.npz")["samples"], np.load(tmp_path / "s" / "samples.npz")["x"])
+    rec = json.loads((tmp_path / "p" / "progressive.json").read_text())
+    assert rec["labels"] == [1, 1] and rec["guidance"] == 2.5
+    assert np.load(tmp_path / "s" / "samples.npz")["labels"].tolist() == [1, 1]
+
+
+def test_experiments_take_a_class(cond_run, tmp_path):
+    from PIL import Image
+    img = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(img)
+    outs = {}
+    for cls in ("none", "0", "1"):
+        out = tmp_path / f"r{cls}"
+        assert main(["reconstruct", str(img), "--run", str(cond_run), "--t", "20", "--class", cls, "--guidance", "3",
+                     "--out", str(out), "--no-progress"]) == 0
+        outs[cls] = np.load(out / "reconstruct.npz")["x0"]
+        assert json.loads((out / "reconstruct.json").read_text())["label"] == {"none": 2, "0": 0, "1": 1}[cls]
+    out = tmp_path / "i"
+    assert main(["interpolate", str(img), str(img), "--run", str(cond_run), "--t", "5", "--steps", "2", "--class", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "interpolation.json").read_text())["label"] == 1
+
+
+def test_each_experiment_runs_its_network_with_the_class_and_the_weight():
+    from ddpm.workflows.experiments import interpolate, reconstruct, shared_latent_samples
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        config = types.SimpleNamespace(num_classes=3)
+
+        def forward(self, x, t, y):
+            seen.append(sorted(set(y.tolist())))
+            return 0.1 * x
+
+    x0 = torch.zeros(1, 4, 4)
+    for run in (lambda: reconstruct(Spy(), D10, x0, [2], 0, label=1, guidance=2.0),
+                lambda: interpolate(Spy(), D10, x0, x0, [2], [0.0, 1.0], 0, label=1, guidance=2.0),
+                lambda: shared_latent_samples(Spy(), D10, (1, 4, 4), [5], 2, 0, label=1, guidance=2.0)):
+        seen.clear()
+        run()
+        assert seen and all(y == [1, 3] for y in seen)  # class 1 and "no class", in one forward
+
+
+def test_default_sample_set_of_a_conditional_run_follows_the_training_proportions(cond_run, tmp_path):
+    state = latest_checkpoint(cond_run)[1]
+    assert state["classes"] == {"names": ["0", "1"], "counts": [4, 2]}
+    assert main(["sample", "--run", str(cond_run), "--n", "30", "--batch", "30", "--sampler", "ddim", "--ddim-steps", "1",
+                 "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    labels = np.load(tmp_path / "s" / "samples.npz")["labels"]
+    assert abs(np.bincount(labels, minlength=2)[0] - 20) <= 2 + math.log2(30)  # 2/3 of 30
+    assert json.loads((tmp_path / "s" / "sampling.json").read_text())["classes"]["counts"] == [4, 2]

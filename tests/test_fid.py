@@ -448,6 +448,36 @@ def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys)
 
 
 @needs_torch_fidelity
+def test_eval_of_a_conditional_run_samples_the_training_proportions_and_records_the_weight(tmp_path, weights):
+    from ddpm.cli import main
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
+
+    rng = np.random.default_rng(12)
+    data = tmp_path / "labelled.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (4, 32, 32), dtype=np.uint8), y_train=np.array([0, 0, 0, 1]),
+             x_test=rng.integers(0, 256, (2, 32, 32), dtype=np.uint8), y_test=np.array([1, 0]))
+    run = RunConfig.from_preset("tiny", data=str(data))
+    run = run.replace(model=run.model.replace(num_classes=2), diffusion=run.diffusion.replace(T=5),
+                      train=run.train.replace(steps=1, batch_size=2, checkpoint_every=1, warmup=1))
+    train(tmp_path / "run", run, progress=False)
+    w, sha = weights
+    out = tmp_path / "eval"
+    assert main(["eval", "--run", str(tmp_path / "run"), "--n", "8", "--batch", "4", "--out", str(out), "--guidance", "2",
+                 "--inception-weights", str(w), "--inception-sha256", sha, "--inception-batch", "4", "--device", "cpu",
+                 "--no-progress"]) == 0
+    rep = json.loads((out / "eval.json").read_text())
+    cond = rep["conditional"]
+    assert cond["guidance"] == 2.0 and cond["classes"]["counts"] == [3, 1] and sum(cond["samples_per_class"]) == 8
+    assert abs(cond["samples_per_class"][0] - 6) <= 2 + np.log2(8)  # 3/4 of the samples
+    z = np.load(out / "samples" / "samples.npz")
+    assert np.bincount(z["labels"], minlength=2).tolist() == cond["samples_per_class"]
+    assert json.loads((out / "samples" / "sampling.json").read_text())["guidance"] == 2.0
+    assert np.isfinite(rep["bits_per_dim"]["total_bpd"]) and rep["bits_per_dim"]["n"] == 2
+    assert "log p(x | c)" in json.loads((out / "nll" / "nll.json").read_text())["conditional_on"]
+
+
+@needs_torch_fidelity
 def test_fid_during_training_hook_measures_the_ema_and_caches_its_reference(tmp_path, weights, inception):
     from ddpm.io.data import DataConfig, ImageSet
     from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
