@@ -419,8 +419,9 @@ def cmd_sample(args):
         raise UserError("ddpm sample needs --n N (how many samples), or --per-class N for a class-conditional model")
     res = sample_run(args.run or args.checkpoint, args.out, args.n, batch=args.batch, seed=args.seed,
                      classes=_class_choice(args), guidance=args.guidance, **_model_opts(args), **_sampler_opts(args))
-    _say(f"sampled {res['generated']} images ({res['skipped']} already there) with {args.sampler}, seed {args.seed}: "
-         f"{res['n']} PNGs in {res['out_dir']}, {res['npz']}, {res['grid']}")
+    cond = f", classes {res['classes'].get('classes')}, guidance {res['guidance']:g}" if "classes" in res else ""
+    _say(f"sampled {res['generated']} images ({res['skipped']} already there) with {args.sampler}, seed {args.seed}"
+         f"{cond}: {res['n']} PNGs in {res['out_dir']}, {res['npz']}, {res['grid']}")
 
 
 def _nll_args(p):

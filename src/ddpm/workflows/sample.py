@@ -408,7 +408,8 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
         grid = make_grid(first, nrow=8) if labels is None else make_class_grid(first, labels[shown], per_row=8)
         write_png(grid, grid_path)
     barrier()
-    return dict(out_dir=str(out_dir), n=n, generated=len(todo), skipped=n - len(todo), npz=str(npz_path), grid=str(grid_path))
+    return dict(out_dir=str(out_dir), n=n, generated=len(todo), skipped=n - len(todo), npz=str(npz_path), grid=str(grid_path),
+                **(dict(classes=classes or {}, guidance=float(guidance)) if labels is not None else {}))
 
 
 def sample_run(run, out_dir, n: Optional[int], *, batch: int = 64, seed: int = 0, weights: str = "ema",

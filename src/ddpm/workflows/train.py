@@ -5,9 +5,9 @@
 
 Determinism is by construction, not by saved state alone: every random draw of step s (the data
 order, t, ε, the flips, the dropped class labels, dropout) is seeded from (seed, s) and, for
-dropout, the rank. A resumed
-run therefore equals an uninterrupted one bit for bit on the same machine, and the inputs of a
-step do not depend on the number of processes (the global batch is drawn, then sliced by rank).
+dropout, the rank. A resumed run therefore equals an uninterrupted one bit for bit on the same
+machine, and the inputs of a step do not depend on the number of processes (the global batch is
+drawn, then sliced by rank).
 The checkpoint still stores every RNG state (per rank) and the data position, for the record.
 """
 
@@ -414,8 +414,7 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
                                            f"{ckpt.checkpoint_path(run_dir, done).name} holds; run the same command "
                                            f"to resume")
         if cfg.sample_every and done % cfg.sample_every == 0 and dist.is_main:
-            write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n, cfg.seed,
-                              device)
+            write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n, cfg.seed, device)
         if fid is not None and done % cfg.fid_every == 0:
             logger.log(dict(step=done, **fid(ema, diffusion, shape)))
     bar.close()
@@ -626,7 +625,8 @@ class _Logger:
             for k, v in rec.items():
                 if k == "step":
                     continue
-                for tag, x in ((f"train/{k}/{name}", x) for name, x in v.items()) if isinstance(v, dict) else [(f"train/{k}", v)]:
+                scalars = {f"train/{k}/{name}": x for name, x in v.items()} if isinstance(v, dict) else {f"train/{k}": v}
+                for tag, x in scalars.items():  # loss_by_class: one curve per class
                     if x is not None:
                         self.tb.add_scalar(tag, x, rec["step"])
 
