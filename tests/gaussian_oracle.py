@@ -33,6 +33,15 @@ def oracle_for(betas=PAPER_BETAS):
     return Oracle(betas)
 
 
+def bin_probabilities(mu: float, s: float) -> np.ndarray:
+    """Mass of each of the 256 grid values once x_0 ~ N(μ, s²) is rounded to the grid (edges to ±∞)."""
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    v = np.arange(256) / 127.5 - 1
+    hi = np.array([1.0 if k == 255 else phi((v[k] + 1 / 255 - mu) / s) for k in range(256)])
+    lo = np.array([0.0 if k == 0 else phi((v[k] - 1 / 255 - mu) / s) for k in range(256)])
+    return hi - lo
+
+
 # Class-conditional data: class k has prior π_k and x_0 ~ N(μ_k, s_k²) per pixel.
 CLASS_PRIORS = (0.5, 0.3, 0.2)
 CLASS_MU = (-0.5, 0.1, 0.6)

@@ -8,7 +8,6 @@ sampling bit for bit, guidance is one batched forward, label dropout happens at 
 conditional run resumes exactly, and the class embedding is diffusers' `num_class_embeds`.
 """
 
-import functools
 import json
 import math
 import types
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gaussian_oracle import CLASS_MU, CLASS_PRIORS, CLASS_S, PAPER_BETAS, ClassOracle
+from gaussian_oracle import CLASS_MU, CLASS_PRIORS, CLASS_S, PAPER_BETAS, ClassOracle, bin_probabilities
 from helpers import active, preset_net
 from ddpm import GaussianDiffusion, UserError, make_betas
 from ddpm.cli import main
@@ -287,14 +286,6 @@ def test_a_conditional_model_needs_labelled_data_with_its_classes(tmp_path, caps
 
 # ---------------------------------------------------------------- bits/dim of log p(x | c)
 
-def _bins(mu, s):
-    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
-    v = np.arange(256) / 127.5 - 1
-    hi = np.array([1.0 if k == 255 else phi((v[k] + 1 / 255 - mu) / s) for k in range(256)])
-    lo = np.array([0.0 if k == 0 else phi((v[k] - 1 / 255 - mu) / s) for k in range(256)])
-    return hi - lo
-
-
 @pytest.mark.slow
 def test_bits_per_dim_given_the_class_bound_the_true_conditional_nll(tmp_path):
     from ddpm.workflows.nll import evaluate_nll
@@ -308,7 +299,7 @@ def test_bits_per_dim_given_the_class_bound_the_true_conditional_nll(tmp_path):
     summary = evaluate_nll(ClassOracle(), d, k.to(torch.uint8), 96, seed=0, out_dir=tmp_path, progress=False,
                            labels=labels)
     per = np.genfromtxt(tmp_path / "per_image.csv", delimiter=",", names=True)
-    nll = np.array([-np.log2(_bins(CLASS_MU[c], CLASS_S[c])[k[i].long().numpy()]).mean() for i, c in enumerate(labels)])
+    nll = np.array([-np.log2(bin_probabilities(CLASS_MU[c], CLASS_S[c])[k[i].long().numpy()]).mean() for i, c in enumerate(labels)])
     gap = per["total_bpd"] - nll
     print(f"bits/dim of log p(x | c) {summary['total_bpd']:.4f}, true {nll.mean():.4f}, gap {gap.mean():.4f}")
     assert gap.mean() >= -3 * gap.std() / math.sqrt(len(gap)) and gap.mean() < 0.25

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddpm import DiffusionConfig, GaussianDiffusion, UserError, make_betas
-from gaussian_oracle import MU, S, Oracle
+from gaussian_oracle import MU, S, Oracle, bin_probabilities
 
 T = 1000
 # The paper's schedule, written out here on purpose. Arrays hold t = 1 … T: BETAS[t - 1] is β_t.
@@ -234,15 +234,6 @@ def test_algorithm_2_with_the_oracle_samples_the_data_distribution(var_type):
     assert abs(var / S**2 - 1) < 0.03
 
 
-def _bin_probabilities():
-    # Mass of each of the 256 grid values once x_0 ~ N(μ, s²) is rounded to the grid (edges to ±∞).
-    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
-    v = np.arange(256) / 127.5 - 1
-    hi = np.array([1.0 if k == 255 else phi((v[k] + 1 / 255 - MU) / S) for k in range(256)])
-    lo = np.array([0.0 if k == 0 else phi((v[k] - 1 / 255 - MU) / S) for k in range(256)])
-    return hi - lo
-
-
 @pytest.mark.slow
 def test_bits_per_dim_with_the_oracle_bounds_the_true_nll_closely():
     # σ² = β (fixedlarge) is the reverse variance that suits spread-out data (docs/MATH.md: the paper's
@@ -255,7 +246,7 @@ def test_bits_per_dim_with_the_oracle_bounds_the_true_nll_closely():
     x0 = k / 127.5 - 1
     res = d.calc_bpd_loop(_oracle, x0, clip_denoised=True,
                           noise_fn=lambda shape: torch.randn(shape, generator=g, dtype=torch.float64))
-    p = _bin_probabilities()
+    p = bin_probabilities(MU, S)
     nll = torch.from_numpy(-np.log2(p[k.long().numpy()])).mean(dim=(1, 2, 3))  # each image's true NLL
     gap = res["total_bpd"] - nll
     g_mean, g_se = gap.mean().item(), gap.std().item() / math.sqrt(len(gap))
