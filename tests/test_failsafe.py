@@ -91,7 +91,7 @@ def test_a_failure_of_the_network_itself_is_raised_not_hidden(compiler):
 
 
 def test_a_capture_that_fails_warns_once_and_sampling_runs_without_graphs(monkeypatch):
-    def capture(self, x, t):
+    def capture(self, x, t, y):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(FastModel, "_capture", capture)

@@ -257,6 +257,8 @@ def progressive_run(run, out_dir, *, n_chains: int = 8, times: Optional[Sequence
     :param class_, guidance: a conditional run's class for every chain (default: the classes
         `ddpm sample` gives images 0 … n_chains-1) and the guidance weight.
     """
+    if isinstance(n_chains, bool) or not isinstance(n_chains, int) or n_chains < 1:
+        raise UserError(f"n_chains={n_chains}: give at least one chain")
     _claim(out_dir)
     guidance = check_weight(guidance)
     loaded, dist, _ = open_run(run, weights, device, fast)
