@@ -4,8 +4,9 @@ Everything the command line does is one call from here:
 
     import ddpm
     ddpm.train("runs/demo", ddpm.RunConfig.from_preset("demo"))           # resumable
-    run, ema, diffusion, _ = ddpm.load_run("runs/demo", weights="ema")
-    x = ddpm.sample(ema, diffusion, (1, 28, 28), seed=0, indices=range(16), device="cpu")
+    loaded = ddpm.load_run("runs/demo", weights="ema")
+    x = ddpm.sample(loaded.model, loaded.diffusion, loaded.shape, seed=0, indices=range(16), device="cpu")
+    # a class-conditional run: x = ddpm.sample(..., labels=torch.tensor([3] * 16), guidance=3.0)
 
 The package is built in layers, each importing only from the ones below it (docs/LAYERS.md):
 process (the paper's equations) → network (the U-Net and how it runs) → io (files, data,
@@ -21,6 +22,7 @@ from .network.fast import prepare_model
 from .network.interop import unet_from_diffusers, unet_to_diffusers
 from .network.unet import UNet, UNetConfig
 from .process.diffusion import DiffusionConfig, GaussianDiffusion, LossType, MeanType, VarType, ddim_timesteps
+from .process.guidance import Guided
 from .process.scaling import to_model_range, to_uint8
 from .process.schedules import SCHEDULES, Schedule, make_betas
 from .run.config import RunConfig, TrainConfig, model_config, resolve_run_config
@@ -33,17 +35,18 @@ from .workflows.experiments import (interpolate, interpolate_run, progressive_ge
                                     reconstruct_run, shared_latent_samples, shared_run)
 from .workflows.fid import FIDStats, frechet_distance, inception_score, load_stats, save_stats
 from .workflows.nll import evaluate_nll, load_bpd, nll_run, rate_distortion, rate_distortion_run
-from .workflows.sample import ImageNoise, sample, sample_run, sample_to_dir
+from .workflows.sample import ClassChoice, ImageNoise, proportional_labels, sample, sample_labels, sample_run, sample_to_dir
 from .workflows.train import train
 
 __all__ = [
     "UserError", "latest_checkpoint", "load_checkpoint", "load_weights", "save_weights", "DataConfig", "ImageSet",
     "load_images", "convert_file", "read_unet", "write_unet", "prepare_model", "unet_from_diffusers",
     "unet_to_diffusers", "UNet", "UNetConfig", "DiffusionConfig", "GaussianDiffusion", "LossType", "MeanType", "VarType",
-    "ddim_timesteps", "to_model_range", "to_uint8", "SCHEDULES", "Schedule", "make_betas", "RunConfig", "TrainConfig",
+    "ddim_timesteps", "Guided", "to_model_range", "to_uint8", "SCHEDULES", "Schedule", "make_betas", "RunConfig", "TrainConfig",
     "model_config", "resolve_run_config", "LoadedRun", "load_run", "PRESETS", "__version__", "run_demo",
     "evaluate_run", "fid_report", "interpolate", "interpolate_run", "progressive_generation", "progressive_run",
     "reconstruct", "reconstruct_run", "shared_latent_samples", "shared_run", "FIDStats", "frechet_distance",
     "inception_score", "load_stats", "save_stats", "evaluate_nll", "load_bpd", "nll_run", "rate_distortion",
-    "rate_distortion_run", "ImageNoise", "sample", "sample_run", "sample_to_dir", "train",
+    "rate_distortion_run", "ClassChoice", "ImageNoise", "proportional_labels", "sample", "sample_labels", "sample_run",
+    "sample_to_dir", "train",
 ]
