@@ -17,7 +17,8 @@ fit in what is left of the budget is reported as skipped rather than overrunning
    against diffusers eager and compiled.
 4. 300 training steps of the CIFAR-10 preset (bf16) on the CIFAR-10 JPEGs when carried (synthetic
    images otherwise) with `ddpm train`, then 256 samples with `ddpm sample`, saved as one grid.
-5. training throughput in fp32 (as 2.), and 6. sampling in bf16 (as 3.), if time is left.
+5. training throughput in fp32 (as 2.), 6. sampling in bf16 (as 3.), and 7. what classifier-free
+   guidance costs (benchmarks/guidance_bench.py), if time is left.
 
 Model FLOP utilisation: the network's forward FLOPs per image are known (`ddpm info --preset
 cifar10`: 12.44 GFLOPs at 32x32, a multiply-add counting 2); a training step costs 3x the forward.
@@ -196,6 +197,13 @@ def main(argv=None) -> int:
     _bench(check, "sample bf16 b256", "sample-bf16", 120,
            ["--batch", "256", "--precision", "bf16", "--tasks", "sample", "--impls", "ddpm,diffusers,diffusers-compiled",
             "--sample-steps", "20", *common])
+    r = check.run("guided sampling", [sys.executable, "benchmarks/guidance_bench.py", "--device", "cuda", "--steps", "20",
+                                      "--reps", "3"], 90)
+    if r is not None:
+        rows = [line for line in r.stdout.splitlines() if "| guided" in line]
+        check.add("guided sampling (w = 3) vs unconditional, one batch", "; ".join(
+            f"{c[1].strip()} B={c[2].strip()} {c[3].strip()}: {c[6].strip()}" for c in (line.split("|") for line in rows))
+            if r.returncode == 0 and rows else f"FAILED (exit {r.returncode}; see log.txt)", r.seconds)
 
     total = time.monotonic() - check.t0
     lines = [f"# gpu_check: {gpu}, torch {torch.__version__}, {started}, {total:.0f} s", "",

@@ -122,6 +122,23 @@ def test_cuda_graph_sampling_equals_eager_sampling():
     assert (a - b).abs().max().item() <= 1e-6
 
 
+def test_guided_sampling_through_cuda_graphs_equals_eager_guided_sampling():
+    # the class labels are a static input of the graph: each step's [c; ∅] is copied in
+    torch.backends.cudnn.benchmark = False
+    torch.manual_seed(0)
+    net = active(UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16, dropout=0.0,
+                      num_classes=4)).eval().requires_grad_(False)
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(T=100))
+    graphs = prepare_model(copy.deepcopy(net), CUDA, compile="off", cuda_graphs="on")
+    plain = prepare_model(copy.deepcopy(net), CUDA, compile="off", cuda_graphs="off")
+    labels = torch.tensor([0, 1, 2, 3, 0, 4])
+    a = sample(graphs, diffusion, (3, 16, 16), seed=5, indices=range(6), device=CUDA, labels=labels, guidance=3.0)
+    b = sample(plain, diffusion, (3, 16, 16), seed=5, indices=range(6), device=CUDA, labels=labels, guidance=3.0)
+    c = sample(plain, diffusion, (3, 16, 16), seed=5, indices=range(6), device=CUDA, labels=labels.roll(1), guidance=3.0)
+    assert graphs.cuda_graphs, "the CUDA graph was not used (its capture failed and fell back)"
+    assert (a - b).abs().max().item() <= 1e-6 and (b - c).abs().max().item() > 1e-2
+
+
 def test_per_image_seeds_give_the_same_images_at_two_batch_sizes():
     net, diffusion = _sampler_setup()
     model = prepare_model(copy.deepcopy(net), CUDA, compile="off")  # CUDA graphs on; no compile per batch size
