@@ -42,7 +42,7 @@ from ..process.scaling import to_uint8
 from ..run.load import load_run
 from ..version import __version__
 from .fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, is_stats_file, load_stats, save_stats
-from .nll import evaluate_nll, test_set
+from .nll import eval_images, evaluate_nll
 from .sample import ClassChoice, proportional_labels, sample, sample_labels, sample_to_dir
 
 PROTOCOL = (f"Inception-v3 2015-12-05 weights ({WEIGHTS_NAME}), pool-3 2048-d features, "
@@ -451,7 +451,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
             notes.append(f"no bits/dim: {e}")
             log(f"eval: warning: no bits/dim: {e}")
         else:
-            imgs, test_labels = test_set(test, m, min(bpd_n, len(test)) if bpd_n else None)
+            imgs, test_labels = eval_images(test, m, min(bpd_n, len(test)) if bpd_n else None)
             log(f"eval: bits/dim of {len(imgs)} test images ({diffusion.num_timesteps} terms each) into {out_dir / 'nll'}")
             nll = evaluate_nll(ema, diffusion, imgs, bpd_batch, seed, out_dir / "nll", dist, progress, device=dist.device,
                                model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)), labels=test_labels)

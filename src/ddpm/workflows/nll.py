@@ -357,10 +357,10 @@ def load_test_images(model: UNetConfig, source: str, split: str = "test", n: Opt
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise UserError(f"--n {n}: give at least 1 image")
     data = open_data(cfg)
-    return test_set(data, model, None if n is None else min(n, len(data)))
+    return eval_images(data, model, None if n is None else min(n, len(data)))
 
 
-def test_set(data, model: UNetConfig, n: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def eval_images(data, model: UNetConfig, n: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The first `n` images (default all) of an opened data set and, for a conditional model, their
     labels (a set without labels, or with another number of classes, is one line)."""
     idx = torch.arange(len(data) if n is None else n)
