@@ -152,14 +152,19 @@ def test_image_i_of_class_c_does_not_depend_on_the_batch(cond_net, tmp_path):
     za, zb = np.load(a["npz"]), np.load(tmp_path / "b" / "samples.npz")
     assert np.abs(za["x"].astype(int) - zb["x"].astype(int)).max() <= 1  # float rounding of other batch shapes
     assert za["labels"].tolist() == labels.tolist()
-    # the grid: one class per row, its three images in order, on white
+    # the grid: one class per row, its three images in order, 2-pixel white gaps
     from PIL import Image
     grid = np.asarray(Image.open(a["grid"]))
+    assert grid.shape == (3 * 10 + 2, 3 * 10 + 2)
     for k in range(3):
-        for j in range(8):
+        for j in range(3):
             cell = grid[2 + k * 10: 2 + k * 10 + 8, 2 + j * 10: 2 + j * 10 + 8]
-            expect = za["x"][3 * k + j, :, :, 0] if j < 3 else np.full((8, 8), 255)
-            assert np.array_equal(cell, expect), (k, j)
+            assert np.array_equal(cell, za["x"][3 * k + j, :, :, 0]), (k, j)
+    # classes of unequal counts: short rows are padded with white
+    from ddpm.io.images import make_class_grid
+    imgs = torch.arange(1, 4, dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 8, 8)
+    g = make_class_grid(imgs, [5, 2, 5], per_row=2)  # rows: class 2 (image 1), class 5 (images 0, 2)
+    assert g.shape == (22, 22) and g[2, 2] == 2 and g[2, 12] == 255 and g[12, 2] == 1 and g[12, 12] == 3
     meta = json.loads((tmp_path / "a" / "sampling.json").read_text())
     assert meta["guidance"] == 2.0 and meta["classes"] == {"classes": [0, 1, 2], "per_class": 3}
     with pytest.raises(UserError, match="guidance"):  # another weight is another sample set

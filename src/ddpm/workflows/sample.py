@@ -405,7 +405,8 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
         else:  # the first 8 images of each class
             shown = sorted(i for k in labels.unique().tolist() for i in (labels == k).nonzero().flatten()[:8].tolist())
         first = torch.from_numpy(np.stack([_read_sample(out_dir / png_name(i), shape) for i in shown])).permute(0, 3, 1, 2)
-        grid = make_grid(first, nrow=8) if labels is None else make_class_grid(first, labels[shown], per_row=8)
+        per_row = 8 if labels is None else min(8, int(torch.bincount(labels[shown]).max()))
+        grid = make_grid(first, nrow=8) if labels is None else make_class_grid(first, labels[shown], per_row=per_row)
         write_png(grid, grid_path)
     barrier()
     return dict(out_dir=str(out_dir), n=n, generated=len(todo), skipped=n - len(todo), npz=str(npz_path), grid=str(grid_path),
