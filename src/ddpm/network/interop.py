@@ -29,6 +29,7 @@ import torch.nn as nn
 from ..config import parse_size, size_value
 from ..errors import UserError
 from ..network.unet import GROUPS, NORM_EPS, UNet, UNetConfig
+from ..process.diffusion import DiffusionConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +147,64 @@ def config_from_diffusers(d: Mapping) -> UNetConfig:
         attn_resolutions=tuple(size // 2**i for i in attn_levels), dropout=float(get("dropout") or 0.0),
         resamp_with_conv=True, resolution=size_value(hw), num_classes=n_embeds - 1 if n_embeds else 0,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The process: DiffusionConfig -> diffusers' DDPMScheduler config
+# ---------------------------------------------------------------------------------------------
+
+_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+_VARIANCE = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small", "learned": "learned",
+             "learned_range": "learned_range"}
+
+
+def diffusers_scheduler_config(cfg: DiffusionConfig) -> dict:
+    """The DDPMScheduler config whose `step` is Algorithm 2 with this process and parametrisation.
+
+    The β's: "linear" by name (diffusers computes the same linspace, in float32), any other
+    schedule as `trained_betas`, its β's listed. x̂_0 is clipped to [-1, 1], as `ddpm sample` does.
+    What diffusers cannot say: a network predicting the posterior mean ('xprev') is refused; the
+    fixedlarge log-variance at t = 1 (log β̃_2, for the decoder's likelihood) has no counterpart,
+    but the last step adds no noise, so samples do not depend on it.
+    """
+    if cfg.mean_type.value not in _PREDICTION:
+        raise UserError(f"diffusion.mean_type={cfg.mean_type.value!r}: diffusers' DDPMScheduler has no prediction "
+                        f"type for a network that predicts the posterior mean; it takes eps, x0 or v")
+    linear = cfg.schedule.value == "linear"
+    return {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": cfg.T,
+        "beta_start": float(cfg.beta_start),
+        "beta_end": float(cfg.beta_end),
+        "beta_schedule": "linear",
+        "trained_betas": None if linear else [float(b) for b in cfg.betas()],
+        "variance_type": _VARIANCE[cfg.var_type.value],
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
+        "prediction_type": _PREDICTION[cfg.mean_type.value],
+        "thresholding": False,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+    }
+
+
+def diffusion_from_diffusers_scheduler(d: Mapping) -> DiffusionConfig:
+    """The DiffusionConfig of a DDPMScheduler config with a linear schedule (what `ddpm_config.json`
+    does not already say, for a pipeline folder that ddpm did not write)."""
+    if d.get("trained_betas") is not None or d.get("beta_schedule", "linear") != "linear":
+        raise UserError(f"diffusers scheduler beta_schedule={d.get('beta_schedule')!r} (trained_betas "
+                        f"{'given' if d.get('trained_betas') is not None else 'none'}): ddpm reads the linear "
+                        f"schedule from a scheduler config; pipelines that ddpm exported carry ddpm_config.json")
+    pred = {v: k for k, v in _PREDICTION.items()}.get(d.get("prediction_type", "epsilon"))
+    var = {v: k for k, v in _VARIANCE.items()}.get(d.get("variance_type", "fixed_small"))
+    if pred is None or var is None or d.get("thresholding") or not d.get("clip_sample", True):
+        raise UserError(f"diffusers scheduler prediction_type={d.get('prediction_type')!r}, variance_type="
+                        f"{d.get('variance_type')!r}, thresholding={d.get('thresholding')!r}, clip_sample="
+                        f"{d.get('clip_sample')!r}: not a process ddpm samples")
+    return DiffusionConfig(T=int(d.get("num_train_timesteps", 1000)), beta_start=float(d.get("beta_start", 1e-4)),
+                           beta_end=float(d.get("beta_end", 0.02)), mean_type=pred, var_type=var,
+                           loss_type="hybrid" if var.startswith("learned") else "mse")
 
 
 # ---------------------------------------------------------------------------------------------
