@@ -37,6 +37,7 @@ from .run.folder import read_run_record
 from .run.presets import PRESETS
 from .workflows.demo import run_demo
 from .workflows.evaluate import evaluate_run, fid_ref_run, fid_run
+from .workflows.export import export_run
 from .workflows.experiments import interpolate_run, progressive_run, reconstruct_run, shared_run
 from .workflows.nll import nll_run, rate_distortion_run
 from .workflows.sample import ClassChoice, sample_run
@@ -295,6 +296,27 @@ def _convert_args(p):
 def cmd_convert(args):
     for path in convert_file(args.src, args.dst, args.src_format, args.dst_format, config=args.config):
         print(f"wrote {path}")
+
+
+def _export_args(p):
+    p.add_argument("run", metavar="RUN", help="a run directory (its newest valid checkpoint) or a checkpoint file")
+    p.add_argument("out", metavar="OUT", help="the folder to write (new or empty, or an earlier export)")
+    p.add_argument("--to", default="diffusers", choices=("diffusers",), help="diffusers: a DDPMPipeline folder (default)")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA weights (default) or the trained ones")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="then upload the folder to the Hugging Face Hub (needs huggingface_hub and a login)")
+    p.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository (default private)")
+
+
+@command("export", "write a trained run as a diffusers pipeline folder (DDPMPipeline / DDIMPipeline.from_pretrained "
+                   "load it) with a model card; optionally push it to the Hub", _export_args)
+def cmd_export(args):
+    res = export_run(args.run, args.out, to=args.to, weights=args.weights, push_to_hub=args.push_to_hub,
+                     private=not args.public)
+    _say(f"wrote {res['out']}: {len(res['files'])} files (model_index.json, unet/, scheduler/, README.md, "
+         f"ddpm_config.json); load it with DDPMPipeline.from_pretrained({res['out']!r})")
+    if res["repo_url"]:
+        _say(f"uploaded to {res['repo_url']}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,13 +14,14 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..config import Choice
+from ..config import Choice, load_json
 from ..errors import UserError
 from ..io import checkpoint as ckpt
 from ..io.distributed import DistInfo
 from ..io.weights import ddpm_format, read_unet
 from ..io.distributed import init as dist_init
 from ..network.fast import prepare_model
+from ..network.interop import diffusion_from_diffusers_scheduler
 from ..network.unet import UNet
 from ..process.diffusion import GaussianDiffusion
 from .config import RunConfig
@@ -71,8 +72,13 @@ class LoadedRun(NamedTuple):
         return (m.in_channels, *m.size)
 
 
+PIPELINE_CONFIG = "ddpm_config.json"  # beside model_index.json in a pipeline folder that `ddpm export` wrote
+
+
 def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> LoadedRun:
-    """A trained network from a run directory (its newest valid checkpoint) or a checkpoint file.
+    """A trained network from a run directory (its newest valid checkpoint), a checkpoint file, or
+    a diffusers pipeline folder (`ddpm export`'s, or any DDPM-layout UNet2DModel with a linear
+    DDPMScheduler).
 
     :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
     :param fast: "auto": the network wrapped by `network.fast.prepare_model` with the device's fast
@@ -81,6 +87,8 @@ def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> Loa
     weights = Weights.parse(weights, "weights")
     fast = Fast.parse(fast, "fast")
     path = Path(path)
+    if (path / "model_index.json").is_file():
+        return _load_pipeline(path, weights, device, fast)
     if path.is_dir():
         found = ckpt.latest_checkpoint(path)
         if found is None:
@@ -102,6 +110,33 @@ def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> Loa
         net = prepare_model(net, device)
     return LoadedRun(run, net, GaussianDiffusion.from_config(run.diffusion), file, ckpt.checkpoint_sha256(file), weights,
                      state.get("classes"))
+
+
+def _load_pipeline(path: Path, weights: Weights, device, fast: Fast) -> LoadedRun:
+    """A diffusers pipeline folder: its U-Net, and the run config `ddpm export` recorded beside it
+    (or, for another pipeline, the process its DDPMScheduler config describes)."""
+    file = path / "unet" / DIFFUSERS_WEIGHTS
+    if not file.is_file():
+        raise UserError(f"{path}: a diffusers pipeline without {file.relative_to(path)}; give a DDPMPipeline folder")
+    net = read_unet(path / "unet", "diffusers")
+    record = load_json(path / PIPELINE_CONFIG, expect=dict) if (path / PIPELINE_CONFIG).is_file() else None
+    if record is not None:
+        if weights.value != record.get("weights", "ema"):
+            raise UserError(f"{path}: this pipeline holds the {record.get('weights')} weights of its run only; use "
+                            f"--weights {record.get('weights')}, or export the run again with --weights {weights.value}")
+        run = RunConfig.from_dict(record.get("config", {}), where=str(path / PIPELINE_CONFIG))
+        run = run.replace(model=net.config)  # the weights' own config decides the network
+    else:
+        sched = path / "scheduler" / "scheduler_config.json"
+        if not sched.is_file():
+            raise UserError(f"{path}: no scheduler/scheduler_config.json; give a DDPMPipeline folder")
+        run = RunConfig.from_dict({}).replace(model=net.config,
+                                              diffusion=diffusion_from_diffusers_scheduler(load_json(sched, expect=dict)))
+    net = net.to(device).eval().requires_grad_(False)
+    if fast is Fast.AUTO:
+        net = prepare_model(net, device)
+    return LoadedRun(run, net, GaussianDiffusion.from_config(run.diffusion), file, _file_sha256(file), weights,
+                     record.get("classes") if record else None)
 
 
 class OpenedRun(NamedTuple):
