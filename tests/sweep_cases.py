@@ -862,6 +862,28 @@ for cmd, base in (("progressive", lambda tmp, fx: ["progressive", "--run", fx.ru
         "unconditional")
 
 # ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+
+def _export(tmp, fx):
+    return ["export", fx.run, tmp / "pipe"]
+
+
+add("export/run-missing", lambda tmp, fx: ["export", tmp / "no-such-run", tmp / "pipe"], "no-such-run")
+add("export/run-is-a-text-file", lambda tmp, fx: ["export", _text(tmp, "notes.txt"), tmp / "pipe"], "notes.txt")
+def _foreign_dir(tmp):
+    d = _dir(tmp, "mine")
+    (d / "notes.txt").write_text("mine")
+    return d
+
+
+add("export/out-holds-other-files", lambda tmp, fx: ["export", fx.run, _foreign_dir(tmp)], "notes.txt")
+vary("export", _export, "--to", ["onnx", ""], "--to")
+vary("export", _export, "--weights", ["best"], "--weights")
+add("export/out-empty", lambda tmp, fx: ["export", fx.run, ""], OUT_EMPTY)
+
+# ---------------------------------------------------------------------------------------------
 # nll
 # ---------------------------------------------------------------------------------------------
 
