@@ -40,6 +40,7 @@ from .workflows.evaluate import evaluate_run, fid_ref_run, fid_run
 from .workflows.export import export_run
 from .workflows.experiments import interpolate_run, progressive_run, reconstruct_run, shared_run
 from .workflows.nll import nll_run, rate_distortion_run
+from .workflows.plan import plan_eval, plan_sample, plan_train
 from .workflows.sample import ClassChoice, sample_run
 from .workflows.train import train
 
@@ -250,6 +251,11 @@ def _inception_opts(args) -> dict:
                 progress=not args.no_progress)
 
 
+def _dry_run_arg(p):
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration, the model's size and "
+                                                          "FLOPs, the data found and what would be written; then exit")
+
+
 def _say(*lines: str, err: bool = False) -> None:
     """Print on the first process only (every process of torchrun runs the command)."""
     if is_main_process():
@@ -396,6 +402,7 @@ def _train_args(p):
     p.add_argument("--accept-new-data", action="store_true",
                    help="resume although the data differ from those the run was trained on (recorded in its history)")
     p.add_argument("--no-progress", action="store_true")
+    _dry_run_arg(p)
 
 
 @command("train", "train a DDPM (Algorithm 1, the paper's recipe); rerun the same command to resume", _train_args)
@@ -405,6 +412,9 @@ def cmd_train(args):
                              flags=dict(steps=args.steps, batch_size=args.batch, seed=args.seed,
                                         checkpoint_every=args.checkpoint_every, init_from=args.init_from),
                              base=record.config if record is not None else None)
+    if args.dry_run:
+        _say(*plan_train(args.out, run))
+        return
     _say(json.dumps(run.to_dict(), indent=2))  # stdout: stderr is kept for progress and errors
     res = train(args.out, run, progress=not args.no_progress, accept_new_data=args.accept_new_data)
     _say(f"trained {res['step']} steps; last logged loss {res['loss']:.5f}; run directory {res['run_dir']}", err=True)
@@ -433,12 +443,17 @@ def _sample_args(p):
     p.add_argument("--batch", type=int, default=64, help="images per forward pass, per process")
     _sampler_args(p)
     _class_args(p)
+    _dry_run_arg(p)
 
 
 @command("sample", "draw samples into a folder: 000000.png …, samples.npz, grid.png; run again to resume", _sample_args)
 def cmd_sample(args):
     if args.n is None and args.per_class is None:
         raise UserError("ddpm sample needs --n N (how many samples), or --per-class N for a class-conditional model")
+    if args.dry_run:
+        _say(*plan_sample(args.run or args.checkpoint, args.out, args.n, classes=_class_choice(args),
+                          guidance=args.guidance, weights=args.weights, **_sampler_opts(args)))
+        return
     res = sample_run(args.run or args.checkpoint, args.out, args.n, batch=args.batch, seed=args.seed,
                      classes=_class_choice(args), guidance=args.guidance, **_model_opts(args), **_sampler_opts(args))
     cond = f", classes {res['classes'].get('classes')}, guidance {res['guidance']:g}" if "classes" in res else ""
@@ -605,11 +620,16 @@ def _eval_args(p):
                    help=GUIDANCE_HELP + "; a conditional model's classes follow the training set's proportions")
     _fast_arg(p)
     _inception_args(p)
+    _dry_run_arg(p)
 
 
 @command("eval", "the paper's evaluation of a run: EMA samples, FID (train and test), IS and bits/dim into one JSON",
          _eval_args)
 def cmd_eval(args):
+    if args.dry_run:
+        _say(*plan_eval(args.run, args.n, out_dir=args.out, ref_train=args.ref_train, ref_test=args.ref_test,
+                        bpd_n=args.bpd_n, guidance=args.guidance))
+        return
     opts = _inception_opts(args)
     rep = evaluate_run(args.run, args.n, out_dir=args.out, batch=args.batch, seed=args.seed, ref_train=args.ref_train,
                        ref_test=args.ref_test, bpd_n=args.bpd_n, bpd_batch=args.bpd_batch,

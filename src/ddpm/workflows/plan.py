@@ -1,0 +1,112 @@
+"""`--dry-run`: what `ddpm train`, `sample` and `eval` would do, found without doing it.
+
+Each function checks the inputs as the command would (configs, the run, the data), reads what it
+needs (a checkpoint, a data source's listing, a cache's manifest) and writes nothing: no folder is
+created, no data are prepared, no network is used. It returns the lines the command prints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from ..io import checkpoint as ckpt
+from ..io.data import ARRAY, DataConfig, load_images, open_source, source_kind, source_path
+from ..io.folders import foreign_entries, usable_folder
+from ..io.prepared import MANIFEST_NAME, PreparedSet, cache_entry, is_prepared
+from ..io.streaming import is_stream_source
+from ..network.unet import summary
+from ..process.guidance import check_weight
+from ..run.config import RunConfig
+from ..run.folder import is_run_folder
+from ..run.load import load_run
+from .sample import ClassChoice, sample_labels
+
+
+def describe_data(cfg: DataConfig) -> str:
+    """Where the data are and what they hold, without preparing or downloading anything."""
+    if is_stream_source(cfg.source):
+        return f"{cfg.source}: LitData's format (object storage is not listed in a dry run)"
+    path = source_path(cfg)
+    if path is not None and path.is_dir() and (path / MANIFEST_NAME).exists():
+        data, where = PreparedSet(path), "a prepared folder, memory-mapped"
+    elif source_kind(cfg) == ARRAY:
+        data, where = load_images(cfg), "read into memory"
+    elif is_prepared(cache_entry(cfg)):
+        data, where = PreparedSet(cache_entry(cfg)), f"prepared in the cache {cache_entry(cfg)}"
+    else:
+        raw = open_source(cfg)
+        n = len(raw.items) if raw.items is not None else len(raw.array)
+        classes = f", {len(raw.classes)} classes" if raw.labels is not None else ", no labels"
+        return (f"{raw.description}: {n} files{classes}; would be decoded once into the cache {cache_entry(cfg)} "
+                f"(ddpm prepare does it ahead)")
+    c, h, w = data.shape
+    classes = f", {len(data.classes)} classes" if data.labels is not None else ", no labels"
+    size = f"{len(data)} images {c}x{h}x{w}"
+    desc = data.source_description if size in data.source_description else f"{data.source_description}: {size}"
+    return f"{desc}{classes}; {where}"
+
+
+def _model_lines(model) -> list[str]:
+    s = summary(model)
+    h, w = model.size
+    return [f"model: {s['parameters']:,} parameters, {s['gflops']:.2f} GFLOPs per image forward at {h}x{w}"
+            f"{f', {model.num_classes} classes' if model.num_classes else ''}"]
+
+
+def plan_train(run_dir, run: RunConfig) -> list[str]:
+    """`ddpm train --dry-run`."""
+    p = usable_folder(run_dir)
+    cfg = run.train
+    data = run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution)
+    lines = ["configuration: " + json.dumps(run.to_dict(), indent=2), *_model_lines(run.model),
+             f"data: {describe_data(data)}"]
+    found = ckpt.list_checkpoints(p) if p.is_dir() else []
+    if found:
+        lines.append(f"run folder {p}: would resume from {found[-1][1].name} (step {found[-1][0]} of {cfg.steps})")
+    elif p.is_dir() and foreign_entries(p) and not is_run_folder(p):
+        lines.append(f"run folder {p}: holds files that are not a run; training would refuse it")
+    else:
+        lines.append(f"run folder {p}: {'new' if not p.exists() else 'empty'}; would train steps 1 … {cfg.steps:,}")
+    lines.append(f"would write: config.json, metrics.jsonl, ckpt-*.safetensors every {cfg.checkpoint_every:,} steps "
+                 f"(the last {cfg.keep_last}" + (f", and every {cfg.milestone_every:,}th for good" if cfg.milestone_every
+                                                 else "") + ")"
+                 + (f", samples/step-*.png every {cfg.sample_every:,} steps" if cfg.sample_every else ""))
+    return lines
+
+
+def plan_sample(run, out_dir, n: Optional[int], *, classes: ClassChoice = ClassChoice(), guidance: float = 1.0,
+                weights: str = "ema", sampler: str = "ancestral", ddim_steps: int = 50, **_) -> list[str]:
+    """`ddpm sample --dry-run`."""
+    guidance = check_weight(guidance)
+    loaded = load_run(run, weights, "cpu", fast="off")
+    labels, n, record = sample_labels(classes, n, loaded.run.model.num_classes, *loaded.class_info)
+    out = usable_folder(out_dir)
+    steps = loaded.diffusion.num_timesteps if sampler == "ancestral" else ddim_steps
+    have = sum(1 for i in range(n) if (out / f"{i:06d}.png").is_file()) if out.is_dir() else 0
+    lines = [f"checkpoint: {loaded.checkpoint} ({loaded.weights.value} weights)", *_model_lines(loaded.run.model),
+             f"would draw {n - have} of {n} images ({have} already in {out}) with {sampler}, {steps} network "
+             f"evaluations each" + (" of twice the batch (guided)" if labels is not None and guidance not in (0, 1) else "")]
+    if labels is not None:
+        lines.append(f"classes: {record.get('classes')}, guidance {guidance:g}")
+    lines.append(f"would write: {out}/000000.png …, samples.npz, grid.png, sampling.json")
+    return lines
+
+
+def plan_eval(run_dir, n: int, *, out_dir=None, ref_train=None, ref_test=None, bpd_n=None, guidance: float = 1.0,
+              **_) -> list[str]:
+    """`ddpm eval --dry-run`."""
+    loaded = load_run(run_dir, "ema", "cpu", fast="off")
+    base = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+    out = Path(out_dir) if out_dir is not None else base / "eval" / loaded.checkpoint.stem
+    labels, _, record = sample_labels(ClassChoice(), n, loaded.run.model.num_classes, *loaded.class_info)
+    data = loaded.run.data
+    cached = f"computed from {data.source} and cached in {base / 'eval'}"
+    refs = [f"{split}: {given or cached}" for split, given in (("train", ref_train), ("test", ref_test))]
+    return [f"checkpoint: {loaded.checkpoint} (EMA weights)", *_model_lines(loaded.run.model),
+            f"would draw {n:,} samples (Algorithm 2, T = {loaded.diffusion.num_timesteps})"
+            + (f", classes {record.get('classes')}, guidance {check_weight(guidance):g}" if labels is not None else ""),
+            "FID references: " + "; ".join(refs),
+            "bits/dim: " + ("skipped" if bpd_n == 0 else f"the first {bpd_n} test images" if bpd_n else "all test images"),
+            f"would write: {out}/eval.json, samples/, nll/"]
