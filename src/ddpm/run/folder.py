@@ -105,25 +105,38 @@ def truncate_metrics(path, step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    keep, bad = [], []
-    for i, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-            s = rec["step"]
-            if not isinstance(s, (int, float)):
-                raise TypeError(f"step {s!r}")
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-            bad.append(i)
-            continue
-        if s <= step:
-            keep.append(raw.decode("utf-8"))
+    lines, bad = _parse_metrics(path)
+    keep = [line for rec, line in lines if rec["step"] <= step]
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" …" if len(bad) > 5 else "")
         warnings.warn(f"{path}: dropped {len(bad)} unreadable line(s) (line {shown}; e.g. torn by a full disk "
                       f"or a kill); the log goes on from step {step}", RunRecordWarning, stacklevel=2)
     write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _parse_metrics(path: Path) -> tuple[list[tuple[dict, str]], list[int]]:
+    """The log's records with their lines, and the numbers of the lines that do not parse."""
+    lines, bad = [], []
+    for i, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+            rec = json.loads(line)
+            if not isinstance(rec["step"], (int, float)):
+                raise TypeError(f"step {rec['step']!r}")
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+            bad.append(i)
+            continue
+        lines.append((rec, line))
+    return lines, bad
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics log, in order; lines that do not parse are skipped (a report reads
+    what there is)."""
+    path = Path(path)
+    return [rec for rec, _ in _parse_metrics(path)[0]] if path.is_file() else []
 
 
 def append_metrics(path, rec: dict) -> None:
