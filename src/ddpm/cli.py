@@ -41,6 +41,7 @@ from .workflows.export import export_run
 from .workflows.experiments import interpolate_run, progressive_run, reconstruct_run, shared_run
 from .workflows.nll import nll_run, rate_distortion_run
 from .workflows.plan import plan_eval, plan_sample, plan_train
+from .workflows.report import write_report
 from .workflows.sample import ClassChoice, sample_run
 from .workflows.train import train
 
@@ -420,10 +421,20 @@ def cmd_train(args):
     _say(f"trained {res['step']} steps; last logged loss {res['loss']:.5f}; run directory {res['run_dir']}", err=True)
 
 
+def _report_args(p):
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory")
+    p.add_argument("--out", default=None, metavar="FILE.html", help="default RUN_DIR/report.html")
+
+
+@command("report", "one self-contained HTML page of a run: config, loss curves, sample grids, evaluations", _report_args)
+def cmd_report(args):
+    _say(f"wrote {write_report(args.run, args.out)}")
+
+
 def _demo_args(p):
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
-    p.add_argument("--n", type=int, default=64, help="samples to draw at the end")
+    p.add_argument("--n", type=int, default=6, help="samples of each class to draw at the end (default 6)")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -1,0 +1,186 @@
+"""`ddpm report RUN_DIR`: one self-contained HTML page of a run.
+
+Everything a run folder holds, in one file that opens offline (images embedded as data URIs, no
+script, no external style): the resolved config, the loss and the loss by timestep quartile over
+steps (and by class for a class-conditional run), gradient norm and learning rate, throughput,
+FID during training, the sample grids written during training and by `make demo` (with its
+progressive strip), and, for each `ddpm eval` of the run, its FID / IS table, the bits/dim by
+timestep (the terms L_t) and the rate-distortion curve (Fig. 5). The plots are matplotlib's
+(Agg, no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UserError
+from ..io.atomic import write_text
+from ..io import checkpoint as ckpt
+from ..run.folder import METRICS_NAME, read_metrics, read_run_record
+from ..version import __version__
+from .nll import load_bpd, rate_distortion
+
+REPORT_NAME = "report.html"
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}h1{font-size:1.5em}"
+         "h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:2em}img{max-width:100%;image-rendering:pixelated}"
+         "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}figure{display:inline-block;margin:.5em}"
+         "figcaption{font-size:.85em;color:#555}")
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure(plot, caption: str) -> str:
+    """A matplotlib figure drawn by `plot(fig)`, as an <img> with the PNG inline, and its caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(6.4, 3.6), dpi=100)
+    try:
+        plot(fig)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return (f'<figure><img alt="{html.escape(caption)}" src="{_data_uri(buf.getvalue())}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _image(path: Path, caption: str) -> str:
+    """A PNG file inline, shown 3x (at most 520 px wide): sample grids of small images stay legible."""
+    png = path.read_bytes()
+    width = min(3 * int.from_bytes(png[16:20], "big"), 520)  # the IHDR width
+    return (f'<figure><img alt="{html.escape(caption)}" width="{width}" src="{_data_uri(png)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _series(recs: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _training_plots(recs: list[dict]) -> list[str]:
+    out = []
+    train = [r for r in recs if "loss" in r]
+    if train:
+        def losses(fig):
+            ax = fig.add_subplot()
+            ax.plot(*_series(train, "loss"), label="loss", color="k", linewidth=2)
+            for i, name in enumerate(("1 … T/4", "T/4 … T/2", "T/2 … 3T/4", "3T/4 … T")):
+                ax.plot(*_series(train, f"loss_q{i}"), label=f"t in {name}", linewidth=1)
+            ax.set(xlabel="step", ylabel="loss", yscale="log", title="Training loss, and by timestep quartile")
+            ax.legend(fontsize=7)
+        out.append(_figure(losses, "Training loss, and by timestep quartile"))
+
+        def optim(fig):
+            a1, a2 = fig.subplots(1, 2)
+            a1.plot(*_series(train, "grad_norm"))
+            a1.set(xlabel="step", title="gradient norm (before clipping)")
+            a2.plot(*_series(train, "lr"))
+            a2.set(xlabel="step", title="learning rate")
+        out.append(_figure(optim, "Gradient norm and learning rate"))
+
+        def speed(fig):
+            ax = fig.add_subplot()
+            ax.plot(*_series(train, "img_per_s"))
+            ax.set(xlabel="step", ylabel="images / s", title="Throughput")
+        out.append(_figure(speed, "Throughput"))
+    by_class = [r for r in train if isinstance(r.get("loss_by_class"), dict)]
+    if by_class:
+        def classes(fig):
+            ax = fig.add_subplot()
+            for name in by_class[-1]["loss_by_class"]:
+                pts = [(r["step"], r["loss_by_class"].get(name)) for r in by_class]
+                pts = [p for p in pts if isinstance(p[1], (int, float))]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1)
+            ax.set(xlabel="step", ylabel="loss", yscale="log", title="Loss by class")
+            ax.legend(fontsize=6, ncol=2)
+        out.append(_figure(classes, "Loss by class"))
+    fid = [r for r in recs if isinstance(r.get("fid"), (int, float))]
+    if fid:
+        def fids(fig):
+            ax = fig.add_subplot()
+            ax.plot(*_series(fid, "fid"), marker="o")
+            ax.set(xlabel="step", ylabel="FID", title=f"FID of the EMA weights during training ({fid[-1].get('fid_n')} samples)")
+        out.append(_figure(fids, "FID during training"))
+    return out
+
+
+def _evaluation(run_dir: Path) -> list[str]:
+    parts = []
+    for path in sorted(run_dir.glob("eval/*/eval.json")):
+        try:
+            rep = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        fid, iscore, bpd = rep.get("fid") or {}, rep.get("inception_score") or {}, rep.get("bits_per_dim") or {}
+        rows = [f"<tr><th>FID, {html.escape(k)} split</th><td>{v:.3f}</td></tr>" for k, v in fid.items() if v is not None]
+        if iscore:
+            rows.append(f"<tr><th>Inception Score</th><td>{iscore['is_mean']:.3f} ± {iscore['is_std']:.3f}</td></tr>")
+        if bpd.get("total_bpd") is not None:
+            rows.append(f"<tr><th>bits/dim (test)</th><td>{bpd['total_bpd']:.4f}</td></tr>")
+        refs = "; ".join(f"{k}: {html.escape(str(v.get('source_description') or v.get('path') or ''))}"
+                         for k, v in (rep.get("references") or {}).items() if isinstance(v, dict))
+        parts.append(f"<h3>{html.escape(path.parent.name)}</h3><p>{rep.get('n_samples')} samples; measured against "
+                     f"{refs or 'the references recorded in eval.json'}</p><table>{''.join(rows)}</table>")
+        nll = path.parent / "nll"
+        if (nll / "bpd.npz").is_file():
+            bits = load_bpd(nll)
+            rd = rate_distortion(bits)
+
+            def terms(fig, bits=bits):
+                ax = fig.add_subplot()
+                vb = bits["vb"].mean(axis=0)
+                ax.plot(range(1, len(vb) + 1), vb)
+                ax.set(xlabel="t", ylabel="bits/dim", yscale="log", title="The bound's terms L_(t-1), by t")
+
+            def curve(fig, rd=rd):
+                a1, a2 = fig.subplots(1, 2)
+                a1.plot(rd["rate"], rd["distortion_rmse"])
+                a1.set(xlabel="rate (bits/dim)", ylabel="distortion (RMSE, [0, 255])", title="Rate-distortion")
+                a2.plot(rd["t"], rd["rate"])
+                a2.set(xlabel="t", ylabel="rate (bits/dim)", title="Rate by t")
+            parts += [_figure(terms, "Bits/dim by timestep: the terms of the bound"), _figure(curve, "Rate-distortion (Fig. 5)")]
+    return parts
+
+
+def write_report(run_dir, out: Optional[Path] = None) -> Path:
+    """RUN_DIR/report.html (or `out`): the run's config, curves, pictures and evaluations in one page."""
+    run_dir = Path(run_dir)
+    record = read_run_record(run_dir) if run_dir.is_dir() else None
+    if record is None:
+        raise UserError(f"{run_dir}: not a run directory (no config.json and no checkpoint); give the --out folder "
+                        f"of a ddpm train")
+    recs = read_metrics(run_dir / METRICS_NAME)
+    found = ckpt.list_checkpoints(run_dir)
+    last = f"{found[-1][1].name} (step {found[-1][0]:,})" if found else "none yet"
+    body = [f"<h1>ddpm run {html.escape(str(run_dir))}</h1>",
+            f"<p>Newest checkpoint: {html.escape(last)}. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+            f"by ddpm {__version__}.</p>"]
+    pictures = [_image(run_dir / name, caption) for name, caption in
+                (("samples.png", "samples: one row per class (make demo)"),
+                 ("progressive.png", "x̂_0 predicted along sampling chains, t falling to the right (Fig. 6)"))
+                if (run_dir / name).is_file()]
+    pictures += [_image(p, f"EMA samples at step {int(p.stem.split('-')[-1]):,}")
+                 for p in sorted(run_dir.glob("samples/step-*.png"))[-6:]]
+    if pictures:
+        body += ["<h2>Samples</h2>", *pictures]
+    body += ["<h2>Training</h2>", *(_training_plots(recs) or ["<p>No metrics logged yet.</p>"])]
+    evaluation = _evaluation(run_dir)
+    if evaluation:
+        body += ["<h2>Evaluation (ddpm eval)</h2>", *evaluation]
+    body += ["<h2>Configuration</h2>", f"<pre>{html.escape(json.dumps(record.config, indent=2))}</pre>"]
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ddpm run {html.escape(run_dir.name)}'
+            f"</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+    return write_text(Path(out) if out is not None else run_dir / REPORT_NAME, page)

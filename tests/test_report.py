@@ -1,0 +1,65 @@
+"""`ddpm report`: one self-contained page. Every image is an inline PNG that decodes; nothing is
+fetched; and, where Debian's `chromium` is installed, a headless browser loads it with every image
+drawn and no console error (the browser check skips without it: CI has none)."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from ddpm.cli import main
+from ddpm.workflows.nll import evaluate_nll
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    run = root / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--steps", "4", "--checkpoint-every", "4",
+                 "--set", "diffusion.T=20", "--set", "train.log_every=2", "--set", "train.sample_every=2",
+                 "--set", "train.sample_n=4", "--set", "model.num_classes=10", "--no-progress"]) == 0
+    # an evaluation of the checkpoint: its bits/dim by t (real), and the numbers eval.json would hold
+    from ddpm.run.load import load_run
+    from ddpm.io.data import DataConfig, load_images
+    loaded = load_run(run)
+    data = load_images(DataConfig(source="fashion-mnist-10k", resolution=32))
+    ev = run / "eval" / loaded.checkpoint.stem
+    evaluate_nll(loaded.model, loaded.diffusion, data.images[:2], 2, 0, ev / "nll", progress=False,
+                 labels=data.labels[:2])
+    (ev / "eval.json").write_text(json.dumps(dict(n_samples=50, fid=dict(train=123.4, test=None),
+                                                  inception_score=dict(is_mean=1.5, is_std=0.1))))
+    assert main(["report", str(run)]) == 0
+    return run / "report.html"
+
+
+def test_the_page_holds_everything_inline(report):
+    page = report.read_text()
+    assert "<script" not in page and not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)
+    srcs = re.findall(r'<img[^>]* src="([^"]+)"', page)
+    assert len(srcs) >= 2 + 4 + 2  # the two training grids, the training plots, bits/dim by t and rate-distortion
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    for text in ("Training loss, and by timestep quartile", "Loss by class", "EMA samples at step 4",
+                 "FID, train split", "123.400", "&quot;num_classes&quot;: 10"):
+        assert text in page, text
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_a_headless_browser_draws_every_image_without_console_errors(report, tmp_path):
+    # A copy with a probe appended: the title becomes the number of images the browser could not draw.
+    probe = ("<script>addEventListener('load',()=>{document.title='broken:'+[...document.images]"
+             ".filter(i=>!i.complete||i.naturalWidth===0).length})</script>")
+    page = tmp_path / "page.html"
+    page.write_text(report.read_text().replace("</body>", probe + "</body>"))
+    r = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                        "--virtual-time-budget=5000", "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                       timeout=120)
+    assert "<title>broken:0</title>" in r.stdout, r.stdout[:300]
+    console = [line for line in r.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
