@@ -1,8 +1,11 @@
 """`make demo`: train the `demo` preset on the embedded Fashion-MNIST subset, then sample it.
 
-Writes, in the run directory: checkpoints, metrics.jsonl, `samples.png` (64 EMA samples,
-Algorithm 2 with T = 1000) and `progressive.png` (the predicted x̂_0 along the chains of 8 of
-them, Fig. 6 of the paper: coarse shapes first, details last).
+The preset is a class-conditional model (docs/MATH.md § Classes and guidance) at 16x16 with
+T = 100, sized to finish in about five minutes on 2 CPU cores. Writes, in the run directory:
+checkpoints, metrics.jsonl, `samples.png` (one row per class: N EMA samples each, Algorithm 2
+over all T steps, not respaced, guided with weight w) and `progressive.png` (x̂_0 predicted along
+the chain of the first sample of each class, Fig. 6 of the paper: coarse shapes first, details last),
+then `report.html` (`ddpm report`: the curves, the pictures and the config in one page).
 """
 
 from __future__ import annotations
@@ -10,25 +13,34 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io.images import make_grid, write_png
+from ..io.images import make_class_grid, write_png
 from ..process.scaling import to_uint8
 from ..run.config import RunConfig
 from ..run.folder import claim_run_folder
 from ..run.load import load_run
 from .experiments import progressive_figure, progressive_generation
+from .report import write_report
 from .train import train
 
-PROGRESSIVE_TIMES = (1000, 800, 600, 400, 300, 200, 150, 100, 50, 1)  # the paper's t
-STRIP_CHAINS = 8
+GUIDANCE = 3.0  # classifier-free guidance weight of the demo's samples (1: plain conditional)
 
 
-def run_demo(out="runs/demo", steps: int | None = None, n: int = 64, progress: bool = True, seed: int = 0) -> dict:
+def progressive_times(T: int, n: int = 10) -> list[int]:
+    """The paper's Fig. 6 times 1000, 800, 600, 400, 300, 200, 150, 100, 50, 1, scaled to T."""
+    paper = (1000, 800, 600, 400, 300, 200, 150, 100, 50, 1)
+    return sorted({max(1, round(t * T / 1000)) for t in paper[:n]}, reverse=True)
+
+
+def run_demo(out="runs/demo", steps: int | None = None, n: int = 6, progress: bool = True, seed: int = 0) -> dict:
+    """Train the demo, then draw `n` samples of each class and the progressive strip.
+    -> dict(train_seconds, sample_seconds, samples, progressive, step, loss, run_dir)."""
     out = claim_run_folder(out)  # a folder that cannot be a run is one line before anything else
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"--n {n}: give the number of samples to draw, at least 1")
+        raise UserError(f"--n {n}: give the number of samples of each class to draw, at least 1")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run = RunConfig.from_preset("demo")
     if steps is not None:
@@ -39,14 +51,18 @@ def run_demo(out="runs/demo", steps: int | None = None, n: int = 64, progress: b
     print(f"demo: training took {t_train / 60:.1f} min", file=sys.stderr)
 
     loaded = load_run(out, "ema", fast="auto")
+    K, T = loaded.run.model.num_classes, loaded.diffusion.num_timesteps
+    labels = torch.arange(K).repeat_interleave(n)  # class by class: image k·n + j is sample j of class k
     t1 = time.perf_counter()
-    # the n samples, keeping x̂_0 along every chain at PROGRESSIVE_TIMES (Fig. 6)
-    gen = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, PROGRESSIVE_TIMES, n, seed, "cpu",
-                                 progress=progress)
+    gen = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, progressive_times(T), K * n, seed, "cpu",
+                                 progress=progress, labels=labels, guidance=GUIDANCE)
     t_sample = time.perf_counter() - t1
-    samples = write_png(make_grid(to_uint8(gen["samples"]), nrow=8), out / "samples.png")
-    strip = dict(gen, pred_x0=gen["pred_x0"][:STRIP_CHAINS])  # rows: 8 chains; columns: t = 1000 … 1
-    prog = write_png(progressive_figure(strip), out / "progressive.png")
-    print(f"demo: sampling {n} images (T={loaded.diffusion.num_timesteps}) took {t_sample / 60:.1f} min; "
-          f"wrote {samples} and {prog}", file=sys.stderr)
-    return dict(train_seconds=t_train, sample_seconds=t_sample, samples=str(samples), progressive=str(prog), **res)
+    samples = write_png(make_class_grid(to_uint8(gen["samples"]), labels, per_row=n), out / "samples.png")
+    first = np.arange(K) * n  # the first sample of each class: one chain per row
+    prog = write_png(progressive_figure(dict(gen, pred_x0=gen["pred_x0"][first])), out / "progressive.png")
+    print(f"demo: sampling {K} x {n} images (Algorithm 2, all T = {T} steps, guidance {GUIDANCE:g}) took "
+          f"{t_sample / 60:.1f} min; wrote {samples} and {prog}", file=sys.stderr)
+    report = write_report(out)
+    print(f"demo: the run's report: {report}", file=sys.stderr)
+    return dict(train_seconds=t_train, sample_seconds=t_sample, samples=str(samples), progressive=str(prog),
+                report=str(report), **res)
