@@ -28,6 +28,9 @@ from ..process.diffusion import DiffusionConfig
 from .presets import PRESETS, RENAMED
 
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+
+
 @dataclass(frozen=True)
 class TrainConfig(Config):
     """The optimisation recipe. Defaults are the paper's CIFAR-10 values (Appendix B)."""
@@ -66,7 +69,10 @@ class TrainConfig(Config):
     channels_last: Switch = Switch.AUTO  # NHWC weights and activations (auto: on for CUDA; CPU: on from width ch=128)
     compile: Switch = Switch.AUTO  # torch.compile the network (auto: on for CUDA, off for CPU)
     winograd: Switch = Switch.AUTO  # CPU: 3x3 convolutions by Winograd F(4x4, 3x3) (auto: on for CPU; CUDA: n/a)
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as adding "tensorboard" to `logger`
+    # Where metrics and sample grids go besides metrics.jsonl (always written): "tensorboard" and/or
+    # "wandb" (Weights & Biases, `pip install wandb`; WANDB_MODE=offline works), comma-separated.
+    logger: str = "jsonl"
     # FID of the EMA weights during training (docs/FID.md): fid_n samples every fid_every steps,
     # against reference statistics fid_ref (or ones computed from the training data and cached).
     fid_every: int = 0
@@ -104,9 +110,22 @@ class TrainConfig(Config):
                 or not 0.0 <= self.label_dropout < 1.0:
             raise UserError(f"train.label_dropout={self.label_dropout!r} must be in [0, 1) (0.1, the usual rate: one "
                             f"label in ten replaced by 'no class'; 0: no unconditional model, so no guidance)")
+        self.loggers  # parses `logger`, or one line
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (the paper uses 0.9999)")
 
+
+    @property
+    def loggers(self) -> tuple[str, ...]:
+        """The loggers besides metrics.jsonl, from `logger` (and the older `tensorboard` switch)."""
+        names = [v.strip() for v in str(self.logger).split(",") if v.strip()]
+        bad = [v for v in names if v not in LOGGERS]
+        if bad or not isinstance(self.tensorboard, bool):
+            what = f"train.logger={self.logger!r}" if bad else f"train.tensorboard={self.tensorboard!r}"
+            raise UserError(f"{what} is not valid; give a comma-separated list of {', '.join(LOGGERS)} (jsonl is "
+                            f"always written), e.g. train.logger=jsonl,wandb")
+        chosen = set(names) | ({"tensorboard"} if self.tensorboard else set())
+        return tuple(v for v in LOGGERS if v in chosen and v != "jsonl")
 
     @property
     def clip_share(self) -> int:
@@ -127,7 +146,7 @@ class TrainConfig(Config):
 # the same data is decided by their fingerprint, run/folder.py); every change is recorded in
 # config.json's history.
 RESUMABLE_CHANGES = {"train": {"steps", "checkpoint_every", "keep_last", "milestone_every", "log_every",
-                               "sample_every", "sample_n", "device", "tensorboard", "channels_last", "compile",
+                               "sample_every", "sample_n", "device", "tensorboard", "logger", "channels_last", "compile",
                                "winograd", "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_weights_sha256",
                                "lr", "warmup", "microbatch", "checkpointing"},
                      "data": {"source"}}  # data that moved; the checkpoint's fingerprint of them decides

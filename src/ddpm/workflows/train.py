@@ -19,6 +19,7 @@ import datetime
 import functools
 import hashlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -26,12 +27,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..config import size_value
 from ..errors import Interrupted, UserError
 from ..io import checkpoint as ckpt
-from ..io.atomic import remove_stale_temps
+from ..io.atomic import remove_stale_temps, write_text
 from ..io.data import DataSet, ImageSet
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, derive_seed
 from ..io.distributed import init as dist_init
@@ -304,7 +307,7 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     shape = images.shape
     T = diffusion.num_timesteps
 
-    logger = _Logger(run_dir, cfg, enabled=dist.is_main)
+    logger = _Logger(run_dir, run, enabled=dist.is_main)
     fid = None
     if cfg.fid_every:
         fid = TrainingFID(n=cfg.fid_n, batch=cfg.batch_size, seed=cfg.seed, ref=cfg.fid_ref or None, images=images,
@@ -414,7 +417,9 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
                                            f"{ckpt.checkpoint_path(run_dir, done).name} holds; run the same command "
                                            f"to resume")
         if cfg.sample_every and done % cfg.sample_every == 0 and dist.is_main:
-            write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n, cfg.seed, device)
+            grid = write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n,
+                                     cfg.seed, device)
+            logger.log_image(grid, done)
         if fid is not None and done % cfg.fid_every == 0:
             logger.log(dict(step=done, **fid(ema, diffusion, shape)))
     bar.close()
@@ -603,33 +608,74 @@ def write_sample_grid(ema: torch.nn.Module, diffusion: GaussianDiffusion, run: R
 
 
 class _Logger:
-    """metrics.jsonl always; TensorBoard when asked for and installed."""
+    """metrics.jsonl always; TensorBoard and Weights & Biases when `train.logger` asks for them (the
+    same scalars, and the sample grids). A resumed run goes on logging into the same W&B run: its
+    id is kept in the run folder."""
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool):
-        self.enabled, self.tb = enabled, None
+    WANDB_ID = "wandb-run-id"
+
+    def __init__(self, run_dir: Path, run: RunConfig, enabled: bool):
+        self.enabled, self.tb, self.wandb = enabled, None, None
         if not enabled:
             return
         self.path = run_dir / METRICS_NAME
-        if cfg.tensorboard:
+        loggers = run.train.loggers
+        if "tensorboard" in loggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("train.tensorboard=true needs TensorBoard: pip install 'ddpm[tensorboard]'") from None
+                raise UserError("train.logger=tensorboard needs TensorBoard: pip install 'ddpm[tensorboard]'") from None
             self.tb = SummaryWriter(str(run_dir / "tb"))
+        if "wandb" in loggers:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("train.logger=wandb needs Weights & Biases: pip install 'ddpm[wandb]' (WANDB_MODE=offline "
+                                "logs without an account)") from None
+            id_file = run_dir / self.WANDB_ID
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            write_text(id_file, run_id)
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ddpm"), id=run_id, resume="allow",
+                                    name=run_dir.name, dir=str(run_dir), config=run.to_dict())
+
+    @staticmethod
+    def _scalars(rec: dict) -> dict:
+        """A metrics record as flat scalars: train/loss, train/loss_by_class/NAME (one curve per class)."""
+        out = {}
+        for k, v in rec.items():
+            if k == "step":
+                continue
+            for tag, x in ({f"train/{k}/{name}": x for name, x in v.items()} if isinstance(v, dict)
+                           else {f"train/{k}": v}).items():
+                if x is not None:
+                    out[tag] = x
+        return out
 
     def log(self, rec: dict) -> None:
         if not self.enabled:
             return
         append_metrics(self.path, rec)
+        scalars = self._scalars(rec)
         if self.tb is not None:
-            for k, v in rec.items():
-                if k == "step":
-                    continue
-                scalars = {f"train/{k}/{name}": x for name, x in v.items()} if isinstance(v, dict) else {f"train/{k}": v}
-                for tag, x in scalars.items():  # loss_by_class: one curve per class
-                    if x is not None:
-                        self.tb.add_scalar(tag, x, rec["step"])
+            for tag, x in scalars.items():
+                self.tb.add_scalar(tag, x, rec["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=rec["step"])
+
+    def log_image(self, path: Path, step: int) -> None:
+        """A sample grid written at `step` (the PNG file), to the loggers that show pictures."""
+        if not self.enabled or (self.tb is None and self.wandb is None):
+            return
+        pixels = np.asarray(Image.open(path))
+        if self.tb is not None:
+            self.tb.add_image("samples", pixels if pixels.ndim == 3 else pixels[..., None], step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Image(pixels, caption=f"EMA samples at step {step}")}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
