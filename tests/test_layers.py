@@ -17,7 +17,7 @@ LAYERS = ["base", "process", "network", "io", "run", "workflows", "cli", "packag
 BASE = {"ddpm.errors", "ddpm.config", "ddpm.version"}
 # Packages that are optional (extras, or only needed by one command): importing them where they
 # are used keeps `import ddpm` working without them. Nothing else is imported inside a function.
-OPTIONAL = {"diffusers", "lmdb", "torch_fidelity", "tensorboard", "torch.utils.tensorboard", "litdata", "matplotlib", "wandb"}
+OPTIONAL = {"diffusers", "lmdb", "torch_fidelity", "tensorboard", "torch.utils.tensorboard", "litdata", "matplotlib", "wandb", "huggingface_hub"}
 
 
 def module_name(path: Path) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -182,6 +182,25 @@ def make_class_grid(images: torch.Tensor, labels, per_row: int = 8, pad: int = 2
         mine = images[(labels == k).nonzero().flatten()[:per_row]]
         cells[r * per_row: r * per_row + len(mine)] = mine.cpu()
     return make_grid(cells, nrow=per_row, pad=pad)
+
+
+def figure_png(draw: Callable, size: tuple = (6.4, 3.6), dpi: int = 100) -> bytes:
+    """A matplotlib figure drawn by `draw(fig)`, as PNG bytes (the Agg backend: no display needed;
+    matplotlib is imported here only, for the plots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=size, dpi=dpi)
+    try:
+        draw(fig)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
 
 
 def write_png(array: np.ndarray, path) -> Path:

@@ -20,15 +20,14 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import UserError
-from ..io.atomic import atomic_file, write_json, write_npz
+from ..io.atomic import atomic_file, write_bytes, write_json, write_npz
 from ..io.data import DataConfig
 from ..io.prepared import open_data
 from ..io.distributed import DistInfo, barrier, broadcast_object, is_main_process, shard
 from ..io.folders import usable_folder
-from ..io.images import CHANNEL_MODES, write_png
+from ..io.images import CHANNEL_MODES, figure_png
 from ..io.progress import loop_progress, progress_bar
 from ..io.results import check_settings
 from ..process.diffusion import GaussianDiffusion
@@ -280,68 +279,22 @@ def write_rate_distortion(rd: dict, out_dir) -> dict:
     return dict(csv=str(csv_path), png=str(png_path))
 
 
-def plot_rate_distortion(rd: dict, path) -> Path:
-    """Fig. 5 drawn with Pillow: distortion vs steps, rate vs steps, distortion vs rate."""
-    W, H = 380, 300
-    img = Image.new("RGB", (3 * W, H), "white")
-    draw = ImageDraw.Draw(img)
+def draw_rate_distortion(fig, rd: dict) -> None:
+    """Fig. 5's three panels on a matplotlib figure: distortion and rate against the reverse steps,
+    and distortion against rate."""
     steps, rate, dist = rd["steps"], rd["rate"], rd["distortion_rmse"]
-    _panel(img, draw, (0, 0, W, H), steps, dist, "Reverse process steps (T - t)", "Distortion (RMSE)")
-    _panel(img, draw, (W, 0, 2 * W, H), steps, rate, "Reverse process steps (T - t)", "Rate (bits/dim)")
-    _panel(img, draw, (2 * W, 0, 3 * W, H), rate, dist, "Rate (bits/dim)", "Distortion (RMSE)")
-    return write_png(np.asarray(img), path)
+    for ax, xs, ys, xlabel, ylabel in zip(fig.subplots(1, 3), (steps, steps, rate), (dist, rate, dist),
+                                          ("Reverse process steps (T - t)", "Reverse process steps (T - t)",
+                                           "Rate (bits/dim)"),
+                                          ("Distortion (RMSE, [0, 255])", "Rate (bits/dim)", "Distortion (RMSE)")):
+        ax.plot(xs, ys, color="tab:blue", linewidth=2)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
 
 
-def _font(size: int = 12):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round tick values (1, 2 or 5 × 10^k apart) covering [lo, hi]."""
-    if not hi > lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
-
-
-def _panel(img, draw, box, xs, ys, xlabel: str, ylabel: str) -> None:
-    font = _font(12)
-    x0, y0, x1, y1 = box
-    left, right, top, bottom = x0 + 62, x1 - 14, y0 + 14, y1 - 46  # the plotting area
-    xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
-    xlo, xhi, ylo, yhi = xs.min(), xs.max(), ys.min(), ys.max()
-    xt, yt = _nice_ticks(xlo, xhi), _nice_ticks(ylo, yhi)
-    xlo, xhi, ylo, yhi = min(xlo, xt[0]), max(xhi, xt[-1]), min(ylo, yt[0]), max(yhi, yt[-1])
-    xhi, yhi = (xhi if xhi > xlo else xlo + 1), (yhi if yhi > ylo else ylo + 1)
-    px = lambda v: left + (v - xlo) / (xhi - xlo) * (right - left)
-    py = lambda v: bottom - (v - ylo) / (yhi - ylo) * (bottom - top)
-    for v in xt:
-        draw.line([(px(v), top), (px(v), bottom)], fill=(230, 230, 230))
-        draw.line([(px(v), bottom), (px(v), bottom + 4)], fill="black")
-        draw.text((px(v), bottom + 6), _fmt(v), fill="black", font=font, anchor="ma")
-    for v in yt:
-        draw.line([(left, py(v)), (right, py(v))], fill=(230, 230, 230))
-        draw.line([(left - 4, py(v)), (left, py(v))], fill="black")
-        draw.text((left - 6, py(v)), _fmt(v), fill="black", font=font, anchor="rm")
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.line([(px(a), py(b)) for a, b in zip(xs, ys)], fill=(31, 119, 180), width=2)
-    draw.text(((left + right) / 2, y1 - 6), xlabel, fill="black", font=font, anchor="md")
-    # The y label, drawn horizontally on its own picture and turned a quarter.
-    tw = int(draw.textlength(ylabel, font=font)) + 4
-    lab = Image.new("RGB", (tw, 16), "white")
-    ImageDraw.Draw(lab).text((2, 1), ylabel, fill="black", font=font)
-    lab = lab.rotate(90, expand=True)
-    img.paste(lab, (x0 + 2, int((top + bottom) / 2 - lab.height / 2)))
+def plot_rate_distortion(rd: dict, path) -> Path:
+    """Fig. 5 as a PNG (matplotlib), written atomically."""
+    return write_bytes(path, figure_png(lambda fig: draw_rate_distortion(fig, rd), size=(11.4, 3.2)))
 
 
 # ---------------------------------------------------------------------------------------------

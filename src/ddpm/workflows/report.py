@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import time
 from pathlib import Path
@@ -21,10 +20,11 @@ from typing import Optional
 
 from ..errors import UserError
 from ..io.atomic import write_text
+from ..io.images import figure_png
 from ..io import checkpoint as ckpt
 from ..run.folder import METRICS_NAME, read_metrics, read_run_record
 from ..version import __version__
-from .nll import load_bpd, rate_distortion
+from .nll import draw_rate_distortion, load_bpd, rate_distortion
 
 REPORT_NAME = "report.html"
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}h1{font-size:1.5em}"
@@ -38,22 +38,9 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _figure(plot, caption: str) -> str:
+def _figure(plot, caption: str, size: tuple = (6.4, 3.6)) -> str:
     """A matplotlib figure drawn by `plot(fig)`, as an <img> with the PNG inline, and its caption."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(6.4, 3.6), dpi=100)
-    try:
-        plot(fig)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    return (f'<figure><img alt="{html.escape(caption)}" src="{_data_uri(buf.getvalue())}">'
+    return (f'<figure><img alt="{html.escape(caption)}" src="{_data_uri(figure_png(plot, size))}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -145,13 +132,9 @@ def _evaluation(run_dir: Path) -> list[str]:
                 ax.plot(range(1, len(vb) + 1), vb)
                 ax.set(xlabel="t", ylabel="bits/dim", yscale="log", title="The bound's terms L_(t-1), by t")
 
-            def curve(fig, rd=rd):
-                a1, a2 = fig.subplots(1, 2)
-                a1.plot(rd["rate"], rd["distortion_rmse"])
-                a1.set(xlabel="rate (bits/dim)", ylabel="distortion (RMSE, [0, 255])", title="Rate-distortion")
-                a2.plot(rd["t"], rd["rate"])
-                a2.set(xlabel="t", ylabel="rate (bits/dim)", title="Rate by t")
-            parts += [_figure(terms, "Bits/dim by timestep: the terms of the bound"), _figure(curve, "Rate-distortion (Fig. 5)")]
+            parts += [_figure(terms, "Bits/dim by timestep: the terms of the bound"),
+                      _figure(lambda fig, rd=rd: draw_rate_distortion(fig, rd), "Rate-distortion (Fig. 5)",
+                              size=(11.4, 3.2))]
     return parts
 
 
