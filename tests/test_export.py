@@ -29,7 +29,7 @@ def _checkpoint(root, **diffusion):
     """A checkpoint of the tiny network with trained-like weights (helpers.active) as its EMA."""
     run = RunConfig.from_preset("tiny")
     run = run.replace(model=run.model.replace(in_channels=1, out_channels=1),
-                      diffusion=run.diffusion.replace(T=100, **diffusion))
+                      diffusion=run.diffusion.replace(T=50, **diffusion))
     torch.manual_seed(0)
     net = active(UNet.from_config(run.model), seed=3)
     sd = {k: v.clone() for k, v in net.state_dict().items()}
@@ -58,7 +58,7 @@ def test_ddpm_pipeline_draws_what_ddpm_sample_draws(tmp_path, monkeypatch, diffu
     pipe.set_progress_bar_config(disable=True)
     loaded = load_run(ckpt)
     _feed(monkeypatch, ImageNoise(4, range(3), "cpu"))
-    theirs = pipe(batch_size=3, num_inference_steps=100, output_type="np").images  # [0, 1], NHWC
+    theirs = pipe(batch_size=3, num_inference_steps=50, output_type="np").images  # [0, 1], NHWC
     ours = sample(loaded.model, loaded.diffusion, loaded.shape, seed=4, indices=range(3), device="cpu")
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.abs(ours - 0.5).max() > 0.1  # real images, not a flat output
@@ -92,7 +92,7 @@ def test_the_folder_is_a_run_for_ddpm_too(tmp_path, capsys):
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
     card = (tmp_path / "pipe" / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: diffusers") and "T = 100" in card and "Not evaluated" in card
+    assert card.startswith("---\nlibrary_name: diffusers") and "T = 50" in card and "Not evaluated" in card
     # fine-tuning from the folder: the same weights in the model and the EMA
     run = RunConfig.from_preset("tiny", data="fashion-mnist-10k")
     from ddpm.workflows.train import train

@@ -13,6 +13,8 @@ from ddpm.errors import UserError
 from ddpm.run.config import RunConfig
 from ddpm.workflows.train import train
 
+DATA = ""  # a small data set, written by the test that uses it
+
 
 class FakeWandb(types.ModuleType):
     def __init__(self):
@@ -42,13 +44,16 @@ class FakeWandb(types.ModuleType):
 
 
 def _run(steps, **train):
-    run = RunConfig.from_preset("tiny")
+    run = RunConfig.from_preset("tiny", data=DATA)
     return run.replace(diffusion=run.diffusion.replace(T=20),
                        train=run.train.replace(steps=steps, log_every=2, checkpoint_every=2, sample_every=2, sample_n=2,
                                                logger="jsonl,wandb", **train))
 
 
 def test_wandb_gets_the_jsonl_scalars_and_the_grids_and_a_resume_continues_its_run(tmp_path, monkeypatch):
+    global DATA
+    DATA = str(tmp_path / "d.npz")
+    np.savez(DATA, x=np.random.default_rng(0).integers(0, 256, (8, 32, 32), dtype=np.uint8))
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_MODE", "offline")
