@@ -20,6 +20,7 @@ import functools
 import hashlib
 import math
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -633,7 +634,7 @@ class _Logger:
                 raise UserError("train.logger=wandb needs Weights & Biases: pip install 'ddpm[wandb]' (WANDB_MODE=offline "
                                 "logs without an account)") from None
             id_file = run_dir / self.WANDB_ID
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)  # W&B: [a-z0-9]
             write_text(id_file, run_id)
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ddpm"), id=run_id, resume="allow",
                                     name=run_dir.name, dir=str(run_dir), config=run.to_dict())
