@@ -39,8 +39,8 @@ def describe_data(cfg: DataConfig) -> str:
         raw = open_source(cfg)
         n = len(raw.items) if raw.items is not None else len(raw.array)
         classes = f", {len(raw.classes)} classes" if raw.labels is not None else ", no labels"
-        return (f"{raw.description}: {n} files{classes}; would be decoded once into the cache {cache_entry(cfg)} "
-                f"(ddpm prepare does it ahead)")
+        desc = raw.description if f"{n} files" in raw.description else f"{raw.description}: {n} files"
+        return f"{desc}{classes}; would be decoded once into the cache {cache_entry(cfg)} (ddpm prepare does it ahead)"
     c, h, w = data.shape
     classes = f", {len(data.classes)} classes" if data.labels is not None else ", no labels"
     size = f"{len(data)} images {c}x{h}x{w}"
