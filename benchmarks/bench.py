@@ -32,6 +32,8 @@ Implementations (--impls):
 - diffusers: UNet2DModel as it comes (eager, NCHW).
 - diffusers-compiled: UNet2DModel with diffusers' own speed advice: channels_last + torch.compile
   (+ the same CUDA graphs as ddpm on CUDA for forward/sample).
+Any of them with "@fp32" or "@bf16" appended runs at that precision instead of --precision, so
+fp32 and bf16 are timed in one run, in turn (e.g. --impls ddpm,ddpm@bf16,diffusers,diffusers@bf16).
 
 Memory: "peak" is the rise over one call (activations and temporaries): on CUDA from
 torch.cuda.max_memory_allocated, on the CPU from the process's peak resident set (VmHWM, reset
@@ -105,8 +107,18 @@ class DiffusersNet(nn.Module):
         return self.unet(x, t - 1).sample
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def split_impl(impl: str, default_precision: str) -> tuple[str, str]:
+    """"ddpm@bf16" -> ("ddpm", "bf16"); "ddpm" -> ("ddpm", default_precision)."""
+    name, _, precision = impl.partition("@")
+    return name, precision or default_precision
+
+
 def switches(impl: str, device: torch.device, base: UNet) -> dict:
     """channels_last / compile / cuda_graphs / winograd of an implementation on `device`."""
+    impl = impl.partition("@")[0]
     cuda = device.type == "cuda"
     names = ("channels_last", "compile", "cuda_graphs", "winograd")
     if impl == "ddpm":
@@ -119,7 +131,7 @@ def switches(impl: str, device: torch.device, base: UNet) -> dict:
 
 
 def build_network(impl: str, base: UNet) -> nn.Module:
-    if impl.startswith("ddpm"):
+    if impl.partition("@")[0].startswith("ddpm"):
         return copy.deepcopy(base)
     from ddpm.network.interop import unet_to_diffusers
 
@@ -242,7 +254,10 @@ class Workload:
         if s["channels_last"]:
             to_channels_last(net)
         set_winograd(net, s["winograd"])
-        return FastModel(net, self.device, self.args.precision, s["compile"], s["channels_last"], s["cuda_graphs"])
+        return FastModel(net, self.device, self.precision(impl), s["compile"], s["channels_last"], s["cuda_graphs"])
+
+    def precision(self, impl: str) -> str:
+        return split_impl(impl, self.args.precision)[1]
 
     def train_model(self, impl: str):
         s = switches(impl, self.device, self.base)
@@ -259,7 +274,7 @@ class Workload:
 
     def fwdbwd(self, impl: str):
         net, call = self.train_model(impl)
-        ac = self.args.precision
+        ac = self.precision(impl)
 
         def run():
             net.zero_grad(set_to_none=True)
@@ -276,6 +291,7 @@ class Workload:
         opt = torch.optim.Adam(params, lr=2e-4, **({"fused": True} if cuda else {"foreach": True}))
         gen = torch.Generator(self.device).manual_seed(0)
         B, T, diffusion, data, dev = self.args.batch, self.diffusion.num_timesteps, self.diffusion, self.data, self.device
+        precision = self.precision(impl)
 
         def step():
             # the order of operations of ddpm.workflows.train's loop, with its randomness drawn on the device
@@ -285,7 +301,7 @@ class Workload:
             flip = torch.rand(B, generator=gen, device=dev) < 0.5
             x0 = data[idx].float() / 127.5 - 1
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
-            with autocast(dev, self.args.precision):
+            with autocast(dev, precision):
                 losses = diffusion.training_losses(call, x0, t, noise)
             loss = losses["loss"].mean()
             opt.zero_grad(set_to_none=True)
@@ -418,10 +434,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--preset", default="cifar10", help="a preset of ddpm.run.presets (default cifar10, the paper's 35.7M model)")
     p.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="of implementations named without @fp32 / @bf16")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     p.add_argument("--impls", default="ddpm,diffusers,ddpm-compiled,diffusers-compiled",
-                   help=f"comma-separated, of {', '.join(IMPLS)}; ratios are against {BASELINE!r}")
+                   help=f"comma-separated, of {', '.join(IMPLS)}, each optionally @fp32 or @bf16; ratios are against {BASELINE!r}")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per implementation (default: 7 CPU, 10 CUDA)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation, graph capture, autotuning)")
     p.add_argument("--min-rep-s", type=float, default=1.0, help="CUDA: calls per repetition so that one lasts about this long")
@@ -452,8 +468,11 @@ def main(argv=None) -> int:
         if t not in TASKS:
             p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
     for i in impls:
-        if i not in IMPLS:
-            p.error(f"unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
+        name, precision = split_impl(i, args.precision)
+        if name not in IMPLS:
+            p.error(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
+        if precision not in PRECISIONS:
+            p.error(f"unknown precision {precision!r} in {i!r}; choose from {', '.join(PRECISIONS)}")
 
     torch.manual_seed(args.seed)
     cfg = RunConfig.from_preset(args.preset).model
@@ -477,7 +496,7 @@ def main(argv=None) -> int:
             ts = m["times"][impl]
             med = statistics.median(ts)
             unit_images = m["images"][impl]
-            r = dict(task=task, impl=impl, switches=switches(impl, device, base), precision=args.precision, batch=args.batch,
+            r = dict(task=task, impl=impl, switches=switches(impl, device, base), precision=split_impl(impl, args.precision)[1], batch=args.batch,
                      times_s=ts, median_s=med, cpu_times_s=m["cpu_times"][impl],
                      median_cpu_s=statistics.median(m["cpu_times"][impl]), warmup_s=m["warmup_s"][impl], calls_per_rep=m["iters"][impl],
                      peak_mem_mib=m["mem"].get(impl), resident_mem_mib=m["resident"].get(impl))
