@@ -1,6 +1,7 @@
 """`--dry-run` on train, sample and eval: the plan is printed and nothing is written."""
 
 import json
+import re
 
 import pytest
 
@@ -26,7 +27,11 @@ def test_train_dry_run_prints_the_plan_and_writes_nothing(tmp_path, run, capsys)
     config = json.loads(out[out.index("{"): out.index("\nmodel:") + 1])
     assert config["model"]["ch"] == 32 and "parameters" in out and "GFLOPs" in out
     assert "10000 images 1x32x32, 10 classes" in out and "new; would train steps 1 … 20" in out
+    assert "\nprecision: fp32\n" in out
     assert not (tmp_path / "new").exists()
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "new"), "--set", "train.precision=auto",
+                 "--dry-run"]) == 0
+    assert re.search(r"\nprecision: auto -> (bf16|fp32) \(cpu: [^)]+\)\n", capsys.readouterr().out)
     assert main(["train", "--out", str(run), "--steps", "4", "--dry-run"]) == 0
     assert "would resume from ckpt-00000002.safetensors (step 2 of 4)" in capsys.readouterr().out
     assert _files(run) == before

@@ -8,6 +8,7 @@ issue's bound) on the same model, data and noise.
 """
 
 import copy
+import os
 import time
 
 import pytest
@@ -17,7 +18,8 @@ from ddpm.io.data import DataConfig, load_images
 from ddpm.process.scaling import to_model_range
 from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.network.fast import match_layout_, prepare_model, resolve_switch, to_channels_last
+from ddpm.network.fast import (Precision, match_layout_, native_bf16, prepare_model, resolve_precision, resolve_switch,
+                               to_channels_last)
 from ddpm.workflows.sample import PrefetchNoise
 from ddpm.run.config import TrainConfig
 from ddpm.workflows.train import DataOrder
@@ -108,6 +110,82 @@ def test_bf16_autocast_forward_and_gradients_are_close_to_fp32():
     rel = (out16.float() - out32).norm() / out32.norm()
     assert rel < 3e-2, rel
     assert_grads_close(g16, g32, 1e-2)
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags as the Linux kernel reports them: a source apart from PyTorch's."""
+    with open("/proc/cpuinfo") as f:
+        return next(set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="the kernel's CPU flags are read from Linux's /proc")
+def test_auto_precision_is_bf16_exactly_where_the_kernel_reports_bf16_instructions(monkeypatch):
+    for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(k, raising=False)
+    native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    print(f"this CPU: avx512_bf16/amx_bf16 {'present' if native else 'absent'}")
+    assert native_bf16("cpu")[0] is native
+    assert resolve_precision("auto", "cpu") is (Precision.BF16 if native else Precision.FP32)
+
+
+def _cpu_with(monkeypatch, avx512_bf16: bool, amx: bool, cap: str = "") -> None:
+    """Pretend the CPU has (or lacks) bf16 instructions, and oneDNN is held to `cap` ("" for none)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+
+
+def test_auto_precision_follows_the_instructions_and_onednns_cap(monkeypatch):
+    # oneDNN's ISA order (its "CPU Dispatcher Control" page): AVX2 < AVX512_CORE < AVX512_CORE_VNNI
+    # < AVX512_CORE_BF16 < ... < AVX512_CORE_AMX; a cap below AVX512_CORE_BF16 takes bf16 away.
+    cases = [(True, False, "", "bf16"), (False, True, "", "bf16"), (True, True, "", "bf16"),
+             (False, False, "", "fp32"), (True, False, "AVX2", "fp32"), (True, True, "avx512_core_vnni", "fp32"),
+             (True, False, "AVX512_CORE_BF16", "bf16"), (False, True, "AVX512_CORE_AMX", "bf16")]
+    for avx512_bf16, amx, cap, want in cases:
+        _cpu_with(monkeypatch, avx512_bf16, amx, cap)
+        assert resolve_precision("auto", "cpu").value == want, (avx512_bf16, amx, cap)
+        for explicit in ("fp32", "bf16", "fp16"):  # what the user chose is never changed
+            assert resolve_precision(explicit, "cpu").value == explicit
+    with pytest.raises(UserError, match="'fp32', 'bf16', 'fp16', 'auto'"):
+        resolve_precision("half", "cpu")
+
+
+def test_auto_precision_runs_the_network_in_what_it_resolved_to(monkeypatch):
+    net = active(preset_net("tiny")).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    out = {p: prepare_model(copy.deepcopy(net), "cpu", precision=p)(x, t) for p in ("fp32", "bf16")}
+    assert not torch.equal(out["fp32"], out["bf16"])  # so the comparisons below can tell them apart
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        _cpu_with(monkeypatch, native, False)
+        fast = prepare_model(copy.deepcopy(net), "cpu", precision="auto")
+        assert fast.precision is Precision(want)
+        assert torch.equal(fast(x, t), out[want])
+
+
+def test_training_at_auto_precision_is_training_at_what_it_resolved_to(tmp_path, monkeypatch, capfd):
+    import numpy as np
+
+    from ddpm.io.checkpoint import latest_checkpoint
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
+
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).integers(0, 256, (8, 32, 32), dtype=np.uint8))
+    run = RunConfig.from_preset("tiny", data=str(tmp_path / "d.npz"))
+
+    def trained(name, precision):
+        train(tmp_path / name, run.replace(train=run.train.replace(steps=2, checkpoint_every=2, precision=precision)),
+              progress=False)
+        return latest_checkpoint(tmp_path / name)[1]
+
+    _cpu_with(monkeypatch, True, False)
+    bf16, auto = trained("bf16", "bf16"), trained("auto", "auto")
+    assert "train.precision=auto -> bf16 (cpu: AVX512-BF16)" in capfd.readouterr().err
+    assert_states_equal(bf16, auto)
+    assert not torch.equal(trained("fp32", "fp32")["model"]["conv_out.weight"], bf16["model"]["conv_out.weight"])
 
 
 def test_bits_per_dim_in_bf16_is_within_0_01_of_fp32(one_thread):

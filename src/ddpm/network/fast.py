@@ -28,8 +28,20 @@ tensor-core GPUs and have not been measured yet, because no GPU was available wh
 |                 |      |      | faster than direct. Rounds differently (about 1e-5 of the largest value,  |
 |                 |      |      | tests/test_winograd.py)                                                   |
 
-bf16 is `precision="bf16"` (autocast; the diffusion math stays in float32 or above), chosen by the
-user, never by "auto": it changes results within the tolerances tests/test_fastpaths.py states.
+Precision is a setting of its own, `precision`: "fp32", "bf16" (autocast of the network; the
+diffusion math stays in float32 or above), "fp16" (training adds loss scaling), or "auto". bf16
+changes results within the tolerances tests/test_fastpaths.py states, so the paper's presets keep
+fp32; "auto" (the demo's) chooses bf16 where the device computes it natively, decided at run time
+from what the device has (`native_bf16`), and fp32 elsewhere:
+
+| device                                   | auto | measured (BENCHMARKS.md § bf16 by what the CPU has) |
+|------------------------------------------|------|------------------------------------------------------|
+| CPU with AVX512-BF16 or AMX-BF16         | bf16 | Zen 4 (AVX512-BF16): CIFAR-10 net forward 1.45x,     |
+| (Zen 4 and later, Sapphire Rapids and    |      | training step 1.39x the fp32 default (Winograd);     |
+| later)                                   |      | demo net forward 1.68x, step 1.45x                   |
+| CPU without them (AVX2, e.g. Zen 3)      | fp32 | bf16 is converted in software there                  |
+| CUDA with bf16 tensor cores (Ampere on)  | bf16 | the usual mixed precision; not yet measured here     |
+| other CUDA devices                       | fp32 | fp16 needs loss scaling: the user's choice           |
 The training loop's other fast paths need no switch (they cost nothing and change nothing): fused
 Adam on CUDA (foreach on CPU), a foreach EMA update, the data set kept on the GPU as uint8 with flips
 done there, the step's random numbers drawn on the device, and losses read back every `log_every`
@@ -50,6 +62,7 @@ replay) is raised like any other.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -89,6 +102,55 @@ class Precision(Choice):
     FP32 = "fp32"
     BF16 = "bf16"  # autocast of the network in bfloat16; the diffusion math stays in float32
     FP16 = "fp16"  # autocast in float16, for GPUs without bf16 (training adds dynamic loss scaling)
+    AUTO = "auto"  # bf16 where the device computes it natively (native_bf16), else fp32
+
+
+def native_bf16(device) -> tuple[bool, str]:
+    """Whether `device` computes bf16 products in hardware, and what it has (for messages).
+
+    CPU: AVX512-BF16 (Zen 4, Cooper Lake and later) or AMX's bf16 tiles (Sapphire Rapids and
+    later), as PyTorch's own CPU feature detection (cpuinfo) reports them; without them oneDNN
+    converts bf16 to fp32 in software, and fp32 is the faster. CUDA: bf16 tensor cores (compute
+    capability 8.0 and up). The torch.cpu probes are private functions, so their absence (another
+    build, another architecture) reads as "no".
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, "bf16 tensor cores" if ok else "no bf16 tensor cores"
+    if device.type != "cpu":
+        return False, f"{device.type}: not measured"
+    probes = (("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    found = [name for name, probe in probes if _cpu_probe(probe)]
+    if not found:
+        return False, "no AVX512-BF16 or AMX-BF16"
+    cap = next((os.environ[k] for k in ONEDNN_ISA_VARIABLES if os.environ.get(k)), "")
+    if cap.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16:
+        return False, f"{' and '.join(found)}, but oneDNN is held to {cap.strip().upper()} by the environment"
+    return True, " and ".join(found)
+
+
+# oneDNN, which runs the CPU's convolutions and matrix products, may be held to an older instruction
+# set by an environment variable (oneDNN's documentation, "CPU Dispatcher Control"); these caps
+# leave it without bf16 instructions, so bf16 would be converted in software again.
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_MIC",
+                                      "AVX512_MIC_4OPS", "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
+def _cpu_probe(name: str) -> bool:
+    try:
+        return bool(getattr(torch.cpu, name)())
+    except Exception:  # a torch without the probe, or a probe that cannot run here
+        return False
+
+
+def resolve_precision(value: str, device) -> "Precision":
+    """"auto" | "fp32" | "bf16" | "fp16" -> the precision used on `device` (never AUTO)."""
+    value = Precision.parse(value, "precision")
+    if value is Precision.AUTO:
+        return Precision.BF16 if native_bf16(device)[0] else Precision.FP32
+    return value
 
 
 SWITCH_VALUES = tuple(s.value for s in Switch)
@@ -120,9 +182,18 @@ def resolve_switch(name: str, value: str, device, model: Optional[nn.Module] = N
     return value is Switch.ON
 
 
+def describe_precision(precision: str, device) -> str:
+    """"fp32", or for "auto" what it resolves to on `device` and why: "auto -> bf16 (cpu: AVX512-BF16)"."""
+    used = resolve_precision(precision, device)
+    if Precision.parse(precision, "precision") is not Precision.AUTO:
+        return used.value
+    return f"auto -> {used.value} ({torch.device(device).type}: {native_bf16(device)[1]})"
+
+
 def autocast(device, precision: str):
-    """The network's autocast context: bf16 or fp16 for those precisions, a no-op for "fp32"."""
-    precision = Precision.parse(precision, "precision")
+    """The network's autocast context: bf16 or fp16 for those precisions, a no-op for "fp32"
+    ("auto" as `resolve_precision` decides it on `device`)."""
+    precision = resolve_precision(precision, device)
     dtype = torch.float16 if precision is Precision.FP16 else torch.bfloat16
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=precision is not Precision.FP32)
 
@@ -322,14 +393,15 @@ def prepare_model(model: nn.Module, device, precision: str = "fp32", compile: st
                   channels_last: str = "auto", cuda_graphs: str = "auto", winograd: str = "auto") -> FastModel:
     """`model` on `device`, in eval mode without gradients, with the fast paths the switches select.
 
-    :param precision: "fp32" or "bf16" (autocast of the network; its output returns in x_t's dtype).
+    :param precision: "fp32", "bf16" (autocast of the network; its output returns in x_t's dtype) or
+        "auto" (bf16 where `device` computes it natively, else fp32: see the top of this module).
     :param compile, channels_last, cuda_graphs, winograd: "auto" (the device's default, see the table
         at the top of this module), "on" or "off".
     The model is changed in place (moved, eval, channels_last); keep a copy if you still train it.
     Compilation and graph capture happen at the first call of each input shape.
     """
     device = torch.device(device)
-    precision = Precision.parse(precision, "precision")
+    precision = resolve_precision(precision, device)
     cl = resolve_switch("channels_last", channels_last, device, model)
     comp = resolve_switch("compile", compile, device)
     graphs = resolve_switch("cuda_graphs", cuda_graphs, device)

@@ -57,7 +57,9 @@ class TrainConfig(Config):
     log_every: int = 100  # losses are read from the device (a host sync) only this often
     sample_every: int = 0  # EMA sample grid every N steps (0: never during training)
     sample_n: int = 64
-    precision: Precision = Precision.FP32  # "bf16": autocast the network in bfloat16; "fp16": in float16, loss-scaled
+    # "bf16": autocast the network in bfloat16; "fp16": in float16, loss-scaled; "auto": bf16 where the
+    # device computes it natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16 tensor cores), else fp32
+    precision: Precision = Precision.FP32
     # Memory (docs/MATH.md § Fitting in memory): they change what a step holds, not what it computes.
     microbatch: int = 0  # images per forward/backward, gradients accumulated over the batch (0: all at once)
     checkpointing: bool = False  # recompute each block's activations in the backward pass (network/memory.py)

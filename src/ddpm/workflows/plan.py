@@ -16,6 +16,8 @@ from ..io.data import ARRAY, DataConfig, load_images, open_source, source_kind, 
 from ..io.folders import foreign_entries, usable_folder
 from ..io.prepared import MANIFEST_NAME, PreparedSet, cache_entry, is_prepared
 from ..io.streaming import is_stream_source
+from ..io.distributed import pick_device
+from ..network.fast import describe_precision
 from ..network.unet import summary
 from ..process.guidance import check_weight
 from ..run.config import RunConfig
@@ -61,7 +63,7 @@ def plan_train(run_dir, run: RunConfig) -> list[str]:
     cfg = run.train
     data = run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution)
     lines = ["configuration: " + json.dumps(run.to_dict(), indent=2), *_model_lines(run.model),
-             f"data: {describe_data(data)}"]
+             "precision: " + describe_precision(cfg.precision, pick_device(cfg.device)), f"data: {describe_data(data)}"]
     found = ckpt.list_checkpoints(p) if p.is_dir() else []
     if found:
         lines.append(f"run folder {p}: would resume from {found[-1][1].name} (step {found[-1][0]} of {cfg.steps})")

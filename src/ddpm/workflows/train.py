@@ -45,8 +45,8 @@ from ..io.loader import Prefetcher
 from ..io.prepared import PreparedSet, open_data
 from ..io.progress import progress_bar
 from ..network.memory import set_checkpointing
-from ..network.fast import (autocast, compile_or_eager, match_layout_, resolve_switch, set_winograd, to_channels_last,
-                            training_trial)
+from ..network.fast import (autocast, compile_or_eager, describe_precision, match_layout_, resolve_switch, set_winograd,
+                            to_channels_last, training_trial)
 from ..network.unet import UNet
 from ..process.diffusion import GaussianDiffusion
 from ..process.scaling import to_model_range, to_uint8
@@ -216,6 +216,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     if channels_last:
         to_channels_last(model)  # the EMA copy, the optimizer's moments and the gradients follow
     set_winograd(model, resolve_switch("winograd", cfg.winograd, device))  # the EMA copy too
+    if cfg.precision == "auto" and dist.is_main:
+        _log(f"train.precision={describe_precision(cfg.precision, device)}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # kept apart, never swapped in
     set_checkpointing(model, cfg.checkpointing)  # the training copy only: the EMA never runs a backward
     params = [p for p in model.parameters()]
