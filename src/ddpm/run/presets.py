@@ -48,14 +48,15 @@ PRESETS: dict[str, dict[str, dict]] = {
     # 0.2: the paper's 1e-4 … 0.02 scaled by 1000 / T, so that ᾱ_T is as small) makes Algorithm 2
     # ten times shorter, and 500 steps give recognisable rows. Three levels 16 -> 8 -> 4, width 32,
     # attention only in the middle; a shorter warm-up, a higher learning rate and a faster EMA
-    # than the paper because the run is short (3.2 epochs of the 10k subset).
+    # than the paper because the run is short (3.2 epochs of the 10k subset). Precision "auto": bf16
+    # on a CPU that computes it natively (Zen 4: training steps 1.45x faster), fp32 elsewhere.
     "demo": dict(
         model=dict(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(),
                    dropout=0.1, resolution=16, num_classes=10),
         diffusion=dict(var_type="fixedlarge", T=100, beta_start=1e-3, beta_end=0.2),
         data=dict(source="fashion-mnist-10k", resolution=16),
         train=dict(steps=500, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.99, checkpoint_every=250,
-                   milestone_every=0, log_every=25, device="cpu")),
+                   milestone_every=0, log_every=25, device="cpu", precision="auto")),
     # For tests: a small model of the same architecture (attention at 16x16 still exercised) and a
     # handful of steps.
     "tiny": dict(
