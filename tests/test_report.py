@@ -36,6 +36,11 @@ def report(tmp_path_factory):
     evaluate_nll(loaded.model, loaded.diffusion, images, 2, 0, ev / "nll", progress=False, labels=torch.tensor([0, 1]))
     (ev / "eval.json").write_text(json.dumps(dict(n_samples=50, fid=dict(train=123.4, test=None),
                                                   inception_score=dict(is_mean=1.5, is_std=0.1))))
+    # FID during training: the records train.fid_every appends to metrics.jsonl (Inception's weights
+    # cannot be had offline, and tests/test_fid.py checks the measurement itself)
+    with open(run / "metrics.jsonl", "a") as f:
+        for step, fid in ((2, 310.5), (4, 287.25)):
+            f.write(json.dumps(dict(step=step, fid=fid, is_mean=1.2, is_std=0.1, fid_n=50, fid_seconds=3.0)) + "\n")
     assert main(["report", str(run)]) == 0
     return run / "report.html"
 
@@ -44,12 +49,14 @@ def test_the_page_holds_everything_inline(report):
     page = report.read_text()
     assert "<script" not in page and not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)
     srcs = re.findall(r'<img[^>]* src="([^"]+)"', page)
-    assert len(srcs) >= 2 + 4 + 2  # the two training grids, the training plots, bits/dim by t and rate-distortion
+    # the two training grids, the training plots (loss, optimiser, throughput, by class, FID), bits/dim by t and
+    # rate-distortion
+    assert len(srcs) >= 2 + 5 + 2
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
     for text in ("Training loss, and by timestep quartile", "Loss by class", "EMA samples at step 4",
-                 "FID, train split", "123.400", "&quot;num_classes&quot;: 10"):
+                 "FID during training", "FID, train split", "123.400", "&quot;num_classes&quot;: 10"):
         assert text in page, text
 
 
