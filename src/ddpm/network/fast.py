@@ -112,12 +112,13 @@ def native_bf16(device) -> tuple[bool, str]:
     later), as PyTorch's own CPU feature detection (cpuinfo) reports them; without them oneDNN
     converts bf16 to fp32 in software, and fp32 is the faster. CUDA: bf16 tensor cores (compute
     capability 8.0 and up). The torch.cpu probes are private functions, so their absence (another
-    build, another architecture) reads as "no".
+    build, another architecture) reads as "no"; and a CPU whose oneDNN the environment holds to an
+    instruction set without bf16 (ONEDNN_MAX_CPU_ISA=AVX2, say) counts as one without.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-        return ok, "bf16 tensor cores" if ok else "no bf16 tensor cores"
+        ok = torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+        return ok, "bf16 tensor cores" if ok else "no bf16 tensor cores (compute capability below 8.0)"
     if device.type != "cpu":
         return False, f"{device.type}: not measured"
     probes = (("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))

@@ -13,10 +13,10 @@ from typing import Optional
 
 from ..io import checkpoint as ckpt
 from ..io.data import ARRAY, DataConfig, load_images, open_source, source_kind, source_path
+from ..io.distributed import pick_device
 from ..io.folders import foreign_entries, usable_folder
 from ..io.prepared import MANIFEST_NAME, PreparedSet, cache_entry, is_prepared
 from ..io.streaming import is_stream_source
-from ..io.distributed import pick_device
 from ..network.fast import describe_precision
 from ..network.unet import summary
 from ..process.guidance import check_weight
