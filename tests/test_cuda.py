@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from ddpm.io.checkpoint import latest_checkpoint
-from ddpm.network.fast import autocast, prepare_model, to_channels_last
+from ddpm.network.fast import Precision, autocast, prepare_model, resolve_precision, to_channels_last
 from ddpm.network.unet import UNet, UNetConfig
 from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.workflows.sample import sample
@@ -109,6 +109,16 @@ def test_prepared_model_equals_the_network_and_bf16_is_within_its_tolerance(no_t
 def _sampler_setup():
     net = _net().eval().requires_grad_(False)
     return net, GaussianDiffusion.from_config(DiffusionConfig(T=100))
+
+
+def test_auto_precision_is_bf16_on_a_gpu_with_bf16_tensor_cores():
+    # NVIDIA's bf16 tensor cores came with Ampere, compute capability 8.0 (A100); an H100 / H200 is 9.0.
+    major, minor = torch.cuda.get_device_capability()
+    want = Precision.BF16 if (major, minor) >= (8, 0) else Precision.FP32
+    print(f"{torch.cuda.get_device_name()}: compute capability {major}.{minor}, auto -> {want.value}")
+    assert resolve_precision("auto", CUDA) is want
+    assert prepare_model(UNet.from_config(UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                                                     resolution=8)), CUDA, precision="auto").precision is want
 
 
 def test_cuda_graph_sampling_equals_eager_sampling():
