@@ -416,6 +416,7 @@ N = {
     "weights": ("--weights", "weights"),
     "device": ("--device", "device"),
     "fast": ("--fast", "fast"),
+    "precision": ("--precision", "precision"),
     "k": ("--k", "k=", "k"),
     "n-chains": ("--n-chains", "n_chains"),
     "t": ("--t", "t="),
@@ -764,6 +765,7 @@ COMMON_MODEL_FLAGS = [
     ("--weights", ["bogus"], N["weights"]),
     ("--device", ["cuda", "gpu"], N["device"]),
     ("--fast", ["bogus"], N["fast"]),
+    ("--precision", ["half", "fp16"], N["precision"]),
 ]
 
 
@@ -1158,6 +1160,7 @@ vary("eval", _eval, "--bpd-batch", ["0"], N["bpd-batch"], weights_first=True)
 vary("eval", _eval, "--inception-batch", ["0"], N["inception-batch"], weights_first=True)
 vary("eval", _eval, "--device", ["cuda"], N["device"])
 vary("eval", _eval, "--fast", ["bogus"], N["fast"])
+vary("eval", _eval, "--precision", ["half"], N["precision"])
 add("eval/ref-train-missing", lambda tmp, fx: _eval(tmp, fx) + ["--ref-train", tmp / "noref.npz"], "noref.npz",
     weights_first=True)
 add("eval/ref-test-is-text", lambda tmp, fx: _eval(tmp, fx) + ["--ref-test", _text(tmp, "textref.npz")], "textref.npz",

@@ -40,10 +40,11 @@ def test_train_dry_run_prints_the_plan_and_writes_nothing(tmp_path, run, capsys)
 def test_sample_and_eval_dry_runs_write_nothing(tmp_path, run, capsys):
     before = _files(run)
     assert main(["sample", "--run", str(run), "--per-class", "2", "--guidance", "3", "--out", str(tmp_path / "s"),
-                 "--dry-run"]) == 0
+                 "--precision", "bf16", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would draw 20 of 20 images" in out and "of twice the batch (guided)" in out and "guidance 3" in out
+    assert "\nprecision: bf16\n" in out
     assert main(["eval", "--run", str(run), "--n", "50", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "would draw 50 samples (Algorithm 2, T = 20)" in out and "eval.json" in out
+    assert "would draw 50 samples (Algorithm 2, T = 20)" in out and "eval.json" in out and "\nprecision: fp32\n" in out
     assert not (tmp_path / "s").exists() and _files(run) == before

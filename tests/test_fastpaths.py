@@ -188,6 +188,45 @@ def test_training_at_auto_precision_is_training_at_what_it_resolved_to(tmp_path,
     assert not torch.equal(trained("fp32", "fp32")["model"]["conv_out.weight"], bf16["model"]["conv_out.weight"])
 
 
+def test_sampling_at_a_precision_draws_in_it_records_it_and_refuses_to_mix(tmp_path, monkeypatch, capfd):
+    import json
+
+    import numpy as np
+
+    from ddpm.cli import main
+    from ddpm.run.load import load_run
+
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).integers(0, 256, (8, 32, 32), dtype=np.uint8))
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "d.npz"), "--out", str(run), "--steps", "2",
+                 "--checkpoint-every", "2", "--set", "diffusion.T=20", "--no-progress"]) == 0
+
+    def draw(name, precision):
+        out = tmp_path / name
+        assert main(["sample", "--run", str(run), "--out", str(out), "--n", "2", "--precision", precision,
+                     "--no-progress"]) == 0
+        return np.load(out / "samples.npz")["x"], json.loads((out / "sampling.json").read_text())["model"]
+
+    fp32, bf16 = draw("fp32", "fp32"), draw("bf16", "bf16")
+    assert fp32[1].endswith("[ema]") and bf16[1].endswith("[ema, bf16]")  # the results say what made them
+    _cpu_with(monkeypatch, True, False)
+    auto = draw("auto-native", "auto")
+    assert auto[1] == bf16[1] and np.array_equal(auto[0], bf16[0])
+    _cpu_with(monkeypatch, False, False)
+    auto = draw("auto-emulated", "auto")
+    assert auto[1] == fp32[1] and np.array_equal(auto[0], fp32[0])
+    # the network a command gets runs in that precision, with or without the other fast paths (a
+    # 2-step network's output is still ~0, so its samples cannot show it: the precision is asked)
+    for fast in ("auto", "off"):
+        assert load_run(run, "ema", "cpu", fast, "bf16").model.precision is Precision.BF16
+    assert isinstance(load_run(run, "ema", "cpu", "off", "fp32").model, UNet)  # plain: no autocast at all
+    capfd.readouterr()
+    assert main(["sample", "--run", str(run), "--out", str(tmp_path / "bf16"), "--n", "4", "--precision", "fp32",
+                 "--no-progress"]) == 2  # a folder drawn in bf16 is not finished in fp32
+    err = capfd.readouterr().err
+    assert "[ema, bf16]" in err and "[ema]" in err, err
+
+
 def test_bits_per_dim_in_bf16_is_within_0_01_of_fp32(one_thread):
     # The paper's T = 1000 terms on a real image (Fashion-MNIST at 8x8, with its many exactly-black
     # pixels in the decoder's edge bin) and the same noise for both precisions. The network is the

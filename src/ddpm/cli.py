@@ -155,6 +155,7 @@ def _model_args(p, seed: bool = True, required: bool = True):
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA weights (the paper's, default) or the trained ones")
     _device_arg(p)
     _fast_arg(p)
+    _precision_arg(p)
     p.add_argument("--out", required=True, metavar="DIR", help="where the results are written")
     if seed:
         p.add_argument("--seed", type=int, default=0, help="image i always comes from seed (SEED, i)")
@@ -172,8 +173,16 @@ def _fast_arg(p):
                         "CUDA channels_last, torch.compile and CUDA graphs), or off: fp32 eager (default auto)")
 
 
+def _precision_arg(p):
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="what the network computes in: fp32 (default, the paper's), bf16 (autocast; the diffusion math "
+                        "stays in fp32), or auto: bf16 where the device computes it natively (a CPU with AVX512-BF16 "
+                        "or AMX, a GPU with bf16 tensor cores), else fp32. Recorded with the model in the results")
+
+
 def _model_opts(args) -> dict:
-    return dict(weights=args.weights, device=args.device, fast=args.fast, progress=not args.no_progress)
+    return dict(weights=args.weights, device=args.device, fast=args.fast, precision=args.precision,
+                progress=not args.no_progress)
 
 
 def _sampler_args(p):
@@ -463,7 +472,8 @@ def cmd_sample(args):
         raise UserError("ddpm sample needs --n N (how many samples), or --per-class N for a class-conditional model")
     if args.dry_run:
         _say(*plan_sample(args.run or args.checkpoint, args.out, args.n, classes=_class_choice(args),
-                          guidance=args.guidance, weights=args.weights, **_sampler_opts(args)))
+                          guidance=args.guidance, weights=args.weights, device=args.device, precision=args.precision,
+                          **_sampler_opts(args)))
         return
     res = sample_run(args.run or args.checkpoint, args.out, args.n, batch=args.batch, seed=args.seed,
                      classes=_class_choice(args), guidance=args.guidance, **_model_opts(args), **_sampler_opts(args))
@@ -630,6 +640,7 @@ def _eval_args(p):
     p.add_argument("--guidance", type=float, default=1.0, metavar="W",
                    help=GUIDANCE_HELP + "; a conditional model's classes follow the training set's proportions")
     _fast_arg(p)
+    _precision_arg(p)
     _inception_args(p)
     _dry_run_arg(p)
 
@@ -639,13 +650,14 @@ def _eval_args(p):
 def cmd_eval(args):
     if args.dry_run:
         _say(*plan_eval(args.run, args.n, out_dir=args.out, ref_train=args.ref_train, ref_test=args.ref_test,
-                        bpd_n=args.bpd_n, guidance=args.guidance))
+                        bpd_n=args.bpd_n, guidance=args.guidance, device=args.device, precision=args.precision))
         return
     opts = _inception_opts(args)
     rep = evaluate_run(args.run, args.n, out_dir=args.out, batch=args.batch, seed=args.seed, ref_train=args.ref_train,
                        ref_test=args.ref_test, bpd_n=args.bpd_n, bpd_batch=args.bpd_batch,
                        inception_batch=opts["batch"], weights=opts["weights"], expected_sha256=opts["expected_sha256"],
-                       device=opts["device"], progress=opts["progress"], fast=args.fast, guidance=args.guidance)
+                       device=opts["device"], progress=opts["progress"], fast=args.fast, precision=args.precision,
+                       guidance=args.guidance)
     fid, bpd = rep["fid"], rep["bits_per_dim"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     _say(f"FID train {fmt(fid.get('train'))}, test {fmt(fid.get('test'))}; IS {rep['inception_score']['is_mean']:.4f} "

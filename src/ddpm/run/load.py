@@ -1,6 +1,6 @@
 """A trained model back from disk: `load_run(RUN_DIR or CHECKPOINT)`.
 
-    loaded = load_run("runs/cifar10", weights="ema", device="cuda", fast="auto")
+    loaded = load_run("runs/cifar10", weights="ema", device="cuda", fast="auto", precision="fp32")
     loaded.model(x_t, t)      # also: loaded.run, loaded.diffusion, loaded.checkpoint, loaded.tag
 
 Every command that uses a trained model (sample, nll, the experiments, eval) starts here.
@@ -20,7 +20,7 @@ from ..io import checkpoint as ckpt
 from ..io.distributed import DistInfo
 from ..io.weights import ddpm_format, read_unet
 from ..io.distributed import init as dist_init
-from ..network.fast import prepare_model
+from ..network.fast import Precision, prepare_model, resolve_precision
 from ..network.interop import diffusion_from_diffusers_scheduler
 from ..network.unet import UNet
 from ..process.diffusion import GaussianDiffusion
@@ -34,7 +34,7 @@ class Weights(Choice):
 
 class Fast(Choice):
     AUTO = "auto"  # the device's fast paths (network/fast.py prepare_model)
-    OFF = "off"  # the plain fp32 eager network
+    OFF = "off"  # the plain eager network (at the precision asked for, fp32 by default)
 
 
 class LoadedRun(NamedTuple):
@@ -47,12 +47,15 @@ class LoadedRun(NamedTuple):
     sha256: str  # the checkpoint's content hash: names the model wherever the file lives
     weights: Weights
     classes: Optional[dict] = None  # a conditional run's data classes: {"names": [...], "counts": [...]}
+    precision: Precision = Precision.FP32  # what the network computes in (resolved: never "auto")
 
     @property
     def tag(self) -> str:
-        """Which model made a result: the checkpoint's content and which of its weights. Results
-        folders record it and refuse a rerun with another model (io/results.py)."""
-        return f"sha256:{self.sha256} [{self.weights.value}]"
+        """Which model made a result: the checkpoint's content, which of its weights, and the
+        precision where it is not fp32 (bf16 computes another function, within a few per cent).
+        Results folders record it and refuse a rerun with another model (io/results.py)."""
+        extra = "" if self.precision is Precision.FP32 else f", {self.precision.value}"
+        return f"sha256:{self.sha256} [{self.weights.value}{extra}]"
 
     @property
     def class_info(self) -> tuple[tuple[str, ...], Optional[list[int]]]:
@@ -75,7 +78,7 @@ class LoadedRun(NamedTuple):
 PIPELINE_CONFIG = "ddpm_config.json"  # beside model_index.json in a pipeline folder that `ddpm export` wrote
 
 
-def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> LoadedRun:
+def load_run(path, weights: str = "ema", device="cpu", fast: str = "off", precision: str = "fp32") -> LoadedRun:
     """A trained network from a run directory (its newest valid checkpoint), a checkpoint file, or
     a diffusers pipeline folder (`ddpm export`'s, or any DDPM-layout UNet2DModel with a linear
     DDPMScheduler).
@@ -83,12 +86,15 @@ def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> Loa
     :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
     :param fast: "auto": the network wrapped by `network.fast.prepare_model` with the device's fast
         paths, for sampling and bits/dim; "off": the plain network.
+    :param precision: "fp32", "bf16" (autocast of the network; the diffusion math stays in float32)
+        or "auto" (bf16 where `device` computes it natively: network/fast.py).
     """
     weights = Weights.parse(weights, "weights")
     fast = Fast.parse(fast, "fast")
+    precision = resolve_precision(precision, device)
     path = Path(path)
     if (path / "model_index.json").is_file():
-        return _load_pipeline(path, weights, device, fast)
+        return _load_pipeline(path, weights, device, fast, precision)
     if path.is_dir():
         found = ckpt.latest_checkpoint(path)
         if found is None:
@@ -105,14 +111,22 @@ def load_run(path, weights: str = "ema", device="cpu", fast: str = "off") -> Loa
         raise UserError(f"{file}: its {weights.value} weights do not fit the network its config describes ({problem}); "
                         f"the file is damaged or was not written by ddpm train")
     net.load_state_dict(state[weights.value])
+    return LoadedRun(run, _ready(net, device, fast, precision), GaussianDiffusion.from_config(run.diffusion), file,
+                     ckpt.checkpoint_sha256(file), weights, state.get("classes"), precision)
+
+
+def _ready(net: torch.nn.Module, device, fast: Fast, precision: Precision) -> torch.nn.Module:
+    """The network on `device` for evaluation: with the device's fast paths, or plain (under
+    autocast where the precision is not fp32)."""
     net = net.to(device).eval().requires_grad_(False)
     if fast is Fast.AUTO:
-        net = prepare_model(net, device)
-    return LoadedRun(run, net, GaussianDiffusion.from_config(run.diffusion), file, ckpt.checkpoint_sha256(file), weights,
-                     state.get("classes"))
+        return prepare_model(net, device, precision)
+    if precision is not Precision.FP32:
+        return prepare_model(net, device, precision, compile="off", channels_last="off", cuda_graphs="off", winograd="off")
+    return net
 
 
-def _load_pipeline(path: Path, weights: Weights, device, fast: Fast) -> LoadedRun:
+def _load_pipeline(path: Path, weights: Weights, device, fast: Fast, precision: Precision) -> LoadedRun:
     """A diffusers pipeline folder: its U-Net, and the run config `ddpm export` recorded beside it
     (or, for another pipeline, the process its DDPMScheduler config describes)."""
     file = path / "unet" / DIFFUSERS_WEIGHTS
@@ -132,11 +146,8 @@ def _load_pipeline(path: Path, weights: Weights, device, fast: Fast) -> LoadedRu
             raise UserError(f"{path}: no scheduler/scheduler_config.json; give a DDPMPipeline folder")
         run = RunConfig.from_dict({}).replace(model=net.config,
                                               diffusion=diffusion_from_diffusers_scheduler(load_json(sched, expect=dict)))
-    net = net.to(device).eval().requires_grad_(False)
-    if fast is Fast.AUTO:
-        net = prepare_model(net, device)
-    return LoadedRun(run, net, GaussianDiffusion.from_config(run.diffusion), file, _file_sha256(file), weights,
-                     record.get("classes") if record else None)
+    return LoadedRun(run, _ready(net, device, fast, precision), GaussianDiffusion.from_config(run.diffusion), file,
+                     _file_sha256(file), weights, record.get("classes") if record else None, precision)
 
 
 class OpenedRun(NamedTuple):
@@ -147,11 +158,11 @@ class OpenedRun(NamedTuple):
     tag: str  # names the model in the settings record of a results folder (LoadedRun.tag)
 
 
-def open_run(path, weights: str = "ema", device: str = "auto", fast: str = "auto") -> OpenedRun:
+def open_run(path, weights: str = "ema", device: str = "auto", fast: str = "auto", precision: str = "fp32") -> OpenedRun:
     """`load_run` on this process's device of the process group (torchrun's, or this process), as
     every command on a trained model starts."""
     dist = dist_init(device)
-    loaded = load_run(path, weights, dist.device, fast)
+    loaded = load_run(path, weights, dist.device, fast, precision)
     return OpenedRun(loaded, dist, loaded.tag)
 
 

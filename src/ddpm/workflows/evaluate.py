@@ -360,7 +360,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
                  ref_test=None, bpd_n: Optional[int] = None, bpd_batch: int = 64, inception_batch: int = 100,
                  weights=None, expected_sha256=WEIGHTS_SHA256_PREFIX, device: str = "auto", dist=None,
                  progress: bool = True, sampler_opts: Optional[dict] = None, fast: str = "auto",
-                 guidance: float = 1.0) -> dict:
+                 precision: str = "fp32", guidance: float = 1.0) -> dict:
     """`ddpm eval`: the paper's evaluation of a run's EMA weights, into one JSON report.
 
     1. n samples with Algorithm 2 from the EMA weights, saved as PNGs (+ samples.npz) under
@@ -378,6 +378,8 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
 
     :param out_dir: default RUN_DIR/eval/<checkpoint name>.
     :param fast: "auto": the network with the device's fast paths (ddpm.network.fast.prepare_model); "off".
+    :param precision: "fp32" (the paper's), "bf16" or "auto" (bf16 where the device computes it
+        natively); recorded with the model in every settings record of the evaluation.
     """
     t0 = time.time()
     # every input is checked before the Inception weights are loaded and sampling starts
@@ -392,7 +394,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
             load_stats(ref)
     dist = dist or dist_init(device)
     run_dir = Path(run_dir)
-    loaded = load_run(run_dir, weights="ema", device=dist.device, fast=fast)
+    loaded = load_run(run_dir, weights="ema", device=dist.device, fast=fast, precision=precision)
     run, ema, diffusion, ckpt_file = loaded.run, loaded.model, loaded.diffusion, loaded.checkpoint
     base = run_dir if run_dir.is_dir() else run_dir.parent
     out_dir = Path(out_dir) if out_dir is not None else base / "eval" / ckpt_file.stem
@@ -415,7 +417,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
                                run=str(base), checkpoint=str(ckpt_file), weights="ema", seed=seed,
                                sampler={"sampler": "ancestral", **(sampler_opts or {}), "T": diffusion.num_timesteps})
     report = dict(run=str(base), checkpoint=str(ckpt_file), checkpoint_sha256=loaded.sha256, weights="ema (the paper evaluates the EMA weights)",
-                  n_samples=n, seed=seed, samples_dir=str(out_dir / "samples"), protocol=PROTOCOL,
+                  precision=loaded.precision.value, n_samples=n, seed=seed, samples_dir=str(out_dir / "samples"), protocol=PROTOCOL,
                   inception=dict(inception.info), inception_score=is_, samples_pixels_sha256=stats.provenance["pixels_sha256"])
     if labels is not None:
         report["conditional"] = dict(guidance=guidance, classes=classes,

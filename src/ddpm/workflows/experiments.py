@@ -249,7 +249,7 @@ def default_progressive_times(T: int, n: int = 10) -> list[int]:
 
 
 def progressive_run(run, out_dir, *, n_chains: int = 8, times: Optional[Sequence[int]] = None, seed: int = 0,
-                    weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True,
+                    weights: str = "ema", device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True,
                     class_=None, guidance: float = 1.0, **sampler_opts) -> dict:
     """`ddpm progressive`: Fig. 6 of a trained run into OUT/progressive.png and .npz.
 
@@ -261,7 +261,7 @@ def progressive_run(run, out_dir, *, n_chains: int = 8, times: Optional[Sequence
         raise UserError(f"n_chains={n_chains}: give at least one chain")
     _claim(out_dir)
     guidance = check_weight(guidance)
-    loaded, dist, _ = open_run(run, weights, device, fast)
+    loaded, dist, _ = open_run(run, weights, device, fast, precision)
     labels, _, record = sample_labels(ClassChoice(class_), n_chains, loaded.run.model.num_classes, *loaded.class_info)
     T = loaded.diffusion.num_timesteps
     times = list(times) if times else default_progressive_times(T)
@@ -274,11 +274,11 @@ def progressive_run(run, out_dir, *, n_chains: int = 8, times: Optional[Sequence
 
 
 def shared_run(run, out_dir, share_t: Sequence[int], *, k: int = 8, seed: int = 0, weights: str = "ema",
-               device: str = "auto", fast: str = "auto", progress: bool = True, class_=None,
+               device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True, class_=None,
                guidance: float = 1.0) -> dict:
     """`ddpm progressive --share-t`: Fig. 7 of a trained run into OUT/shared.png and .npz."""
     _claim(out_dir)
-    loaded, dist, _ = open_run(run, weights, device, fast)
+    loaded, dist, _ = open_run(run, weights, device, fast, precision)
     label, cls = _one_class(loaded, class_, guidance)
     res = shared_latent_samples(loaded.model, loaded.diffusion, loaded.shape, share_t, k, seed, dist.device,
                                 progress=progress, label=label, guidance=guidance)
@@ -288,7 +288,7 @@ def shared_run(run, out_dir, share_t: Sequence[int], *, k: int = 8, seed: int = 
 
 
 def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,), steps: int = 11, seed: int = 0,
-                    weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True, class_=None,
+                    weights: str = "ema", device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True, class_=None,
                     guidance: float = 1.0) -> dict:
     """`ddpm interpolate`: Fig. 8 for two image files, into OUT/interpolation.png and .npz.
 
@@ -298,7 +298,7 @@ def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise UserError(f"--steps {steps}: give at least 2 values of λ (λ = 0 and 1)")
     _claim(out_dir)
-    loaded, dist, _ = open_run(run, weights, device, fast)
+    loaded, dist, _ = open_run(run, weights, device, fast, precision)
     label, cls = _one_class(loaded, class_, guidance)
     a, b = (_model_input(p, loaded.shape, dist.device) for p in (image_a, image_b))
     res = interpolate(loaded.model, loaded.diffusion, a, b, t, np.linspace(0, 1, steps), seed, progress=progress,
@@ -309,13 +309,13 @@ def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,)
 
 
 def reconstruct_run(run, image, out_dir, *, t: Sequence[int] = (0, 250, 500, 750, 1000), seed: int = 0,
-                    weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True, class_=None,
+                    weights: str = "ema", device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True, class_=None,
                     guidance: float = 1.0) -> dict:
     """`ddpm reconstruct`: one image file noised to x_t and brought back, into OUT/reconstruct.png and .npz.
 
     :param class_, guidance: a conditional run's class for the decoding (default none) and the guidance weight."""
     _claim(out_dir)
-    loaded, dist, _ = open_run(run, weights, device, fast)
+    loaded, dist, _ = open_run(run, weights, device, fast, precision)
     label, cls = _one_class(loaded, class_, guidance)
     x0 = _model_input(image, loaded.shape, dist.device)
     res = reconstruct(loaded.model, loaded.diffusion, x0, t, seed, progress=progress, label=label, guidance=guidance)

@@ -327,10 +327,10 @@ def eval_images(data, model: UNetConfig, n: Optional[int] = None) -> tuple[torch
 
 
 def nll_run(run, data: str, out_dir, *, split: str = "test", n: Optional[int] = None, batch: int = 64, seed: int = 0,
-            weights: str = "ema", device: str = "auto", fast: str = "auto", progress: bool = True) -> dict:
+            weights: str = "ema", device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True) -> dict:
     """`ddpm nll`: bits/dim of a trained run on the first `n` images of `data`'s split, into
     `out_dir` (see `evaluate_nll`); resumable. -> the summary dict."""
-    loaded, dist, tag = open_run(run, weights, device, fast)
+    loaded, dist, tag = open_run(run, weights, device, fast, precision)
     images, labels = load_test_images(loaded.run.model, data, split, n)
     return evaluate_nll(loaded.model, loaded.diffusion, images, batch, seed, out_dir, dist, progress=progress,
                         model_tag=tag, recorded=dict(checkpoint=str(loaded.checkpoint)), labels=labels)
@@ -338,7 +338,7 @@ def nll_run(run, data: str, out_dir, *, split: str = "test", n: Optional[int] = 
 
 def rate_distortion_run(out_dir, *, from_nll=None, run=None, data: Optional[str] = None, split: str = "test",
                         n: Optional[int] = None, batch: int = 64, seed: int = 0, weights: str = "ema",
-                        device: str = "auto", fast: str = "auto", progress: bool = True) -> Optional[dict]:
+                        device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True) -> Optional[dict]:
     """`ddpm rate-distortion`: Fig. 5 into `out_dir`, from the bits/dim a `ddpm nll` wrote to
     `from_nll`, or evaluated here first (into `out_dir`, resumable) for `run` on `data`.
     -> the `rate_distortion` dict with the files written (None on processes other than the first)."""
@@ -346,7 +346,7 @@ def rate_distortion_run(out_dir, *, from_nll=None, run=None, data: Optional[str]
         if run is None or not data:
             raise UserError("give --data SOURCE (the test images), or --from-nll DIR with the output of `ddpm nll`")
         nll_run(run, data, out_dir, split=split, n=n, batch=batch, seed=seed, weights=weights, device=device, fast=fast,
-                progress=progress)
+                precision=precision, progress=progress)
         from_nll = out_dir
     if not is_main_process():
         return None

@@ -79,7 +79,8 @@ def plan_train(run_dir, run: RunConfig) -> list[str]:
 
 
 def plan_sample(run, out_dir, n: Optional[int], *, classes: ClassChoice = ClassChoice(), guidance: float = 1.0,
-                weights: str = "ema", sampler: str = "ancestral", ddim_steps: int = 50, **_) -> list[str]:
+                weights: str = "ema", sampler: str = "ancestral", ddim_steps: int = 50, device: str = "auto",
+                precision: str = "fp32", **_) -> list[str]:
     """`ddpm sample --dry-run`."""
     guidance = check_weight(guidance)
     loaded = load_run(run, weights, "cpu", fast="off")
@@ -88,6 +89,7 @@ def plan_sample(run, out_dir, n: Optional[int], *, classes: ClassChoice = ClassC
     steps = loaded.diffusion.num_timesteps if sampler == "ancestral" else ddim_steps
     have = sum(1 for i in range(n) if (out / f"{i:06d}.png").is_file()) if out.is_dir() else 0
     lines = [f"checkpoint: {loaded.checkpoint} ({loaded.weights.value} weights)", *_model_lines(loaded.run.model),
+             "precision: " + describe_precision(precision, pick_device(device)),
              f"would draw {n - have} of {n} images ({have} already in {out}) with {sampler}, {steps} network "
              f"evaluations each" + (" of twice the batch (guided)" if labels is not None and guidance not in (0, 1) else "")]
     if labels is not None:
@@ -97,7 +99,7 @@ def plan_sample(run, out_dir, n: Optional[int], *, classes: ClassChoice = ClassC
 
 
 def plan_eval(run_dir, n: int, *, out_dir=None, ref_train=None, ref_test=None, bpd_n=None, guidance: float = 1.0,
-              **_) -> list[str]:
+              device: str = "auto", precision: str = "fp32", **_) -> list[str]:
     """`ddpm eval --dry-run`."""
     loaded = load_run(run_dir, "ema", "cpu", fast="off")
     base = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
@@ -107,6 +109,7 @@ def plan_eval(run_dir, n: int, *, out_dir=None, ref_train=None, ref_test=None, b
     cached = f"computed from {data.source} and cached in {base / 'eval'}"
     refs = [f"{split}: {given or cached}" for split, given in (("train", ref_train), ("test", ref_test))]
     return [f"checkpoint: {loaded.checkpoint} (EMA weights)", *_model_lines(loaded.run.model),
+            "precision: " + describe_precision(precision, pick_device(device)),
             f"would draw {n:,} samples (Algorithm 2, T = {loaded.diffusion.num_timesteps})"
             + (f", classes {record.get('classes')}, guidance {check_weight(guidance):g}" if labels is not None else ""),
             "FID references: " + "; ".join(refs),

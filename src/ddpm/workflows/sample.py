@@ -414,7 +414,7 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
 
 
 def sample_run(run, out_dir, n: Optional[int], *, batch: int = 64, seed: int = 0, weights: str = "ema",
-               device: str = "auto", fast: str = "auto", progress: bool = True, classes: ClassChoice = ClassChoice(),
+               device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True, classes: ClassChoice = ClassChoice(),
                guidance: float = 1.0, **sampler_opts) -> dict:
     """`ddpm sample`: images 0 … n-1 of a trained run (a run directory or a checkpoint file) into
     `out_dir`, split over torchrun's processes; run it again to resume (see `sample_to_dir`).
@@ -422,7 +422,7 @@ def sample_run(run, out_dir, n: Optional[int], *, batch: int = 64, seed: int = 0
     A class-conditional run samples the classes `classes` chooses (`sample_labels`; by default in
     its training set's proportions) with guidance weight `guidance`."""
     guidance = check_weight(guidance)
-    loaded, dist, tag = open_run(run, weights, device, fast)
+    loaded, dist, tag = open_run(run, weights, device, fast, precision)
     labels, n, record = sample_labels(classes, n, loaded.run.model.num_classes, *loaded.class_info)
     return sample_to_dir(loaded.model, loaded.diffusion, out_dir, n, batch, seed, loaded.shape, dist, progress=progress,
                          model_tag=tag, recorded=dict(checkpoint=str(loaded.checkpoint)), labels=labels,
