@@ -3,7 +3,7 @@
 The preset is a class-conditional model (docs/MATH.md § Classes and guidance) at 16x16 with
 T = 100, sized to finish in about five minutes on 2 CPU cores. Writes, in the run directory:
 checkpoints, metrics.jsonl, `samples.png` (one row per class: N EMA samples each, Algorithm 2
-over all T steps, not respaced, guided with weight w) and `progressive.png` (x̂_0 predicted along
+over all T steps, not respaced, guided with weight w, in the precision the run trained in) and `progressive.png` (x̂_0 predicted along
 the chain of the first sample of each class, Fig. 6 of the paper: coarse shapes first, details last),
 then `report.html` (`ddpm report`: the curves, the pictures and the config in one page).
 """
@@ -50,7 +50,7 @@ def run_demo(out="runs/demo", steps: int | None = None, n: int = 6, progress: bo
     t_train = time.perf_counter() - t0
     print(f"demo: training took {t_train / 60:.1f} min", file=sys.stderr)
 
-    loaded = load_run(out, "ema", fast="auto")
+    loaded = load_run(out, "ema", fast="auto", precision=run.train.precision)  # sampled as it was trained
     K, T = loaded.run.model.num_classes, loaded.diffusion.num_timesteps
     labels = torch.arange(K).repeat_interleave(n)  # class by class: image k·n + j is sample j of class k
     t1 = time.perf_counter()
@@ -60,7 +60,8 @@ def run_demo(out="runs/demo", steps: int | None = None, n: int = 6, progress: bo
     samples = write_png(make_class_grid(to_uint8(gen["samples"]), labels, per_row=n), out / "samples.png")
     first = np.arange(K) * n  # the first sample of each class: one chain per row
     prog = write_png(progressive_figure(dict(gen, pred_x0=gen["pred_x0"][first])), out / "progressive.png")
-    print(f"demo: sampling {K} x {n} images (Algorithm 2, all T = {T} steps, guidance {GUIDANCE:g}) took "
+    print(f"demo: sampling {K} x {n} images (Algorithm 2, all T = {T} steps, guidance {GUIDANCE:g}, "
+          f"{loaded.precision.value}) took "
           f"{t_sample / 60:.1f} min; wrote {samples} and {prog}", file=sys.stderr)
     report = write_report(out)
     print(f"demo: the run's report: {report}", file=sys.stderr)
