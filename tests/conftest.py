@@ -1,6 +1,8 @@
 import os
+import random
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,3 +21,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def same_random_state_for_every_test():
+    """Every test starts from the same global random state, whichever tests ran before it on its
+    worker: a test that draws from the global generators is then as reproducible as one that
+    seeds its own (pytest-xdist gives each worker a different, changing share of the tests)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
