@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ddpm import GaussianDiffusion, UserError, make_betas
-from gaussian_oracle import MU, PAPER_BETAS, S, Oracle, oracle_for
+from gaussian_oracle import MU, PAPER_BETAS, S, Oracle
 from ddpm.cli import main
 from ddpm.io.images import read_image
 from ddpm.workflows.experiments import interpolate, progressive_generation, reconstruct, shared_latent_samples
@@ -114,7 +114,7 @@ def test_rate_distortion_indexing_on_hand_made_terms():
 
 
 def test_rate_distortion_with_the_oracle(oracle_nll):
-    rd, bpd, s = rate_distortion(oracle_nll["bpd"]), oracle_nll["bpd"], oracle_nll["summary"]
+    rd, s = rate_distortion(oracle_nll["bpd"]), oracle_nll["summary"]
     assert rd["t"][0] == 1000 and rd["t"][-1] == 1
     assert rd["rate"][0] == pytest.approx(s["prior_bpd"], rel=1e-9)  # t = T: only x_T was sent
     assert rd["rate"][-1] == pytest.approx(s["total_bpd"] - s["decoder_bpd"], rel=1e-6)  # t = 1: all but L_0

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ddpm import GaussianDiffusion, UserError, make_betas
-from gaussian_oracle import MU, PAPER_BETAS, S, Oracle, oracle_for
+from gaussian_oracle import MU, PAPER_BETAS, S, oracle_for
 from ddpm.io.distributed import shard
 from ddpm.process.diffusion import ddim_timesteps
 from ddpm.workflows.sample import ImageNoise, sample, sample_to_dir
@@ -195,7 +195,7 @@ def test_sample_to_dir_is_independent_of_batch_size_and_resumes(tmp_path):
     m = Counting()
     a = sample_to_dir(m, D20, tmp_path / "a", 10, 3, seed=7, shape=SMALL, progress=False)
     assert a["generated"] == 10 and m.images == 10 * 20
-    b = sample_to_dir(Counting(), D20, tmp_path / "b", 10, 4, seed=7, shape=SMALL, progress=False)
+    sample_to_dir(Counting(), D20, tmp_path / "b", 10, 4, seed=7, shape=SMALL, progress=False)
     assert _pngs(tmp_path / "a") == _pngs(tmp_path / "b") == [f"{i:06d}.png" for i in range(10)]
     za, zb = np.load(tmp_path / "a" / "samples.npz"), np.load(tmp_path / "b" / "samples.npz")
     assert za["x"].dtype == np.uint8 and za["x"].shape == (10, 8, 8, 3)
