@@ -6,7 +6,9 @@ LitData is installed by `make test` (without its torchvision); a missing LitData
 here, not a skip.
 """
 
+import base64
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -94,3 +96,125 @@ def test_cli_writes_litdata_and_bad_cases_are_one_line(prepared, tmp_path, capsy
     assert cli.main(["prepare", str(prepared.path), "--to", "litdata", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install --no-deps" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing executes from a data folder: LitData decodes items as index.json says, so a folder is
+# read only when its index describes exactly what `write_stream` writes.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling it creates the file `marker` (builtins.open by reference: no code of ours runs)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _hostile_folder(folder, marker, meta_from):
+    """LitData's own BinaryWriter with items {"x": payload, "y": 0}: its index names the "pickle"
+    serializer; our metadata copied in from a real folder, as an attacker would."""
+    from litdata.streaming.writer import BinaryWriter
+
+    writer = BinaryWriter(str(folder), chunk_bytes="1MB")
+    for i in range(11):
+        writer[i] = {"x": _Payload(marker), "y": 0}
+    writer.done()
+    writer.merge()
+    index = json.loads((folder / "index.json").read_text())
+    assert index["config"]["data_format"][0] == "pickle"  # the premise: LitData would unpickle these
+    index["ddpm"] = json.loads((meta_from / "index.json").read_text())["ddpm"]
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_a_folder_of_pickled_items_runs_no_code_in_any_command(prepared, tmp_path, capsys):
+    real = write_stream(prepared, tmp_path / "real", progress=False)
+    marker = tmp_path / "PWNED"
+    evil = _hostile_folder(tmp_path / "evil", marker, real)
+    run = tmp_path / "run"
+    train(run, _run(prepared.path, 2), progress=False)  # a model for nll
+    small = ["--set", "data.resolution=8", "--set", "model.resolution=8", "--set", "model.ch_mult=1,2",
+             "--set", "model.attn_resolutions="]
+    for source in (str(evil), f"local:{evil}"):
+        for argv in (["train", "--preset", "tiny", "--data", source, "--out", tmp_path / "r", "--steps", "2", *small],
+                     ["nll", "--run", run, "--data", source, "--out", tmp_path / "n"],
+                     ["prepare", source, "--out", tmp_path / "p"]):
+            rc = cli.main([str(a) for a in argv] + ["--no-progress"])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert not marker.exists(), (argv, "the payload ran")
+            assert rc == 2 and len(err) == 1 and "pickle" in err[-1], (argv, err)
+
+
+def _tampered(real, tmp_path, edit):
+    folder = tmp_path / "tampered"
+    shutil.copytree(real, folder)
+    index = json.loads((folder / "index.json").read_text())
+    edit(index)
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+TAMPERINGS = {  # what an index may say that write_stream never writes -> the field the refusal names
+    "graph-pickle": (lambda ix: ix["config"].update(data_format=["graph:pickle", "int"]), "data_format"),
+    "one-pickled-leaf": (lambda ix: ix["config"].update(data_format=["numpy", "pickle"]), "data_format"),
+    "jpeg-decoder": (lambda ix: ix["config"].update(data_format=["jpeg", "int"]), "data_format"),
+    "compressed": (lambda ix: ix["config"].update(compression="zstd"), "compression"),
+    "encrypted": (lambda ix: ix["config"].update(encryption={"algorithm": "fernet", "level": "chunk"}), "encryption"),
+    "other-item-loader": (lambda ix: ix["config"].update(item_loader="TokensLoader"), "item_loader"),
+    "a-setting-we-never-write": (lambda ix: ix["config"].update(format="parquet"), "format"),
+    "other-spec": (lambda ix: ix["config"].update(data_spec=json.dumps([1, {"type": None, "context": None,
+                                                                            "children_spec": []}])), "data_spec"),
+    "no-data-format": (lambda ix: ix["config"].pop("data_format"), "data_format"),
+    "chunk-outside-the-folder": (lambda ix: ix["chunks"][0].update(filename="../../outside.bin"), "filename"),
+    "chunk-size-string": (lambda ix: ix["chunks"][0].update(chunk_size="11"), "chunk_size"),
+    "count-not-the-chunks'": (lambda ix: ix["ddpm"].update(count=12), "count"),
+    "shape-of-four": (lambda ix: ix["ddpm"].update(shape=[1, 8, 8, 1]), "shape"),
+    "labels-out-of-range": (lambda ix: ix["ddpm"].update(labels=base64.b64encode(
+        np.full(11, 7, "<i4").tobytes()).decode()), "labels"),
+    "sha256-not-hex": (lambda ix: ix["ddpm"].update(sha256="x" * 64), "sha256"),
+    "nested-100000-deep": (lambda ix: ix["config"].update(data_spec="[" * 100000 + "]" * 100000), "data_spec"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERINGS))
+def test_an_index_that_is_not_what_ddpm_writes_is_refused_before_litdata_reads(prepared, tmp_path, case, monkeypatch):
+    real = write_stream(prepared, tmp_path / "real", progress=False)
+    edit, field = TAMPERINGS[case]
+    folder = _tampered(real, tmp_path, edit)
+    import litdata
+
+    def never(*a, **k):
+        raise AssertionError("LitData opened a folder that ddpm had not checked")
+
+    with monkeypatch.context() as m:  # a local folder: refused before LitData sees it
+        m.setattr(litdata, "StreamingDataset", never)
+        with pytest.raises(UserError, match=field) as e:
+            StreamSet(str(folder), tmp_path / "cache")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=field):  # a bucket: its index as fetched into the cache
+        StreamSet(f"local:{folder}", tmp_path / "cache")
+
+
+def test_items_of_another_shape_or_type_than_the_index_says_are_one_line(prepared, tmp_path):
+    """The chunks are decoded with LitData's numpy serializer, which takes dtype and shape from the
+    item's own bytes: an item that is not uint8 [C, H, W] as the metadata says is refused."""
+    from litdata.streaming.writer import BinaryWriter
+
+    real = write_stream(prepared, tmp_path / "real", progress=False)
+    for name, x in (("small", np.zeros((1, 4, 4), np.uint8)), ("float", np.zeros((1, 8, 8), np.float32))):
+        folder = tmp_path / name
+        writer = BinaryWriter(str(folder), chunk_bytes="1MB")
+        for i in range(11):
+            writer[i] = {"x": x, "y": 0}
+        writer.done()
+        writer.merge()
+        index = json.loads((folder / "index.json").read_text())
+        index["ddpm"] = json.loads((real / "index.json").read_text())["ddpm"]
+        (folder / "index.json").write_text(json.dumps(index))
+        s = StreamSet(str(folder), tmp_path / f"cache-{name}")
+        with pytest.raises(UserError, match="item 3 is ndarray"):
+            s.gather(torch.tensor([3]))
