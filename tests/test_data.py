@@ -563,3 +563,34 @@ def test_data_fingerprint_is_sha256_of_bytes():
     assert data_fingerprint(t) == hashlib.sha256(t.numpy().tobytes()).hexdigest()
     assert data_fingerprint(t.numpy()) == data_fingerprint(t)
     assert data_fingerprint(t) != data_fingerprint(t.flip(-1))
+
+
+def test_an_image_file_of_a_format_that_runs_a_program_is_not_decoded(tmp_path, monkeypatch):
+    """PIL identifies a file's format from its bytes, and its EPS decoder hands the file to
+    Ghostscript: a data file named .png holding PostScript would start that program. A stand-in
+    `gs` on PATH records whether it ran; ddpm lets PIL try only the formats of its extensions."""
+    from PIL import EpsImagePlugin
+
+    bin_dir, marker = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {marker}\nexit 0\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # looked up again, finding the stand-in
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(rng_images(1, 8, 8, 1, seed=3)[0][..., 0]).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\n"
+                                   b"showpage\n%%EOF\n")
+    with pytest.raises(UserError, match="b.png"):  # data.on_error=stop names the file
+        load_images(DataConfig(source=str(folder), resolution=8))
+    assert not marker.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        images = load_images(DataConfig(source=str(folder), resolution=8, on_error="skip"))
+    assert len(images) == 1 and not marker.exists()
+    with Image.open(folder / "b.png") as im:  # the premise: PIL alone takes it for EPS and runs "gs"
+        assert im.format == "EPS"
+        with pytest.raises(Exception):
+            im.load()
+    assert marker.exists()

@@ -26,6 +26,11 @@ from .atomic import atomic_file
 
 # Every file extension read as an image, by data sets and by FID's sample folders alike.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# PIL's names for the formats of those extensions (its JPEG opener also takes a camera's MPO), the
+# only decoders PIL may try on a file. By default it identifies any of its forty-odd formats from
+# the bytes, and some decoders run programs (EPS hands the file to Ghostscript), so a data file
+# named .png could start one.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 CHANNEL_MODES = {1: "gray", 3: "rgb"}
 
 
@@ -114,8 +119,9 @@ def rgb_to_gray(a: np.ndarray) -> np.ndarray:
 
 
 def open_image(src: Union[str, Path, bytes]) -> Image.Image:
-    """Decode a file (a path or its bytes) now, as "L" or "RGB". Raises whatever PIL raises."""
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as f:
+    """Decode a file (a path or its bytes) in one of IMAGE_FORMATS now, as "L" or "RGB". Raises
+    whatever PIL raises (for a file of another format: cannot identify image file)."""
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src, formats=IMAGE_FORMATS) as f:
         f.load()  # decode now: open() only reads the header
         return to_gray_or_rgb(f)
 
@@ -219,7 +225,7 @@ def read_png(path: Path) -> Optional[np.ndarray]:
     if not path.is_file():
         return None
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=("PNG",)) as im:
             im.load()
             a = np.asarray(im)
     except Exception:  # any decoding failure means "not there yet"
