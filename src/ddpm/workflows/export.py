@@ -20,6 +20,7 @@ from typing import Optional
 
 from ..errors import UserError
 from ..io.atomic import write_json, write_text
+from ..io.escape import markdown_text
 from ..io.folders import claim_folder
 from ..io.weights import write_unet
 from ..network.interop import diffusers_scheduler_config
@@ -69,7 +70,9 @@ def _evaluation(loaded) -> Optional[dict]:
 
 
 def model_card(loaded, evaluation: Optional[dict]) -> str:
-    """README.md for the Hub: what the model is, how it was trained, how to load it, its numbers."""
+    """README.md for the Hub: what the model is, how it was trained, how to load it, its numbers.
+    Every string from the run's data, config or files is escaped (`markdown_text`): it shows as
+    text, never as markup."""
     run, m = loaded.run, loaded.run.model
     K = m.num_classes
     h, w = m.size
@@ -93,7 +96,7 @@ def model_card(loaded, evaluation: Optional[dict]) -> str:
              f"{'EMA' if loaded.weights.value == 'ema' else 'trained (not EMA)'} weights.", "",
              "## Use", "", "```python", use, "```", "",
              "## Training", "",
-             f"- data: {run.data.source} (split {run.data.split}, {h}x{w}, random flips "
+             f"- data: {markdown_text(run.data.source)} (split {markdown_text(run.data.split)}, {h}x{w}, random flips "
              f"{'on' if run.data.random_flip else 'off'})",
              f"- process: T = {run.diffusion.T}, {run.diffusion.schedule.value} β from {run.diffusion.beta_start:g} "
              f"to {run.diffusion.beta_end:g}, predicting {run.diffusion.mean_type.value}, variance "
@@ -101,16 +104,17 @@ def model_card(loaded, evaluation: Optional[dict]) -> str:
              f"- recipe: {run.train.steps:,} steps of batch {run.train.batch_size}, Adam lr {run.train.lr:g} "
              f"(warm-up {run.train.warmup}), gradient clipping {run.train.grad_clip:g}, EMA decay "
              f"{run.train.ema_decay:g}" + (f", label dropout {run.train.label_dropout:g}" if K else ""),
-             f"- checkpoint: `{loaded.checkpoint.name}` (sha256 {loaded.sha256[:16]}…)", "",
+             f"- checkpoint: {markdown_text(loaded.checkpoint.name)} (sha256 {loaded.sha256[:16]}…)", "",
              "The whole configuration is in `ddpm_config.json`.", "",
              "## Evaluation", ""]
     if evaluation:
         fid = evaluation.get("fid") or {}
         bpd = evaluation.get("bits_per_dim") or {}
         iscore = evaluation.get("inception_score") or {}
-        lines += [f"`ddpm eval` of this checkpoint, {evaluation.get('n_samples')} samples (Algorithm 2):", "",
-                  "| metric | value |", "|---|---|",
-                  *(f"| FID against the {split} split | {v:.3f} |" for split, v in fid.items() if v is not None),
+        lines += [f"`ddpm eval` of this checkpoint, {markdown_text(evaluation.get('n_samples'))} samples (Algorithm 2):",
+                  "", "| metric | value |", "|---|---|",
+                  *(f"| FID against the {markdown_text(split)} split | {v:.3f} |" for split, v in fid.items()
+                    if v is not None),
                   *([f"| Inception Score | {iscore['is_mean']:.3f} ± {iscore['is_std']:.3f} |"] if iscore else []),
                   *([f"| bits/dim (test, true bound) | {bpd['total_bpd']:.4f} |"] if bpd.get("total_bpd") else []),
                   ""]
