@@ -20,6 +20,7 @@ from typing import Optional
 
 from ..errors import UserError
 from ..io.atomic import write_text
+from ..io.escape import html_text, plot_text
 from ..io.images import figure_png
 from ..io import checkpoint as ckpt
 from ..run.folder import METRICS_NAME, read_metrics, read_run_record
@@ -40,16 +41,16 @@ def _data_uri(png: bytes) -> str:
 
 def _figure(plot, caption: str, size: tuple = (6.4, 3.6)) -> str:
     """A matplotlib figure drawn by `plot(fig)`, as an <img> with the PNG inline, and its caption."""
-    return (f'<figure><img alt="{html.escape(caption)}" src="{_data_uri(figure_png(plot, size))}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (f'<figure><img alt="{html_text(caption)}" src="{_data_uri(figure_png(plot, size))}">'
+            f"<figcaption>{html_text(caption)}</figcaption></figure>")
 
 
 def _image(path: Path, caption: str) -> str:
     """A PNG file inline, shown 3x (at most 520 px wide): sample grids of small images stay legible."""
     png = path.read_bytes()
     width = min(3 * int.from_bytes(png[16:20], "big"), 520)  # the IHDR width
-    return (f'<figure><img alt="{html.escape(caption)}" width="{width}" src="{_data_uri(png)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (f'<figure><img alt="{html_text(caption)}" width="{width}" src="{_data_uri(png)}">'
+            f"<figcaption>{html_text(caption)}</figcaption></figure>")
 
 
 def _series(recs: list[dict], key: str) -> tuple[list, list]:
@@ -90,7 +91,7 @@ def _training_plots(recs: list[dict]) -> list[str]:
             for name in by_class[-1]["loss_by_class"]:
                 pts = [(r["step"], r["loss_by_class"].get(name)) for r in by_class]
                 pts = [p for p in pts if isinstance(p[1], (int, float))]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=plot_text(name), linewidth=1)
             ax.set(xlabel="step", ylabel="loss", yscale="log", title="Loss by class")
             ax.legend(fontsize=6, ncol=2)
         out.append(_figure(classes, "Loss by class"))
@@ -112,14 +113,15 @@ def _evaluation(run_dir: Path) -> list[str]:
         except (OSError, ValueError):
             continue
         fid, iscore, bpd = rep.get("fid") or {}, rep.get("inception_score") or {}, rep.get("bits_per_dim") or {}
-        rows = [f"<tr><th>FID, {html.escape(k)} split</th><td>{v:.3f}</td></tr>" for k, v in fid.items() if v is not None]
+        rows = [f"<tr><th>FID, {html_text(k)} split</th><td>{v:.3f}</td></tr>" for k, v in fid.items() if v is not None]
         if iscore:
             rows.append(f"<tr><th>Inception Score</th><td>{iscore['is_mean']:.3f} ± {iscore['is_std']:.3f}</td></tr>")
         if bpd.get("total_bpd") is not None:
             rows.append(f"<tr><th>bits/dim (test)</th><td>{bpd['total_bpd']:.4f}</td></tr>")
-        refs = "; ".join(f"{k}: {html.escape(str(v.get('source_description') or v.get('path') or ''))}"
+        refs = "; ".join(f"{html_text(k)}: {html_text(v.get('source_description') or v.get('path') or '')}"
                          for k, v in (rep.get("references") or {}).items() if isinstance(v, dict))
-        parts.append(f"<h3>{html.escape(path.parent.name)}</h3><p>{rep.get('n_samples')} samples; measured against "
+        parts.append(f"<h3>{html_text(path.parent.name)}</h3><p>{html_text(rep.get('n_samples'))} samples; "
+                     f"measured against "
                      f"{refs or 'the references recorded in eval.json'}</p><table>{''.join(rows)}</table>")
         nll = path.parent / "nll"
         if (nll / "bpd.npz").is_file():
@@ -148,8 +150,8 @@ def write_report(run_dir, out: Optional[Path] = None) -> Path:
     recs = read_metrics(run_dir / METRICS_NAME)
     found = ckpt.list_checkpoints(run_dir)
     last = f"{found[-1][1].name} (step {found[-1][0]:,})" if found else "none yet"
-    body = [f"<h1>ddpm run {html.escape(str(run_dir))}</h1>",
-            f"<p>Newest checkpoint: {html.escape(last)}. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+    body = [f"<h1>ddpm run {html_text(run_dir)}</h1>",
+            f"<p>Newest checkpoint: {html_text(last)}. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
             f"by ddpm {__version__}.</p>"]
     pictures = [_image(run_dir / name, caption) for name, caption in
                 (("samples.png", "samples: one row per class (make demo)"),
@@ -164,6 +166,6 @@ def write_report(run_dir, out: Optional[Path] = None) -> Path:
     if evaluation:
         body += ["<h2>Evaluation (ddpm eval)</h2>", *evaluation]
     body += ["<h2>Configuration</h2>", f"<pre>{html.escape(json.dumps(record.config, indent=2))}</pre>"]
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ddpm run {html.escape(run_dir.name)}'
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ddpm run {html_text(run_dir.name)}'
             f"</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
     return write_text(Path(out) if out is not None else run_dir / REPORT_NAME, page)
