@@ -1171,6 +1171,56 @@ add("eval/inception-weights-missing", lambda tmp, fx: _eval(tmp, fx) + ["--incep
     "nope.pth")
 
 
+# ---------------------------------------------------------------------------------------------
+# Streaming data folders that are not what `ddpm prepare --to litdata` writes (nothing executes
+# from a data file): every command that takes --data refuses them before LitData reads an item
+# ---------------------------------------------------------------------------------------------
+
+
+class _PickledPayload:
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+def _litdata_folder(tmp: Path, name: str, edit=None, item=None) -> Path:
+    """A folder written by LitData's own BinaryWriter, with ddpm's metadata key as an attacker would
+    copy it: items {"x": item (default a pickled object), "y": 0}, then `edit(index)`."""
+    from litdata.streaming.writer import BinaryWriter
+
+    d = tmp / name
+    writer = BinaryWriter(str(d), chunk_bytes="1MB")
+    for i in range(8):
+        writer[i] = {"x": _PickledPayload() if item is None else item, "y": 0}
+    writer.done()
+    writer.merge()
+    index = json.loads((d / "index.json").read_text())
+    index["ddpm"] = dict(format="ddpm-litdata", version=1, count=8, shape=[1, 32, 32], classes=[], labels=None,
+                         sha256="0" * 64, description="copied")
+    if edit is not None:
+        edit(index)
+    (d / "index.json").write_text(json.dumps(index))
+    return d
+
+
+_U8 = np.zeros((1, 32, 32), np.uint8)
+LITDATA_CASES = [  # (label, folder builder, needle)
+    ("pickled-items", lambda tmp: _litdata_folder(tmp, "ld-pickle"), '"pickle"'),
+    ("compressed", lambda tmp: _litdata_folder(tmp, "ld-zstd", lambda ix: ix["config"].update(compression="zstd"),
+                                               _U8), "compression"),
+    ("chunk-outside", lambda tmp: _litdata_folder(
+        tmp, "ld-outside", lambda ix: ix["chunks"][0].update(filename="../x.bin"), _U8), "filename"),
+    ("count-wrong", lambda tmp: _litdata_folder(tmp, "ld-count", lambda ix: ix["ddpm"].update(count=9), _U8), "count"),
+    ("index-not-json", lambda tmp: _write(_dir(tmp, "ld-text") / "index.json", "not json"), "index.json"),
+]
+for label, make, needle in LITDATA_CASES:
+    add(f"train/data-litdata-{label}", lambda tmp, fx, make=make: _train(tmp, fx, make(tmp)), needle)
+    add(f"nll/data-litdata-{label}", lambda tmp, fx, make=make: _nll(tmp, fx, make(tmp)), needle)
+add("prepare/source-litdata-pickled-items", lambda tmp, fx: _prepare(tmp, fx, _litdata_folder(tmp, "ld-p")) + [
+    "--to", "litdata"], '"pickle"')
+add("fid-ref/data-litdata-pickled-items", lambda tmp, fx: _fidref(tmp, fx, _litdata_folder(tmp, "ld-f")), '"pickle"')
+
+
+
 def _check_ids() -> None:
     seen = set()
     for c in CASES:

@@ -142,11 +142,11 @@ def test_a_folder_of_pickled_items_runs_no_code_in_any_command(prepared, tmp_pat
     for source in (str(evil), f"local:{evil}"):
         for argv in (["train", "--preset", "tiny", "--data", source, "--out", tmp_path / "r", "--steps", "2", *small],
                      ["nll", "--run", run, "--data", source, "--out", tmp_path / "n"],
-                     ["prepare", source, "--out", tmp_path / "p"]):
+                     ["prepare", source, "--to", "litdata", "--out", tmp_path / "p"]):
             rc = cli.main([str(a) for a in argv] + ["--no-progress"])
             err = capsys.readouterr().err.strip().splitlines()
             assert not marker.exists(), (argv, "the payload ran")
-            assert rc == 2 and len(err) == 1 and "pickle" in err[-1], (argv, err)
+            assert rc == 2 and len(err) == 1 and 'config.data_format=["pickle", "int"]' in err[-1], (argv, err)
 
 
 def _tampered(real, tmp_path, edit):
