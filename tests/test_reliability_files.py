@@ -200,6 +200,7 @@ def test_training_into_a_folder_inside_its_data_resumes(tmp_path, monkeypatch):
             "--set", "train.sample_every=2", "--set", "train.sample_n=2"]
     assert main(args + ["--steps", "2"]) == 0
     assert list((data / "run").rglob("*.png"))  # the grids the listing must leave out
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "cache2"))  # listed and prepared again, not found cached
     assert main(args + ["--steps", "4"]) == 0
     assert (data / "run" / "ckpt-00000004.safetensors").is_file()
 
