@@ -1221,6 +1221,9 @@ add("r3-prepare/out-holds-users-tmp-file", lambda tmp, fx: _prepare(tmp, fx, out
     ".tmp-notes")
 add("r3-prepare/out-holds-users-ddpm-tmp-lookalike", lambda tmp, fx: _prepare(
     tmp, fx, out=_folder_with(tmp, "p", ".ddpm-tmp-notes")), ".ddpm-tmp-notes")
+add("r3-prepare/litdata-out-users-folder-before-decoding", lambda tmp, fx: _prepare(
+    tmp, fx, source=_random_png_folder(tmp), out=_folder_with(tmp, "lit", "notes.txt")) + ["--to", "litdata"],
+    "notes.txt")
 add("r3-train/out-holds-users-tmp-file", lambda tmp, fx: _train(
     tmp, fx, out=_folder_with(tmp, "r", ".tmp-ckpt-00000002.safetensors-123-deadbeef")), ".tmp-ckpt-00000002")
 add("r3-sample/out-holds-users-tmp-file", lambda tmp, fx: _sample(tmp, fx) + [
