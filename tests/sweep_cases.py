@@ -1233,8 +1233,12 @@ add("r3-rate-distortion/out-users-folder", lambda tmp, fx: _rd_ns(tmp, fx)[:1] +
     "rate_distortion.csv")
 add("r3-progressive/out-users-figure", lambda tmp, fx: _prog(tmp, fx) + [
     "--out", _folder_with(tmp, "figs", "progressive.png")], "progressive.png")
+add("r3-progressive/out-users-json-named-like-a-record", lambda tmp, fx: _prog(tmp, fx) + [
+    "--out", _folder_with(tmp, "figs", "progressive.json", '{"mine": 1}')], "progressive.json")
 add("r3-interpolate/out-users-figure", lambda tmp, fx: _interp(tmp, fx) + [
     "--out", _folder_with(tmp, "figs", "interpolation.npz")], "interpolation.npz")
+add("r3-eval/out-users-folder-with-eval-json-and-samples", lambda tmp, fx: _eval(tmp, fx) + ["--out", _folder_with(
+    _folder_with(tmp, "ev/samples", "0.png").parent, "ev", "eval.json", '{"fid": 1}')], "eval.json", weights_first=True)
 add("r4-rate-distortion/from-nll-missing-into-users-folder", lambda tmp, fx: _rd_ns(tmp, fx)[:1] + [
     "--from-nll", tmp / "nonll", "--out", _folder_with(tmp, "mine", "notes.txt"), "--no-progress"], "notes.txt")
 add("r4-sample/seed-negative-into-a-new-folder", lambda tmp, fx: _sample(tmp, fx) + [

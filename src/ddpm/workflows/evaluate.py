@@ -356,7 +356,14 @@ def cached_reference(path: Path, data, inception: InceptionV3, *, batch: int, di
     return stats
 
 
-EVAL_RECORDS = ("eval.json", "samples", "nll")
+def _is_evaluation(folder: Path) -> bool:
+    """Whether `folder` holds an eval.json that `evaluate_run` wrote (a folder it claimed but had not
+    finished carries the folder mark instead: io/folders.py)."""
+    try:
+        d = json.loads((Path(folder) / "eval.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and {"protocol", "n_samples", "fid", "checkpoint_sha256"} <= set(d)
 
 
 def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, seed: int = 0, ref_train=None,
@@ -401,7 +408,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     run, ema, diffusion, ckpt_file = loaded.run, loaded.model, loaded.diffusion, loaded.checkpoint
     base = run_dir if run_dir.is_dir() else run_dir.parent
     out_dir = Path(out_dir) if out_dir is not None else base / "eval" / ckpt_file.stem
-    check_folder(out_dir, EVAL_RECORDS, "an evaluation")  # created below, once the rest is checked
+    check_folder(out_dir, _is_evaluation, "an evaluation")  # created below, once the rest is checked
     m = run.model
     shape = (m.in_channels, *m.size)
     inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
@@ -411,7 +418,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     labels, _, classes = sample_labels(ClassChoice(), n, m.num_classes, *loaded.class_info)
     if labels is None:
         conditioned(ema, None, 0, guidance)  # a weight for an unconditional model: one line
-    claim_folder(out_dir, EVAL_RECORDS, "an evaluation")
+    claim_folder(out_dir, _is_evaluation, "an evaluation")
     log(f"eval: {n} EMA samples (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}")
     res = sample_to_dir(ema, diffusion, out_dir / "samples", n, batch, seed, shape, dist, device=dist.device,
                         progress=progress, model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)),

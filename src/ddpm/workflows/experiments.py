@@ -18,6 +18,7 @@ batch size or the number of processes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -213,19 +214,28 @@ def reconstruction_figure(res: dict) -> np.ndarray:
 FIGURES = ("progressive", "shared", "interpolation", "reconstruct")
 
 
-_FIGURE_RECORDS = [f"{name}.json" for name in FIGURES]
+def _is_figures(folder: Path) -> bool:
+    """Whether `folder` holds a figure's record that `_write` wrote (which checkpoint, which settings)."""
+    for name in FIGURES:
+        try:
+            d = json.loads((Path(folder) / f"{name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and {"model", "checkpoint"} <= set(d):
+            return True
+    return False
 
 
 def _check(out_dir) -> Path:
     """The figures' folder: new, empty, or one that holds figures written here (io/folders.py).
     Checked first, created only by `_write`, once everything else is checked and drawn."""
-    return check_folder(out_dir, _FIGURE_RECORDS, "figures")
+    return check_folder(out_dir, _is_figures, "figures")
 
 
 def _write(out_dir, name: str, figure: np.ndarray, loaded, settings: dict, **arrays) -> dict:
     """OUT/NAME.png (the figure), OUT/NAME.npz (the arrays) and OUT/NAME.json (which checkpoint, by
     its content hash, and which settings made them) -> dict(png, npz, json)."""
-    out = claim_folder(out_dir, _FIGURE_RECORDS, "figures")
+    out = claim_folder(out_dir, _is_figures, "figures")
     record = write_json(out / f"{name}.json", dict(model=loaded.tag, checkpoint=str(loaded.checkpoint), **settings))
     return dict(png=str(write_png(figure, out / f"{name}.png")), npz=str(write_npz(out / f"{name}.npz", **arrays)),
                 json=str(record))
