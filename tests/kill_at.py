@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import ddpm.cli
+from ddpm.io.atomic import TEMP_PREFIX
 
 
 SIGNAL = [signal.SIGKILL]
@@ -54,7 +55,7 @@ def arm(point: str, n: int, twice: bool = False) -> None:
         write = os.write
 
         def second(fd, data):  # --twice: during the first write of the checkpoint that follows
-            if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".tmp-ckpt-"):
+            if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(TEMP_PREFIX + "ckpt-"):
                 os.write = write
                 die()
             return write(fd, data)
@@ -74,7 +75,7 @@ def arm(point: str, n: int, twice: bool = False) -> None:
 
         def temp_checkpoint(fd: int) -> str:
             name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
-            return name if name.startswith(".tmp-ckpt-") else ""
+            return name if name.startswith(TEMP_PREFIX + "ckpt-") else ""
 
         def half_write(fd, data):
             name = temp_checkpoint(fd)
@@ -88,7 +89,7 @@ def arm(point: str, n: int, twice: bool = False) -> None:
             return write(fd, data)
 
         def stop_before_rename(src, dst, *a, **k):
-            if Path(src).name.startswith(".tmp-ckpt-") and hit():
+            if Path(src).name.startswith(TEMP_PREFIX + "ckpt-") and hit():
                 die()
             return replace(src, dst, *a, **k)
 

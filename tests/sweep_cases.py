@@ -725,8 +725,9 @@ add("demo/out-existing-file", lambda tmp, fx: _demo(tmp, fx) + ["--out", _regula
     "demofile")
 add("demo/out-under-regular-file", lambda tmp, fx: _demo(tmp, fx) + ["--out", _under_file(tmp, "demo"), "--n", "0"],
     "parent-is-a-file")
+# every argument is checked before the folder is created, so --n 0 is the line (not the read-only folder)
 add("demo/out-readonly-dir", lambda tmp, fx: _demo(tmp, fx) + ["--out", _readonly_dir(tmp) / "demo", "--n", "0"],
-    "readonly")
+    ("readonly", "--n"))
 
 # ---------------------------------------------------------------------------------------------
 # Models from disk: --run / --checkpoint (every command on a trained model reads one)
@@ -1219,6 +1220,82 @@ add("prepare/source-litdata-pickled-items", lambda tmp, fx: _prepare(tmp, fx, _l
     "--to", "litdata"], '"pickle"')
 add("fid-ref/data-litdata-pickled-items", lambda tmp, fx: _fidref(tmp, fx, _litdata_folder(tmp, "ld-f")), '"pickle"')
 
+
+# ---------------------------------------------------------------------------------------------
+# Reliability, classes 3 and 4: a user's files are never overwritten or deleted (only a file named
+# as ddpm names its temp files is one; a folder or file is ddpm's only by ddpm's own record), and
+# arguments are checked before anything is written.
+# ---------------------------------------------------------------------------------------------
+
+
+def _users_html(tmp: Path, name: str = "n.html") -> Path:
+    return _write(tmp / name, "<!DOCTYPE html><html><body>my notes</body></html>\n")
+
+
+def _diffusers_pipeline(tmp: Path, name: str = "users-pipe") -> Path:
+    """A pipeline folder as diffusers writes it (no record of ddpm's), with the user's card."""
+    d = tmp / name
+    _write(d / "model_index.json", '{"_class_name": "DDPMPipeline", "_diffusers_version": "0.30.0", '
+                                   '"scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}')
+    _write(d / "unet" / "config.json", '{"_class_name": "UNet2DModel", "_diffusers_version": "0.30.0", "sample_size": 32}')
+    _write(d / "README.md", "# my model\n")
+    return d
+
+
+def _folder_with(tmp: Path, folder: str, name: str, content: str = "mine\n") -> Path:
+    return _write(tmp / folder / name, content).parent
+
+
+def _run_copy_with(tmp: Path, fx: Fixtures, name: str, content: str) -> Path:
+    run = _run_copy(tmp, fx)
+    _write(run / name, content)
+    return run
+
+
+add("r3-report/out-users-html", lambda tmp, fx: ["report", fx.run, "--out", _users_html(tmp)], "n.html")
+add("r3-report/out-users-html-that-names-ddpm", lambda tmp, fx: ["report", fx.run, "--out", _write(
+    tmp / "ddpm.html", "<!DOCTYPE html><html><head><title>ddpm run notes</title></head></html>\n")], "ddpm.html")
+add("r3-report/default-users-report-html", lambda tmp, fx: ["report", _run_copy_with(
+    tmp, fx, "report.html", "<html>the report I wrote</html>\n")], "report.html")
+add("r3-export/out-users-diffusers-pipeline", lambda tmp, fx: ["export", fx.run, _diffusers_pipeline(tmp)],
+    "model_index.json")
+add("r3-export/out-users-folder-with-ddpm-config-name", lambda tmp, fx: ["export", fx.run, _folder_with(
+    tmp, "cfgdir", "ddpm_config.json", '{"mine": true}')], "ddpm_config.json")
+add("r3-convert/dst-diffusers-unet-written-by-diffusers", lambda tmp, fx: _conv(
+    fx.ckpt, _diffusers_pipeline(tmp) / "unet", to="diffusers"), "config.json")
+add("r3-convert/dst-diffusers-sidecar-written-by-diffusers", lambda tmp, fx: _conv(
+    fx.ckpt, _write(tmp / "u.json", '{"_class_name": "UNet2DModel", "sample_size": 32}').with_suffix(".safetensors"),
+    to="diffusers"), "u.json")
+add("r3-prepare/out-holds-users-tmp-file", lambda tmp, fx: _prepare(tmp, fx, out=_folder_with(tmp, "p", ".tmp-notes")),
+    ".tmp-notes")
+add("r3-prepare/out-holds-users-ddpm-tmp-lookalike", lambda tmp, fx: _prepare(
+    tmp, fx, out=_folder_with(tmp, "p", ".ddpm-tmp-notes")), ".ddpm-tmp-notes")
+add("r3-prepare/litdata-out-users-folder-before-decoding", lambda tmp, fx: _prepare(
+    tmp, fx, source=_random_png_folder(tmp), out=_folder_with(tmp, "lit", "notes.txt")) + ["--to", "litdata"],
+    "notes.txt")
+add("r3-train/out-holds-users-tmp-file", lambda tmp, fx: _train(
+    tmp, fx, out=_folder_with(tmp, "r", ".tmp-ckpt-00000002.safetensors-123-deadbeef")), ".tmp-ckpt-00000002")
+add("r3-sample/out-holds-users-tmp-file", lambda tmp, fx: _sample(tmp, fx) + [
+    "--out", _folder_with(tmp, "s2", ".tmp-000000.png")], ".tmp-000000.png")
+add("r3-rate-distortion/out-users-folder", lambda tmp, fx: _rd_ns(tmp, fx)[:1] + [
+    "--from-nll", tmp / "nll", "--out", _folder_with(tmp, "mine", "rate_distortion.csv"), "--no-progress"],
+    "rate_distortion.csv")
+add("r3-progressive/out-users-figure", lambda tmp, fx: _prog(tmp, fx) + [
+    "--out", _folder_with(tmp, "figs", "progressive.png")], "progressive.png")
+add("r3-progressive/out-users-json-named-like-a-record", lambda tmp, fx: _prog(tmp, fx) + [
+    "--out", _folder_with(tmp, "figs", "progressive.json", '{"mine": 1}')], "progressive.json")
+add("r3-interpolate/out-users-figure", lambda tmp, fx: _interp(tmp, fx) + [
+    "--out", _folder_with(tmp, "figs", "interpolation.npz")], "interpolation.npz")
+add("r3-eval/out-users-folder-with-eval-json-and-samples", lambda tmp, fx: _eval(tmp, fx) + ["--out", _folder_with(
+    _folder_with(tmp, "ev/samples", "0.png").parent, "ev", "eval.json", '{"fid": 1}')], "eval.json", weights_first=True)
+add("r4-rate-distortion/from-nll-missing-into-users-folder", lambda tmp, fx: _rd_ns(tmp, fx)[:1] + [
+    "--from-nll", tmp / "nonll", "--out", _folder_with(tmp, "mine", "notes.txt"), "--no-progress"], "notes.txt")
+add("r4-sample/seed-negative-into-a-new-folder", lambda tmp, fx: _sample(tmp, fx) + [
+    "--out", tmp / "fresh", "--seed", "-5"], N["seed"])
+add("r4-nll/seed-negative-into-a-new-folder", lambda tmp, fx: _nll(tmp, fx) + ["--out", tmp / "fresh", "--seed", "-2"],
+    N["seed"])
+add("r4-reconstruct/seed-negative-into-a-new-folder", lambda tmp, fx: _recon(tmp, fx) + [
+    "--out", tmp / "fresh", "--seed", "-3"], N["seed"])
 
 
 def _check_ids() -> None:

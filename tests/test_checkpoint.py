@@ -434,15 +434,20 @@ def test_interrupted_write_removes_its_temp_file(tmp_path, monkeypatch):
 
 def test_leftover_temp_files_are_ignored_and_stale_ones_cleaned(tmp_path):
     save_checkpoint(tmp_path, 1, _small_state())
-    stale = tmp_path / ".tmp-ckpt-00000002.safetensors-123-deadbeef"
-    fresh = tmp_path / ".tmp-ckpt-00000002.safetensors-456-cafecafe"  # another writer, mid-write
-    stale.write_bytes(b"half a checkpoint")
-    fresh.write_bytes(b"half a checkpoint")
+    stale = tmp_path / ".ddpm-tmp-ckpt-00000002.safetensors-node7-123-deadbeef"
+    fresh = tmp_path / ".ddpm-tmp-ckpt-00000002.safetensors-node7-456-cafecafe"  # another writer, mid-write
+    # a user's files, as old, with names close to ours: never ours to delete
+    users = [tmp_path / n for n in (".tmp-ckpt-00000002.safetensors-123-deadbeef", ".tmp-notes", ".ddpm-tmp-notes",
+                                    ".ddpm-tmp-x-node7-123-DEADBEEF", ".ddpm-tmp-x-node7-123-deadbeef.bak")]
     old = time.time() - 2 * 3600
-    os.utime(stale, (old, old))
+    for p in (stale, fresh, *users):
+        p.write_bytes(b"half a checkpoint")
+        if p is not fresh:
+            os.utime(p, (old, old))
     assert latest_checkpoint(tmp_path)[0].name == "ckpt-00000001.safetensors"
     save_checkpoint(tmp_path, 3, _small_state())
     assert not stale.exists() and fresh.exists()
+    assert all(p.read_bytes() == b"half a checkpoint" for p in users)
 
 
 # ---------------------------------------------------------------------------- pruning

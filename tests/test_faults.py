@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm.io.atomic import TEMP_PREFIX
 from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints
 from ddpm.run.config import resolve_run_config
 from ddpm.workflows.nll import nll_run
@@ -51,7 +52,7 @@ def _killed(point: str, n: int, args, env=ENV, rank=None):
 
 
 def _temp_files(d: Path):
-    return [p for p in d.glob(".tmp-*")] if d.exists() else []
+    return [p for p in d.glob(TEMP_PREFIX + "*")] if d.exists() else []
 
 
 @pytest.mark.slow

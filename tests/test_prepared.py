@@ -17,6 +17,7 @@ from PIL import Image
 from ddpm import cli
 from ddpm.errors import UserError
 from ddpm.io import data as data_module
+from ddpm.io.atomic import TEMP_PREFIX
 from ddpm.io import prepared as prepared_module
 from ddpm.io.data import DataConfig, load_images
 from ddpm.io.loader import Prefetcher
@@ -90,7 +91,7 @@ def test_a_killed_prepare_resumes_at_its_first_unfinished_shard(folder, tmp_path
         prepare(cfg, tmp_path / "p", shard_bytes=4 * _record(), progress=False)
     state = json.loads((tmp_path / "p" / STATE_NAME).read_text())
     assert [s["count"] for s in state["shards"]] == [4, 4] and not (tmp_path / "p" / MANIFEST_NAME).exists()
-    assert not [p for p in (tmp_path / "p").iterdir() if p.name.startswith(".tmp-")]  # the half shard is gone
+    assert not [p for p in (tmp_path / "p").iterdir() if p.name.startswith(TEMP_PREFIX)]  # the half shard is gone
     decoded.clear()
     monkeypatch.setattr(data_module, "prepare_image", lambda *a, **k: (decoded.append(1), real(*a, **k))[1])
     ps = prepare(cfg, tmp_path / "p", shard_bytes=4 * _record(), progress=False)

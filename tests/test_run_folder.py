@@ -23,6 +23,7 @@ import torch
 
 from ddpm.cli import main
 from ddpm.io.checkpoint import CheckpointWarning, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from ddpm.io.atomic import TEMP_PREFIX
 from ddpm.io.folders import FolderLock
 from ddpm.network.unet import UNet
 from ddpm.run.config import RunConfig
@@ -311,7 +312,7 @@ def test_a_failed_write_of_config_or_metrics_is_one_line_and_loses_nothing(npz, 
     err = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(err) == 1, r.stderr
     assert "config.json: File too large (EFBIG)" in err[0]
-    assert not (run_dir / "config.json").exists() and not list(run_dir.glob(".tmp-*"))
+    assert not (run_dir / "config.json").exists() and not list(run_dir.glob(TEMP_PREFIX + "*"))
     # the metrics log passes the limit after about 13 lines; checkpoints would be larger, so none is due
     r = subprocess.run([PY, "-m", "ddpm", *_args(npz, run_dir, 40, "--set", "train.log_every=1", "--checkpoint-every",
                                                "1000")], env=ENV, capture_output=True, text=True,
@@ -344,7 +345,7 @@ def test_a_read_only_run_folder_is_one_line(capsys, npz, tmp_path, monkeypatch):
 
 
 def _temps(d: Path):
-    return sorted(p.name for p in d.rglob(".tmp-*"))
+    return sorted(p.name for p in d.rglob(TEMP_PREFIX + "*"))
 
 
 @pytest.mark.slow

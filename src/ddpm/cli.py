@@ -28,7 +28,7 @@ from .io.data import Channels, Crop, DataConfig, OnError, Split
 from .io.distributed import is_main_process
 from .io.folders import usable_folder
 from .io.prepared import DEFAULT_SHARD_BYTES, PreparedSet, open_data, prepare
-from .io.streaming import write_stream
+from .io.streaming import check_stream_out, write_stream
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .network.inception import WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX
 from .network.unet import summary
@@ -377,6 +377,7 @@ def cmd_prepare(args):
     cfg = DataConfig(source=args.source, split=args.split, resolution=args.resolution, channels=args.channels,
                      crop=args.crop, on_error=args.on_error)
     if args.to == "litdata":  # decoded once into the cache (or read in memory), then written in LitData's format
+        check_stream_out(args.out)  # before the data are decoded
         data = open_data(cfg, progress=not args.no_progress)
         out = write_stream(data, args.out, progress=not args.no_progress)
         _say(f"wrote {out}: {len(data)} images {'x'.join(map(str, data.shape))} in LitData's format, sha256 "

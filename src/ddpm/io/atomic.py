@@ -1,11 +1,13 @@
 """The one way this package writes a file: atomically, so a reader never sees half of one.
 
-Every file goes to a temporary name beside its destination (`.tmp-<name>-<pid>-<random>`), is
+Every file goes to a temporary name beside its destination
+(`.ddpm-tmp-<name>-<host>-<pid>-<random>`: a name no user picks, saying which process made it), is
 flushed and fsynced, optionally checked, moved into place with `os.replace` (atomic on POSIX and
 Windows within one file system), and the folder is fsynced so the rename survives a power cut.
 A failure or an interrupt (also Ctrl-C) removes the temporary file and leaves whatever was at the
 destination untouched; a SIGKILL can leave a temporary file, which no reader mistakes for a result
-(its name starts with `.tmp-`) and `remove_stale_temps` cleans up later.
+and `remove_stale_temps` cleans up later. Cleaning up removes only names of exactly that pattern
+(`is_temp_name`): a user's `.tmp-notes` or `.ddpm-tmp-x` is never taken for one of ours.
 
     with atomic_file("out/summary.csv", "w") as f:
         csv.writer(f).writerows(rows)
@@ -21,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
+import socket
 import time
 import warnings
 import zipfile
@@ -30,13 +34,25 @@ from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
-TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".ddpm-tmp-"
 STALE_TEMP_SECONDS = 3600.0  # a writer touches its temp file continuously; an hour-old one is orphaned
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r".+-[A-Za-z0-9_]{1,16}-[0-9]{1,10}-[0-9a-f]{8}")
+
+
+def _host() -> str:
+    """This machine's name as it goes into a temp name: letters, digits and "_" only, 16 at most."""
+    return (re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0]) or "host")[:16]
 
 
 def temp_path(path: Path) -> Path:
-    """A fresh temporary name beside `path`, unique per process and call."""
-    return path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    """A fresh temporary name beside `path`, unique per process and call, that says who made it:
+    `.ddpm-tmp-<name>-<host>-<pid>-<8 hex digits>`."""
+    return path.with_name(f"{TEMP_PREFIX}{path.name}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one that `temp_path` makes: the only names ddpm ever cleans up."""
+    return _TEMP_NAME.fullmatch(name) is not None
 
 
 def fsync_dir(directory: Path) -> None:
@@ -66,11 +82,12 @@ def remove_quietly(path: Path, what: str, category: type[Warning] = RuntimeWarni
 
 
 def remove_stale_temps(directory: Path, max_age_s: float = STALE_TEMP_SECONDS) -> None:
-    """Delete temporary files of writers killed more than `max_age_s` ago."""
+    """Delete temporary files of writers killed more than `max_age_s` ago: only files whose names
+    `temp_path` makes (`is_temp_name`), never another file, however it is named."""
     now = time.time()
     for p in Path(directory).glob(f"{TEMP_PREFIX}*"):
         try:
-            if p.is_file() and now - p.stat().st_mtime > max_age_s:
+            if is_temp_name(p.name) and p.is_file() and not p.is_symlink() and now - p.stat().st_mtime > max_age_s:
                 p.unlink()
         except OSError:
             pass  # another process's business, or already gone

@@ -56,6 +56,7 @@ import torch
 from ..config import Choice, Config, parse_size, size_value
 from ..errors import UserError
 
+from .folders import is_ddpm_folder
 from .images import IMAGE_EXTENSIONS, is_image_file, prepare_image, rgb_to_gray
 from .progress import progress_bar
 
@@ -390,7 +391,7 @@ def _descend_single_child(root: Path) -> Path:
     """Go down folders that hold nothing but one folder (an archive's top level, e.g. cifar10-jpeg/),
     stopping above a train/ or test/ folder so the split check still sees it."""
     while True:
-        entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+        entries = [p for p in root.iterdir() if not p.name.startswith(".") and not is_ddpm_folder(p)]
         if len(entries) != 1 or not entries[0].is_dir() or entries[0].name in SPLITS:
             return root
         root = entries[0]
@@ -398,10 +399,11 @@ def _descend_single_child(root: Path) -> Path:
 
 def _list_images(root: Path) -> list[Path]:
     """Image files under root, recursively, sorted by relative path. Hidden files and folders
-    (".x") are left out: macOS leaves "._name.jpg" metadata files that are not images."""
+    (".x") are left out: macOS leaves "._name.jpg" metadata files that are not images. So are
+    folders that ddpm wrote (`is_ddpm_folder`): a run's sample grids in `--out D/run` are not data."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not is_ddpm_folder(Path(dirpath, d))]
         for f in filenames:
             if is_image_file(f):
                 found.append(Path(dirpath, f))

@@ -116,6 +116,13 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     return items[rank * n // world_size: (rank + 1) * n // world_size]
 
 
+def check_seed(seed, flag: str = "--seed") -> int:
+    """`seed` as an int >= 0, else one line; commands call it before they write anything."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"{flag} {seed!r}: a seed is an integer >= 0")
+    return int(seed)
+
+
 def derive_seed(*ints: int) -> int:
     """A well-mixed 63-bit seed from a tuple of integers, e.g. (seed, step) or (seed, image index).
 

@@ -1,10 +1,18 @@
 """Output folders: recognised before anything is written into them, and held by one process.
 
-Every command that writes a folder (a run, samples, bits/dim, figures, an evaluation) first
-claims it: the path must be usable as a folder, and the folder must be new, empty, or one that
-the same kind of command made (it holds that command's record file). A folder holding anything
-else is refused in one line that names what is there, and nothing in it is touched: `ddpm` never
-overwrites, adopts or deletes a file it did not write.
+Every command that writes a folder (a run, samples, bits/dim, figures, an evaluation, an export,
+prepared data) first claims it: the path must be usable as a folder, and the folder must be new,
+empty, or one that the same kind of command made (it holds that command's record file, or the
+folder mark below). A folder holding anything else is refused in one line that names what is
+there, and nothing in it is touched: `ddpm` never overwrites, adopts or deletes a file it did not
+write. A refused claim creates nothing, not even the folder.
+
+The first thing written into a claimed folder is its mark, `.ddpm-folder.json` (what the folder
+is for, and the ddpm version): a name no other tool writes. It makes two things hold whatever
+point a command is stopped at: a rerun of the same command accepts the folder although its own
+record file may not exist yet, and a folder that ddpm wrote inside a data folder (`--data D
+--out D/run`) is never read as data (`is_ddpm_folder`; io/data.py and io/prepared.py leave such
+folders out of the image listing and the source's fingerprint).
 
 `FolderLock` keeps a second process from writing the same folder at once. It is an advisory
 `fcntl.flock` on a hidden file in the folder, so the kernel releases it when its process ends,
@@ -14,12 +22,14 @@ Windows, there is no lock.)
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 from ..errors import UserError, os_error_line
-from .atomic import TEMP_PREFIX
+from ..version import __version__
+from .atomic import is_temp_name, write_json
 
 try:
     import fcntl
@@ -27,6 +37,24 @@ except ImportError:  # Windows
     fcntl = None
 
 LOCK_NAME = ".ddpm.lock"
+MARK_NAME = ".ddpm-folder.json"
+MARK_FORMAT = "ddpm-folder"
+
+
+def folder_mark(folder: Path) -> Optional[str]:
+    """What ddpm's mark in `folder` says it was claimed for (e.g. "a training run"), else None."""
+    try:
+        d = json.loads((Path(folder) / MARK_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return d.get("for") if isinstance(d, dict) and d.get("format") == MARK_FORMAT else None
+
+
+def is_ddpm_folder(folder) -> bool:
+    """Whether ddpm wrote `folder`: it holds ddpm's folder mark, or ddpm's lock (a training run or
+    prepared data of a version before the mark)."""
+    folder = Path(folder)
+    return folder_mark(folder) is not None or (folder / LOCK_NAME).is_file()
 
 
 def usable_folder(path, flag: str = "--out") -> Path:
@@ -75,33 +103,47 @@ def claim_file(path, ours: Callable[[Path], bool], what: str, flag: str = "--out
 
 
 def foreign_entries(folder: Path) -> list[str]:
-    """What a folder holds besides ddpm's lock and temporary files, sorted."""
+    """What a folder holds besides ddpm's mark, lock and temporary files, sorted."""
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
         return []
     except OSError as e:
         raise UserError(f"cannot read the folder {os_error_line(e, folder)}") from None
-    return sorted(n for n in names if n != LOCK_NAME and not n.startswith(TEMP_PREFIX))
+    return sorted(n for n in names if n not in (LOCK_NAME, MARK_NAME) and not is_temp_name(n))
 
 
 def claim_folder(path, ours: Union[Sequence[str], Callable[[Path], bool]], what: str, flag: str = "--out") -> Path:
     """Check that `path` may receive `what` (e.g. "samples"), then create it.
 
-    :param ours: the names of the record files the command writes first (the folder is ours if it
-        holds one of them), or a function that decides from the folder's path.
+    :param ours: the names of the record files the command writes (the folder is ours if it holds
+        one of them), or a function that decides from the folder's path. A folder whose mark says
+        it was claimed for `what` is ours too: the same command, stopped before its record.
     Raises UserError, naming up to three of the entries found, for a non-empty folder that is not
-    ours; nothing is created or changed then.
+    ours; nothing is created or changed then. Otherwise the folder is created and marked.
     """
+    p = check_folder(path, ours, what, flag)
+    entries = foreign_entries(p)
+    make_folder(p, flag)
+    if folder_mark(p) is None or (not entries and folder_mark(p) != what):
+        try:
+            write_json(p / MARK_NAME, dict(format=MARK_FORMAT, **{"for": what}, written_by=f"ddpm {__version__}"))
+        except OSError as e:
+            raise UserError(f"{flag}: cannot write in the folder {os_error_line(e, p / MARK_NAME)}") from None
+    return p
+
+
+def check_folder(path, ours: Union[Sequence[str], Callable[[Path], bool]], what: str, flag: str = "--out") -> Path:
+    """The check of `claim_folder`, writing nothing: for a command that has more to validate
+    before it may create anything."""
     p = usable_folder(path, flag)
     entries = foreign_entries(p)
     if entries:
-        is_ours = ours(p) if callable(ours) else any((p / name).exists() for name in ours)
+        is_ours = folder_mark(p) == what or (ours(p) if callable(ours) else any((p / name).exists() for name in ours))
         if not is_ours:
             shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
             raise UserError(f"{flag} {p}: holds files that ddpm did not write for {what} ({shown}); nothing was "
                             f"changed there; give a new or empty folder")
-    make_folder(p, flag)
     return p
 
 

@@ -54,7 +54,7 @@ from ..version import __version__
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes, write_json
 from .data import (ARRAY, DataConfig, DataSet, ImageSet, decode, decode_readable, item_name, load_images, mismatch,
                    open_source, resize_note, source_kind, source_length, source_path, unreadable)
-from .folders import LOCK_NAME, FolderLock, claim_folder
+from .folders import LOCK_NAME, FolderLock, check_folder, claim_folder, is_ddpm_folder
 from .images import CHANNEL_MODES
 from .progress import progress_bar
 from .streaming import StreamSet, is_stream_source, stream_cache
@@ -112,7 +112,8 @@ def stat_fingerprint(path: Optional[Path]) -> str:
 
 
 def _stat_lines(folder: Path, prefix: str, lines: list) -> None:
-    """"relative path, size, mtime" of every file below `folder` (hidden ones left out), by
+    """"relative path, size, mtime" of every file below `folder` (hidden ones and folders that ddpm
+    wrote left out, as the image listing leaves them out), by
     os.scandir: its entries carry their type, so only files are stat()ed (50,000 files: ~0.3 s)."""
     try:
         entries = list(os.scandir(folder))
@@ -123,6 +124,8 @@ def _stat_lines(folder: Path, prefix: str, lines: list) -> None:
             continue
         try:
             if e.is_dir(follow_symlinks=False):  # as the image listing (os.walk) does
+                if is_ddpm_folder(e.path):
+                    continue
                 _stat_lines(Path(e.path), f"{prefix}{e.name}/", lines)
             else:
                 st = e.stat()
@@ -149,26 +152,51 @@ def prepare(cfg: DataConfig, out, *, shard_bytes: int = DEFAULT_SHARD_BYTES, pro
     """
     if not isinstance(shard_bytes, int) or shard_bytes < 1:
         raise UserError(f"shard_bytes={shard_bytes!r}: give a positive number of bytes")
+    out = check_folder(out, (MANIFEST_NAME, STATE_NAME), "prepared data", flag)
+    settings = prepare_settings(cfg)
+    # Everything that can refuse is checked before the folder, its mark or its lock is created and
+    # before a temp file is cleaned up. Not for the cache (`wait`): it is ddpm's own folder, and
+    # another node may be preparing it, so the source is opened only by the one that must.
+    checked = {} if wait else _check_before_writing(cfg, out, settings)
     out = claim_folder(out, (MANIFEST_NAME, STATE_NAME), "prepared data", flag)
     with FolderLock(out, "ddpm prepare", wait=wait):
         remove_stale_temps(out, max_age_s=0)  # the lock holder is the only writer: a temp file is a killed one's
-        return _prepare(cfg, out, shard_bytes, progress)
+        return _prepare(cfg, out, shard_bytes, progress, settings, **checked)
 
 
-def _prepare(cfg: DataConfig, out: Path, shard_bytes: int, progress: bool) -> "PreparedSet":
-    settings = prepare_settings(cfg)
+def _check_before_writing(cfg: DataConfig, out: Path, settings: dict) -> dict:
+    """The refusals of `_prepare`, writing nothing: OUT's earlier settings equal to these, the
+    source opened, with an image. -> what was found, for `_prepare` (nothing when OUT is finished)."""
+    if (out / MANIFEST_NAME).exists():
+        _check_same(read_manifest(out).get("settings"), settings, out, "holds data prepared")
+        return {}
+    raw = _open_nonempty(cfg)
+    state = _read_state(out)
+    if state is not None:
+        _check_same(state.get("settings"), settings, out, "holds an unfinished prepare")
+        return dict(raw=raw)
+    return dict(raw=raw, first=_first_image(raw, cfg))
+
+
+def _open_nonempty(cfg: DataConfig):
+    raw = open_source(cfg)
+    if source_length(raw) == 0:
+        raise UserError(f"{raw.description}: holds no images; give a non-empty data set")
+    return raw
+
+
+def _prepare(cfg: DataConfig, out: Path, shard_bytes: int, progress: bool, settings: dict, raw=None,
+             first=None) -> "PreparedSet":
     if (out / MANIFEST_NAME).exists():
         _check_same(read_manifest(out).get("settings"), settings, out, "holds data prepared")
         return PreparedSet(out)
-    raw = open_source(cfg)
+    raw = raw if raw is not None else _open_nonempty(cfg)
     n = source_length(raw)
-    if n == 0:
-        raise UserError(f"{raw.description}: holds no images; give a non-empty data set")
     state = _read_state(out)
     if state is not None:
         _check_same(state.get("settings"), settings, out, "holds an unfinished prepare")
     else:
-        first, shape = _first_image(raw, cfg)
+        first, shape = first or _first_image(raw, cfg)
         record = int(np.prod(shape))
         state = dict(settings=settings, shape=list(shape), first=first, per_shard=max(1, shard_bytes // record),
                      shards=[], skipped=[], enlarged=0)

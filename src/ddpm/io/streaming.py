@@ -212,6 +212,18 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def check_stream_out(out, flag: str = "--out") -> Path:
+    """OUT as a folder `write_stream` may write: new, empty, or streaming data it wrote. Checked
+    by `ddpm prepare --to litdata` before it decodes anything, and again by `write_stream`."""
+    out = usable_folder(out, flag)
+    entries = foreign_entries(out)
+    if entries and _read_meta(out) is None:
+        raise UserError(f"{flag} {out}: holds files that ddpm did not write for streaming data "
+                        f"({', '.join(entries[:3])}{' …' if len(entries) > 3 else ''}); nothing was changed there; "
+                        f"give a new or empty folder")
+    return out
+
+
 def write_stream(data: DataSet, out, *, chunk_bytes: str = "64MB", progress: bool = True,
                  flag: str = "--out") -> Path:
     """Write `data` in LitData's format into the folder OUT (then copy it to a bucket).
@@ -219,12 +231,9 @@ def write_stream(data: DataSet, out, *, chunk_bytes: str = "64MB", progress: boo
     OUT appears whole or not at all: it is written beside it under a temporary name and renamed
     at the end. An OUT that already holds these data (the same sha256) is left as it is."""
     _, BinaryWriter = _litdata()
-    out = usable_folder(out, flag)
+    out = check_stream_out(out, flag)
     if foreign_entries(out):
         meta = _read_meta(out)
-        if meta is None:
-            raise UserError(f"{flag} {out}: holds files that ddpm did not write for streaming data; nothing was "
-                            f"changed there; give a new or empty folder")
         if meta.get("sha256") == data.fingerprint():
             return out
         raise UserError(f"{flag} {out}: holds other streaming data (sha256 {str(meta.get('sha256'))[:12]}…); "

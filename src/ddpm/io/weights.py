@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..network.interop import (config_from_diffusers, diffusers_config, from_diffusers_state_dict, load_state,
                                meta_unet, to_diffusers_state_dict, unet_from_tf_state_dict, unet_to_tf_state_dict)
 from ..network.unet import UNet, UNetConfig, config_from_dict
+from ..version import __version__
 from . import checkpoint
 from .atomic import write_bytes, write_json
 from .folders import claim_file
@@ -50,6 +51,7 @@ class WriteFormat(Choice):
 
 READ_FORMATS = tuple(f.value for f in ReadFormat)
 WRITE_FORMATS = tuple(f.value for f in WriteFormat)
+WRITTEN_BY = "_ddpm_written_by"  # in a diffusers config.json that ddpm wrote
 
 
 def _sidecar(path: Path) -> Path:
@@ -149,10 +151,12 @@ def write_unet(unet: UNet, dst, fmt: str) -> list[Path]:
     dst = Path(dst)
     if fmt == "diffusers":
         state = to_diffusers_state_dict(unet)
-        config = {"_class_name": "UNet2DModel", **diffusers_config(unet.config)}
+        # WRITTEN_BY marks the config as ddpm's (diffusers drops keys that start with "_"), so a
+        # rerun replaces it and a UNet2DModel that diffusers or a user saved is never replaced.
+        config = {"_class_name": "UNet2DModel", WRITTEN_BY: f"ddpm {__version__}", **diffusers_config(unet.config)}
         weights, cfg_path = (dst, _sidecar(dst)) if dst.suffix == ".safetensors" else \
             (dst / "diffusion_pytorch_model.safetensors", dst / "config.json")
-        # files already there are replaced only if they are a UNet2DModel's, as this writes
+        # files already there are replaced only if they are a UNet2DModel's that ddpm wrote
         unet2d = lambda p: _is_unet2d_config(cfg_path)  # noqa: E731
         claim_file(cfg_path, unet2d, "a UNet2DModel config", "DST")
         claim_file(weights, unet2d, "a UNet2DModel's weights (with its config beside it)", "DST")
@@ -167,7 +171,8 @@ def write_unet(unet: UNet, dst, fmt: str) -> list[Path]:
 
 def _is_unet2d_config(path: Path) -> bool:
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("_class_name") == "UNet2DModel"
+        d = json.loads(path.read_text(encoding="utf-8"))
+        return d.get("_class_name") == "UNet2DModel" and str(d.get(WRITTEN_BY, "")).startswith("ddpm ")
     except (OSError, ValueError, AttributeError):
         return False
 

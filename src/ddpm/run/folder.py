@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 from ..errors import UserError
 from ..io import checkpoint as ckpt
 from ..io.atomic import write_json, write_text
-from ..io.folders import claim_folder
+from ..io.folders import check_folder, claim_folder
 from .config import RECORD_KEYS, SECTIONS, RunConfig
 
 CONFIG_NAME = "config.json"
@@ -66,6 +66,11 @@ def _config_json(run_dir: Path) -> Optional[dict]:
 def is_run_folder(run_dir: Path) -> bool:
     """Whether `run_dir` is a ddpm run: a ddpm config.json, or checkpoints."""
     return bool(ckpt.list_checkpoints(run_dir)) or _config_json(run_dir) is not None
+
+
+def check_run_folder(run_dir) -> Path:
+    """`claim_run_folder`'s check, creating nothing."""
+    return check_folder(run_dir, is_run_folder, "a training run")
 
 
 def claim_run_folder(run_dir) -> Path:

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..io.images import make_class_grid, write_png
 from ..process.scaling import to_uint8
 from ..run.config import RunConfig
-from ..run.folder import claim_run_folder
+from ..run.folder import check_run_folder
 from ..run.load import load_run
 from .experiments import progressive_figure, progressive_generation
 from .report import write_report
@@ -38,7 +38,7 @@ def progressive_times(T: int, n: int = 10) -> list[int]:
 def run_demo(out="runs/demo", steps: int | None = None, n: int = 6, progress: bool = True, seed: int = 0) -> dict:
     """Train the demo, then draw `n` samples of each class and the progressive strip.
     -> dict(train_seconds, sample_seconds, samples, progressive, step, loss, run_dir)."""
-    out = claim_run_folder(out)  # a folder that cannot be a run is one line before anything else
+    out = check_run_folder(out)  # a folder that cannot be a run is one line before anything else; train claims it
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError(f"--n {n}: give the number of samples of each class to draw, at least 1")
     torch.set_num_threads(max(1, torch.get_num_threads()))

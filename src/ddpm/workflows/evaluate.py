@@ -33,7 +33,7 @@ from ..io.data import DataConfig, DataSet
 from ..io.prepared import open_data
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, broadcast_object, derive_seed, shard
 from ..io.distributed import init as dist_init
-from ..io.folders import claim_file, claim_folder
+from ..io.folders import check_folder, claim_file, claim_folder
 from ..io.images import IMAGE_EXTENSIONS, open_image
 from ..io.progress import progress_bar
 from ..network.inception import FEATURE_DIM, NUM_CLASSES, WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX, InceptionV3, load_inception
@@ -356,6 +356,16 @@ def cached_reference(path: Path, data, inception: InceptionV3, *, batch: int, di
     return stats
 
 
+def _is_evaluation(folder: Path) -> bool:
+    """Whether `folder` holds an eval.json that `evaluate_run` wrote (a folder it claimed but had not
+    finished carries the folder mark instead: io/folders.py)."""
+    try:
+        d = json.loads((Path(folder) / "eval.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and {"protocol", "n_samples", "fid", "checkpoint_sha256"} <= set(d)
+
+
 def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, seed: int = 0, ref_train=None,
                  ref_test=None, bpd_n: Optional[int] = None, bpd_batch: int = 64, inception_batch: int = 100,
                  weights=None, expected_sha256=WEIGHTS_SHA256_PREFIX, device: str = "auto", dist=None,
@@ -398,7 +408,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     run, ema, diffusion, ckpt_file = loaded.run, loaded.model, loaded.diffusion, loaded.checkpoint
     base = run_dir if run_dir.is_dir() else run_dir.parent
     out_dir = Path(out_dir) if out_dir is not None else base / "eval" / ckpt_file.stem
-    claim_folder(out_dir, ["eval.json", "samples", "nll"], "an evaluation")
+    check_folder(out_dir, _is_evaluation, "an evaluation")  # created below, once the rest is checked
     m = run.model
     shape = (m.in_channels, *m.size)
     inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
@@ -408,6 +418,7 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     labels, _, classes = sample_labels(ClassChoice(), n, m.num_classes, *loaded.class_info)
     if labels is None:
         conditioned(ema, None, 0, guidance)  # a weight for an unconditional model: one line
+    claim_folder(out_dir, _is_evaluation, "an evaluation")
     log(f"eval: {n} EMA samples (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}")
     res = sample_to_dir(ema, diffusion, out_dir / "samples", n, batch, seed, shape, dist, device=dist.device,
                         progress=progress, model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)),

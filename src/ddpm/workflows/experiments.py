@@ -18,6 +18,7 @@ batch size or the number of processes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,8 +27,8 @@ import torch
 
 from ..errors import UserError
 from ..io.atomic import write_json, write_npz
-from ..io.folders import claim_folder
-from ..io.distributed import derive_seed
+from ..io.folders import check_folder, claim_folder
+from ..io.distributed import check_seed, derive_seed
 from ..io.images import make_grid, read_image, write_png
 from ..io.progress import loop_progress
 from ..process.diffusion import GaussianDiffusion, check_time
@@ -213,15 +214,28 @@ def reconstruction_figure(res: dict) -> np.ndarray:
 FIGURES = ("progressive", "shared", "interpolation", "reconstruct")
 
 
-def _claim(out_dir) -> Path:
-    """The figures' folder: new, empty, or one that holds figures written here (io/folders.py)."""
-    return claim_folder(out_dir, [f"{name}.json" for name in FIGURES], "figures")
+def _is_figures(folder: Path) -> bool:
+    """Whether `folder` holds a figure's record that `_write` wrote (which checkpoint, which settings)."""
+    for name in FIGURES:
+        try:
+            d = json.loads((Path(folder) / f"{name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and {"model", "checkpoint"} <= set(d):
+            return True
+    return False
+
+
+def _check(out_dir) -> Path:
+    """The figures' folder: new, empty, or one that holds figures written here (io/folders.py).
+    Checked first, created only by `_write`, once everything else is checked and drawn."""
+    return check_folder(out_dir, _is_figures, "figures")
 
 
 def _write(out_dir, name: str, figure: np.ndarray, loaded, settings: dict, **arrays) -> dict:
     """OUT/NAME.png (the figure), OUT/NAME.npz (the arrays) and OUT/NAME.json (which checkpoint, by
     its content hash, and which settings made them) -> dict(png, npz, json)."""
-    out = Path(out_dir)
+    out = claim_folder(out_dir, _is_figures, "figures")
     record = write_json(out / f"{name}.json", dict(model=loaded.tag, checkpoint=str(loaded.checkpoint), **settings))
     return dict(png=str(write_png(figure, out / f"{name}.png")), npz=str(write_npz(out / f"{name}.npz", **arrays)),
                 json=str(record))
@@ -259,7 +273,8 @@ def progressive_run(run, out_dir, *, n_chains: int = 8, times: Optional[Sequence
     """
     if isinstance(n_chains, bool) or not isinstance(n_chains, int) or n_chains < 1:
         raise UserError(f"n_chains={n_chains}: give at least one chain")
-    _claim(out_dir)
+    _check(out_dir)
+    seed = check_seed(seed)
     guidance = check_weight(guidance)
     loaded, dist, _ = open_run(run, weights, device, fast, precision)
     labels, _, record = sample_labels(ClassChoice(class_), n_chains, loaded.run.model.num_classes, *loaded.class_info)
@@ -277,7 +292,8 @@ def shared_run(run, out_dir, share_t: Sequence[int], *, k: int = 8, seed: int = 
                device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True, class_=None,
                guidance: float = 1.0) -> dict:
     """`ddpm progressive --share-t`: Fig. 7 of a trained run into OUT/shared.png and .npz."""
-    _claim(out_dir)
+    _check(out_dir)
+    seed = check_seed(seed)
     loaded, dist, _ = open_run(run, weights, device, fast, precision)
     label, cls = _one_class(loaded, class_, guidance)
     res = shared_latent_samples(loaded.model, loaded.diffusion, loaded.shape, share_t, k, seed, dist.device,
@@ -297,7 +313,8 @@ def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,)
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise UserError(f"--steps {steps}: give at least 2 values of λ (λ = 0 and 1)")
-    _claim(out_dir)
+    _check(out_dir)
+    seed = check_seed(seed)
     loaded, dist, _ = open_run(run, weights, device, fast, precision)
     label, cls = _one_class(loaded, class_, guidance)
     a, b = (_model_input(p, loaded.shape, dist.device) for p in (image_a, image_b))
@@ -314,7 +331,8 @@ def reconstruct_run(run, image, out_dir, *, t: Sequence[int] = (0, 250, 500, 750
     """`ddpm reconstruct`: one image file noised to x_t and brought back, into OUT/reconstruct.png and .npz.
 
     :param class_, guidance: a conditional run's class for the decoding (default none) and the guidance weight."""
-    _claim(out_dir)
+    _check(out_dir)
+    seed = check_seed(seed)
     loaded, dist, _ = open_run(run, weights, device, fast, precision)
     label, cls = _one_class(loaded, class_, guidance)
     x0 = _model_input(image, loaded.shape, dist.device)

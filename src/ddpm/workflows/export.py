@@ -40,7 +40,9 @@ def export_run(run, out, *, to: str = "diffusers", weights: str = "ema", push_to
         raise UserError(f"--to {to!r} is not valid; choose one of: diffusers")
     loaded = load_run(run, weights, "cpu", fast="off")
     sched = diffusers_scheduler_config(loaded.run.diffusion)  # refuses what diffusers cannot hold, before writing
-    out = claim_folder(out, ["model_index.json", PIPELINE_CONFIG], "a diffusers pipeline")
+    # Ours only by ddpm's own record (or folder mark): a user's diffusers folder has a
+    # model_index.json too, and is refused untouched.
+    out = claim_folder(out, is_export, "a diffusers pipeline")
     files = write_unet(loaded.model, out / "unet", "diffusers")
     files.append(write_json(out / "scheduler" / "scheduler_config.json", sched))
     index = {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
@@ -57,6 +59,15 @@ def export_run(run, out, *, to: str = "diffusers", weights: str = "ema", push_to
     files.append(write_text(out / "README.md", model_card(loaded, _evaluation(loaded))))
     repo_url = upload(out, push_to_hub, private) if push_to_hub else None
     return dict(out=str(out), files=[str(f) for f in files], repo_url=repo_url)
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds the record (ddpm_config.json) of an earlier `ddpm export`."""
+    try:
+        record = json.loads((Path(folder) / PIPELINE_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == PIPELINE_FORMAT
 
 
 def _evaluation(loaded) -> Optional[dict]:

@@ -25,8 +25,8 @@ from ..errors import UserError
 from ..io.atomic import atomic_file, write_bytes, write_json, write_npz
 from ..io.data import DataConfig
 from ..io.prepared import open_data
-from ..io.distributed import DistInfo, barrier, broadcast_object, is_main_process, shard
-from ..io.folders import usable_folder
+from ..io.distributed import DistInfo, barrier, broadcast_object, check_seed, is_main_process, shard
+from ..io.folders import check_folder, claim_folder, usable_folder
 from ..io.images import CHANNEL_MODES, figure_png
 from ..io.progress import loop_progress, progress_bar
 from ..io.results import check_settings
@@ -43,6 +43,7 @@ from .sample import ImageNoise, num_classes_of
 # ---------------------------------------------------------------------------------------------
 
 NLL_META = "nll.json"
+RD_RECORDS, RD_WHAT = (NLL_META,), "a rate-distortion curve"  # into an nll folder, or its own
 
 
 def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: int, out_dir, dist: Optional[DistInfo] = None,
@@ -89,6 +90,7 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
         if labels.shape != (N,):
             raise UserError(f"{tuple(labels.shape)} labels for {N} images; give one label per image")
     conditioned(model, labels, K)  # an unconditional model given labels: one line
+    seed = check_seed(seed)  # before nll.json records it
     dist = dist or DistInfo()
     device = torch.device(device) if device is not None else dist.device
     out_dir = usable_folder(out_dir)
@@ -266,9 +268,9 @@ def rate_distortion(bpd: dict) -> dict:
 
 
 def write_rate_distortion(rd: dict, out_dir) -> dict:
-    """`rate_distortion.csv` and `rate_distortion.png` (Fig. 5's three panels) in `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """`rate_distortion.csv` and `rate_distortion.png` (Fig. 5's three panels) in `out_dir`: a
+    folder that is new, empty, a `ddpm nll` output, or one this wrote before (io/folders.py)."""
+    out_dir = claim_folder(out_dir, RD_RECORDS, RD_WHAT)
     csv_path, png_path = out_dir / "rate_distortion.csv", out_dir / "rate_distortion.png"
     with atomic_file(csv_path, "w") as f:
         w = csv.writer(f)
@@ -342,6 +344,7 @@ def rate_distortion_run(out_dir, *, from_nll=None, run=None, data: Optional[str]
     """`ddpm rate-distortion`: Fig. 5 into `out_dir`, from the bits/dim a `ddpm nll` wrote to
     `from_nll`, or evaluated here first (into `out_dir`, resumable) for `run` on `data`.
     -> the `rate_distortion` dict with the files written (None on processes other than the first)."""
+    check_folder(out_dir, RD_RECORDS, RD_WHAT)  # before the bits/dim are read or computed
     if from_nll is None:
         if run is None or not data:
             raise UserError("give --data SOURCE (the test images), or --from-nll DIR with the output of `ddpm nll`")

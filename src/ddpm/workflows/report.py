@@ -21,6 +21,7 @@ from typing import Optional
 from ..errors import UserError
 from ..io.atomic import write_text
 from ..io.escape import html_text, plot_text
+from ..io.folders import claim_file
 from ..io.images import figure_png
 from ..io import checkpoint as ckpt
 from ..run.folder import METRICS_NAME, read_metrics, read_run_record
@@ -28,6 +29,8 @@ from ..version import __version__
 from .nll import draw_rate_distortion, load_bpd, rate_distortion
 
 REPORT_NAME = "report.html"
+GENERATOR = '<meta name="generator" content="ddpm report">'  # marks a page as ours: a rerun may replace it
+_HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}h1{font-size:1.5em}"
          "h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:2em}img{max-width:100%;image-rendering:pixelated}"
          "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}table{border-collapse:collapse}"
@@ -140,13 +143,26 @@ def _evaluation(run_dir: Path) -> list[str]:
     return parts
 
 
+def is_report(path: Path) -> bool:
+    """Whether the file at `path` is a page that `write_report` wrote (it carries GENERATOR in its
+    head; a page of a version before it begins with the head and title it wrote)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return head.startswith(_HEAD) and (GENERATOR in head or head.startswith(_HEAD + "<title>ddpm run "))
+
+
 def write_report(run_dir, out: Optional[Path] = None) -> Path:
-    """RUN_DIR/report.html (or `out`): the run's config, curves, pictures and evaluations in one page."""
+    """RUN_DIR/report.html (or `out`): the run's config, curves, pictures and evaluations in one page.
+    An existing file there is replaced only if it is a report that ddpm wrote (`is_report`)."""
     run_dir = Path(run_dir)
     record = read_run_record(run_dir) if run_dir.is_dir() else None
     if record is None:
         raise UserError(f"{run_dir}: not a run directory (no config.json and no checkpoint); give the --out folder "
                         f"of a ddpm train")
+    out = claim_file(out if out is not None else run_dir / REPORT_NAME, is_report, "a report")
     recs = read_metrics(run_dir / METRICS_NAME)
     found = ckpt.list_checkpoints(run_dir)
     last = f"{found[-1][1].name} (step {found[-1][0]:,})" if found else "none yet"
@@ -166,6 +182,6 @@ def write_report(run_dir, out: Optional[Path] = None) -> Path:
     if evaluation:
         body += ["<h2>Evaluation (ddpm eval)</h2>", *evaluation]
     body += ["<h2>Configuration</h2>", f"<pre>{html.escape(json.dumps(record.config, indent=2))}</pre>"]
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ddpm run {html_text(run_dir.name)}'
+    page = (f"{_HEAD}{GENERATOR}<title>ddpm run {html_text(run_dir.name)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
-    return write_text(Path(out) if out is not None else run_dir / REPORT_NAME, page)
+    return write_text(out, page)

@@ -25,7 +25,7 @@ import torch
 from ..config import Choice
 from ..errors import UserError
 from ..io.atomic import write_npz_rows
-from ..io.distributed import DistInfo, barrier, broadcast_object, derive_seed, shard
+from ..io.distributed import DistInfo, barrier, broadcast_object, check_seed, derive_seed, shard
 from ..io.folders import usable_folder
 from ..io.images import make_class_grid, make_grid, read_png, write_png
 from ..io.progress import loop_progress, progress_bar
@@ -343,6 +343,7 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
         raise UserError(f"n={n!r}: give the number of samples to draw, at least 1")
     if isinstance(batch, bool) or int(batch) != batch or batch < 1:
         raise UserError(f"batch={batch!r}: give a batch size of at least 1")
+    seed = check_seed(seed)  # before sampling.json records it
     opts = dict(sampler="ancestral", ddim_steps=50, ddim_eta=0.0, ddim_spacing="uniform", clip_denoised=True)
     unknown = sorted(set(sampler_opts) - set(opts))
     if unknown:

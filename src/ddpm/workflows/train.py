@@ -51,7 +51,7 @@ from ..network.unet import UNet
 from ..process.diffusion import GaussianDiffusion
 from ..process.scaling import to_model_range, to_uint8
 from ..run.config import RunConfig, TrainConfig, check_resume_compatible, config_changes, is_resumable
-from ..run.folder import (CONFIG_NAME, METRICS_NAME, append_metrics, claim_run_folder, read_run_record, truncate_metrics,
+from ..run.folder import (CONFIG_NAME, METRICS_NAME, append_metrics, check_run_folder, claim_run_folder, read_run_record, truncate_metrics,
                           write_run_record)
 from ..run.load import initial_weights, state_dict_problem
 from .evaluate import TrainingFID
@@ -186,6 +186,14 @@ def train(run_dir, run: RunConfig, *, images: Optional[DataSet] = None, progress
     if cfg.batch_size % dist.world_size:
         raise UserError(f"train.batch_size={cfg.batch_size} is not divisible by the {dist.world_size} processes; "
                         f"use a multiple of {dist.world_size} (the batch size is the global batch)")
+    check_run_folder(run_dir)
+    local = cfg.batch_size // dist.world_size
+    if cfg.clip_share and local % cfg.clip_share:
+        raise UserError(f"train.clip_granularity={cfg.clip_granularity}: each of the {dist.world_size} processes holds "
+                        f"{local} images, not a multiple of {cfg.clip_share}; change the batch or the share")
+    if images is None:  # opened before the run folder is created: a missing source leaves nothing behind
+        images = open_data(run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution),
+                           progress=progress and dist.local_rank == 0, preparer=dist.local_rank == 0, barrier=barrier)
     run_dir = claim_run_folder(run_dir)
     with contextlib.ExitStack() as stack:
         if dist.is_main:
@@ -200,9 +208,6 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
            accept_new_data: bool, stop: "_StopSignals", stack: contextlib.ExitStack) -> dict:
     cfg = run.train
     record = read_run_record(run_dir)
-    if images is None:
-        images = open_data(run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution),
-                           progress=progress and dist.local_rank == 0, preparer=dist.local_rank == 0, barrier=barrier)
     run = resolve_model(run, images)
     resuming = record is not None and bool(ckpt.list_checkpoints(run_dir))
     changes = check_resume_compatible(record.config, run, record.source) if resuming else []
@@ -268,9 +273,6 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     barrier()
     local = cfg.batch_size // dist.world_size
     lo, hi = dist.rank * local, (dist.rank + 1) * local
-    if cfg.clip_share and local % cfg.clip_share:
-        raise UserError(f"train.clip_granularity={cfg.clip_granularity}: each of the {dist.world_size} processes holds "
-                        f"{local} images, not a multiple of {cfg.clip_share}; change the batch or the share")
     mb = cfg.clip_share or cfg.microbatch or local  # with replica:N clipping each share is one micro-batch
     chunks = [slice(a, min(a + mb, local)) for a in range(0, local, mb)]
     shares = torch._foreach_mul([p.detach() for p in params], 0.0) if cfg.clip_share else None
