@@ -203,6 +203,8 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     if images is None:
         images = open_data(run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution),
                            progress=progress and dist.local_rank == 0, preparer=dist.local_rank == 0, barrier=barrier)
+    if isinstance(images, PreparedSet):  # checked in the background (below), not shard by shard on first read
+        images.check_on_read = False
     run = resolve_model(run, images)
     resuming = record is not None and bool(ckpt.list_checkpoints(run_dir))
     changes = check_resume_compatible(record.config, run, record.source) if resuming else []
