@@ -663,7 +663,9 @@ def _load_fashion_mnist(arg: Optional[str], split: str) -> _Raw:
 def _load_npz(path: Path, split: str) -> _Raw:
     try:
         z = np.load(path, allow_pickle=False)
-    except ValueError as e:  # a .npy of Python objects
+    except ValueError as e:  # a .npy of Python objects, or a header numpy refuses
+        if "allow_pickle" not in str(e):
+            raise UserError(f"{path}: has a header that cannot be read ({e}); the file is damaged: re-create it") from None
         raise UserError(f"{path}: cannot load ({e}); pickled objects are refused, save the images as a uint8 array") from None
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable .npz/.npy file ({e}); re-create it with np.savez(path, x=images)") from None
@@ -681,7 +683,10 @@ def _load_npz(path: Path, split: str) -> _Raw:
                 )
             try:
                 arr = z[key]
-            except ValueError:
+            except ValueError as e:
+                if "allow_pickle" not in str(e):  # a header numpy refuses: a size past what exists, a bad shape
+                    raise UserError(f"{path}: array {key!r} has a header that cannot be read ({e}); the file is "
+                                    f"damaged: re-create it") from None
                 raise UserError(
                     f"{path}: array {key!r} holds Python objects, refused because loading them runs pickle; "
                     "save the images as a uint8 array, e.g. np.savez(path, x=images.astype(np.uint8))"
@@ -713,6 +718,9 @@ def _load_npz(path: Path, split: str) -> _Raw:
         raise UserError(
             f"{where}: shape {list(arr.shape)}, expected uint8 images [N, H, W] or [N, H, W, C] with C = 1 or 3{hint}"
         )
+    if 0 in arr.shape[1:]:
+        raise UserError(f"{where}: shape {list(arr.shape)}: images of {arr.shape[1]}x{arr.shape[2]} pixels with "
+                        f"{arr.shape[3]} channel(s) hold no pixels; save images of at least 1x1")
     return _Raw(f"array file {where}", array=arr, labels=None if labels is None else labels.astype(np.int64),
                 classes=() if labels is None else _classes_for(labels))
 
