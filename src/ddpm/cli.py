@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddpm: error: give a command: {', '.join(_COMMANDS)} (see ddpm --help)", file=sys.stderr)
         return 2
     name = f"ddpm {args.command}"
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, never a crash
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, category, *a, **k: print(f"{name}: warning: {message}", file=sys.stderr)
         old_term = _on_sigterm()

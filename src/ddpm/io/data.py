@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from ..config import Choice, Config, parse_size, size_value
-from ..errors import UserError
+from ..errors import UserError, shown
 
 from .images import IMAGE_EXTENSIONS, is_image_file, prepare_image, rgb_to_gray
 from .progress import progress_bar
@@ -785,7 +785,7 @@ def source_length(raw: _Raw) -> int:
 
 
 def item_name(raw: _Raw, i: int) -> str:
-    return raw.items[i][0] if raw.items is not None else f"{raw.description} image {i}"
+    return shown(raw.items[i][0]) if raw.items is not None else f"{raw.description} image {i}"
 
 
 def decode(raw: _Raw, cfg: DataConfig, start: int = 0, stop: Optional[int] = None, bar=None):

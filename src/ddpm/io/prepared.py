@@ -106,11 +106,11 @@ def stat_fingerprint(path: Optional[Path]) -> str:
     path = path.resolve()
     if path.is_file():
         st = path.stat()
-        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))  # the bytes of the name
         return h.hexdigest()
     lines: list[str] = []
     _stat_lines(path, "", lines)
-    h.update("".join(sorted(lines)).encode())
+    h.update("".join(sorted(lines)).encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
