@@ -461,8 +461,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         unused = set(tensors) - _tensor_names(tree)
         if unused:
             raise ValueError(f"tensors {sorted(unused)[:3]} are not part of the state")
-        if not isinstance(state, dict):
-            raise ValueError(f"its state is a {type(state).__name__}, not a dict of named parts")
+        # the state is a dict (get_field refuses anything else), and its parts have their kinds
         get_field(state, "step", int, "its state", ok=lambda v: v >= 0, need="an integer >= 0", default=0)
         get_field(state, "config", dict, "its state", default=None)
         for part in ("model", "ema"):
