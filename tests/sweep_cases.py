@@ -1209,7 +1209,8 @@ def _resigned_weights(tmp: Path, fx: Fixtures, change: Callable[[dict], object])
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     header = json.dumps(change(json.loads(meta["ddpm"])))
     p = tmp / "w.safetensors"
-    safetensors.torch.save_file(tensors, str(p), metadata={"ddpm": header, "ddpm_sha256": ck._content_hash(header, tensors)})
+    safetensors.torch.save_file(tensors, str(p), metadata={"ddpm": header,
+                                                           "ddpm_sha256": ck._content_hash(header, tensors)})
     return p
 
 
@@ -1276,7 +1277,8 @@ def _shard_swapped(tmp: Path, fx: Fixtures) -> Path:
 def _nll_with_part(change: Callable[[dict], dict]):
     """`ddpm nll` run once into a folder (2 parts of 1 image), then a part replaced by `change(arrays)`."""
     def setup(tmp, fx):
-        argv = ["nll", "--run", fx.run, "--data", fx.npz, "--n", "2", "--batch", "1", "--out", tmp / "nll", "--no-progress"]
+        argv = ["nll", "--run", fx.run, "--data", fx.npz, "--n", "2", "--batch", "1", "--out", tmp / "nll",
+                "--no-progress"]
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc, exc, _ = call_main(argv)
@@ -1299,8 +1301,8 @@ def _pipeline(tmp: Path, fx: Fixtures, unet: Optional[dict] = None, scheduler: O
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc, exc, _ = call_main(["export", fx.run, pipe])
     assert rc == 0 and exc is None, err.getvalue()
-    for path, fields in ((pipe / "unet" / "config.json", unet), (pipe / "scheduler" / "scheduler_config.json", scheduler),
-                         (pipe / "ddpm_config.json", record)):
+    for path, fields in ((pipe / "unet" / "config.json", unet),
+                         (pipe / "scheduler" / "scheduler_config.json", scheduler), (pipe / "ddpm_config.json", record)):
         if fields is not None:
             path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
     if scheduler is not None:

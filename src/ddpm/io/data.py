@@ -665,7 +665,8 @@ def _load_npz(path: Path, split: str) -> _Raw:
         z = np.load(path, allow_pickle=False)
     except ValueError as e:  # a .npy of Python objects, or a header numpy refuses
         if "allow_pickle" not in str(e):
-            raise UserError(f"{path}: has a header that cannot be read ({e}); the file is damaged: re-create it") from None
+            raise UserError(f"{path}: has a header that cannot be read ({e}); the file is damaged: "
+                            f"re-create it") from None
         raise UserError(f"{path}: cannot load ({e}); pickled objects are refused, save the images as a uint8 array") from None
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable .npz/.npy file ({e}); re-create it with np.savez(path, x=images)") from None

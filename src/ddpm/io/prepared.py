@@ -106,7 +106,8 @@ def stat_fingerprint(path: Optional[Path]) -> str:
     path = path.resolve()
     if path.is_file():
         st = path.stat()
-        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))  # the bytes of the name
+        # a name's own bytes: a name that is not UTF-8 hashes too, one that is hashes as before
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
     lines: list[str] = []
     _stat_lines(path, "", lines)
