@@ -1405,6 +1405,21 @@ add("r3-train/prepared-manifest-classes-a-number", lambda tmp, fx: _train(
 add("r3-train/prepared-manifest-sha256-a-number", lambda tmp, fx: _train(
     tmp, fx, _with_manifest(_prepared_labelled(tmp, fx), sha256=5)), ("manifest.json", "sha256"))
 
+
+
+def _prepare_state(**fields):
+    """`ddpm prepare` into a folder holding an unfinished prepare's state with `fields` replaced."""
+    def setup(tmp, fx):
+        state = dict(settings={}, shape=[1, 32, 32], first="x", per_shard=4, shards=[], skipped=[], enlarged=0)
+        _write(tmp / "prepared" / "prepare-state.json", json.dumps({**state, **fields}))
+        return _prepare(tmp, fx)
+    return setup
+
+
+add("r3-prepare/state-shard-a-number", _prepare_state(shards=[5]), "prepare-state.json")
+add("r3-prepare/state-per-shard-a-string", _prepare_state(per_shard="x"), ("prepare-state.json", "per_shard"))
+add("r3-prepare/state-shape-of-two", _prepare_state(shape=[32, 32]), ("prepare-state.json", "shape"))
+
 NLL_PARTS = [
     ("indices-floats", lambda a: dict(a, indices=a["indices"].astype(np.float32)), "indices"),
     ("vb-1d", lambda a: dict(a, vb=a["vb"][0]), "vb"),

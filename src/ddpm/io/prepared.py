@@ -225,6 +225,20 @@ def _read_state(out: Path) -> Optional[dict]:
     state = load_json(out / STATE_NAME, expect=dict)
     if not isinstance(state.get("shards"), list) or not isinstance(state.get("shape"), list):
         raise UserError(f"{out / STATE_NAME}: not a ddpm prepare state; delete {out} to prepare it again")
+    advice = f"delete {out} to prepare it again"
+    where = out / STATE_NAME
+    get_field(state, "shape", list, where, ok=lambda v: len(v) == 3 and all(isinstance(d, int) and d > 0 for d in v),
+              need="[C, H, W] of positive integers", advice=advice)
+    get_field(state, "per_shard", int, where, ok=lambda v: v >= 1, need="an integer >= 1", advice=advice)
+    get_field(state, "enlarged", int, where, ok=lambda v: v >= 0, need="an integer >= 0", advice=advice)
+    get_field(state, "first", str, where, advice=advice)
+    get_field(state, "skipped", list, where, advice=advice)
+    for entry in state["shards"]:  # what a resume reads of each finished shard
+        for key, kind in (("file", str), ("sha256", str), ("count", int)):
+            get_field(entry, key, kind, f"{where} [shards]", advice=advice)
+        if "/" in entry["file"] or entry["count"] < 0:
+            raise UserError(f"{out / STATE_NAME}: a shard {entry['file']!r} of {entry['count']} images is not one "
+                            f"that prepare writes; {advice}")
     return state
 
 
