@@ -1455,6 +1455,8 @@ EMPTY_VALUES = [  # flags that took an empty value for a default, or refused it 
 for cmd, base, flags in EMPTY_VALUES:
     for flag in flags:
         add(f"r3-{cmd}/{flag.lstrip('-')}-empty", lambda tmp, fx, b=base, f=flag: b(tmp, fx) + [f, ""], (flag, "empty"))
+for field in ("train.init_from", "train.fid_ref"):
+    add(f"r3-train/set-{field}-empty", lambda tmp, fx, f=field: _train(tmp, fx) + ["--set", f"{f}="], (field, "empty"))
 add("r3-train/config-blank", lambda tmp, fx: _train(tmp, fx) + ["--config", " "], ("--config", "empty"))
 add("r3-nll/prepared-shard-other-bytes-same-size", lambda tmp, fx: _nll(tmp, fx, _shard_swapped(tmp, fx)) + [
     "--split", "train"], "shard-00000.u8")

@@ -162,6 +162,9 @@ def apply_overrides(cfg, pairs: list[str], where: str = "--set"):
         if "=" not in p:
             raise UserError(f"{where} {p!r}: expected key=value")
         k, v = p.split("=", 1)
+        if v.strip() == "":  # e.g. train.init_from=$CKPT with $CKPT unset: never the default in silence
+            raise UserError(f"{where} {p!r}: the value of {k.strip()} is empty; give one (is a shell variable "
+                            f"unset?), or leave the --set out to keep the default")
         changes[k.strip()] = v.strip()
     d = cfg.to_dict()
     names = set(d)
