@@ -160,3 +160,16 @@ def test_the_library_takes_no_empty_preset_or_config_path_for_the_default():
     with pytest.raises(UserError, match="the path is empty"):
         resolve_run_config("tiny", "")
     assert resolve_run_config(None).model == resolve_run_config("cifar10").model  # None: the documented default
+
+
+def test_a_metrics_line_nested_too_deep_is_dropped_like_a_torn_one(capsys, run, tmp_path):
+    copy = shutil.copytree(run, tmp_path / "run")
+    with open(copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    rc, _, err = _cli(capsys, ["report", copy])
+    assert rc == 0 and (copy / "report.html").is_file(), err
+    rc, _, err = _cli(capsys, ["train", "--out", copy, "--steps", "5", "--no-progress"])
+    assert rc == 0, err
+    assert any("dropped 1 unreadable line(s)" in line for line in err), err
+    steps = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == len(set(steps)) and max(steps) == 5

@@ -130,7 +130,7 @@ def _parse_metrics(path: Path) -> tuple[list[tuple[dict, str]], list[int]]:
             continue
         try:
             line = raw.decode("utf-8")
-            rec = json.loads(line)
+            rec = parse_json(line, path)  # UserError (a ValueError) for a line nested too deep
             if not isinstance(rec["step"], (int, float)):
                 raise TypeError(f"step {rec['step']!r}")
         except (ValueError, UnicodeDecodeError, KeyError, TypeError):
