@@ -1296,6 +1296,294 @@ add("r4-nll/seed-negative-into-a-new-folder", lambda tmp, fx: _nll(tmp, fx) + ["
     N["seed"])
 add("r4-reconstruct/seed-negative-into-a-new-folder", lambda tmp, fx: _recon(tmp, fx) + [
     "--out", tmp / "fresh", "--seed", "-3"], N["seed"])
+# Files read back are checked against their schema where they are parsed (damaged or odd files:
+# one line naming the file and the field); empty values and true reasons (nothing silent or
+# misleading)
+# ---------------------------------------------------------------------------------------------
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+
+
+def _resigned_ckpt(tmp: Path, fx: Fixtures, change: Callable[[dict], object], name: str = "resigned") -> Path:
+    """The fixture checkpoint with its ddpm header replaced by `change(header)` (a dict or a JSON
+    string) and checksummed again, as a file that verifies but holds what ddpm never writes."""
+    import safetensors.torch
+    from safetensors import safe_open
+
+    from ddpm.io import checkpoint as ck
+
+    with safe_open(str(fx.ckpt), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    new = change(json.loads(meta["ddpm"]))
+    header = new if isinstance(new, str) else json.dumps(new)
+    p = _dir(tmp, name) / "ckpt-00000002.safetensors"
+    safetensors.torch.save_file(tensors, str(p), metadata={"ddpm": header,
+                                                           "ddpm_sha256": ck._content_hash(header, tensors)})
+    return p
+
+
+def _resigned_weights(tmp: Path, fx: Fixtures, change: Callable[[dict], object]) -> Path:
+    """The fixture weights file with its ddpm header replaced by `change(header)`, checksummed again."""
+    import safetensors.torch
+    from safetensors import safe_open
+
+    from ddpm.io import checkpoint as ck
+
+    with safe_open(str(fx.weights), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.dumps(change(json.loads(meta["ddpm"])))
+    p = tmp / "w.safetensors"
+    safetensors.torch.save_file(tensors, str(p), metadata={"ddpm": header,
+                                                           "ddpm_sha256": ck._content_hash(header, tensors)})
+    return p
+
+
+def _tree_as(kind: str):
+    def change(h):
+        tree = h["tree"]
+        h["tree"] = {"list": [tree], "tuple": {"$tuple": [tree]}, "step-text": dict(tree, step="abc")}[kind]
+        return h
+    return change
+
+
+def _run_with_config(tmp: Path, fx: Fixtures, text: str) -> Path:
+    run = _run_copy(tmp, fx)
+    (run / "config.json").write_text(text)
+    return run
+
+
+def _with_section(fx: Fixtures, **sections) -> str:
+    return json.dumps({**json.loads((fx.run / "config.json").read_text()), **sections})
+
+
+def _run_with_eval(tmp: Path, fx: Fixtures, report: Union[dict, str]) -> Path:
+    run = _run_copy(tmp, fx)
+    _write(run / "eval" / "ckpt-00000002" / "eval.json", report if isinstance(report, str) else json.dumps(report))
+    return run
+
+
+def _prepared_labelled(tmp: Path, fx: Fixtures, labels=None, keep_sha: bool = False, name: str = "prepl") -> Path:
+    """The labelled fixture data prepared; `labels` replace the label file's ids (the manifest's
+    sha256 of it updated too, unless `keep_sha`, which makes it a damaged file)."""
+    import hashlib
+
+    from ddpm.io.data import DataConfig
+    from ddpm.io.prepared import prepare
+
+    d = prepare(DataConfig(source=str(fx.root / "labelled.npz")), tmp / name, progress=False).path
+    if labels is not None:
+        data = np.asarray(labels, "<i8").tobytes()
+        (d / "shard-00000.labels").write_bytes(data)
+        if not keep_sha:
+            m = json.loads((d / "manifest.json").read_text())
+            m["shards"][0]["labels_sha256"] = hashlib.sha256(data).hexdigest()
+            (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+def _with_manifest(d: Path, **fields) -> Path:
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, **fields}))
+    return d
+
+
+def _shard_swapped(tmp: Path, fx: Fixtures) -> Path:
+    """A prepared folder whose shard holds other bytes of the same size."""
+    from ddpm.io.data import DataConfig
+    from ddpm.io.prepared import prepare
+
+    d = prepare(DataConfig(source=str(fx.npz)), tmp / "prepswap", progress=False).path
+    shard = d / "shard-00000.u8"
+    shard.write_bytes(bytes(255 - b for b in shard.read_bytes()))
+    return d
+
+
+def _nll_with_part(change: Callable[[dict], dict]):
+    """`ddpm nll` run once into a folder (2 parts of 1 image), then a part replaced by `change(arrays)`."""
+    def setup(tmp, fx):
+        argv = ["nll", "--run", fx.run, "--data", fx.npz, "--n", "2", "--batch", "1", "--out", tmp / "nll",
+                "--no-progress"]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc, exc, _ = call_main(argv)
+        assert rc == 0 and exc is None, err.getvalue()
+        part = tmp / "nll" / "parts" / "batch-000001.npz"
+        with np.load(part) as z:
+            arrays = change({k: z[k] for k in z.files})
+        np.savez(part, **arrays)
+        return argv
+
+    return setup
+
+
+def _pipeline(tmp: Path, fx: Fixtures, unet: Optional[dict] = None, scheduler: Optional[dict] = None,
+              record: Optional[dict] = None) -> Path:
+    """The fixture run exported as a diffusers pipeline, with fields of its configs replaced; with
+    `scheduler` given, without ddpm_config.json (so the scheduler config is what is read)."""
+    pipe = tmp / "pipe"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc, exc, _ = call_main(["export", fx.run, pipe])
+    assert rc == 0 and exc is None, err.getvalue()
+    for path, fields in ((pipe / "unet" / "config.json", unet),
+                         (pipe / "scheduler" / "scheduler_config.json", scheduler), (pipe / "ddpm_config.json", record)):
+        if fields is not None:
+            path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    if scheduler is not None:
+        (pipe / "ddpm_config.json").unlink()
+    return pipe
+
+
+def _non_utf8_folder(tmp: Path) -> Path:
+    """Good images and, under a name that is not UTF-8 (b"caf\\xe9.png"), one that is not an image."""
+    d = _dir(tmp, "nonutf8")
+    for i in range(2):
+        _png(d / f"{i}.png", seed=i)
+    (d / os.fsdecode(b"caf\xe9.png")).write_bytes(b"not an image")
+    return d
+
+
+NON_UTF8_NAME = ("caf\\xe9.png", "caf\\udce9.png")
+
+# Class "no traceback on a damaged or odd file": every file ddpm reads back, checked where parsed.
+R3_MODEL_FILES = [
+    ("ckpt-header-nested-100000", lambda tmp, fx: ["--checkpoint", _resigned_ckpt(tmp, fx, lambda h: DEEP_JSON)],
+     "ckpt-00000002.safetensors"),
+    ("ckpt-state-a-list", lambda tmp, fx: ["--checkpoint", _resigned_ckpt(tmp, fx, _tree_as("list"))],
+     "ckpt-00000002.safetensors"),
+    ("ckpt-state-a-tuple", lambda tmp, fx: ["--checkpoint", _resigned_ckpt(tmp, fx, _tree_as("tuple"))],
+     "ckpt-00000002.safetensors"),
+    ("ckpt-step-a-string", lambda tmp, fx: ["--checkpoint", _resigned_ckpt(tmp, fx, _tree_as("step-text"))],
+     ("ckpt-00000002.safetensors", "step")),
+    ("run-ckpt-header-nested-100000", lambda tmp, fx: ["--run", _resigned_ckpt(tmp, fx, lambda h: DEEP_JSON).parent],
+     "ckpt-00000002.safetensors"),
+    ("pipeline-unet-layers-a-string", lambda tmp, fx: ["--run", _pipeline(tmp, fx, unet={"layers_per_block": "two"})],
+     ("config.json", "layers_per_block")),
+    ("pipeline-unet-widths-strings", lambda tmp, fx: ["--run", _pipeline(tmp, fx, unet={"block_out_channels": ["a"]})],
+     ("config.json", "block_out_channels")),
+    ("pipeline-scheduler-T-a-string", lambda tmp, fx: ["--run", _pipeline(tmp, fx, scheduler={"num_train_timesteps": "x"})],
+     ("scheduler_config.json", "num_train_timesteps")),
+    ("pipeline-scheduler-beta-a-list", lambda tmp, fx: ["--run", _pipeline(tmp, fx, scheduler={"beta_start": [1]})],
+     ("scheduler_config.json", "beta_start")),
+    ("pipeline-record-model-null", lambda tmp, fx: ["--run", _pipeline(tmp, fx, record={"config": {"model": None}})],
+     ("ddpm_config.json", "model")),
+]
+for label, src, needle in R3_MODEL_FILES:
+    add(f"r3-sample/{label}", lambda tmp, fx, src=src: _sample_ns(tmp, fx) + src(tmp, fx), needle)
+for label in ("ckpt-state-a-list", "pipeline-unet-layers-a-string"):
+    _, src, needle = next(c for c in R3_MODEL_FILES if c[0] == label)
+    add(f"r3-train/init-from-{label}", lambda tmp, fx, src=src: _train(tmp, fx) + ["--init-from", src(tmp, fx)[1]],
+        needle)
+add("r3-train/init-from-ckpt-without-ema", lambda tmp, fx: _train(tmp, fx) + [
+    "--init-from", _crafted_ckpt(tmp, fx, "no-ema")], ("ckpt-00000002.safetensors", "ema"))
+add("r3-convert/weights-config-a-number", lambda tmp, fx: _conv(
+    _resigned_weights(tmp, fx, lambda h: dict(h, config=5)), tmp / "o.safetensors"), ("w.safetensors", "config"))
+add("r3-convert/diffusers-config-nested", lambda tmp, fx: _conv(
+    _write(_dir(tmp, "ud") / "config.json", DEEP_JSON).parent, tmp / "o.safetensors", frm="diffusers"), "config.json")
+
+RUN_CONFIGS = [
+    ("history-a-number", lambda fx: _with_section(fx, history=5), "history"),
+    ("history-of-numbers", lambda fx: _with_section(fx, history=[1, 2]), "history"),
+    ("model-null", lambda fx: _with_section(fx, model=None), "model"),
+    ("train-a-list", lambda fx: _with_section(fx, train=[1]), "train"),
+    ("nested-100000", lambda fx: '{"model": ' + DEEP_JSON + "}", "config.json"),
+]
+for label, text, needle in RUN_CONFIGS:
+    add(f"r3-report/config-json-{label}", lambda tmp, fx, text=text: [
+        "report", _run_with_config(tmp, fx, text(fx))], ("config.json", needle))
+    add(f"r3-train/resume-config-json-{label}", lambda tmp, fx, text=text: _train(
+        tmp, fx, out=_run_with_config(tmp, fx, text(fx))) + ["--steps", "3", "--set", "diffusion.T=20"],
+        ("config.json", needle))
+add("r3-train/config-nested-100000", lambda tmp, fx: _train(tmp, fx) + ["--config", _text(tmp, "deep.json", DEEP_JSON)],
+    "deep.json")
+add("r3-info/config-nested-100000", lambda tmp, fx: ["info", "--config", _text(tmp, "deep.json", DEEP_JSON)], "deep.json")
+add("r3-sample/out-sampling-json-nested", _sample_out_with("sampling.json", DEEP_JSON), "sampling.json")
+
+EVAL_REPORTS = [
+    ("fid-a-list", {"fid": [1, 2]}, "fid"),
+    ("fid-a-string", {"fid": {"train": "low"}}, "fid"),
+    ("is-mean-a-string", {"inception_score": {"is_mean": "x", "is_std": 1}}, "is_mean"),
+    ("is-without-std", {"inception_score": {"is_mean": 1.0}}, "is_std"),
+    ("bpd-a-number", {"bits_per_dim": 3.1}, "bits_per_dim"),
+    ("bpd-total-a-list", {"bits_per_dim": {"total_bpd": [3]}}, "total_bpd"),
+    ("a-list", [1], "eval.json"),
+    ("nested-100000", DEEP_JSON, "eval.json"),
+    ("not-json", "{", "eval.json"),
+]
+for label, rep, needle in EVAL_REPORTS:
+    add(f"r3-report/eval-json-{label}", lambda tmp, fx, rep=rep: ["report", _run_with_eval(tmp, fx, rep)],
+        ("eval.json", needle))
+add("r3-export/eval-json-fid-a-list", lambda tmp, fx: ["export", _run_with_eval(tmp, fx, {"fid": [1]}), tmp / "pipe"],
+    ("eval.json", "fid"))
+
+add("r3-train/prepared-label-beyond-classes", lambda tmp, fx: _train(tmp, fx, _prepared_labelled(tmp, fx, [7] * 8)) + [
+    "--set", "model.num_classes=3"], "shard-00000.labels")
+add("r3-train/prepared-label-negative", lambda tmp, fx: _train(tmp, fx, _prepared_labelled(tmp, fx, [-1] + [0] * 7)) + [
+    "--set", "model.num_classes=3"], "shard-00000.labels")
+add("r3-nll/prepared-label-beyond-classes", lambda tmp, fx: _nll_ns(tmp, fx, _prepared_labelled(tmp, fx, [7] * 8)) + [
+    "--run", fx.cond_run, "--split", "train"], "shard-00000.labels")
+add("r3-train/prepared-manifest-nested", lambda tmp, fx: _train(tmp, fx, _write(
+    _dir(tmp, "prepdeep") / "manifest.json", DEEP_JSON).parent), "manifest.json")
+add("r3-train/prepared-manifest-classes-a-number", lambda tmp, fx: _train(
+    tmp, fx, _with_manifest(_prepared_labelled(tmp, fx), classes=5)), ("manifest.json", "classes"))
+add("r3-train/prepared-manifest-sha256-a-number", lambda tmp, fx: _train(
+    tmp, fx, _with_manifest(_prepared_labelled(tmp, fx), sha256=5)), ("manifest.json", "sha256"))
+
+
+
+def _prepare_state(**fields):
+    """`ddpm prepare` into a folder holding an unfinished prepare's state with `fields` replaced."""
+    def setup(tmp, fx):
+        state = dict(settings={}, shape=[1, 32, 32], first="x", per_shard=4, shards=[], skipped=[], enlarged=0)
+        _write(tmp / "prepared" / "prepare-state.json", json.dumps({**state, **fields}))
+        return _prepare(tmp, fx)
+    return setup
+
+
+add("r3-prepare/state-shard-a-number", _prepare_state(shards=[5]), "prepare-state.json")
+add("r3-prepare/state-per-shard-a-string", _prepare_state(per_shard="x"), ("prepare-state.json", "per_shard"))
+add("r3-prepare/state-shape-of-two", _prepare_state(shape=[32, 32]), ("prepare-state.json", "shape"))
+
+NLL_PARTS = [
+    ("indices-floats", lambda a: dict(a, indices=a["indices"].astype(np.float32)), "indices"),
+    ("vb-1d", lambda a: dict(a, vb=a["vb"][0]), "vb"),
+    ("mse-strings", lambda a: dict(a, mse=np.array([["x"] * a["vb"].shape[1]])), "mse"),
+]
+for label, change, needle in NLL_PARTS:
+    add(f"r3-nll/part-{label}", _nll_with_part(change), ("batch-000001.npz", needle))
+
+add("r3-train/npz-zero-width-images", lambda tmp, fx: _train(tmp, fx, _npz(tmp, "thin.npz", x=np.zeros((4, 0, 16, 3),
+                                                                                                      np.uint8))), "thin.npz")
+add("r3-train/npz-zero-height-gray", lambda tmp, fx: _train(tmp, fx, _npz(tmp, "flat0.npz", x=np.zeros((4, 16, 0),
+                                                                                                       np.uint8))), "flat0.npz")
+for v in ("-1", "0", "nan", "inf"):
+    add(f"r3-train/set-train.adam_eps={v}", lambda tmp, fx, v=v: _train(tmp, fx) + ["--set", f"train.adam_eps={v}"],
+        "adam_eps")
+add("r3-report/out-empty", lambda tmp, fx: ["report", fx.run, "--out", ""], OUT_EMPTY)
+add("r3-prepare/non-utf8-name-unreadable", lambda tmp, fx: _prepare(tmp, fx, source=_non_utf8_folder(tmp)), NON_UTF8_NAME)
+add("r3-train/non-utf8-name-unreadable", lambda tmp, fx: _train(tmp, fx, _non_utf8_folder(tmp)), NON_UTF8_NAME)
+
+# Class "silent or misleading": an empty value is one line, never a default; every refusal says
+# the true reason; every reader of prepared data checks it as training does.
+EMPTY_VALUES = [  # flags that took an empty value for a default, or refused it as something else
+    ("train", lambda tmp, fx: _train(tmp, fx), ["--preset", "--init-from", "--config"]),
+    ("info", lambda tmp, fx: ["info"], ["--preset", "--config"]),
+    ("sample", _sample_ns, ["--run", "--checkpoint"]),
+    ("sample-run", _sample, ["--spacing"]),
+    ("nll", _nll, ["--split"]),
+    ("prepare", _prepare, ["--resolution"]),
+    ("fid", _fid, ["--ref", "--samples"]),
+    ("convert", lambda tmp, fx: _conv(fx.ckpt, tmp / "o.safetensors"), ["--config"]),
+    ("eval", _eval_nr, ["--run", "--ref-train"]),
+]
+for cmd, base, flags in EMPTY_VALUES:
+    for flag in flags:
+        add(f"r3-{cmd}/{flag.lstrip('-')}-empty", lambda tmp, fx, b=base, f=flag: b(tmp, fx) + [f, ""], (flag, "empty"))
+for field in ("train.init_from", "train.fid_ref"):
+    add(f"r3-train/set-{field}-empty", lambda tmp, fx, f=field: _train(tmp, fx) + ["--set", f"{f}="], (field, "empty"))
+add("r3-train/config-blank", lambda tmp, fx: _train(tmp, fx) + ["--config", " "], ("--config", "empty"))
+add("r3-nll/prepared-shard-other-bytes-same-size", lambda tmp, fx: _nll(tmp, fx, _shard_swapped(tmp, fx)) + [
+    "--split", "train"], "shard-00000.u8")
 
 
 def _check_ids() -> None:

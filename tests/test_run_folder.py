@@ -57,7 +57,10 @@ def _args(npz, out, steps, *extra):
 
 def _cli(capsys, argv):
     """`ddpm ARGV` in this process -> (exit status, stderr lines)."""
-    rc = main([str(a) for a in argv])
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # refused by the argument parser, before the command runs
+        rc = e.code
     return rc, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
@@ -141,7 +144,7 @@ def test_a_users_folder_is_refused_and_left_as_it_was(capsys, npz, tmp_path):
     assert sorted(os.listdir(proj)) == ["notes.txt"]
 
 
-@pytest.mark.parametrize("out, needle", [("", "--out is empty"), ("afile", "is a file, not a folder"),
+@pytest.mark.parametrize("out, needle", [("", "--out: empty value"), ("afile", "is a file, not a folder"),
                                          ("afile/run", "afile is a file, not a folder")])
 def test_an_output_path_that_is_not_a_usable_folder_is_one_line(capsys, npz, tmp_path, monkeypatch, out, needle):
     monkeypatch.chdir(tmp_path)

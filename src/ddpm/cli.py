@@ -65,11 +65,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+
+def _given(value: str) -> str:
+    """A string argument as given; one line for an empty or blank one."""
+    if value.strip() == "":
+        raise argparse.ArgumentTypeError(f"empty value {value!r}; give one (is a shell variable unset?)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, fn, arguments) in _COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
+        # Every argument of a command without a type of its own (a path, a name, a list, a
+        # choice; in groups too) refuses an empty value: an unset shell variable (`--init-from
+        # "$CKPT"`) must never fall back to a default silently.
+        sp.register("type", None, _given)
         arguments(sp)
         sp.set_defaults(_fn=fn)
     return p
@@ -82,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddpm: error: give a command: {', '.join(_COMMANDS)} (see ddpm --help)", file=sys.stderr)
         return 2
     name = f"ddpm {args.command}"
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, never a crash
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, category, *a, **k: print(f"{name}: warning: {message}", file=sys.stderr)
         old_term = _on_sigterm()

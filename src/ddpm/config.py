@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import typing
 from typing import Any, Mapping
 
@@ -69,6 +70,9 @@ class Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "config"):
         names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, Mapping):
+            raise UserError(f"{where}: expected a JSON object of {cls.__name__} fields ({', '.join(names[:4])}, …), "
+                            f"found {_kind_name(type(d))}")
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise UserError(
@@ -158,6 +162,9 @@ def apply_overrides(cfg, pairs: list[str], where: str = "--set"):
         if "=" not in p:
             raise UserError(f"{where} {p!r}: expected key=value")
         k, v = p.split("=", 1)
+        if v.strip() == "":  # e.g. train.init_from=$CKPT with $CKPT unset: never the default in silence
+            raise UserError(f"{where} {p!r}: the value of {k.strip()} is empty; give one (is a shell variable "
+                            f"unset?), or leave the --set out to keep the default")
         changes[k.strip()] = v.strip()
     d = cfg.to_dict()
     names = set(d)
@@ -168,25 +175,98 @@ def apply_overrides(cfg, pairs: list[str], where: str = "--set"):
     return type(cfg).from_dict(d, where=where)
 
 
+MAX_JSON_DEPTH = 64  # far deeper than anything ddpm writes; a deeper file is damaged or hostile
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^][{}]+")
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON `text` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for c in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_json(text: str, where, expect: type | None = None):
+    """JSON `text` from the file or field `where`, nesting at most MAX_JSON_DEPTH deep (deeper
+    would exhaust Python's recursion), its top level of type `expect`; one UserError line otherwise."""
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise UserError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep; no file that ddpm reads nests "
+                        f"so deep: it is damaged, or not the file meant")
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"{where}: not valid JSON ({e})") from None
+    if expect is not None and not isinstance(d, expect):
+        raise UserError(f"{where}: expected a JSON {_kind_name(expect)}, found {_kind_name(type(d))}")
+    return d
+
+
 def load_json(path, where: str | None = None, expect: type | None = None):
-    """A JSON file's content; any way it can be unreadable is one line naming it.
+    """A JSON file's content; any way it can be unreadable is one line naming it (`parse_json`).
 
     :param expect: the type the top level must have (e.g. dict), checked here.
     """
+    if str(path).strip() == "":
+        raise UserError(f"{where or 'a JSON file'}: the path is empty; give a JSON file")
     try:
         with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+            text = f.read()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder; give a JSON file") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); give a JSON file") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except OSError as e:
         raise UserError(f"cannot read {os_error_line(e, path)}") from None
-    if expect is not None and not isinstance(d, expect):
-        raise UserError(f"{where or path}: expected a JSON {'object' if expect is dict else expect.__name__}, "
-                        f"found {type(d).__name__}")
-    return d
+    return parse_json(text, where or path, expect)
+
+
+_KIND_NAMES = {dict: "object", list: "list", str: "string", int: "integer", float: "number", bool: "true/false",
+               type(None): "null"}
+
+
+def _kind_name(kind) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(_kind_name(k) for k in kind)
+    return _KIND_NAMES.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _is_kind(value, kind) -> bool:
+    """isinstance for JSON values: a bool is not a number, an integer is a number (float)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return any(isinstance(value, k) or (k is float and isinstance(value, int)) for k in kinds)
+
+
+REQUIRED = object()  # get_field: the key must be there
+
+
+def get_field(record, key: str, kind, where, *, ok=None, need: str = "", default=REQUIRED, advice: str = ""):
+    """`record[key]`, checked against a schema: the JSON kind `kind` (a type or a tuple of them)
+    and, if given, the predicate `ok` (described by `need`, e.g. "an integer >= 0").
+
+    Every reader of a file ddpm wrote (a checkpoint's header, config.json, eval.json, a prepared
+    manifest, an exported config) takes its fields through here, so that a damaged or foreign
+    file is one line naming the file (`where`), the field and the value, with `advice` (what to
+    do), never a TypeError deep inside. A missing key returns `default`, or is that line too.
+    """
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object holding {key!r}, found {_kind_name(type(record))}"
+                        f"{f'; {advice}' if advice else ''}")
+    if key not in record:
+        if default is not REQUIRED:
+            return default
+        raise UserError(f"{where}: field {key!r} is missing{f'; {advice}' if advice else ''}")
+    value = record[key]
+    if not _is_kind(value, kind) or (ok is not None and not ok(value)):
+        shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
+        what = need or f"a JSON {_kind_name(kind)}"
+        raise UserError(f"{where}: field {key}={shown} is not {what}{f'; {advice}' if advice else ''}")
+    return value

@@ -44,6 +44,12 @@ _ADVICE = {
 }
 
 
+def shown(name) -> str:
+    """A file name as text that can be printed and written anywhere: bytes that are not UTF-8
+    (which Python holds as lone surrogates, e.g. a file named b"caf\\xe9.png") become `\\xe9`."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def os_error_line(e: OSError, path: Optional[os.PathLike | str] = None, then: str = "") -> str:
     """One line for an OSError: the path, the system's reason with its code, and what to do.
 

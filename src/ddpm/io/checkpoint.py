@@ -53,6 +53,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from ..config import get_field, parse_json
 from ..errors import UserError, os_error_line
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes
 
@@ -339,10 +340,11 @@ def _read_verified(path: Path, expected_format: str) -> tuple[dict, dict[str, to
             "convert foreign weights with `ddpm convert`",
         )
     try:
-        meta = json.loads(metadata["ddpm"])
-        fmt, version = meta["format"], meta["version"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(path, f"unreadable ddpm header ({e})", damaged) from e
+        meta = parse_json(metadata["ddpm"], "its ddpm header", expect=dict)
+        fmt = get_field(meta, "format", str, "its ddpm header")
+        version = get_field(meta, "version", int, "its ddpm header")
+    except UserError as e:
+        raise CorruptCheckpointError(path, str(e), damaged) from None
     if _content_hash(metadata["ddpm"], tensors) != metadata["ddpm_sha256"]:
         raise CorruptCheckpointError(path, "checksum mismatch: the file changed after it was written", damaged)
     if version != FORMAT_VERSION:
@@ -452,14 +454,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     meta, tensors = _read_verified(path, CHECKPOINT_FORMAT)
+    damaged = "delete it or restore it from a backup"
     try:
-        tree = meta["tree"]
+        tree = get_field(meta, "tree", dict, "its ddpm header", need="a state (a JSON object)")
         state = unflatten(tensors, tree)
         unused = set(tensors) - _tensor_names(tree)
         if unused:
             raise ValueError(f"tensors {sorted(unused)[:3]} are not part of the state")
-    except (KeyError, ValueError, TypeError) as e:
-        raise CorruptCheckpointError(path, f"inconsistent ddpm header ({e})", "delete it or restore it from a backup") from e
+        # the state is a dict (get_field refuses anything else), and its parts have their kinds
+        get_field(state, "step", int, "its state", ok=lambda v: v >= 0, need="an integer >= 0", default=0)
+        get_field(state, "config", dict, "its state", default=None)
+        for part in ("model", "ema"):
+            get_field(state, part, dict, "its state", need="a dict of tensors", default=None)
+    except (KeyError, ValueError, TypeError) as e:  # UserError is a ValueError
+        raise CorruptCheckpointError(path, f"inconsistent ddpm header ({e})", damaged) from e
     return state
 
 
@@ -562,7 +570,11 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     """Read and verify a file written by `save_weights`: (state_dict, config). Tensors on CPU."""
     path = Path(path)
     meta, tensors = _read_verified(path, WEIGHTS_FORMAT)
-    return tensors, meta["config"]
+    try:
+        config = get_field(meta, "config", dict, "its ddpm header", need="a config (a JSON object)")
+    except UserError as e:
+        raise CorruptCheckpointError(path, str(e), "delete it or restore it from a backup") from None
+    return tensors, config
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from ..config import Choice, Config, parse_size, size_value
-from ..errors import UserError
+from ..errors import UserError, shown
 
 from .folders import is_ddpm_folder
 from .images import IMAGE_EXTENSIONS, is_image_file, prepare_image, rgb_to_gray
@@ -665,7 +665,10 @@ def _load_fashion_mnist(arg: Optional[str], split: str) -> _Raw:
 def _load_npz(path: Path, split: str) -> _Raw:
     try:
         z = np.load(path, allow_pickle=False)
-    except ValueError as e:  # a .npy of Python objects
+    except ValueError as e:  # a .npy of Python objects, or a header numpy refuses
+        if "allow_pickle" not in str(e):
+            raise UserError(f"{path}: has a header that cannot be read ({e}); the file is damaged: "
+                            f"re-create it") from None
         raise UserError(f"{path}: cannot load ({e}); pickled objects are refused, save the images as a uint8 array") from None
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable .npz/.npy file ({e}); re-create it with np.savez(path, x=images)") from None
@@ -683,7 +686,10 @@ def _load_npz(path: Path, split: str) -> _Raw:
                 )
             try:
                 arr = z[key]
-            except ValueError:
+            except ValueError as e:
+                if "allow_pickle" not in str(e):  # a header numpy refuses: a size past what exists, a bad shape
+                    raise UserError(f"{path}: array {key!r} has a header that cannot be read ({e}); the file is "
+                                    f"damaged: re-create it") from None
                 raise UserError(
                     f"{path}: array {key!r} holds Python objects, refused because loading them runs pickle; "
                     "save the images as a uint8 array, e.g. np.savez(path, x=images.astype(np.uint8))"
@@ -715,6 +721,9 @@ def _load_npz(path: Path, split: str) -> _Raw:
         raise UserError(
             f"{where}: shape {list(arr.shape)}, expected uint8 images [N, H, W] or [N, H, W, C] with C = 1 or 3{hint}"
         )
+    if 0 in arr.shape[1:]:
+        raise UserError(f"{where}: shape {list(arr.shape)}: images of {arr.shape[1]}x{arr.shape[2]} pixels with "
+                        f"{arr.shape[3]} channel(s) hold no pixels; save images of at least 1x1")
     return _Raw(f"array file {where}", array=arr, labels=None if labels is None else labels.astype(np.int64),
                 classes=() if labels is None else _classes_for(labels))
 
@@ -779,7 +788,7 @@ def source_length(raw: _Raw) -> int:
 
 
 def item_name(raw: _Raw, i: int) -> str:
-    return raw.items[i][0] if raw.items is not None else f"{raw.description} image {i}"
+    return shown(raw.items[i][0]) if raw.items is not None else f"{raw.description} image {i}"
 
 
 def decode(raw: _Raw, cfg: DataConfig, start: int = 0, stop: Optional[int] = None, bar=None):

@@ -16,9 +16,12 @@ class names, the unreadable files skipped, each shard's count and sha256, and th
 the pixels in order (`data_fingerprint`, the same number an in-memory set of the same pixels
 has, so a checkpoint's data check does not depend on the placement).
 
-Opening checks the manifest and every shard's size (cheap); the checksums are verified on
-demand (`PreparedSet.verify`, `ddpm prepare --verify DIR`) and by training in the background
-(`verify_in_background`, for sets up to 16 GiB). A damaged shard is one line that names it.
+Opening checks the manifest and every shard's size (cheap), and every label file's sha256 (they
+are small). A shard's sha256 is checked before its first read (`check_on_read`: `nll`, `eval`,
+`fid-ref`, anything but training), on demand (`PreparedSet.verify`, `ddpm prepare --verify DIR`),
+and by training in the background instead (`verify_in_background`, for sets up to 16 GiB; above
+that training checks sizes only, since hashing every shard would hold up its first steps). A
+damaged shard is one line that names it.
 
 Shards are memory-mapped: a gather copies the records it needs out of the OS page cache, which
 every process of a node shares, so a process's own memory does not grow with the data set.
@@ -48,7 +51,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..config import load_json, size_value
+from ..config import get_field, load_json, parse_json, size_value
 from ..errors import UserError
 from ..version import __version__
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes, write_json
@@ -83,8 +86,8 @@ def is_prepared(path) -> bool:
     if not m.is_file():
         return False
     try:
-        return json.loads(m.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        return parse_json(m.read_text(encoding="utf-8"), m, expect=dict).get("format") == FORMAT
+    except (OSError, ValueError):  # UserError is a ValueError
         return False
 
 
@@ -103,11 +106,12 @@ def stat_fingerprint(path: Optional[Path]) -> str:
     path = path.resolve()
     if path.is_file():
         st = path.stat()
-        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # a name's own bytes: a name that is not UTF-8 hashes too, one that is hashes as before
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
     lines: list[str] = []
     _stat_lines(path, "", lines)
-    h.update("".join(sorted(lines)).encode())
+    h.update("".join(sorted(lines)).encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -249,6 +253,20 @@ def _read_state(out: Path) -> Optional[dict]:
     state = load_json(out / STATE_NAME, expect=dict)
     if not isinstance(state.get("shards"), list) or not isinstance(state.get("shape"), list):
         raise UserError(f"{out / STATE_NAME}: not a ddpm prepare state; delete {out} to prepare it again")
+    advice = f"delete {out} to prepare it again"
+    where = out / STATE_NAME
+    get_field(state, "shape", list, where, ok=lambda v: len(v) == 3 and all(isinstance(d, int) and d > 0 for d in v),
+              need="[C, H, W] of positive integers", advice=advice)
+    get_field(state, "per_shard", int, where, ok=lambda v: v >= 1, need="an integer >= 1", advice=advice)
+    get_field(state, "enlarged", int, where, ok=lambda v: v >= 0, need="an integer >= 0", advice=advice)
+    get_field(state, "first", str, where, advice=advice)
+    get_field(state, "skipped", list, where, advice=advice)
+    for entry in state["shards"]:  # what a resume reads of each finished shard
+        for key, kind in (("file", str), ("sha256", str), ("count", int)):
+            get_field(entry, key, kind, f"{where} [shards]", advice=advice)
+        if "/" in entry["file"] or entry["count"] < 0:
+            raise UserError(f"{out / STATE_NAME}: a shard {entry['file']!r} of {entry['count']} images is not one "
+                            f"that prepare writes; {advice}")
     return state
 
 
@@ -347,6 +365,15 @@ def read_manifest(path: Path) -> dict:
           and sum(s["count"] for s in shards) == m["count"] and m["count"] > 0)
     if not ok:
         raise UserError(f"{f}: the manifest is damaged (shape, count or shards); prepare the data again")
+    advice = "prepare the data again"
+    get_field(m, "sha256", str, f, advice=advice)
+    get_field(m, "classes", list, f, ok=lambda c: all(isinstance(x, str) for x in c), need="a list of class names",
+              default=None, advice=advice)
+    get_field(m, "skipped", list, f, default=None, advice=advice)
+    get_field(m, "description", str, f, default=None, advice=advice)
+    if get_field(m, "labelled", bool, f, default=False, advice=advice):
+        for s in shards:
+            get_field(s, "labels", str, f"{f} [shards]", ok=lambda n: "/" not in n, need="a file name", advice=advice)
     return m
 
 
@@ -363,6 +390,11 @@ class PreparedSet(DataSet):
             _check_size(self.path / s["file"], s["count"] * record)
         self._offsets = np.cumsum([0] + [s["count"] for s in self._shards])
         self._maps: list = [None] * len(self._shards)
+        # Each shard's sha256 is checked before its first read, so that no reader uses a shard
+        # whose bytes were replaced (same size, other bytes); training turns this off and checks
+        # the whole set in the background instead (`verify_in_background`).
+        self.check_on_read = True
+        self._map_lock = threading.Lock()
         self.source_description = f"prepared {self.path}: {m.get('description', '')}"
         self.skipped = list(m.get("skipped") or [])
         self.classes = tuple(m.get("classes") or ())
@@ -380,8 +412,13 @@ class PreparedSet(DataSet):
 
     def _map(self, k: int) -> np.ndarray:
         if self._maps[k] is None:
-            s = self._shards[k]
-            self._maps[k] = np.memmap(self.path / s["file"], np.uint8, "r", shape=(s["count"], *self._shape))
+            with self._map_lock:
+                if self._maps[k] is None:
+                    s = self._shards[k]
+                    if self.check_on_read:
+                        self._verify_file(s["file"], s.get("sha256"))
+                    self._maps[k] = np.memmap(self.path / s["file"], np.uint8, "r",
+                                              shape=(s["count"], *self._shape))
         return self._maps[k]
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
@@ -398,11 +435,24 @@ class PreparedSet(DataSet):
         return torch.from_numpy(out)
 
     def _read_labels(self) -> torch.Tensor:
-        parts = []
+        """The class ids of every image, each label file checked against the manifest's sha256 (it
+        is small, so always, whoever reads it) and every id against the classes."""
+        parts, K = [], len(self.classes)
         for s in self._shards:
-            f = self.path / str(s.get("labels"))
+            f = self.path / s["labels"]
             _check_size(f, 8 * s["count"])
-            parts.append(np.fromfile(f, "<i8"))
+            try:
+                data = f.read_bytes()
+            except OSError as e:
+                raise _unreadable(f, e) from None
+            if hashlib.sha256(data).hexdigest() != s.get("labels_sha256"):
+                raise _damaged(f)
+            a = np.frombuffer(data, "<i8")
+            if a.size and (a.min() < 0 or (K and a.max() >= K)):
+                bad = int(a.min()) if a.min() < 0 else int(a.max())
+                raise UserError(f"{f}: holds the label {bad}, outside 0 … {K - 1} (the manifest's {K} classes); "
+                                f"prepare the data again")
+            parts.append(a)
         return torch.from_numpy(np.concatenate(parts).astype(np.int64))
 
     def verify(self, progress: bool = False, stop: Optional[threading.Event] = None) -> None:
@@ -414,22 +464,33 @@ class PreparedSet(DataSet):
                 for name, want in ((s["file"], s.get("sha256")), (s.get("labels"), s.get("labels_sha256"))):
                     if name is None or (stop is not None and stop.is_set()):
                         continue
-                    try:
-                        got = _sha256_file(self.path / name)
-                    except OSError as e:
-                        raise _unreadable(self.path / name, e) from None
-                    if got != want:
-                        raise UserError(f"{self.path / name}: damaged (its sha256 differs from the manifest's); "
-                                        f"restore it, or prepare the data again into a new folder")
+                    self._verify_file(name, want)
                 bar.update()
 
+    def _verify_file(self, name: str, want) -> None:
+        """One file of the folder against the sha256 the manifest records for it; one line if not."""
+        try:
+            got = _sha256_file(self.path / name)
+        except OSError as e:
+            raise _unreadable(self.path / name, e) from None
+        if got != want:
+            raise _damaged(self.path / name)
+
     def verify_in_background(self) -> "BackgroundCheck":
+        """Check every shard on a thread (training's check); reads no longer check shards first."""
+        self.check_on_read = False
         return BackgroundCheck(self.verify)
 
     def load(self) -> ImageSet:
         """The whole set in memory (the other placement)."""
         return ImageSet(images=self.gather(torch.arange(len(self))), source_description=self.source_description,
                         skipped=self.skipped, labels=self.labels, classes=self.classes)
+
+
+def _damaged(path: Path) -> UserError:
+    """The one line for a file of a prepared folder whose bytes are not those the manifest records."""
+    return UserError(f"{path}: damaged (its sha256 differs from the manifest's); restore it, or prepare the data "
+                     f"again into a new folder")
 
 
 def _unreadable(path: Path, e: OSError) -> UserError:

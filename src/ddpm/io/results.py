@@ -10,10 +10,10 @@ that `folders.claim_folder` accepted: new, empty, or holding this record already
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Optional
 
+from ..config import parse_json
 from ..errors import UserError
 from .atomic import write_json
 from .folders import claim_folder
@@ -29,10 +29,8 @@ def check_settings(path, meta: dict, info: Optional[Mapping] = None, what: str =
     claim_folder(path.parent, [path.name], what)
     if path.is_file():
         try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
+            old = parse_json(path.read_text(encoding="utf-8"), "its content", expect=dict)
+        except (ValueError, UnicodeDecodeError) as e:  # UserError is a ValueError
             raise UserError(f"{path}: not a settings record ({e}); delete it only if the files beside it were made "
                             f"with the settings you give now") from None
         old = {k: v for k, v in old.items() if k != "recorded"}

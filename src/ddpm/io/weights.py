@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from ..config import Choice, load_json
+from ..config import Choice, load_json, parse_json
 from ..errors import UserError
 from ..network.interop import (config_from_diffusers, diffusers_config, from_diffusers_state_dict, load_state,
                                meta_unet, to_diffusers_state_dict, unet_from_tf_state_dict, unet_to_tf_state_dict)
@@ -120,7 +120,7 @@ def read_unet(src, fmt: str, config=None) -> UNet:
         if cfg is None:
             if not cfg_path.is_file():
                 raise UserError(f"{src}: no diffusers config at {cfg_path}; pass --config with a UNetConfig JSON")
-            cfg = config_from_diffusers(load_json(cfg_path, expect=dict))
+            cfg = config_from_diffusers(load_json(cfg_path, expect=dict), str(cfg_path))
         return from_diffusers_state_dict(_read_safetensors(weights), cfg, where=str(weights))
     if fmt == "pt":
         return load_state(meta_unet(_plain_config(src, cfg)), _read_torch_save(src), str(src))
@@ -171,9 +171,9 @@ def write_unet(unet: UNet, dst, fmt: str) -> list[Path]:
 
 def _is_unet2d_config(path: Path) -> bool:
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = parse_json(path.read_text(encoding="utf-8"), path, expect=dict)
         return d.get("_class_name") == "UNet2DModel" and str(d.get(WRITTEN_BY, "")).startswith("ddpm ")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):  # UserError is a ValueError
         return False
 
 

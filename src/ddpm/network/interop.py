@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from ..config import parse_size, size_value
+from ..config import get_field, parse_size, size_value
 from ..errors import UserError
 from ..network.unet import GROUPS, NORM_EPS, UNet, UNetConfig
 from ..process.diffusion import DiffusionConfig
@@ -87,13 +87,40 @@ def diffusers_config(cfg: UNetConfig) -> dict:
     }
 
 
-def config_from_diffusers(d: Mapping) -> UNetConfig:
+_POSITIVE = (lambda v: v >= 1, "an integer >= 1")
+_TYPE_NAMES = (lambda v: len(v) >= 1 and all(isinstance(t, str) for t in v), "a list of block type names")
+_WIDTHS = (lambda v: len(v) >= 1 and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in v),
+           "a list of positive integers")
+_LIST = (list, tuple)  # a diffusers `model.config` holds tuples where its config.json holds lists
+_UNET_TYPES = {  # the fields read as numbers or lists below: (kind, check, what it must be)
+    "block_out_channels": (_LIST,) + _WIDTHS, "down_block_types": (_LIST,) + _TYPE_NAMES,
+    "up_block_types": (_LIST,) + _TYPE_NAMES, "sample_size": ((int,) + _LIST, None, "an integer or [height, width]"),
+    "in_channels": (int,) + _POSITIVE, "out_channels": (int,) + _POSITIVE, "layers_per_block": (int,) + _POSITIVE,
+    "attention_head_dim": ((int, type(None)), lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "dropout": ((float, type(None)), None, ""), "norm_eps": (float, None, ""),
+}
+_SCHEDULER_TYPES = {
+    "num_train_timesteps": (int,) + _POSITIVE, "beta_start": (float, None, ""), "beta_end": (float, None, ""),
+    "beta_schedule": (str, None, ""), "prediction_type": (str, None, ""), "variance_type": (str, None, ""),
+}
+
+
+def _check_types(d: Mapping, schema: dict, where: str) -> None:
+    """The fields of `schema` that `d` holds have the JSON kinds they must have: one line naming
+    `where`, the field and its value otherwise (config.get_field)."""
+    for key, (kind, ok, need) in schema.items():
+        get_field(d, key, kind, where, ok=ok, need=need, default=None,
+                  advice="fix it, or export the model again")
+
+
+def config_from_diffusers(d: Mapping, where: str = "diffusers config") -> UNetConfig:
     """The UNetConfig of a UNet2DModel config (a `model.config` or a config.json dict).
 
     Refuses, naming the field, any config that is not the DDPM layout (a different time
     embedding, padding, norm, head count...), since its weights would load but compute another
     function.
     """
+    _check_types(d, _UNET_TYPES, where)
     get = lambda k: d.get(k, DIFFUSERS_DEFAULTS.get(k))  # noqa: E731
     expect = {
         "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "norm_num_groups": GROUPS,
@@ -189,9 +216,10 @@ def diffusers_scheduler_config(cfg: DiffusionConfig) -> dict:
     }
 
 
-def diffusion_from_diffusers_scheduler(d: Mapping) -> DiffusionConfig:
+def diffusion_from_diffusers_scheduler(d: Mapping, where: str = "diffusers scheduler config") -> DiffusionConfig:
     """The DiffusionConfig of a DDPMScheduler config with a linear schedule (what `ddpm_config.json`
     does not already say, for a pipeline folder that ddpm did not write)."""
+    _check_types(d, _SCHEDULER_TYPES, where)
     if d.get("trained_betas") is not None or d.get("beta_schedule", "linear") != "linear":
         raise UserError(f"diffusers scheduler beta_schedule={d.get('beta_schedule')!r} (trained_betas "
                         f"{'given' if d.get('trained_betas') is not None else 'none'}): ddpm reads the linear "

@@ -94,6 +94,8 @@ class TrainConfig(Config):
                 raise UserError(f"train.{name}={v!r} must be an integer >= 0")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"train.lr={self.lr!r} must be a positive number (the paper uses 2e-4 for CIFAR-10)")
+        if not (isinstance(self.adam_eps, (int, float)) and self.adam_eps > 0 and math.isfinite(self.adam_eps)):
+            raise UserError(f"train.adam_eps={self.adam_eps!r} must be a positive number (Adam's default, 1e-8)")
         if not isinstance(self.checkpointing, bool):
             raise UserError(f"train.checkpointing={self.checkpointing!r} is not valid; give true or false")
         self.clip_share  # parses clip_granularity, or one line
@@ -225,8 +227,8 @@ def resolve_run_config(preset: Optional[str] = None, config_file=None, *, data: 
     if base is not None and preset is None:
         d = {section: dict(fields) for section, fields in base.items() if section in SECTIONS}
     else:
-        d = preset_sections(preset or "cifar10")
-    if config_file:
+        d = preset_sections("cifar10" if preset is None else preset)  # an empty name is refused there, not defaulted
+    if config_file is not None:
         for section, fields in load_json(config_file, expect=dict).items():
             if section in RECORD_KEYS:
                 continue

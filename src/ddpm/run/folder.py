@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from ..config import get_field, parse_json
 from ..errors import UserError
 from ..io import checkpoint as ckpt
 from ..io.atomic import write_json, write_text
@@ -52,14 +53,21 @@ def _config_json(run_dir: Path) -> Optional[dict]:
     if not path.exists():
         return None
     try:
-        d = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, OSError) as e:
+        d = parse_json(path.read_bytes().decode("utf-8"), path)
+    except UserError as e:
+        raise UserError(f"{e}; move it away if it is yours, or give a new --out folder") from None
+    except (UnicodeDecodeError, OSError) as e:
         raise UserError(f"{path}: not a ddpm run config ({e}); move it away if it is yours, or give a new --out "
                         f"folder") from None
     if not isinstance(d, dict) or "model" not in d or not set(d) <= set(SECTIONS) | set(RECORD_KEYS):
         keys = ", ".join(sorted(d)[:4]) if isinstance(d, dict) else type(d).__name__
         raise UserError(f"{path}: not a ddpm run config (it holds {keys}); nothing was changed there; give a new "
                         f"or empty --out folder")
+    advice = "restore it, or move it away and let ddpm rebuild it from the newest checkpoint"
+    for section in SECTIONS:
+        get_field(d, section, dict, path, need="a JSON object of settings", default=None, advice=advice)
+    get_field(d, "history", list, path, ok=lambda h: all(isinstance(e, dict) for e in h),
+              need="a list of JSON objects (the resumable changes)", default=None, advice=advice)
     return d
 
 
@@ -127,7 +135,7 @@ def _parse_metrics(path: Path) -> tuple[list[tuple[dict, str]], list[int]]:
             continue
         try:
             line = raw.decode("utf-8")
-            rec = json.loads(line)
+            rec = parse_json(line, path)  # UserError (a ValueError) for a line nested too deep
             if not isinstance(rec["step"], (int, float)):
                 raise TypeError(f"step {rec['step']!r}")
         except (ValueError, UnicodeDecodeError, KeyError, TypeError):

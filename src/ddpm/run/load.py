@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..config import Choice, load_json
+from ..config import Choice, get_field, load_json
 from ..errors import UserError
 from ..io import checkpoint as ckpt
 from ..io.distributed import DistInfo
@@ -135,6 +135,9 @@ def _load_pipeline(path: Path, weights: Weights, device, fast: Fast, precision: 
     net = read_unet(path / "unet", "diffusers")
     record = load_json(path / PIPELINE_CONFIG, expect=dict) if (path / PIPELINE_CONFIG).is_file() else None
     if record is not None:
+        where = path / PIPELINE_CONFIG
+        for key, kind in (("weights", str), ("config", dict), ("classes", (list, type(None)))):
+            get_field(record, key, kind, where, default=None, advice="export the run again")
         if weights.value != record.get("weights", "ema"):
             raise UserError(f"{path}: this pipeline holds the {record.get('weights')} weights of its run only; use "
                             f"--weights {record.get('weights')}, or export the run again with --weights {weights.value}")
@@ -145,7 +148,8 @@ def _load_pipeline(path: Path, weights: Weights, device, fast: Fast, precision: 
         if not sched.is_file():
             raise UserError(f"{path}: no scheduler/scheduler_config.json; give a DDPMPipeline folder")
         run = RunConfig.from_dict({}).replace(model=net.config,
-                                              diffusion=diffusion_from_diffusers_scheduler(load_json(sched, expect=dict)))
+                                              diffusion=diffusion_from_diffusers_scheduler(load_json(sched, expect=dict),
+                                                                                                 str(sched)))
     return LoadedRun(run, _ready(net, device, fast, precision), GaussianDiffusion.from_config(run.diffusion), file,
                      _file_sha256(file), weights, record.get("classes") if record else None, precision)
 
@@ -220,7 +224,10 @@ def initial_weights(path) -> InitialWeights:
         file, state = p, ckpt.load_checkpoint(p)
     else:
         raise UserError(f"--init-from {p}: no such run directory, checkpoint or diffusers model folder")
-    return InitialWeights(state["model"], state["ema"], dict(path=str(path), file=str(file), kind="checkpoint",
+    where, advice = f"--init-from {file}", "give a checkpoint that ddpm train wrote, or its run directory"
+    model = get_field(state, "model", dict, where, need="a state dict", advice=advice)
+    ema = get_field(state, "ema", dict, where, need="a state dict", advice=advice)
+    return InitialWeights(model, ema, dict(path=str(path), file=str(file), kind="checkpoint",
                                                              sha256=ckpt.checkpoint_sha256(file)))
 
 

@@ -15,7 +15,6 @@ merged in rank order, so every process works and the result does not depend on t
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..config import size_value
+from ..config import REQUIRED, get_field, load_json, parse_json, size_value
 from ..errors import UserError
 from ..io.atomic import write_json
 from ..io.data import DataConfig, DataSet
@@ -555,10 +554,34 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _number_or_null(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def read_eval_report(path) -> dict:
+    """An `eval.json` that `ddpm eval` wrote, its fields checked where they are read (by `ddpm
+    report` and the model card of `ddpm export`): one line naming the file and the field otherwise."""
+    path = Path(path)
+    advice = "run `ddpm eval` again, or move the file away"
+    rep = load_json(path, expect=dict)
+    get_field(rep, "checkpoint_sha256", str, path, default=None, advice=advice)
+    get_field(rep, "n_samples", int, path, ok=lambda v: v >= 0, need="an integer >= 0", default=None, advice=advice)
+    get_field(rep, "fid", (dict, type(None)), path, ok=lambda d: d is None or all(map(_number_or_null, d.values())),
+              need="an object of numbers by split", default=None, advice=advice)
+    for key, numbers in (("inception_score", ("is_mean", "is_std")), ("bits_per_dim", ("total_bpd",))):
+        part = get_field(rep, key, (dict, type(None)), path, default=None, advice=advice)
+        if part:
+            for k in numbers:
+                get_field(part, k, float, f"{path} [{key}]", ok=_number_or_null, need="a number",
+                          default=None if key == "bits_per_dim" else REQUIRED, advice=advice)
+    get_field(rep, "references", (dict, type(None)), path, default=None, advice=advice)
+    return rep
+
+
 def _is_fid_report(path: Path) -> bool:
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        d = parse_json(path.read_text(encoding="utf-8"), path)
+    except (OSError, ValueError):  # UserError is a ValueError
         return False
     return isinstance(d, dict) and {"fid", "samples"} <= set(d)
 

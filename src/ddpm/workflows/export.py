@@ -13,7 +13,6 @@ scheduler config cannot say is in network/interop.py's `diffusers_scheduler_conf
 
 from __future__ import annotations
 
-import json
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -27,6 +26,7 @@ from ..network.interop import diffusers_scheduler_config
 from ..network.unet import count_parameters
 from ..run.load import PIPELINE_CONFIG, load_run
 from ..version import __version__
+from .evaluate import read_eval_report
 
 PIPELINE_FORMAT = "ddpm-diffusers-pipeline"
 
@@ -73,11 +73,10 @@ def is_export(folder: Path) -> bool:
 def _evaluation(loaded) -> Optional[dict]:
     """The `ddpm eval` report of this checkpoint, where the run holds one (RUN/eval/<ckpt>/eval.json)."""
     path = loaded.checkpoint.parent / "eval" / loaded.checkpoint.stem / "eval.json"
-    try:
-        rep = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not path.is_file():
         return None
-    return rep if isinstance(rep, dict) and rep.get("checkpoint_sha256") == loaded.sha256 else None
+    rep = read_eval_report(path)
+    return rep if rep.get("checkpoint_sha256") == loaded.sha256 else None
 
 
 def model_card(loaded, evaluation: Optional[dict]) -> str:

@@ -36,6 +36,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from ..config import parse_json
 from ..errors import UserError
 from ..io.atomic import write_npz
 
@@ -291,7 +292,7 @@ def load_stats(path: Union[str, Path]) -> FIDStats:
                 raise UserError(f"{path}: has no 'mu' and 'sigma' arrays (it holds {', '.join(sorted(keys)) or 'nothing'}); "
                                 f"make statistics with: ddpm fid-ref")
             mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
-            prov = json.loads(str(f["provenance"])) if "provenance" in keys else {}
+            prov = parse_json(str(f["provenance"]), f"{path} [provenance]", expect=dict) if "provenance" in keys else {}
             n = int(f["n"]) if "n" in keys else int(prov.get("n_images", 0))
     except UserError:
         raise

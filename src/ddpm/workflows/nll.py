@@ -145,7 +145,30 @@ def _read_parts(parts: Path):
             continue
         if not {"indices", "digest", "prior_bpd", "vb", "mse", "x0_mse"} <= set(part):
             continue
+        _check_part(f, part)
         yield f, part
+
+
+def _check_part(f: Path, part: dict) -> None:
+    """A part's arrays have the kinds and shapes `evaluate_nll` writes: indices int [B] (>= 0,
+    distinct), digest uint8 [B, 8], prior_bpd [B], vb / mse / x0_mse float [B, T]."""
+    def bad(what: str):
+        raise UserError(f"{f}: {what}; it is not a part that ddpm nll wrote: delete it, and the same command "
+                        f"computes it again")
+
+    idx = part["indices"]
+    if idx.ndim != 1 or len(idx) < 1 or not np.issubdtype(idx.dtype, np.integer):
+        bad(f"indices is {idx.dtype} {list(idx.shape)}, not integers [B]")
+    if idx.min() < 0 or len(np.unique(idx)) != len(idx):
+        bad("indices holds a negative or repeated index")
+    B = len(idx)
+    if part["digest"].dtype != np.uint8 or part["digest"].shape != (B, 8):
+        bad(f"digest is {part['digest'].dtype} {list(part['digest'].shape)}, not uint8 [{B}, 8]")
+    for k, ndim in (("prior_bpd", 1), ("vb", 2), ("mse", 2), ("x0_mse", 2)):
+        a = part[k]
+        if not np.issubdtype(a.dtype, np.floating) or a.ndim != ndim or len(a) != B or (
+                ndim == 2 and a.shape[1:] != part["vb"].shape[1:]):
+            bad(f"{k} is {a.dtype} {list(a.shape)}, not float [{B}{', T' if ndim == 2 else ''}]")
 
 
 def _digests(images: torch.Tensor) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,7 @@ from ..io.images import figure_png
 from ..io import checkpoint as ckpt
 from ..run.folder import METRICS_NAME, read_metrics, read_run_record
 from ..version import __version__
+from .evaluate import read_eval_report
 from .nll import draw_rate_distortion, load_bpd, rate_distortion
 
 REPORT_NAME = "report.html"
@@ -108,13 +110,9 @@ def _training_plots(recs: list[dict]) -> list[str]:
     return out
 
 
-def _evaluation(run_dir: Path) -> list[str]:
+def _evaluation(reports: list[tuple[Path, dict]]) -> list[str]:
     parts = []
-    for path in sorted(run_dir.glob("eval/*/eval.json")):
-        try:
-            rep = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+    for path, rep in reports:
         fid, iscore, bpd = rep.get("fid") or {}, rep.get("inception_score") or {}, rep.get("bits_per_dim") or {}
         rows = [f"<tr><th>FID, {html_text(k)} split</th><td>{v:.3f}</td></tr>" for k, v in fid.items() if v is not None]
         if iscore:
@@ -163,6 +161,7 @@ def write_report(run_dir, out: Optional[Path] = None) -> Path:
         raise UserError(f"{run_dir}: not a run directory (no config.json and no checkpoint); give the --out folder "
                         f"of a ddpm train")
     out = claim_file(out if out is not None else run_dir / REPORT_NAME, is_report, "a report")
+    reports = [(path, read_eval_report(path)) for path in sorted(run_dir.glob("eval/*/eval.json"))]  # checked first
     recs = read_metrics(run_dir / METRICS_NAME)
     found = ckpt.list_checkpoints(run_dir)
     last = f"{found[-1][1].name} (step {found[-1][0]:,})" if found else "none yet"
@@ -173,12 +172,13 @@ def write_report(run_dir, out: Optional[Path] = None) -> Path:
                 (("samples.png", "samples: one row per class (make demo)"),
                  ("progressive.png", "x̂_0 predicted along sampling chains, t falling to the right (Fig. 6)"))
                 if (run_dir / name).is_file()]
-    pictures += [_image(p, f"EMA samples at step {int(p.stem.split('-')[-1]):,}")
-                 for p in sorted(run_dir.glob("samples/step-*.png"))[-6:]]
+    grids = sorted((int(m.group(1)), p) for p in run_dir.glob("samples/step-*.png")  # the grids training wrote
+                   if (m := re.fullmatch(r"step-(\d+)\.png", p.name)))
+    pictures += [_image(p, f"EMA samples at step {step:,}") for step, p in grids[-6:]]
     if pictures:
         body += ["<h2>Samples</h2>", *pictures]
     body += ["<h2>Training</h2>", *(_training_plots(recs) or ["<p>No metrics logged yet.</p>"])]
-    evaluation = _evaluation(run_dir)
+    evaluation = _evaluation(reports)
     if evaluation:
         body += ["<h2>Evaluation (ddpm eval)</h2>", *evaluation]
     body += ["<h2>Configuration</h2>", f"<pre>{html.escape(json.dumps(record.config, indent=2))}</pre>"]

@@ -194,6 +194,8 @@ def train(run_dir, run: RunConfig, *, images: Optional[DataSet] = None, progress
     if images is None:  # opened before the run folder is created: a missing source leaves nothing behind
         images = open_data(run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution),
                            progress=progress and dist.local_rank == 0, preparer=dist.local_rank == 0, barrier=barrier)
+    if isinstance(images, PreparedSet):  # checked in the background (in _train), not shard by shard on first read
+        images.check_on_read = False
     run_dir = claim_run_folder(run_dir)
     with contextlib.ExitStack() as stack:
         if dist.is_main:
