@@ -53,8 +53,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ..config import Choice, Config, parse_size, size_value
+from ..config import MAX_CLASSES, Choice, Config, SizeTooLarge, check_count, parse_size, size_value
 from ..errors import UserError
+from ..files import open_regular, regular_file
 
 from .images import IMAGE_EXTENSIONS, is_image_file, prepare_image, rgb_to_gray
 from .progress import progress_bar
@@ -125,6 +126,8 @@ class DataConfig(Config):
         if r is not None:
             try:
                 object.__setattr__(self, "resolution", size_value(parse_size(r, "data.resolution")))
+            except SizeTooLarge:
+                raise
             except UserError:
                 raise UserError(f"data.resolution={r!r} is not valid; give a positive integer, HxW (e.g. 64x128), "
                                 "or null for the data's own size") from None
@@ -247,12 +250,15 @@ def open_source(cfg: DataConfig) -> _Raw:
     return raw
 
 
-def _classes_for(labels: np.ndarray, names: Optional[tuple[str, ...]] = None) -> tuple[str, ...]:
+def _classes_for(labels: np.ndarray, names: Optional[tuple[str, ...]] = None, where: str = "labels") -> tuple[str, ...]:
     """Class names for integer labels: `names` when they cover them, else the ids as text."""
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or not np.issubdtype(labels.dtype, np.integer)):
         raise UserError(f"labels must be integers >= 0 (found {labels.min()}); give class ids 0 … K-1")
     k = int(labels.max()) + 1 if labels.size else 0
+    if k > MAX_CLASSES:
+        raise UserError(f"{where}: class id {k - 1} found; more than {MAX_CLASSES:,} classes, the most ddpm takes; "
+                        f"give class ids 0 … K-1")
     if names is not None and k <= len(names):
         return tuple(names)
     return tuple(str(i) for i in range(k))
@@ -357,7 +363,8 @@ def source_kind(cfg: DataConfig) -> str:
 
 def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        with open_regular(path) as f:
+            return f.read()
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e}); check the file's permissions") from None
 
@@ -419,7 +426,7 @@ def _load_tar(path: Path, split: str) -> _Raw:
     has_split_dirs = False
     try:
         # One streaming pass in archive order: seeking back in a .gz restarts decompression.
-        with tarfile.open(path, "r:*") as tar:
+        with open_regular(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
             for m in tar:
                 if not m.isfile():
                     continue
@@ -619,7 +626,7 @@ def _load_idx_file(path: Path, names: Optional[tuple[str, ...]] = None) -> _Raw:
         if y.dtype != np.uint8 or y.ndim != 1 or len(y) != len(raw.array):
             raise UserError(f"{twin}: expected {len(raw.array)} uint8 labels for {path.name}, found {y.dtype} "
                             f"{list(y.shape)}; re-download it or remove it")
-        raw.labels, raw.classes = y.astype(np.int64), _classes_for(y, names)
+        raw.labels, raw.classes = y.astype(np.int64), _classes_for(y, names, str(twin))
     return raw
 
 
@@ -661,6 +668,7 @@ def _load_fashion_mnist(arg: Optional[str], split: str) -> _Raw:
 
 
 def _load_npz(path: Path, split: str) -> _Raw:
+    regular_file(path)
     try:
         z = np.load(path, allow_pickle=False)
     except ValueError as e:  # a .npy of Python objects
@@ -714,7 +722,7 @@ def _load_npz(path: Path, split: str) -> _Raw:
             f"{where}: shape {list(arr.shape)}, expected uint8 images [N, H, W] or [N, H, W, C] with C = 1 or 3{hint}"
         )
     return _Raw(f"array file {where}", array=arr, labels=None if labels is None else labels.astype(np.int64),
-                classes=() if labels is None else _classes_for(labels))
+                classes=() if labels is None else _classes_for(labels, where=f"{path} array {ykey!r}"))
 
 
 # --- LMDB (LSUN) ------------------------------------------------------------------------------
@@ -727,6 +735,7 @@ def _load_lmdb(path: Path) -> _Raw:
         raise UserError(
             f"{path}: reading an LMDB data set needs the lmdb package; run `pip install lmdb` (or pip install 'ddpm[lmdb]')"
         ) from None
+    regular_file(path / "data.mdb")
     try:
         env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
     except lmdb.Error as e:
@@ -793,15 +802,17 @@ def decode(raw: _Raw, cfg: DataConfig, start: int = 0, stop: Optional[int] = Non
         return
     sources = [raw.array[i] for i in range(start, stop)] if raw.array is not None else \
         [raw.items[i][1] for i in range(start, stop)]
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        try:
-            for k, (a, info) in enumerate(pool.map(lambda x: prepare_image(x, cfg.size, cfg.channels, cfg.crop),
-                                                   sources)):
-                if bar is not None:
-                    bar.update()
-                yield start + k, a, info
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # a UserError mid-way stops the rest
+    pool = ThreadPoolExecutor(DECODE_THREADS)
+    try:
+        for k, (a, info) in enumerate(pool.map(lambda x: prepare_image(x, cfg.size, cfg.channels, cfg.crop),
+                                               sources)):
+            if bar is not None:
+                bar.update()
+            yield start + k, a, info
+    finally:
+        # A UserError, Ctrl-C or SIGTERM mid-way cancels the rest and returns at once: the images
+        # being decoded are dropped when done (each is bounded: prepare_image's size checks).
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def decode_readable(raw: _Raw, cfg: DataConfig, skipped: list, start: int = 0, stop: Optional[int] = None, bar=None):

@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..config import size_value
+from ..config import MAX_BATCH, MAX_SAMPLES, check_count, size_value
 from ..errors import UserError
 from ..io.atomic import write_json
 from ..io.data import DataConfig, DataSet
@@ -388,6 +388,10 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
                                ("--bpd-n", 0 if bpd_n is None else bpd_n, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UserError(f"{flag} {value}: give an integer >= {least}")
+    check_count(n, "--n", MAX_SAMPLES, why="the six-digit sample names 000000.png … 999999.png")
+    check_count(bpd_n or 1, "--bpd-n", MAX_SAMPLES)
+    for flag, value in (("--batch", batch), ("--bpd-batch", bpd_batch), ("--inception-batch", inception_batch)):
+        check_count(value, flag, MAX_BATCH)
     guidance = check_weight(guidance)
     for ref in (ref_train, ref_test):
         if ref is not None:
@@ -555,6 +559,7 @@ def _is_fid_report(path: Path) -> bool:
 def _check_batch(batch) -> None:
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise UserError(f"--inception-batch {batch}: give an integer >= 1")
+    check_count(batch, "--inception-batch", MAX_BATCH)
 
 
 def fid_ref_run(data: DataConfig, out, *, weights=None, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
