@@ -28,6 +28,7 @@ from .io.data import Channels, Crop, DataConfig, OnError, Split
 from .io.distributed import is_main_process
 from .io.folders import usable_folder
 from .io.prepared import DEFAULT_SHARD_BYTES, PreparedSet, open_data, prepare
+from .io.stopping import SignalWatchdog, handled
 from .io.streaming import write_stream
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .network.inception import WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = lambda message, category, *a, **k: print(f"{name}: warning: {message}", file=sys.stderr)
         old_term = _on_sigterm()
         try:
-            rc = args._fn(args)
+            with SignalWatchdog(name):
+                rc = args._fn(args)
         except Exception as e:
             line = _one_line(e)
             if line is None or os.environ.get("DDPM_TRACEBACK"):
@@ -100,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: interrupted", file=sys.stderr)
             return 130
         finally:
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
+            for signum, old in zip((signal.SIGTERM, signal.SIGINT), old_term or ()):
+                signal.signal(signum, old)
     return int(rc or 0)
 
 
@@ -120,12 +122,18 @@ def _one_line(e: Exception) -> str | None:
 
 def _on_sigterm():
     """SIGTERM stops any command like Ctrl-C does (files being written are abandoned cleanly);
-    training installs its own handler, which first saves a checkpoint."""
+    training installs its own handler, which first saves a checkpoint. Both handlers tell the
+    watchdog (io/stopping.py) that they ran. Returns the handlers they replace."""
     def stop(signum, frame):
+        handled()
         raise Interrupted(signum, "stopped by SIGTERM; run the same command again to go on where it stopped")
 
+    def interrupt(signum, frame):
+        handled()
+        raise KeyboardInterrupt
+
     try:
-        return signal.signal(signal.SIGTERM, stop)
+        return signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGINT, interrupt)
     except ValueError:  # not the main thread
         return None
 
