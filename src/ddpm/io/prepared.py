@@ -50,6 +50,7 @@ import torch
 
 from ..config import load_json, size_value
 from ..errors import UserError
+from ..files import open_regular
 from ..version import __version__
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes, write_json
 from .data import (ARRAY, DataConfig, DataSet, ImageSet, decode, decode_readable, item_name, load_images, mismatch,
@@ -334,7 +335,8 @@ class PreparedSet(DataSet):
         for s in self._shards:
             _check_size(self.path / s["file"], s["count"] * record)
         self._offsets = np.cumsum([0] + [s["count"] for s in self._shards])
-        self._maps: list = [None] * len(self._shards)
+        self._record = record
+        self._files: list = [None] * len(self._shards)  # opened on first use, read with os.preadv
         self.source_description = f"prepared {self.path}: {m.get('description', '')}"
         self.skipped = list(m.get("skipped") or [])
         self.classes = tuple(m.get("classes") or ())
@@ -350,24 +352,30 @@ class PreparedSet(DataSet):
     def fingerprint(self) -> str:
         return self.manifest["sha256"]
 
-    def _map(self, k: int) -> np.ndarray:
-        if self._maps[k] is None:
-            s = self._shards[k]
-            self._maps[k] = np.memmap(self.path / s["file"], np.uint8, "r", shape=(s["count"], *self._shape))
-        return self._maps[k]
+    def _file(self, k: int):
+        if self._files[k] is None:
+            path = self.path / self._shards[k]["file"]
+            try:
+                self._files[k] = open_regular(path)
+            except OSError as e:
+                raise _unreadable(path, e) from None
+        return self._files[k]
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """The records of `indices`, read with `os.preadv` straight into the batch: a shard cut
+        short while it is read is one line naming it (through a memory map it would be SIGBUS)."""
         idx = torch.as_tensor(indices).cpu().numpy().astype(np.int64, copy=False).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"index out of range for {len(self)} images")
-        if len(self._shards) == 1:
-            return torch.from_numpy(np.asarray(self._map(0)[idx]))
         which = np.searchsorted(self._offsets, idx, side="right") - 1
-        out = np.empty((len(idx), *self._shape), np.uint8)
-        for k in np.unique(which):
-            sel = which == k
-            out[sel] = self._map(int(k))[idx[sel] - self._offsets[k]]
-        return torch.from_numpy(out)
+        out = np.empty((len(idx), self._record), np.uint8)
+        for j, (k, i) in enumerate(zip(which.tolist(), (idx - self._offsets[which]).tolist())):
+            f = self._file(k)
+            got = _read_into(f.fileno(), out[j], i * self._record)
+            if got != self._record:
+                raise _cut_short(self.path / self._shards[k]["file"], self._shards[k]["count"] * self._record,
+                                 os.fstat(f.fileno()).st_size)
+        return torch.from_numpy(out.reshape(len(idx), *self._shape))
 
     def _read_labels(self) -> torch.Tensor:
         parts = []
@@ -410,14 +418,34 @@ def _unreadable(path: Path, e: OSError) -> UserError:
                      f"restore the file or prepare the data again")
 
 
+def _read_into(fd: int, buf: np.ndarray, offset: int) -> int:
+    """Read len(buf) bytes at `offset` into `buf`; the number read (fewer at the end of the file)."""
+    done, view = 0, memoryview(buf).cast("B")
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # Windows, macOS before 11: a copy more
+            chunk = os.pread(fd, len(view) - done, offset + done)
+            view[done:done + len(chunk)] = chunk
+            got = len(chunk)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def _cut_short(path, size: int, got: int) -> UserError:
+    return UserError(f"{path}: {got} bytes, the manifest says {size} (cut short or replaced); restore the file "
+                     f"or prepare the data again")
+
+
 def _check_size(path: Path, size: int) -> None:
     try:
         got = path.stat().st_size
     except OSError as e:
         raise _unreadable(path, e) from None
     if got != size:
-        raise UserError(f"{path}: {got} bytes, the manifest says {size} (cut short or replaced); restore the file "
-                        f"or prepare the data again")
+        raise _cut_short(path, size, got)
 
 
 class BackgroundCheck:
