@@ -365,12 +365,12 @@ def _prepare_args(p):
                    help="an unreadable image: stop (default) or skip and count it")
     p.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20, help="shard size in MiB (default 1024)")
     p.add_argument("--to", default="ddpm", choices=("ddpm", "litdata"),
-                   help="ddpm: memory-mapped shards (default); litdata: LitData's format, to copy to object storage")
+                   help="ddpm: shards of fixed-size records (default); litdata: LitData's format, to copy to object storage")
     p.add_argument("--verify", action="store_true", help="check a prepared folder's checksums instead")
     p.add_argument("--no-progress", action="store_true")
 
 
-@command("prepare", "decode a data set once into memory-mapped shards (with labels and checksums) that training "
+@command("prepare", "decode a data set once into shards of fixed-size records (with labels and checksums) that training "
                     "reads without decoding; resumable", _prepare_args)
 def cmd_prepare(args):
     if args.verify:

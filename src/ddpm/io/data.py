@@ -1,7 +1,7 @@
 """Data sets: every supported source, decoded by one rule, with its labels when it has them.
 
 `load_images(DataConfig(...))` returns an `ImageSet`: uint8 pixels [N, C, H, W] in memory. Large
-sets are prepared once into memory-mapped shards instead (io/prepared.py, `ddpm prepare`), and
+sets are prepared once into shards on disk instead (io/prepared.py, `ddpm prepare`), and
 read through the same interface (`len`, `shape`, `gather(indices)`, `labels`, `classes`,
 `fingerprint()`). The training loop scales a batch to the model's range (process/scaling.py). Random horizontal flips (the paper's CIFAR-10 /
 LSUN / CelebA-HQ augmentation) are applied by the training loop; `DataConfig.random_flip` only carries the flag.
@@ -142,7 +142,7 @@ class DataConfig(Config):
 
 
 class DataSet:
-    """What every placement of a data set offers (in memory here, memory-mapped in io/prepared.py).
+    """What every placement of a data set offers (in memory here, prepared shards on disk in io/prepared.py).
 
     Subclasses set `source_description`, `skipped`, `labels` (int64 [N] or None), `classes` and
     implement `__len__`, `shape` and `gather`."""

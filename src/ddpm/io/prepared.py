@@ -1,4 +1,4 @@
-"""Prepared data: a source decoded once into memory-mappable shards, then read by index.
+"""Prepared data: a source decoded once into shards of fixed-size records, then read by index.
 
     ddpm prepare /data/church_outdoor_train_lmdb --out /data/church256 --resolution 256
     train(run_dir, run.replace(data=run.data.replace(source="/data/church256")))
@@ -20,8 +20,11 @@ Opening checks the manifest and every shard's size (cheap); the checksums are ve
 demand (`PreparedSet.verify`, `ddpm prepare --verify DIR`) and by training in the background
 (`verify_in_background`, for sets up to 16 GiB). A damaged shard is one line that names it.
 
-Shards are memory-mapped: a gather copies the records it needs out of the OS page cache, which
-every process of a node shares, so a process's own memory does not grow with the data set.
+A gather reads the records it needs with `os.preadv` straight into the batch, out of the OS page
+cache, which every process of a node shares, so a process's own memory does not grow with the
+data set. Not through a memory map: a shard cut short while it is read (another process, a full
+network disk) is then one line naming it, where a map's page fault past the end is SIGBUS, a
+death without a word that no Python code can catch.
 A prepare killed at any point resumes at its first unfinished shard (each shard is written
 atomically, then recorded in the state file). Shards hold about `shard_bytes` (1 GiB) each, so
 even LSUN Bedroom at 256x256 (590 GB) stays under a thousand open maps.
@@ -324,7 +327,7 @@ def read_manifest(path: Path) -> dict:
 
 
 class PreparedSet(DataSet):
-    """A prepared folder, memory-mapped: the `DataSet` interface, records copied out on `gather`."""
+    """A prepared folder: the `DataSet` interface, records read on `gather`."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -482,9 +485,9 @@ class BackgroundCheck:
 
 def open_data(cfg: DataConfig, *, progress: bool = True, preparer: bool = True,
               barrier: Optional[Callable[[], None]] = None) -> DataSet:
-    """The data of `cfg` in their placement: a prepared folder memory-mapped; LitData's format (a
+    """The data of `cfg` in their placement: a prepared folder read by offset; LitData's format (a
     bucket URL or a folder, io/streaming.py) read through its local cache; an encoded source
-    prepared into the cache (cache_root()) on first use, then memory-mapped; an array source in memory.
+    prepared into the cache (cache_root()) on first use, then read from there; an array source in memory.
 
     :param preparer: whether this process may prepare (under torchrun: local rank 0 of each node;
         the others wait at `barrier`). Processes sharing a cache folder take turns (a file lock).

@@ -65,7 +65,7 @@ class ImageSource:
 
 class ArraySource(ImageSource):
     """Pixels, uint8 [N, C, H, W]: a tensor, or a data set in either placement (io/data.py's
-    `DataSet`: in memory or memory-mapped)."""
+    `DataSet`: in memory or prepared on disk)."""
 
     def __init__(self, images, description: str = "images in memory"):
         if not isinstance(images, DataSet):

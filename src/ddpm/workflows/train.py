@@ -102,7 +102,7 @@ def drop_labels(labels: torch.Tensor, rate: float, null_class: int, g: torch.Gen
 def resident_pixels(data: DataSet, device: torch.device) -> Optional[torch.Tensor]:
     """The placement of the data for training: all of it as one uint8 tensor on `device` when that
     is faster (a set in memory; on CUDA anything under RESIDENT_GPU_BYTES, copied once), or None
-    to gather each batch from the memory map on worker threads (io/loader.py)."""
+    to gather each batch from the prepared shards on worker threads (io/loader.py)."""
     if device.type == "cuda" and data.nbytes < RESIDENT_GPU_BYTES:
         return (data.images if isinstance(data, ImageSet) else data.load().images).to(device)
     return data.images if isinstance(data, ImageSet) else None
