@@ -53,6 +53,17 @@ def regular_file(path) -> Path:
     return Path(path)
 
 
+def read_bytes(path) -> bytes:
+    """`Path(path).read_bytes()`, for a regular file only (`open_regular`)."""
+    with open_regular(path) as f:
+        return f.read()
+
+
+def read_text(path) -> str:
+    """`Path(path).read_text(encoding="utf-8")`, for a regular file only (`open_regular`)."""
+    return read_bytes(path).decode("utf-8")
+
+
 def open_regular(path) -> BinaryIO:
     """`open(path, "rb")` for a regular file; NotRegularFile, without blocking, for anything else.
     OSError as `open` raises it (a missing file, a permission)."""

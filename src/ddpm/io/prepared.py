@@ -53,7 +53,7 @@ import torch
 
 from ..config import load_json, size_value
 from ..errors import UserError
-from ..files import open_regular
+from ..files import open_regular, read_bytes, read_text
 from ..version import __version__
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes, write_json
 from .data import (ARRAY, DataConfig, DataSet, ImageSet, decode, decode_readable, item_name, load_images, mismatch,
@@ -87,7 +87,7 @@ def is_prepared(path) -> bool:
     if not m.is_file():
         return False
     try:
-        return json.loads(m.read_text(encoding="utf-8")).get("format") == FORMAT
+        return json.loads(read_text(m)).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -292,7 +292,7 @@ def _write_shard(raw, cfg: DataConfig, out: Path, k: int, lo: int, hi: int, shap
 def _sha256_file(path: Path, *also) -> str:
     """sha256 hex of a file, read in chunks; each hashlib object in `also` is fed the same bytes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
             for o in also:
@@ -385,7 +385,10 @@ class PreparedSet(DataSet):
         for s in self._shards:
             f = self.path / str(s.get("labels"))
             _check_size(f, 8 * s["count"])
-            parts.append(np.fromfile(f, "<i8"))
+            try:
+                parts.append(np.frombuffer(read_bytes(f), "<i8"))
+            except OSError as e:
+                raise _unreadable(f, e) from None
         return torch.from_numpy(np.concatenate(parts).astype(np.int64))
 
     def verify(self, progress: bool = False, stop: Optional[threading.Event] = None) -> None:

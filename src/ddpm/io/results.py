@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from ..errors import UserError
+from ..files import read_text
 from .atomic import write_json
 from .folders import claim_folder
 
@@ -29,7 +30,7 @@ def check_settings(path, meta: dict, info: Optional[Mapping] = None, what: str =
     claim_folder(path.parent, [path.name], what)
     if path.is_file():
         try:
-            old = json.loads(path.read_text(encoding="utf-8"))
+            old = json.loads(read_text(path))
             if not isinstance(old, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as e:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from ..errors import UserError
+from ..files import read_bytes
 from ..io import checkpoint as ckpt
 from ..io.atomic import write_json, write_text
 from ..io.folders import claim_folder
@@ -52,7 +53,7 @@ def _config_json(run_dir: Path) -> Optional[dict]:
     if not path.exists():
         return None
     try:
-        d = json.loads(path.read_bytes().decode("utf-8"))
+        d = json.loads(read_bytes(path).decode("utf-8"))
     except (ValueError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{path}: not a ddpm run config ({e}); move it away if it is yours, or give a new --out "
                         f"folder") from None
@@ -117,7 +118,7 @@ def truncate_metrics(path, step: int) -> None:
 def _parse_metrics(path: Path) -> tuple[list[tuple[dict, str]], list[int]]:
     """The log's records with their lines, and the numbers of the lines that do not parse."""
     lines, bad = [], []
-    for i, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+    for i, raw in enumerate(read_bytes(path).split(b"\n"), 1):
         if not raw.strip():
             continue
         try:

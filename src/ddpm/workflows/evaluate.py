@@ -28,6 +28,7 @@ import torch
 
 from ..config import MAX_BATCH, MAX_SAMPLES, check_count, size_value
 from ..errors import UserError
+from ..files import read_text
 from ..io.atomic import write_json
 from ..io.data import DataConfig, DataSet
 from ..io.prepared import open_data
@@ -550,7 +551,7 @@ def _log(msg: str) -> None:
 
 def _is_fid_report(path: Path) -> bool:
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(read_text(path))
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and {"fid", "samples"} <= set(d)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from ..files import read_text
 from ..io.atomic import write_json, write_text
 from ..io.folders import claim_folder
 from ..io.weights import write_unet
@@ -62,7 +63,7 @@ def _evaluation(loaded) -> Optional[dict]:
     """The `ddpm eval` report of this checkpoint, where the run holds one (RUN/eval/<ckpt>/eval.json)."""
     path = loaded.checkpoint.parent / "eval" / loaded.checkpoint.stem / "eval.json"
     try:
-        rep = json.loads(path.read_text(encoding="utf-8"))
+        rep = json.loads(read_text(path))
     except (OSError, ValueError):
         return None
     return rep if isinstance(rep, dict) and rep.get("checkpoint_sha256") == loaded.sha256 else None

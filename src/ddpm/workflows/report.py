@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from ..files import read_bytes, read_text
 from ..io.atomic import write_text
 from ..io.images import figure_png
 from ..io import checkpoint as ckpt
@@ -46,7 +47,7 @@ def _figure(plot, caption: str, size: tuple = (6.4, 3.6)) -> str:
 
 def _image(path: Path, caption: str) -> str:
     """A PNG file inline, shown 3x (at most 520 px wide): sample grids of small images stay legible."""
-    png = path.read_bytes()
+    png = read_bytes(path)
     width = min(3 * int.from_bytes(png[16:20], "big"), 520)  # the IHDR width
     return (f'<figure><img alt="{html.escape(caption)}" width="{width}" src="{_data_uri(png)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
@@ -108,7 +109,7 @@ def _evaluation(run_dir: Path) -> list[str]:
     parts = []
     for path in sorted(run_dir.glob("eval/*/eval.json")):
         try:
-            rep = json.loads(path.read_text(encoding="utf-8"))
+            rep = json.loads(read_text(path))
         except (OSError, ValueError):
             continue
         fid, iscore, bpd = rep.get("fid") or {}, rep.get("inception_score") or {}, rep.get("bits_per_dim") or {}
