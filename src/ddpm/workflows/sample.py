@@ -310,9 +310,12 @@ def _read_sample(path: Path, shape) -> Optional[np.ndarray]:
 
 def _existing_indices(out_dir: Path, n: int, shape) -> set[int]:
     # PIL releases the GIL while decoding, so a few threads check 50,000 files several times faster.
-    with ThreadPoolExecutor(4) as pool:
+    pool = ThreadPoolExecutor(4)
+    try:
         ok = pool.map(lambda i: _read_sample(out_dir / png_name(i), shape) is not None, range(n))
         return {i for i, good in enumerate(ok) if good}
+    finally:  # a signal or an error: the checks not yet started are dropped, none is waited for
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: int, seed: int, shape, dist=None, *,
