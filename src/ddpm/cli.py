@@ -7,7 +7,8 @@ t (docs/MATH.md § Time and indexing).
 Whatever goes wrong because of the user's input or machine is one line on stderr, never a
 traceback: a `UserError` or an argument argparse rejects (status 2), an `OSError` such as a full
 disk or a read-only folder (status 2, naming the path), memory that cannot be allocated (status
-2), SIGTERM or Ctrl-C (status 128 + the signal; training first saves a checkpoint). Warnings are
+2), SIGTERM or Ctrl-C (status 128 + the signal; training first saves a checkpoint; a main thread
+stuck in a C call is ended 5 s after the signal by io/stopping.py's watchdog). Warnings are
 one line each too. Set DDPM_TRACEBACK=1 to see the traceback of any of them.
 """
 
