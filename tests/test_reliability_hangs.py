@@ -14,7 +14,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from ddpm.io import checkpoint as ckpt

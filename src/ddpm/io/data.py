@@ -53,7 +53,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ..config import MAX_CLASSES, Choice, Config, SizeTooLarge, check_count, parse_size, size_value
+from ..config import MAX_CLASSES, Choice, Config, SizeTooLarge, parse_size, size_value
 from ..errors import UserError
 from ..files import open_regular, regular_file
 
