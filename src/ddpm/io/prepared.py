@@ -339,7 +339,6 @@ class PreparedSet(DataSet):
             _check_size(self.path / s["file"], s["count"] * record)
         self._offsets = np.cumsum([0] + [s["count"] for s in self._shards])
         self._record = record
-        self._files: list = [None] * len(self._shards)  # opened on first use, read with os.preadv
         self.source_description = f"prepared {self.path}: {m.get('description', '')}"
         self.skipped = list(m.get("skipped") or [])
         self.classes = tuple(m.get("classes") or ())
@@ -355,29 +354,27 @@ class PreparedSet(DataSet):
     def fingerprint(self) -> str:
         return self.manifest["sha256"]
 
-    def _file(self, k: int):
-        if self._files[k] is None:
-            path = self.path / self._shards[k]["file"]
-            try:
-                self._files[k] = open_regular(path)
-            except OSError as e:
-                raise _unreadable(path, e) from None
-        return self._files[k]
-
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """The records of `indices`, read with `os.preadv` straight into the batch: a shard cut
-        short while it is read is one line naming it (through a memory map it would be SIGBUS)."""
+        short while it is read is one line naming it (through a memory map it would be SIGBUS).
+        Each shard the batch touches is opened for the gather and closed after it, so a set of a
+        thousand shards never holds a thousand file descriptors."""
         idx = torch.as_tensor(indices).cpu().numpy().astype(np.int64, copy=False).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"index out of range for {len(self)} images")
         which = np.searchsorted(self._offsets, idx, side="right") - 1
+        local = idx - self._offsets[which]
         out = np.empty((len(idx), self._record), np.uint8)
-        for j, (k, i) in enumerate(zip(which.tolist(), (idx - self._offsets[which]).tolist())):
-            f = self._file(k)
-            got = _read_into(f.fileno(), out[j], i * self._record)
-            if got != self._record:
-                raise _cut_short(self.path / self._shards[k]["file"], self._shards[k]["count"] * self._record,
-                                 os.fstat(f.fileno()).st_size)
+        for k in np.unique(which).tolist():
+            path = self.path / self._shards[k]["file"]
+            try:
+                f = open_regular(path)
+            except OSError as e:
+                raise _unreadable(path, e) from None
+            with f:
+                for j in np.flatnonzero(which == k).tolist():
+                    if _read_into(f.fileno(), out[j], int(local[j]) * self._record) != self._record:
+                        raise _cut_short(path, self._shards[k]["count"] * self._record, os.fstat(f.fileno()).st_size)
         return torch.from_numpy(out.reshape(len(idx), *self._shape))
 
     def _read_labels(self) -> torch.Tensor:
