@@ -12,6 +12,7 @@ POINT (N counts from 1, in this process):
                into place
   png          right after the N-th sample PNG is in place
   part         right after the N-th bits/dim part is in place
+  decode       right after the N-th image of a data set is decoded (on a decoding thread)
   none         no kill (with --deterministic: a reference run under the same settings)
 --rank R: only the process whose RANK (torchrun) is R arms the kill; the others run normally.
 --deterministic: torch.use_deterministic_algorithms(True, warn_only=True) first; PyTorch then warns,
@@ -70,6 +71,18 @@ def arm(point: str, n: int, twice: bool = False) -> None:
         torch.optim.Adam.step = counted_step
     elif point == "none":
         pass
+    elif point == "decode":
+        import ddpm.io.data
+
+        prepare_image = ddpm.io.data.prepare_image
+
+        def counted_decode(*a, **k):  # on a decoding thread; the signal goes to the process
+            result = prepare_image(*a, **k)
+            if hit():
+                die()
+            return result
+
+        ddpm.io.data.prepare_image = counted_decode
     elif point in ("ckpt-half", "ckpt-whole"):
         write, replace, writes = os.write, os.replace, {}
 

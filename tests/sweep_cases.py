@@ -16,10 +16,8 @@ lookup at empty folders (`isolated_env`), and cases marked `weights_first=True` 
 right when their one line says the weights are missing (those commands load the weights before
 they read the other inputs).
 
-Not swept, on purpose (they would hang or exhaust memory rather than fail): a huge --n for
-sample/eval (a file check per index), a huge --n-chains/--k (a generator per image), a huge
-interpolate --steps (np.linspace of that size), a huge train --batch (DataOrder loops batch/N
-times).
+Huge counts (--n, --n-chains, --k, interpolate --steps, --batch, diffusion.T, class ids) are swept
+too: each is bounded (config.py's MAX_*) before anything is allocated, so they fail in one line.
 """
 
 from __future__ import annotations
@@ -1584,6 +1582,84 @@ for field in ("train.init_from", "train.fid_ref"):
 add("r3-train/config-blank", lambda tmp, fx: _train(tmp, fx) + ["--config", " "], ("--config", "empty"))
 add("r3-nll/prepared-shard-other-bytes-same-size", lambda tmp, fx: _nll(tmp, fx, _shard_swapped(tmp, fx)) + [
     "--split", "train"], "shard-00000.u8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability classes 6 and 7: no hang, no unbounded memory (special files are never opened, every
+# number that sizes an allocation or a loop is bounded before anything is allocated)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fifo(tmp: Path, name: str) -> Path:
+    """A FIFO that nobody writes: opening it for reading would block forever."""
+    p = tmp / name
+    os.mkfifo(p)
+    return p
+
+
+def _fifo_among_pngs(tmp: Path, fx: Fixtures) -> Path:
+    d = _dir(tmp, "imgs-with-fifo")
+    shutil.copy(fx.png, d / "a.png")
+    _fifo(d, "pipe.png")
+    return d
+
+
+def _huge_png(tmp: Path, w: int, h: int, name: str = "wide.png") -> Path:
+    from PIL import Image
+    p = tmp / name
+    Image.new("L", (w, h)).save(p)  # a few hundred bytes on disk
+    return p
+
+
+def _run_with_setting(tmp: Path, fx: Fixtures, section: str, key: str, value) -> Path:
+    """A run whose checkpoint verifies (written by ddpm's own save_checkpoint) but whose config
+    holds `section.key = value`, as another tool or a hand-edited file could."""
+    from ddpm.io import checkpoint as ck
+
+    state = ck.load_checkpoint(fx.ckpt)
+    state["config"][section][key] = value
+    d = _dir(tmp, f"run-{key}")
+    ck.save_checkpoint(d, 2, state)
+    cfg = json.loads((fx.run / "config.json").read_text())
+    cfg[section][key] = value
+    _write(d / "config.json", json.dumps(cfg))
+    return d
+
+
+add("r3-prepare/fifo-among-images", lambda tmp, fx: _prepare(tmp, fx, source=_fifo_among_pngs(tmp, fx)), "pipe.png")
+add("r3-train/fifo-among-images", lambda tmp, fx: _train(tmp, fx, _fifo_among_pngs(tmp, fx)), "pipe.png")
+add("r3-train/data-npz-is-fifo", lambda tmp, fx: _train(tmp, fx, _fifo(tmp, "pipe.npz")), "pipe.npz")
+add("r3-train/data-tar-is-fifo", lambda tmp, fx: _train(tmp, fx, _fifo(tmp, "pipe.tar")), "pipe.tar")
+add("r3-train/data-idx-is-fifo", lambda tmp, fx: _train(tmp, fx, _fifo(tmp, "train-images-idx3-ubyte")),
+    "train-images-idx3-ubyte")
+add("r3-train/config-is-fifo", lambda tmp, fx: _train(tmp, fx) + ["--config", _fifo(tmp, "cfg.json")], "cfg.json")
+add("r3-train/run-config-is-fifo", lambda tmp, fx: _train(tmp, fx, out=(lambda d: (_fifo(d, "config.json"), d)[1])(
+    _dir(tmp, "runfifo"))), "config.json")
+add("r3-prepare/manifest-is-fifo", lambda tmp, fx: ["prepare", (lambda d: (_fifo(d, "manifest.json"), d)[1])(
+    _dir(tmp, "prep")), "--verify"], "manifest.json")
+vary("r3-prepare", _prepare, "--resolution", ["100000", "5000x8", "8x4097"], N["resolution"])
+add("r3-train/set-data-resolution-huge", lambda tmp, fx: _train(tmp, fx) + ["--set", "data.resolution=100000"],
+    "data.resolution")
+add("r3-train/set-model-resolution-huge", lambda tmp, fx: _train(tmp, fx) + ["--set", "model.resolution=65536"],
+    "resolution")
+add("r3-prepare/image-own-size-huge-padded", lambda tmp, fx: _prepare(tmp, fx, source=(lambda d: (
+    _huge_png(d, 5000, 1), d)[1])(_dir(tmp, "wide"))) + ["--crop", "pad"], "wide.png")
+add("r3-train/set-T-huge", lambda tmp, fx: _train(tmp, fx) + ["--set", "diffusion.T=1000000000"], "diffusion.T")
+add("r3-sample/checkpoint-config-T-huge", lambda tmp, fx: _sample_ns(tmp, fx) + [
+    "--run", _run_with_setting(tmp, fx, "diffusion", "T", 10 ** 9)], "T")
+add("r3-sample/checkpoint-config-num-classes-huge", lambda tmp, fx: _sample_ns(tmp, fx) + [
+    "--run", _run_with_setting(tmp, fx, "model", "num_classes", 2 ** 40)], "num_classes")
+add("r3-train/npz-label-huge", lambda tmp, fx: _train(tmp, fx, _npz(tmp, "biglabel.npz", x=np.zeros((4, 32, 32), np.uint8),
+                                                                     y=np.array([0, 1, 2, 2 ** 40]))), "biglabel.npz")
+vary("r3-sample", _sample, "--n", [str(10 ** 12), "1000001"], N["n"])
+vary("r3-sample", _sample, "--batch", [str(10 ** 9)], N["batch"])
+vary("r3-eval", _eval, "--n", [str(10 ** 12)], N["n"])
+vary("r3-eval", _eval, "--inception-batch", [str(10 ** 9)], N["inception-batch"])
+vary("r3-progressive", _prog, "--n-chains", [str(10 ** 9)], N["n-chains"])
+vary("r3-progressive-share", _shared, "--k", [str(10 ** 9)], N["k"])
+vary("r3-interpolate", _interp, "--steps", [str(10 ** 12)], N["steps"])
+vary("r3-train", _train, "--batch", ["100000"], N["batch"])
+add("r3-train/set-sample-n-huge", lambda tmp, fx: _train(tmp, fx) + ["--set", "train.sample_n=1000000000"], "sample_n")
 
 
 def _check_ids() -> None:

@@ -6,7 +6,6 @@ byte for byte, that it is still there after the command (a refusal in one line);
 command stopped or refused at any point, run again (corrected), finishes.
 """
 
-import json
 import os
 import time
 from pathlib import Path

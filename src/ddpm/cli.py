@@ -7,7 +7,8 @@ t (docs/MATH.md § Time and indexing).
 Whatever goes wrong because of the user's input or machine is one line on stderr, never a
 traceback: a `UserError` or an argument argparse rejects (status 2), an `OSError` such as a full
 disk or a read-only folder (status 2, naming the path), memory that cannot be allocated (status
-2), SIGTERM or Ctrl-C (status 128 + the signal; training first saves a checkpoint). Warnings are
+2), SIGTERM or Ctrl-C (status 128 + the signal; training first saves a checkpoint; a main thread
+stuck in a C call is ended 5 s after the signal by io/stopping.py's watchdog). Warnings are
 one line each too. Set DDPM_TRACEBACK=1 to see the traceback of any of them.
 """
 
@@ -28,6 +29,7 @@ from .io.data import Channels, Crop, DataConfig, OnError, Split
 from .io.distributed import is_main_process
 from .io.folders import usable_folder
 from .io.prepared import DEFAULT_SHARD_BYTES, PreparedSet, open_data, prepare
+from .io.stopping import SignalWatchdog, handled
 from .io.streaming import check_stream_out, write_stream
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .network.inception import WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = lambda message, category, *a, **k: print(f"{name}: warning: {message}", file=sys.stderr)
         old_term = _on_sigterm()
         try:
-            rc = args._fn(args)
+            with SignalWatchdog(name):
+                rc = args._fn(args)
         except Exception as e:
             line = _one_line(e)
             if line is None or os.environ.get("DDPM_TRACEBACK"):
@@ -115,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: interrupted", file=sys.stderr)
             return 130
         finally:
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
+            for signum, old in zip((signal.SIGTERM, signal.SIGINT), old_term or ()):
+                signal.signal(signum, old)
     return int(rc or 0)
 
 
@@ -135,12 +138,18 @@ def _one_line(e: Exception) -> str | None:
 
 def _on_sigterm():
     """SIGTERM stops any command like Ctrl-C does (files being written are abandoned cleanly);
-    training installs its own handler, which first saves a checkpoint."""
+    training installs its own handler, which first saves a checkpoint. Both handlers tell the
+    watchdog (io/stopping.py) that they ran. Returns the handlers they replace."""
     def stop(signum, frame):
+        handled()
         raise Interrupted(signum, "stopped by SIGTERM; run the same command again to go on where it stopped")
 
+    def interrupt(signum, frame):
+        handled()
+        raise KeyboardInterrupt
+
     try:
-        return signal.signal(signal.SIGTERM, stop)
+        return signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGINT, interrupt)
     except ValueError:  # not the main thread
         return None
 
@@ -372,12 +381,12 @@ def _prepare_args(p):
                    help="an unreadable image: stop (default) or skip and count it")
     p.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20, help="shard size in MiB (default 1024)")
     p.add_argument("--to", default="ddpm", choices=("ddpm", "litdata"),
-                   help="ddpm: memory-mapped shards (default); litdata: LitData's format, to copy to object storage")
+                   help="ddpm: shards of fixed-size records (default); litdata: LitData's format, to copy to object storage")
     p.add_argument("--verify", action="store_true", help="check a prepared folder's checksums instead")
     p.add_argument("--no-progress", action="store_true")
 
 
-@command("prepare", "decode a data set once into memory-mapped shards (with labels and checksums) that training "
+@command("prepare", "decode a data set once into shards of fixed-size records (with labels and checksums) that training "
                     "reads without decoding; resumable", _prepare_args)
 def cmd_prepare(args):
     if args.verify:

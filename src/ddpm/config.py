@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import io
 import json
+import numbers
 import re
 import typing
 from typing import Any, Mapping
 
 from .errors import UserError, os_error_line
+from .files import open_regular
 
 
 class Choice(str, enum.Enum):
@@ -130,23 +133,56 @@ def _coerce(cls, name: str, value: Any, where: str) -> Any:
     return value
 
 
+# Limits on every number that sizes an allocation or a loop, checked where the number is read
+# (a flag, a config, a checkpoint's config, a data file) before anything is allocated: far above
+# any real use, far below what exhausts a machine's memory or never ends.
+MAX_SIDE = 4096  # pixels, an image side: 4096x4096 RGB is 48 MiB as uint8 (a side of 100,000 would be 30 GB)
+MAX_TIMESTEPS = 100_000  # diffusion.T: the process keeps a dozen tables of T float64 values (the paper's T is 1000)
+MAX_CLASSES = 100_000  # class ids 0 … K-1 (ImageNet-21k has 21,841 classes)
+MAX_SAMPLES = 1_000_000  # images of a sample set: what the six-digit names 000000.png … 999999.png hold
+MAX_BATCH = 65_536  # images in one batch
+MAX_FIGURE = 1024  # images in one row or column of a figure (chains, continuations, values of λ)
+
+
+def check_count(value, field: str, most: int, least: int = 1, why: str = "") -> int:
+    """`value` as an int in least … most; else one line naming `field`, the value and the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise UserError(f"{field}={value!r}: give an integer of at least {least}")
+    if value > most:
+        raise UserError(f"{field}={value}: more than {most:,}, the most ddpm takes{f' ({why})' if why else ''}; "
+                        f"give a smaller number")
+    return int(value)
+
+
 def parse_size(value, field: str) -> tuple[int, int]:
     """An image size as (height, width): an int n is n x n, a string "HxW" (or "H×W") is H x W.
 
     One line naming `field` for anything else; both sides must be positive integers."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value >= 1:
-            return value, value
+            return _bounded(field, value, value)
     elif isinstance(value, str):
         parts = value.lower().replace("×", "x").split("x")
         if all(p.strip().isdigit() for p in parts) and len(parts) in (1, 2):
             h, w = (int(parts[0]), int(parts[-1]))
             if h >= 1 and w >= 1:
-                return h, w
+                return _bounded(field, h, w)
     elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
-        return int(value[0]), int(value[1])
+        return _bounded(field, int(value[0]), int(value[1]))
     raise UserError(f"{field}={value!r} is not a valid size; give a positive integer (square) or HxW, e.g. 64x128")
+
+
+class SizeTooLarge(UserError):
+    pass
+
+
+def _bounded(field: str, h: int, w: int) -> tuple[int, int]:
+    if max(h, w) > MAX_SIDE:
+        raise SizeTooLarge(f"{field}={size_value((h, w))}: a side over {MAX_SIDE}, the most ddpm takes (one "
+                           f"{h}x{w} RGB image would need {3 * h * w / 2**30:.1f} GiB as bytes, 4 times that as "
+                           f"floats); give {MAX_SIDE} or less")
+    return h, w
 
 
 def size_value(size: tuple[int, int]):
@@ -214,7 +250,7 @@ def load_json(path, where: str | None = None, expect: type | None = None):
     if str(path).strip() == "":
         raise UserError(f"{where or 'a JSON file'}: the path is empty; give a JSON file")
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None

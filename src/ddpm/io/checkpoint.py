@@ -55,6 +55,7 @@ from safetensors import safe_open
 
 from ..config import get_field, parse_json
 from ..errors import UserError, os_error_line
+from ..files import regular_file
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes
 
 __all__ = [
@@ -312,7 +313,7 @@ def _read_verified(path: Path, expected_format: str) -> tuple[dict, dict[str, to
     :return: (the parsed "ddpm" metadata, the tensors by name)
     """
     damaged = "delete it or restore it from a backup"
-    if not path.is_file():
+    if not regular_file(path).is_file():
         raise UserError(f"{path}: no such file; check the path")
     try:
         with open(path, "rb") as f:
@@ -475,7 +476,7 @@ def is_ddpm_file(path: str | os.PathLike) -> bool:
     """Whether `path` is a safetensors file with a ddpm header (a checkpoint or weights file, as
     its header says; not verified)."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(regular_file(path)), framework="pt", device="cpu") as f:
             return "ddpm" in (f.metadata() or {})
     except Exception:  # not safetensors at all
         return False

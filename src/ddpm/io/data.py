@@ -1,7 +1,7 @@
 """Data sets: every supported source, decoded by one rule, with its labels when it has them.
 
 `load_images(DataConfig(...))` returns an `ImageSet`: uint8 pixels [N, C, H, W] in memory. Large
-sets are prepared once into memory-mapped shards instead (io/prepared.py, `ddpm prepare`), and
+sets are prepared once into shards on disk instead (io/prepared.py, `ddpm prepare`), and
 read through the same interface (`len`, `shape`, `gather(indices)`, `labels`, `classes`,
 `fingerprint()`). The training loop scales a batch to the model's range (process/scaling.py). Random horizontal flips (the paper's CIFAR-10 /
 LSUN / CelebA-HQ augmentation) are applied by the training loop; `DataConfig.random_flip` only carries the flag.
@@ -53,8 +53,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ..config import Choice, Config, parse_size, size_value
+from ..config import MAX_CLASSES, Choice, Config, SizeTooLarge, parse_size, size_value
 from ..errors import UserError, shown
+from ..files import open_regular, regular_file
 
 from .folders import is_ddpm_folder
 from .images import IMAGE_EXTENSIONS, is_image_file, prepare_image, rgb_to_gray
@@ -126,6 +127,8 @@ class DataConfig(Config):
         if r is not None:
             try:
                 object.__setattr__(self, "resolution", size_value(parse_size(r, "data.resolution")))
+            except SizeTooLarge:
+                raise
             except UserError:
                 raise UserError(f"data.resolution={r!r} is not valid; give a positive integer, HxW (e.g. 64x128), "
                                 "or null for the data's own size") from None
@@ -140,7 +143,7 @@ class DataConfig(Config):
 
 
 class DataSet:
-    """What every placement of a data set offers (in memory here, memory-mapped in io/prepared.py).
+    """What every placement of a data set offers (in memory here, prepared shards on disk in io/prepared.py).
 
     Subclasses set `source_description`, `skipped`, `labels` (int64 [N] or None), `classes` and
     implement `__len__`, `shape` and `gather`."""
@@ -248,12 +251,15 @@ def open_source(cfg: DataConfig) -> _Raw:
     return raw
 
 
-def _classes_for(labels: np.ndarray, names: Optional[tuple[str, ...]] = None) -> tuple[str, ...]:
+def _classes_for(labels: np.ndarray, names: Optional[tuple[str, ...]] = None, where: str = "labels") -> tuple[str, ...]:
     """Class names for integer labels: `names` when they cover them, else the ids as text."""
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or not np.issubdtype(labels.dtype, np.integer)):
         raise UserError(f"labels must be integers >= 0 (found {labels.min()}); give class ids 0 … K-1")
     k = int(labels.max()) + 1 if labels.size else 0
+    if k > MAX_CLASSES:
+        raise UserError(f"{where}: class id {k - 1} found; more than {MAX_CLASSES:,} classes, the most ddpm takes; "
+                        f"give class ids 0 … K-1")
     if names is not None and k <= len(names):
         return tuple(names)
     return tuple(str(i) for i in range(k))
@@ -358,7 +364,8 @@ def source_kind(cfg: DataConfig) -> str:
 
 def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        with open_regular(path) as f:
+            return f.read()
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e}); check the file's permissions") from None
 
@@ -421,7 +428,7 @@ def _load_tar(path: Path, split: str) -> _Raw:
     has_split_dirs = False
     try:
         # One streaming pass in archive order: seeking back in a .gz restarts decompression.
-        with tarfile.open(path, "r:*") as tar:
+        with open_regular(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
             for m in tar:
                 if not m.isfile():
                     continue
@@ -621,7 +628,7 @@ def _load_idx_file(path: Path, names: Optional[tuple[str, ...]] = None) -> _Raw:
         if y.dtype != np.uint8 or y.ndim != 1 or len(y) != len(raw.array):
             raise UserError(f"{twin}: expected {len(raw.array)} uint8 labels for {path.name}, found {y.dtype} "
                             f"{list(y.shape)}; re-download it or remove it")
-        raw.labels, raw.classes = y.astype(np.int64), _classes_for(y, names)
+        raw.labels, raw.classes = y.astype(np.int64), _classes_for(y, names, str(twin))
     return raw
 
 
@@ -663,6 +670,7 @@ def _load_fashion_mnist(arg: Optional[str], split: str) -> _Raw:
 
 
 def _load_npz(path: Path, split: str) -> _Raw:
+    regular_file(path)
     try:
         z = np.load(path, allow_pickle=False)
     except ValueError as e:  # a .npy of Python objects, or a header numpy refuses
@@ -725,7 +733,7 @@ def _load_npz(path: Path, split: str) -> _Raw:
         raise UserError(f"{where}: shape {list(arr.shape)}: images of {arr.shape[1]}x{arr.shape[2]} pixels with "
                         f"{arr.shape[3]} channel(s) hold no pixels; save images of at least 1x1")
     return _Raw(f"array file {where}", array=arr, labels=None if labels is None else labels.astype(np.int64),
-                classes=() if labels is None else _classes_for(labels))
+                classes=() if labels is None else _classes_for(labels, where=f"{path} array {ykey!r}"))
 
 
 # --- LMDB (LSUN) ------------------------------------------------------------------------------
@@ -738,6 +746,7 @@ def _load_lmdb(path: Path) -> _Raw:
         raise UserError(
             f"{path}: reading an LMDB data set needs the lmdb package; run `pip install lmdb` (or pip install 'ddpm[lmdb]')"
         ) from None
+    regular_file(path / "data.mdb")
     try:
         env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
     except lmdb.Error as e:
@@ -804,15 +813,17 @@ def decode(raw: _Raw, cfg: DataConfig, start: int = 0, stop: Optional[int] = Non
         return
     sources = [raw.array[i] for i in range(start, stop)] if raw.array is not None else \
         [raw.items[i][1] for i in range(start, stop)]
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        try:
-            for k, (a, info) in enumerate(pool.map(lambda x: prepare_image(x, cfg.size, cfg.channels, cfg.crop),
-                                                   sources)):
-                if bar is not None:
-                    bar.update()
-                yield start + k, a, info
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # a UserError mid-way stops the rest
+    pool = ThreadPoolExecutor(DECODE_THREADS)
+    try:
+        for k, (a, info) in enumerate(pool.map(lambda x: prepare_image(x, cfg.size, cfg.channels, cfg.crop),
+                                               sources)):
+            if bar is not None:
+                bar.update()
+            yield start + k, a, info
+    finally:
+        # A UserError, Ctrl-C or SIGTERM mid-way cancels the rest and returns at once: the images
+        # being decoded are dropped when done (each is bounded: prepare_image's size checks).
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def decode_readable(raw: _Raw, cfg: DataConfig, skipped: list, start: int = 0, stop: Optional[int] = None, bar=None):

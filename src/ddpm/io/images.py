@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import MAX_SIDE
 from ..errors import UserError
+from ..files import NotRegularFile, open_regular, regular_file
 from .atomic import atomic_file
 
 # Every file extension read as an image, by data sets and by FID's sample folders alike.
@@ -121,7 +123,8 @@ def rgb_to_gray(a: np.ndarray) -> np.ndarray:
 def open_image(src: Union[str, Path, bytes]) -> Image.Image:
     """Decode a file (a path or its bytes) in one of IMAGE_FORMATS now, as "L" or "RGB". Raises
     whatever PIL raises (for a file of another format: cannot identify image file)."""
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src, formats=IMAGE_FORMATS) as f:
+    with io.BytesIO(src) if isinstance(src, bytes) else open_regular(src) as fh, \
+            Image.open(fh, formats=IMAGE_FORMATS) as f:
         f.load()  # decode now: open() only reads the header
         return to_gray_or_rgb(f)
 
@@ -140,6 +143,8 @@ def prepare_image(src, size: Optional[tuple[int, int]], channels: str = "auto", 
             im = Image.fromarray(src[..., 0] if src.shape[2] == 1 else src)
         else:
             im = open_image(src)
+    except NotRegularFile as e:  # a FIFO, a socket, a device: never opened for reading
+        return None, f"a {e.kind}, not a regular file"
     except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ...)
         return None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     # Channel conversion before the resize, the same order as for arrays in data.py.
@@ -147,6 +152,12 @@ def prepare_image(src, size: Optional[tuple[int, int]], channels: str = "auto", 
         im = im.convert("RGB")
     elif channels == "gray" and im.mode == "RGB":
         im = im.convert("L")
+    if size is None:  # the picture's own size (cropped or padded to a square) is the size
+        w, h = im.size
+        side = max(w, h) if crop == "pad" else min(w, h)
+        if side > MAX_SIDE:
+            return None, (f"its own size {w}x{h} makes {side}x{side} images, over {MAX_SIDE}, the most ddpm takes; "
+                          f"set data.resolution (--resolution)")
     up = upsampled(im.size, size, crop)
     a = np.asarray(crop_resize(im, size, crop))
     return (a[..., None] if a.ndim == 2 else a), up
@@ -157,7 +168,7 @@ def read_image(path, channels: int, size: tuple[int, int]) -> torch.Tensor:
     largest centred region of the model's aspect ratio Lanczos-resized to `size` = (H, W).
     -> uint8 [C, H, W]."""
     path = Path(path)
-    if not path.is_file():
+    if not regular_file(path).is_file():
         raise UserError(f"{path}: no such image file")
     a, info = prepare_image(path, size, CHANNEL_MODES[channels])
     if a is None:
@@ -225,7 +236,7 @@ def read_png(path: Path) -> Optional[np.ndarray]:
     if not path.is_file():
         return None
     try:
-        with Image.open(path, formats=("PNG",)) as im:
+        with open_regular(path) as fh, Image.open(fh, formats=("PNG",)) as im:
             im.load()
             a = np.asarray(im)
     except Exception:  # any decoding failure means "not there yet"

@@ -5,9 +5,9 @@
 
 Which images form a step's batch is decided on the calling thread (the order is a pure function
 of (seed, step), see workflows/train.py); the workers only copy those records out of the data's
-placement (`DataSet.gather`: a memory map's page cache, or memory), so the batches, and the run,
+placement (`DataSet.gather`: prepared shards through the page cache, or memory), so the batches, and the run,
 are the same with any number of workers or none. Threads, not processes: a gather is a copy in
-numpy with the GIL released, and threads share the one memory map instead of one per process.
+numpy or a read with the GIL released, and threads share the open shards instead of one set per process.
 Written here because torch's DataLoader draws its own order (a sampler per epoch) and would have
 to be bent to take ours; this is the few lines that keep (seed, step) the only input.
 """

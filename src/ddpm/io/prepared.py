@@ -1,4 +1,4 @@
-"""Prepared data: a source decoded once into memory-mappable shards, then read by index.
+"""Prepared data: a source decoded once into shards of fixed-size records, then read by index.
 
     ddpm prepare /data/church_outdoor_train_lmdb --out /data/church256 --resolution 256
     train(run_dir, run.replace(data=run.data.replace(source="/data/church256")))
@@ -23,8 +23,11 @@ and by training in the background instead (`verify_in_background`, for sets up t
 that training checks sizes only, since hashing every shard would hold up its first steps). A
 damaged shard is one line that names it.
 
-Shards are memory-mapped: a gather copies the records it needs out of the OS page cache, which
-every process of a node shares, so a process's own memory does not grow with the data set.
+A gather reads the records it needs with `os.preadv` straight into the batch, out of the OS page
+cache, which every process of a node shares, so a process's own memory does not grow with the
+data set. Not through a memory map: a shard cut short while it is read (another process, a full
+network disk) is then one line naming it, where a map's page fault past the end is SIGBUS, a
+death without a word that no Python code can catch.
 A prepare killed at any point resumes at its first unfinished shard (each shard is written
 atomically, then recorded in the state file). Shards hold about `shard_bytes` (1 GiB) each, so
 even LSUN Bedroom at 256x256 (590 GB) stays under a thousand open maps.
@@ -53,6 +56,7 @@ import torch
 
 from ..config import get_field, load_json, parse_json, size_value
 from ..errors import UserError
+from ..files import open_regular, read_bytes, read_text
 from ..version import __version__
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes, write_json
 from .data import (ARRAY, DataConfig, DataSet, ImageSet, decode, decode_readable, item_name, load_images, mismatch,
@@ -86,7 +90,7 @@ def is_prepared(path) -> bool:
     if not m.is_file():
         return False
     try:
-        return parse_json(m.read_text(encoding="utf-8"), m, expect=dict).get("format") == FORMAT
+        return parse_json(read_text(m), m, expect=dict).get("format") == FORMAT
     except (OSError, ValueError):  # UserError is a ValueError
         return False
 
@@ -334,7 +338,7 @@ def _write_shard(raw, cfg: DataConfig, out: Path, k: int, lo: int, hi: int, shap
 def _sha256_file(path: Path, *also) -> str:
     """sha256 hex of a file, read in chunks; each hashlib object in `also` is fed the same bytes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
             for o in also:
@@ -378,7 +382,7 @@ def read_manifest(path: Path) -> dict:
 
 
 class PreparedSet(DataSet):
-    """A prepared folder, memory-mapped: the `DataSet` interface, records copied out on `gather`."""
+    """A prepared folder: the `DataSet` interface, records read on `gather`."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -389,12 +393,13 @@ class PreparedSet(DataSet):
         for s in self._shards:
             _check_size(self.path / s["file"], s["count"] * record)
         self._offsets = np.cumsum([0] + [s["count"] for s in self._shards])
-        self._maps: list = [None] * len(self._shards)
+        self._record = record
         # Each shard's sha256 is checked before its first read, so that no reader uses a shard
         # whose bytes were replaced (same size, other bytes); training turns this off and checks
         # the whole set in the background instead (`verify_in_background`).
         self.check_on_read = True
-        self._map_lock = threading.Lock()
+        self._checked = [False] * len(self._shards)
+        self._check_lock = threading.Lock()
         self.source_description = f"prepared {self.path}: {m.get('description', '')}"
         self.skipped = list(m.get("skipped") or [])
         self.classes = tuple(m.get("classes") or ())
@@ -410,29 +415,38 @@ class PreparedSet(DataSet):
     def fingerprint(self) -> str:
         return self.manifest["sha256"]
 
-    def _map(self, k: int) -> np.ndarray:
-        if self._maps[k] is None:
-            with self._map_lock:
-                if self._maps[k] is None:
+    def _check_shard(self, k: int) -> None:
+        """Shard k against its sha256, once, before its first read (when `check_on_read`)."""
+        if self.check_on_read and not self._checked[k]:
+            with self._check_lock:
+                if not self._checked[k]:
                     s = self._shards[k]
-                    if self.check_on_read:
-                        self._verify_file(s["file"], s.get("sha256"))
-                    self._maps[k] = np.memmap(self.path / s["file"], np.uint8, "r",
-                                              shape=(s["count"], *self._shape))
-        return self._maps[k]
+                    self._verify_file(s["file"], s.get("sha256"))
+                    self._checked[k] = True
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """The records of `indices`, read with `os.preadv` straight into the batch: a shard cut
+        short while it is read is one line naming it (through a memory map it would be SIGBUS).
+        Each shard the batch touches is opened for the gather and closed after it, so a set of a
+        thousand shards never holds a thousand file descriptors."""
         idx = torch.as_tensor(indices).cpu().numpy().astype(np.int64, copy=False).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"index out of range for {len(self)} images")
-        if len(self._shards) == 1:
-            return torch.from_numpy(np.asarray(self._map(0)[idx]))
         which = np.searchsorted(self._offsets, idx, side="right") - 1
-        out = np.empty((len(idx), *self._shape), np.uint8)
-        for k in np.unique(which):
-            sel = which == k
-            out[sel] = self._map(int(k))[idx[sel] - self._offsets[k]]
-        return torch.from_numpy(out)
+        local = idx - self._offsets[which]
+        out = np.empty((len(idx), self._record), np.uint8)
+        for k in np.unique(which).tolist():
+            self._check_shard(k)
+            path = self.path / self._shards[k]["file"]
+            try:
+                f = open_regular(path)
+            except OSError as e:
+                raise _unreadable(path, e) from None
+            with f:
+                for j in np.flatnonzero(which == k).tolist():
+                    if _read_into(f.fileno(), out[j], int(local[j]) * self._record) != self._record:
+                        raise _cut_short(path, self._shards[k]["count"] * self._record, os.fstat(f.fileno()).st_size)
+        return torch.from_numpy(out.reshape(len(idx), *self._shape))
 
     def _read_labels(self) -> torch.Tensor:
         """The class ids of every image, each label file checked against the manifest's sha256 (it
@@ -442,7 +456,7 @@ class PreparedSet(DataSet):
             f = self.path / s["labels"]
             _check_size(f, 8 * s["count"])
             try:
-                data = f.read_bytes()
+                data = read_bytes(f)
             except OSError as e:
                 raise _unreadable(f, e) from None
             if hashlib.sha256(data).hexdigest() != s.get("labels_sha256"):
@@ -499,14 +513,34 @@ def _unreadable(path: Path, e: OSError) -> UserError:
                      f"restore the file or prepare the data again")
 
 
+def _read_into(fd: int, buf: np.ndarray, offset: int) -> int:
+    """Read len(buf) bytes at `offset` into `buf`; the number read (fewer at the end of the file)."""
+    done, view = 0, memoryview(buf).cast("B")
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # Windows, macOS before 11: a copy more
+            chunk = os.pread(fd, len(view) - done, offset + done)
+            view[done:done + len(chunk)] = chunk
+            got = len(chunk)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def _cut_short(path, size: int, got: int) -> UserError:
+    return UserError(f"{path}: {got} bytes, the manifest says {size} (cut short or replaced); restore the file "
+                     f"or prepare the data again")
+
+
 def _check_size(path: Path, size: int) -> None:
     try:
         got = path.stat().st_size
     except OSError as e:
         raise _unreadable(path, e) from None
     if got != size:
-        raise UserError(f"{path}: {got} bytes, the manifest says {size} (cut short or replaced); restore the file "
-                        f"or prepare the data again")
+        raise _cut_short(path, size, got)
 
 
 class BackgroundCheck:
@@ -543,9 +577,9 @@ class BackgroundCheck:
 
 def open_data(cfg: DataConfig, *, progress: bool = True, preparer: bool = True,
               barrier: Optional[Callable[[], None]] = None) -> DataSet:
-    """The data of `cfg` in their placement: a prepared folder memory-mapped; LitData's format (a
+    """The data of `cfg` in their placement: a prepared folder read by offset; LitData's format (a
     bucket URL or a folder, io/streaming.py) read through its local cache; an encoded source
-    prepared into the cache (cache_root()) on first use, then memory-mapped; an array source in memory.
+    prepared into the cache (cache_root()) on first use, then read from there; an array source in memory.
 
     :param preparer: whether this process may prepare (under torchrun: local rank 0 of each node;
         the others wait at `barrier`). Processes sharing a cache folder take turns (a file lock).

@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 
 from ..config import parse_json
 from ..errors import UserError
+from ..files import read_text
 from .atomic import write_json
 from .folders import claim_folder
 
@@ -29,7 +30,7 @@ def check_settings(path, meta: dict, info: Optional[Mapping] = None, what: str =
     claim_folder(path.parent, [path.name], what)
     if path.is_file():
         try:
-            old = parse_json(path.read_text(encoding="utf-8"), "its content", expect=dict)
+            old = parse_json(read_text(path), "its content", expect=dict)
         except (ValueError, UnicodeDecodeError) as e:  # UserError is a ValueError
             raise UserError(f"{path}: not a settings record ({e}); delete it only if the files beside it were made "
                             f"with the settings you give now") from None

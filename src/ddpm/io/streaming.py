@@ -153,7 +153,7 @@ def check_index(index_file: Path, where: str) -> dict:
             continue
         elif key == "data_spec":
             if not _our_spec(value):
-                raise refuse(f"config.data_spec describes other items than ddpm's {{x, y}}")
+                raise refuse("config.data_spec describes other items than ddpm's {x, y}")
         elif key not in _CONFIG:
             if value is not None:
                 raise refuse(f"config.{key}={_short(value)} is not a setting ddpm writes")

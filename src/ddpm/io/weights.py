@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from ..config import Choice, load_json, parse_json
 from ..errors import UserError
+from ..files import regular_file
 from ..network.interop import (config_from_diffusers, diffusers_config, from_diffusers_state_dict, load_state,
                                meta_unet, to_diffusers_state_dict, unet_from_tf_state_dict, unet_to_tf_state_dict)
 from ..network.unet import UNet, UNetConfig, config_from_dict
@@ -69,13 +70,14 @@ def _config_arg(config) -> UNetConfig | None:
 def ddpm_format(path: Path) -> str | None:
     """The `format` in a ddpm safetensors header (weights or training checkpoint), else None."""
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(regular_file(path)), framework="pt") as f:
             return json.loads((f.metadata() or {})["ddpm"])["format"]
     except Exception:  # not safetensors, or no ddpm header: the plain readers say which
         return None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    regular_file(path)
     try:
         return safetensors.torch.load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for a bad header

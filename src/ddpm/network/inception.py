@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..files import open_regular
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 # torch.hub's convention: the part of the file name after the last "-" is a prefix of its sha256.
@@ -106,7 +107,7 @@ def file_sha256(path: Union[str, Path]) -> str:
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
         h = hashlib.sha256()
-        with open(p, "rb") as f:
+        with open_regular(p) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         _SHA_CACHE[key] = h.hexdigest()

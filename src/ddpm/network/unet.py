@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import Config, parse_size, size_value
+from ..config import MAX_CLASSES, Config, check_count, parse_size, size_value
 from ..errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -64,6 +64,7 @@ class UNetConfig(Config):
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
             raise UserError(f"UNetConfig.num_classes={self.num_classes!r} must be an integer >= 0 (0: unconditional; "
                             f"K: the number of classes of the data)")
+        check_count(self.num_classes, "UNetConfig.num_classes", MAX_CLASSES, least=0)
         if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
             raise UserError(f"UNetConfig.ch_mult={self.ch_mult!r} must be a non-empty tuple of positive integers")
         if self.ch % GROUPS:

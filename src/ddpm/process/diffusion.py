@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
-from ..config import Choice, Config
+from ..config import MAX_TIMESTEPS, Choice, Config, check_count
 from ..errors import UserError
 from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .schedules import Schedule, make_betas
@@ -85,6 +85,8 @@ class DiffusionConfig(Config):
     hybrid_lambda: float = 0.001  # λ of L_hybrid = L_simple + λ L_vlb (Nichol & Dhariwal)
 
     def validate(self):
+        if isinstance(self.T, int) and self.T > MAX_TIMESTEPS:  # before the tables are made; make_betas checks the rest
+            check_count(self.T, "diffusion.T", MAX_TIMESTEPS, why="the process keeps tables of T values")
         _check_combination(self.betas(), self.mean_type, self.var_type, self.loss_type)
 
     def betas(self) -> np.ndarray:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from ..config import Config, apply_overrides, load_json
+from ..config import MAX_BATCH, Config, apply_overrides, check_count, load_json
 from ..errors import UserError
 from ..io.data import DataConfig
 from ..io.distributed import Device
@@ -88,6 +88,8 @@ class TrainConfig(Config):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"train.{name}={v!r} must be a positive integer")
+        for name in ("batch_size", "sample_n", "microbatch"):  # each sizes an allocation
+            check_count(getattr(self, name), f"train.{name}", MAX_BATCH, least=0)
         for name in ("warmup", "sample_every", "milestone_every", "seed", "fid_every", "microbatch"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 from ..config import get_field, parse_json
 from ..errors import UserError
+from ..files import read_bytes
 from ..io import checkpoint as ckpt
 from ..io.atomic import write_json, write_text
 from ..io.folders import check_folder, claim_folder
@@ -53,7 +54,7 @@ def _config_json(run_dir: Path) -> Optional[dict]:
     if not path.exists():
         return None
     try:
-        d = parse_json(path.read_bytes().decode("utf-8"), path)
+        d = parse_json(read_bytes(path).decode("utf-8"), path)
     except UserError as e:
         raise UserError(f"{e}; move it away if it is yours, or give a new --out folder") from None
     except (UnicodeDecodeError, OSError) as e:
@@ -130,7 +131,7 @@ def truncate_metrics(path, step: int) -> None:
 def _parse_metrics(path: Path) -> tuple[list[tuple[dict, str]], list[int]]:
     """The log's records with their lines, and the numbers of the lines that do not parse."""
     lines, bad = [], []
-    for i, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+    for i, raw in enumerate(read_bytes(path).split(b"\n"), 1):
         if not raw.strip():
             continue
         try:

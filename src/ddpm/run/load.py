@@ -16,6 +16,7 @@ import torch
 
 from ..config import Choice, get_field, load_json
 from ..errors import UserError
+from ..files import open_regular
 from ..io import checkpoint as ckpt
 from ..io.distributed import DistInfo
 from ..io.weights import ddpm_format, read_unet
@@ -233,7 +234,7 @@ def initial_weights(path) -> InitialWeights:
 
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(1 << 23):
             h.update(chunk)
     return h.hexdigest()

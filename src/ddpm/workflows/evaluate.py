@@ -25,8 +25,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..config import REQUIRED, get_field, load_json, parse_json, size_value
+from ..config import MAX_BATCH, MAX_SAMPLES, REQUIRED, check_count, get_field, load_json, parse_json, size_value
 from ..errors import UserError
+from ..files import read_text
 from ..io.atomic import write_json
 from ..io.data import DataConfig, DataSet
 from ..io.prepared import open_data
@@ -64,7 +65,7 @@ class ImageSource:
 
 class ArraySource(ImageSource):
     """Pixels, uint8 [N, C, H, W]: a tensor, or a data set in either placement (io/data.py's
-    `DataSet`: in memory or memory-mapped)."""
+    `DataSet`: in memory or prepared on disk)."""
 
     def __init__(self, images, description: str = "images in memory"):
         if not isinstance(images, DataSet):
@@ -359,8 +360,8 @@ def _is_evaluation(folder: Path) -> bool:
     """Whether `folder` holds an eval.json that `evaluate_run` wrote (a folder it claimed but had not
     finished carries the folder mark instead: io/folders.py)."""
     try:
-        d = json.loads((Path(folder) / "eval.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        d = parse_json(read_text(Path(folder) / "eval.json"), "eval.json")
+    except (OSError, ValueError):  # UserError is a ValueError
         return False
     return isinstance(d, dict) and {"protocol", "n_samples", "fid", "checkpoint_sha256"} <= set(d)
 
@@ -397,6 +398,10 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
                                ("--bpd-n", 0 if bpd_n is None else bpd_n, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UserError(f"{flag} {value}: give an integer >= {least}")
+    check_count(n, "--n", MAX_SAMPLES, why="the six-digit sample names 000000.png … 999999.png")
+    check_count(bpd_n or 1, "--bpd-n", MAX_SAMPLES)
+    for flag, value in (("--batch", batch), ("--bpd-batch", bpd_batch), ("--inception-batch", inception_batch)):
+        check_count(value, flag, MAX_BATCH)
     guidance = check_weight(guidance)
     for ref in (ref_train, ref_test):
         if ref is not None:
@@ -580,7 +585,7 @@ def read_eval_report(path) -> dict:
 
 def _is_fid_report(path: Path) -> bool:
     try:
-        d = parse_json(path.read_text(encoding="utf-8"), path)
+        d = parse_json(read_text(path), path)
     except (OSError, ValueError):  # UserError is a ValueError
         return False
     return isinstance(d, dict) and {"fid", "samples"} <= set(d)
@@ -589,6 +594,7 @@ def _is_fid_report(path: Path) -> bool:
 def _check_batch(batch) -> None:
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise UserError(f"--inception-batch {batch}: give an integer >= 1")
+    check_count(batch, "--inception-batch", MAX_BATCH)
 
 
 def fid_ref_run(data: DataConfig, out, *, weights=None, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,

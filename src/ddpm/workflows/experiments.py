@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..config import MAX_FIGURE, check_count
 from ..errors import UserError
 from ..io.atomic import write_json, write_npz
 from ..io.folders import check_folder, claim_folder
@@ -273,6 +274,7 @@ def progressive_run(run, out_dir, *, n_chains: int = 8, times: Optional[Sequence
     """
     if isinstance(n_chains, bool) or not isinstance(n_chains, int) or n_chains < 1:
         raise UserError(f"n_chains={n_chains}: give at least one chain")
+    check_count(n_chains, "--n-chains", MAX_FIGURE, why="chains, one row each")
     _check(out_dir)
     seed = check_seed(seed)
     guidance = check_weight(guidance)
@@ -292,6 +294,7 @@ def shared_run(run, out_dir, share_t: Sequence[int], *, k: int = 8, seed: int = 
                device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True, class_=None,
                guidance: float = 1.0) -> dict:
     """`ddpm progressive --share-t`: Fig. 7 of a trained run into OUT/shared.png and .npz."""
+    check_count(k, "--k", MAX_FIGURE, why="continuations, one column each")
     _check(out_dir)
     seed = check_seed(seed)
     loaded, dist, _ = open_run(run, weights, device, fast, precision)
@@ -313,6 +316,7 @@ def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,)
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise UserError(f"--steps {steps}: give at least 2 values of λ (λ = 0 and 1)")
+    check_count(steps, "--steps", MAX_FIGURE, why="values of λ, one column each")
     _check(out_dir)
     seed = check_seed(seed)
     loaded, dist, _ = open_run(run, weights, device, fast, precision)

@@ -17,7 +17,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from ..config import parse_json
 from ..errors import UserError
+from ..files import read_text
 from ..io.atomic import write_json, write_text
 from ..io.escape import markdown_text
 from ..io.folders import claim_folder
@@ -64,8 +66,8 @@ def export_run(run, out, *, to: str = "diffusers", weights: str = "ema", push_to
 def is_export(folder: Path) -> bool:
     """Whether `folder` holds the record (ddpm_config.json) of an earlier `ddpm export`."""
     try:
-        record = json.loads((Path(folder) / PIPELINE_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = parse_json(read_text(Path(folder) / PIPELINE_CONFIG), PIPELINE_CONFIG)
+    except (OSError, ValueError):  # UserError is a ValueError
         return False
     return isinstance(record, dict) and record.get("format") == PIPELINE_FORMAT
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..config import parse_json
 from ..errors import UserError
+from ..files import regular_file
 from ..io.atomic import write_npz
 
 IS_SPLITS = 10
@@ -306,7 +307,7 @@ def load_stats(path: Union[str, Path]) -> FIDStats:
 def is_stats_file(path: Union[str, Path]) -> bool:
     """Whether `path` holds statistics written by `save_stats` (its provenance says so)."""
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with np.load(regular_file(path), allow_pickle=False) as f:
             return "provenance" in f.files and json.loads(str(f["provenance"])).get("format") == STATS_FORMAT
     except Exception:  # not an .npz, or not ours
         return False

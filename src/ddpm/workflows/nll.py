@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..config import MAX_BATCH, check_count
 from ..errors import UserError
 from ..io.atomic import atomic_file, write_bytes, write_json, write_npz
 from ..io.data import DataConfig
@@ -81,6 +82,7 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
         raise UserError("no images to evaluate; give a data set with at least one image")
     if isinstance(batch, bool) or int(batch) != batch or batch < 1:
         raise UserError(f"batch={batch!r}: give a batch size of at least 1")
+    check_count(int(batch), "batch", MAX_BATCH)
     K = num_classes_of(model)
     if K and labels is None:
         raise UserError("bits/dim of a class-conditional model are those of log p(x | c): they need the images' "

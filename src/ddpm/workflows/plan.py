@@ -32,7 +32,7 @@ def describe_data(cfg: DataConfig) -> str:
         return f"{cfg.source}: LitData's format (object storage is not listed in a dry run)"
     path = source_path(cfg)
     if path is not None and path.is_dir() and (path / MANIFEST_NAME).exists():
-        data, where = PreparedSet(path), "a prepared folder, memory-mapped"
+        data, where = PreparedSet(path), "a prepared folder, read by offset"
     elif source_kind(cfg) == ARRAY:
         data, where = load_images(cfg), "read into memory"
     elif is_prepared(cache_entry(cfg)):

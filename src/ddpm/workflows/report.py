@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from ..files import read_bytes
 from ..io.atomic import write_text
 from ..io.escape import html_text, plot_text
 from ..io.folders import claim_file
@@ -52,7 +53,7 @@ def _figure(plot, caption: str, size: tuple = (6.4, 3.6)) -> str:
 
 def _image(path: Path, caption: str) -> str:
     """A PNG file inline, shown 3x (at most 520 px wide): sample grids of small images stay legible."""
-    png = path.read_bytes()
+    png = read_bytes(path)
     width = min(3 * int.from_bytes(png[16:20], "big"), 520)  # the IHDR width
     return (f'<figure><img alt="{html_text(caption)}" width="{width}" src="{_data_uri(png)}">'
             f"<figcaption>{html_text(caption)}</figcaption></figure>")

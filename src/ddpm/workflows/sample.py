@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..config import Choice
+from ..config import MAX_BATCH, MAX_SAMPLES, Choice, check_count
 from ..errors import UserError
 from ..io.atomic import write_npz_rows
 from ..io.distributed import DistInfo, barrier, broadcast_object, check_seed, derive_seed, shard
@@ -214,6 +214,7 @@ def sample_labels(choice: ClassChoice, n: Optional[int], num_classes: int, names
         if isinstance(per, bool) or not isinstance(per, int) or per < 1:
             raise UserError(f"--per-class {per!r}: give the number of images of each class, at least 1")
         ks = [class_index(c, names, K) for c in choice.classes] if choice.classes is not None else list(range(K))
+        check_count(per, "--per-class", max(1, MAX_SAMPLES // max(1, len(ks))), why=f"{len(ks)} classes, {SAMPLE_NAMES}")
         if n is not None and n != per * len(ks):
             raise UserError(f"--per-class {per} with {len(ks)} classes makes {per * len(ks)} images, not --n {n}; leave "
                             f"--n out")
@@ -236,7 +237,7 @@ def sample_labels(choice: ClassChoice, n: Optional[int], num_classes: int, names
 def _count(n) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise UserError(f"n={n!r}: give the number of samples to draw, at least 1")
-    return int(n)
+    return check_count(n, "n", MAX_SAMPLES, why=SAMPLE_NAMES)
 
 
 def chain(diffusion: GaussianDiffusion, sampler: str = "ancestral", ddim_steps: int = 50, ddim_eta: float = 0.0,
@@ -289,6 +290,9 @@ def sample(model, diffusion: GaussianDiffusion, shape, *, seed: int, indices: Se
 SAMPLES_META = "sampling.json"
 
 
+SAMPLE_NAMES = "the six-digit names 000000.png … 999999.png"
+
+
 def png_name(i: int) -> str:
     return f"{i:06d}.png"
 
@@ -306,9 +310,12 @@ def _read_sample(path: Path, shape) -> Optional[np.ndarray]:
 
 def _existing_indices(out_dir: Path, n: int, shape) -> set[int]:
     # PIL releases the GIL while decoding, so a few threads check 50,000 files several times faster.
-    with ThreadPoolExecutor(4) as pool:
+    pool = ThreadPoolExecutor(4)
+    try:
         ok = pool.map(lambda i: _read_sample(out_dir / png_name(i), shape) is not None, range(n))
         return {i for i, good in enumerate(ok) if good}
+    finally:  # a signal or an error: the checks not yet started are dropped, none is waited for
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: int, seed: int, shape, dist=None, *,
@@ -344,6 +351,8 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     if isinstance(batch, bool) or int(batch) != batch or batch < 1:
         raise UserError(f"batch={batch!r}: give a batch size of at least 1")
     seed = check_seed(seed)  # before sampling.json records it
+    check_count(int(n), "n", MAX_SAMPLES, why=SAMPLE_NAMES)
+    check_count(int(batch), "batch", MAX_BATCH)
     opts = dict(sampler="ancestral", ddim_steps=50, ddim_eta=0.0, ddim_spacing="uniform", clip_denoised=True)
     unknown = sorted(set(sampler_opts) - set(opts))
     if unknown:
@@ -423,6 +432,9 @@ def sample_run(run, out_dir, n: Optional[int], *, batch: int = 64, seed: int = 0
     A class-conditional run samples the classes `classes` chooses (`sample_labels`; by default in
     its training set's proportions) with guidance weight `guidance`."""
     guidance = check_weight(guidance)
+    if n is not None:
+        check_count(n, "--n", MAX_SAMPLES, why=SAMPLE_NAMES)
+    check_count(batch, "--batch", MAX_BATCH)
     loaded, dist, tag = open_run(run, weights, device, fast, precision)
     labels, n, record = sample_labels(classes, n, loaded.run.model.num_classes, *loaded.class_info)
     return sample_to_dir(loaded.model, loaded.diffusion, out_dir, n, batch, seed, loaded.shape, dist, progress=progress,

@@ -44,6 +44,7 @@ from ..io.images import make_class_grid, make_grid, write_png
 from ..io.loader import Prefetcher
 from ..io.prepared import PreparedSet, open_data
 from ..io.progress import progress_bar
+from ..io.stopping import handled
 from ..network.memory import set_checkpointing
 from ..network.fast import (autocast, compile_or_eager, describe_precision, match_layout_, resolve_switch, set_winograd,
                             to_channels_last, training_trial)
@@ -101,7 +102,7 @@ def drop_labels(labels: torch.Tensor, rate: float, null_class: int, g: torch.Gen
 def resident_pixels(data: DataSet, device: torch.device) -> Optional[torch.Tensor]:
     """The placement of the data for training: all of it as one uint8 tensor on `device` when that
     is faster (a set in memory; on CUDA anything under RESIDENT_GPU_BYTES, copied once), or None
-    to gather each batch from the memory map on worker threads (io/loader.py)."""
+    to gather each batch from the prepared shards on worker threads (io/loader.py)."""
     if device.type == "cuda" and data.nbytes < RESIDENT_GPU_BYTES:
         return (data.images if isinstance(data, ImageSet) else data.load().images).to(device)
     return data.images if isinstance(data, ImageSet) else None
@@ -327,6 +328,7 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     last_loss, t0, steps_timed = float("nan"), time.perf_counter(), 0
     saved_at = start
     model.train()
+    stop.stepping = True
     for step in range(start, cfg.steps):
         # ---- the step's randomness: a function of (seed, step), drawn for the global batch
         if gen_device is None:
@@ -485,7 +487,9 @@ def _optimizer_problem(saved, opt: torch.optim.Optimizer) -> str:
 
 
 class _StopSignals:
-    """SIGTERM (what schedulers such as SLURM send before a kill) and Ctrl-C ask training to stop at
+    """SIGTERM (what schedulers such as SLURM send before a kill) and Ctrl-C stop training at once
+    while it opens the data or a checkpoint (preparing a source is resumable, nothing else is
+    written yet); once steps run, they ask it to stop at
     the end of the current step, after a checkpoint of it; a second signal stops at once (the
     temporary file of a checkpoint being written is removed, the previous checkpoint is kept).
     With several processes they agree on the step every `log_every` steps (one all-reduce)."""
@@ -494,9 +498,14 @@ class _StopSignals:
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self.stepping = False  # set once the training loop runs: a stop then waits for the step's end
         self._old: dict = {}
 
     def _handle(self, signum, frame):
+        handled()
+        if not self.stepping:  # opening the data, loading a checkpoint: nothing to save yet
+            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} before the first step of this "
+                                      f"session; nothing new was saved; run the same command to go on")
         if self.signum is not None:
             raise Interrupted(signum, f"stopped at once by a second {signal.Signals(signum).name}, without a new "
                                       f"checkpoint; run the same command to resume from the last one")
