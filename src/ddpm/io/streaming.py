@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, os_error_line
+from ..files import read_text
 from .atomic import temp_path, write_json
 from .data import DataSet
 from .folders import foreign_entries, usable_folder
@@ -135,10 +136,12 @@ def check_index(index_file: Path, where: str) -> dict:
                          f"index.json says (some of its formats unpickle, which runs code); {advice}")
 
     try:
-        index = json.loads(Path(index_file).read_text(encoding="utf-8"))
+        index = json.loads(read_text(index_file))  # a FIFO named index.json is refused, not waited on
     except OSError as e:
         raise UserError(f"{where}: cannot read {INDEX_NAME} ({os_error_line(e, index_file)})") from None
-    except (ValueError, RecursionError) as e:
+    except UserError:
+        raise
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise refuse(f"{INDEX_NAME} is not valid JSON ({type(e).__name__})") from None
     if not isinstance(index, dict) or not isinstance(index.get("config"), dict):
         raise refuse(f"{INDEX_NAME} has no LitData \"config\" object")
