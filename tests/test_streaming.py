@@ -138,7 +138,7 @@ def test_a_folder_of_pickled_items_runs_no_code_in_any_command(prepared, tmp_pat
     run = tmp_path / "run"
     train(run, _run(prepared.path, 2), progress=False)  # a model for nll
     small = ["--set", "data.resolution=8", "--set", "model.resolution=8", "--set", "model.ch_mult=1,2",
-             "--set", "model.attn_resolutions="]
+             "--set", "model.attn_resolutions=()"]
     for source in (str(evil), f"local:{evil}"):
         for argv in (["train", "--preset", "tiny", "--data", source, "--out", tmp_path / "r", "--steps", "2", *small],
                      ["nll", "--run", run, "--data", source, "--out", tmp_path / "n"],

@@ -200,7 +200,7 @@ def apply_overrides(cfg, pairs: list[str], where: str = "--set"):
         k, v = p.split("=", 1)
         if v.strip() == "":  # e.g. train.init_from=$CKPT with $CKPT unset: never the default in silence
             raise UserError(f"{where} {p!r}: the value of {k.strip()} is empty; give one (is a shell variable "
-                            f"unset?), or leave the --set out to keep the default")
+                            f"unset? an empty list is written ()), or leave the --set out to keep the default")
         changes[k.strip()] = v.strip()
     d = cfg.to_dict()
     names = set(d)
