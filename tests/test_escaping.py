@@ -61,8 +61,8 @@ def test_the_model_card_shows_the_data_and_evaluation_strings_as_text(tmp_path):
     ckpt = save_checkpoint(tmp_path / "run", 1, dict(step=1, model=sd, ema=sd, config=run.to_dict()))
     ev = tmp_path / "run" / "eval" / ckpt.stem
     ev.mkdir(parents=True)
-    (ev / "eval.json").write_text(json.dumps(dict(checkpoint_sha256=load_run(ckpt).sha256, n_samples="<i>50</i>",
-                                                  fid={"<script>x</script>": 3.5})))
+    (ev / "eval.json").write_text(json.dumps(dict(checkpoint_sha256=load_run(ckpt).sha256, n_samples=50,
+                                                  fid={"<script>x</script>": 3.5, "<i>t</i>": 1.5})))
     export_run(ckpt, tmp_path / "pipe")
     card = (tmp_path / "pipe" / "README.md").read_text(encoding="utf-8")
     page = _render(card.split("---\n", 2)[2])  # the Hub shows the card without its YAML front matter
@@ -71,7 +71,7 @@ def test_the_model_card_shows_the_data_and_evaluation_strings_as_text(tmp_path):
     assert tags.count("h2") == 4  # Use, Training, Evaluation, Differences: no injected heading
     assert all(not a.get("href", "").startswith("javascript") for _, a in page.tags)
     text = "".join(page.text)
-    assert SHOWN in text and "<i>50</i> samples" in text and "<script>x</script> split" in text
+    assert SHOWN in text and "<i>t</i> split" in text and "<script>x</script> split" in text
 
 
 def test_the_report_shows_strings_as_text_and_plots_class_names_that_look_like_mathtext(tmp_path):
@@ -87,12 +87,13 @@ def test_the_report_shows_strings_as_text_and_plots_class_names_that_look_like_m
             f.write(json.dumps(dict(step=step, loss=0.5, loss_by_class={n: 0.4 for n in names})) + "\n")
     ev = run / "eval" / "ckpt-00000002"
     ev.mkdir(parents=True)
-    (ev / "eval.json").write_text(json.dumps(dict(n_samples="<script>alert(1)</script>", fid={"<b>t</b>": 1.0},
+    (ev / "eval.json").write_text(json.dumps(dict(n_samples=50, fid={"<script>alert(1)</script>": 1.0, "<b>t</b>": 2.0},
                                                   references={"<b>r</b>": {"path": "<b>p</b>"}})))
     assert main(["report", str(run)]) == 0
     page = _Elements((run / "report.html").read_text(encoding="utf-8"))
     assert not {"b", "script"} & {t for t, _ in page.tags}
-    assert "<script>alert(1)</script> samples" in "".join(page.text)
+    text = "".join(page.text)
+    assert "FID, <script>alert(1)</script> split" in text and "<b>r</b>: <b>p</b>" in text
 
 
 def test_plot_text_is_never_mathtext():
