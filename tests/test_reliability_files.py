@@ -7,6 +7,8 @@ command stopped or refused at any point, run again (corrected), finishes.
 """
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from PIL import Image
 
 from ddpm.cli import main
 from ddpm.errors import UserError
+from ddpm.io.atomic import temp_path
 from ddpm.io.data import DataConfig
 from ddpm.io.prepared import prepare
 from ddpm.workflows import export as export_module
@@ -83,9 +86,18 @@ def test_only_files_named_as_ddpm_names_its_temps_are_cleaned_up(tmp_path, capsy
 
     ours = tmp_path / "q"
     ours.mkdir()
-    (ours / ddpm_temp_name("shard-00000.u8")).write_bytes(b"half a shard")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a writer on this machine that has ended (a kill)
+    host = temp_path(Path("x")).name.split("-")[-3]  # this machine, as ddpm writes it into a temp name
+    killed = ours / f".ddpm-tmp-shard-00000.u8-{host}-{dead}-0badc0de"
+    running = ours / f".ddpm-tmp-shard-00001.u8-{host}-{os.getpid()}-0badc0de"  # a writer still at work here
+    remote, remote_old = ours / ddpm_temp_name("shard-00002.u8"), ours / ddpm_temp_name("shard-00003.u8")
+    for f in (killed, running, remote, remote_old):
+        f.write_bytes(b"half a shard")
+    os.utime(remote_old, (old, old))
     prepare(DataConfig(source=str(src)), ours, progress=False)
-    assert not (ours / ddpm_temp_name("shard-00000.u8")).exists()
+    # a writer elsewhere cannot be seen from here: its file goes only once it is an hour old
+    assert not killed.exists() and running.exists() and remote.exists() and not remote_old.exists()
 
 
 def test_a_refused_prepare_changes_nothing(tmp_path, capsys):

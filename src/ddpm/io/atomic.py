@@ -36,7 +36,7 @@ import numpy as np
 
 TEMP_PREFIX = ".ddpm-tmp-"
 STALE_TEMP_SECONDS = 3600.0  # a writer touches its temp file continuously; an hour-old one is orphaned
-_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r".+-[A-Za-z0-9_]{1,16}-[0-9]{1,10}-[0-9a-f]{8}")
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r".+-(?P<host>[A-Za-z0-9_]{1,16})-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}")
 
 
 def _host() -> str:
@@ -83,14 +83,36 @@ def remove_quietly(path: Path, what: str, category: type[Warning] = RuntimeWarni
 
 def remove_stale_temps(directory: Path, max_age_s: float = STALE_TEMP_SECONDS) -> None:
     """Delete temporary files of writers killed more than `max_age_s` ago: only files whose names
-    `temp_path` makes (`is_temp_name`), never another file, however it is named."""
-    now = time.time()
+    `temp_path` makes (`is_temp_name`), never another file, however it is named. The name says who
+    wrote it: a file of a process still running on this machine is never removed (another rank or
+    node may be writing it this moment), and one from another machine only after
+    STALE_TEMP_SECONDS, whatever `max_age_s` says, since its writer cannot be seen from here."""
+    now, host = time.time(), _host()
     for p in Path(directory).glob(f"{TEMP_PREFIX}*"):
+        m = _TEMP_NAME.fullmatch(p.name)
         try:
-            if is_temp_name(p.name) and p.is_file() and not p.is_symlink() and now - p.stat().st_mtime > max_age_s:
+            if m is None or not p.is_file() or p.is_symlink():
+                continue
+            ours = m["host"] == host
+            if ours and _alive(int(m["pid"])):
+                continue
+            if now - p.stat().st_mtime > (max_age_s if ours else max(max_age_s, STALE_TEMP_SECONDS)):
                 p.unlink()
         except OSError:
             pass  # another process's business, or already gone
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (signal 0 asks without sending anything)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process, or a pid we cannot ask about: leave its file alone
+    return True
 
 
 @contextlib.contextmanager
