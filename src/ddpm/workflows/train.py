@@ -197,11 +197,13 @@ def train(run_dir, run: RunConfig, *, images: Optional[DataSet] = None, progress
                            progress=progress and dist.local_rank == 0, preparer=dist.local_rank == 0, barrier=barrier)
     if isinstance(images, PreparedSet):  # checked in the background (in _train), not shard by shard on first read
         images.check_on_read = False
-    run_dir = claim_run_folder(run_dir)
+    # The main process alone claims the folder (writes its mark) and then removes every temp file
+    # in it: another rank writing the mark at the same time would lose its temp file to that.
+    run_dir = claim_run_folder(run_dir) if dist.is_main else Path(run_dir)
     with contextlib.ExitStack() as stack:
         if dist.is_main:
             stack.enter_context(FolderLock(run_dir, "ddpm train"))
-            remove_stale_temps(run_dir, max_age_s=0)  # the lock holder is the only writer: every temp file is orphaned
+            remove_stale_temps(run_dir, max_age_s=0)  # temp files of writers that are gone (a kill)
         barrier()
         stop = stack.enter_context(_StopSignals())
         return _train(run_dir, run, images, progress, dist, accept_new_data, stop, stack)
