@@ -27,9 +27,11 @@ demo: install
 	$(PY) -m ddpm demo --out runs/demo
 
 # Two workers on two cores: many tests wait on subprocesses (a killed and resumed training, torchrun),
-# so the suite takes ~170 s instead of ~290 s there (measured 2026-12-01, a clean clone).
+# so the suite takes ~170 s instead of ~290 s there (measured 2026-12-01, a clean clone). One OpenMP
+# thread per worker (and per subprocess): two threads each would spin-wait on the core the other
+# worker holds; 263 s instead of 310-327 s for the same suite on a 2-core Zen 4 (2026-12-04).
 test: install
-	$(PY) -m pytest -q -n auto --maxprocesses=4
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses=4
 
 clean:
 	rm -rf $(VENV) runs
