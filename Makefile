@@ -29,9 +29,11 @@ demo: install
 # Two workers on two cores: many tests wait on subprocesses (a killed and resumed training, torchrun),
 # so the suite takes ~170 s instead of ~290 s there (measured 2026-12-01, a clean clone). One OpenMP
 # thread per worker (and per subprocess): two threads each would spin-wait on the core the other
-# worker holds; 263 s instead of 310-327 s for the same suite on a 2-core Zen 4 (2026-12-04).
+# worker holds; 263 s instead of 310-327 s for the same suite on a 2-core Zen 4 (2026-12-04). Work
+# stealing: a worker that runs out takes tests queued for the other, so a batch of long tests at the
+# end does not run on one worker alone (221 s instead of 263 s, the same machine and day).
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses=4
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal
 
 clean:
 	rm -rf $(VENV) runs

@@ -168,7 +168,7 @@ def prepare(cfg: DataConfig, out, *, shard_bytes: int = DEFAULT_SHARD_BYTES, pro
     checked = {} if wait else _check_before_writing(cfg, out, settings)
     out = claim_folder(out, (MANIFEST_NAME, STATE_NAME), "prepared data", flag)
     with FolderLock(out, "ddpm prepare", wait=wait):
-        remove_stale_temps(out, max_age_s=0)  # the lock holder is the only writer: a temp file is a killed one's
+        remove_stale_temps(out, max_age_s=0)  # temp files of writers that are gone (a kill)
         return _prepare(cfg, out, shard_bytes, progress, settings, **checked)
 
 
