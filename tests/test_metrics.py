@@ -2,12 +2,15 @@
 
 KID: the population MMD² of discrete distributions in closed form, approached by the mean over
 subsets within a Monte Carlo tolerance (and far from the biased V-statistic's expectation); 0 in
-expectation for identical distributions, with negative values; the kernel written out by hand.
+expectation for identical distributions, with negative values; the kernel and the estimator written
+out by hand; the mean and std over subsets.
 Precision/recall: identical and disjoint sets, points on a line worked out by hand, the k-th
 neighbour that excludes the point itself, a point exactly at the radius, a brute-force reference.
 Nearest neighbours: a brute-force sort of the full distance matrix, for block sizes that do and do
 not divide N. All on small arrays; the file runs in a few seconds on one core.
 """
+
+import itertools
 
 import numpy as np
 import pytest
@@ -101,6 +104,42 @@ def test_kid_of_two_rows_each_is_the_formula_written_out():
     for other in (lambda u, v: (u @ v + 1) ** 3, lambda u, v: (u @ v / d + 1) ** 2, lambda u, v: (u @ v / d) ** 3):
         wrong = other(x[0], x[1]) + other(y[0], y[1]) - sum(other(p, q) for p in x for q in y) / 2
         assert abs(wrong - expected) > 0.1
+
+
+@pytest.mark.parametrize("block", [1, 3, 1024])
+def test_mmd2_unbiased_is_the_paper_formula_for_unequal_sizes_and_any_block(block):
+    # Σ_{i≠j} k(x_i, x_j) / (m(m−1)) + Σ_{i≠j} k(y_i, y_j) / (n(n−1)) − 2 Σ_{i,j} k(x_i, y_j) / (mn),
+    # the sums over i ≠ j taken with a mask on the full kernel matrices.
+    rng = np.random.default_rng(10)
+    x, y = rng.standard_normal((20, 5)), rng.standard_normal((13, 5)) + 0.3
+    m, n = len(x), len(y)
+    off_x, off_y = ~np.eye(m, dtype=bool), ~np.eye(n, dtype=bool)
+    expected = (_cubic(x, x)[off_x].sum() / (m * (m - 1)) + _cubic(y, y)[off_y].sum() / (n * (n - 1))
+                - 2 * _cubic(x, y).sum() / (m * n))
+    assert mmd2_unbiased(x, y, block=block) == pytest.approx(expected, rel=1e-12)
+
+
+def test_kid_mean_and_std_are_over_subsets_of_the_rows_drawn_without_replacement():
+    # a has 3 rows and b 2, subsets of 2: each subset is one of the 3 pairs of a's rows with both
+    # of b's, so its MMD²_u is one of 3 values computed here. The mean and the std (ddof 0) over 4
+    # subsets must be those of some 4 of these values.
+    a = np.array([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0]])
+    b = np.array([[0.5, 0.5], [2.0, -1.0]])
+
+    def k(u, v):
+        return (u @ v / 2 + 1.0) ** 3
+
+    values = [k(a[i], a[j]) + k(b[0], b[1]) - sum(k(a[p], q) for p in (i, j) for q in b) / 2
+              for i, j in itertools.combinations(range(3), 2)]
+    spread = False
+    for seed in range(5):
+        result = kid(a, b, subsets=4, subset_size=2, seed=seed)
+        assert result["kid_subset_size"] == 2 and result["kid_subsets"] == 4
+        assert any(result["kid_mean"] == pytest.approx(np.mean(c), rel=1e-12)
+                   and result["kid_std"] == pytest.approx(np.std(c), rel=1e-12, abs=1e-12)
+                   for c in itertools.combinations_with_replacement(values, 4)), result
+        spread |= result["kid_std"] > 0.1
+    assert spread  # some seed drew different pairs, so ddof 0 vs 1 is told apart
 
 
 def test_kid_uses_the_smaller_set_size_and_records_it():
@@ -203,7 +242,7 @@ def test_precision_recall_equals_the_definition_on_full_matrices(block):
 
 
 @pytest.mark.parametrize("block", [1, 7, 16, 53, 1000])
-@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("k", [1, 5, 20, 97])
 def test_nearest_neighbours_equal_a_brute_force_sort(block, k):
     rng = np.random.default_rng(9)
     queries, keys = rng.standard_normal((53, 6)), rng.standard_normal((97, 6))
@@ -215,6 +254,16 @@ def test_nearest_neighbours_equal_a_brute_force_sort(block, k):
     assert np.array_equal(indices, order)
     np.testing.assert_allclose(distances, np.take_along_axis(full, order, axis=1), rtol=1e-9, atol=1e-7)
     assert (np.diff(distances, axis=1) >= 0).all()
+
+
+def test_many_neighbours_of_many_keys_come_sorted():
+    # k = 100 of 5,000 keys: a partial selection leaves its k in no guaranteed order.
+    rng = np.random.default_rng(11)
+    queries, keys = rng.standard_normal((20, 4)), rng.standard_normal((5000, 4))
+    full = np.sqrt(((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1))
+    distances, indices = nearest_neighbours(queries, keys, k=100, block=8)
+    assert (np.diff(distances, axis=1) >= 0).all()
+    assert np.array_equal(indices, np.argsort(full, axis=1)[:, :100])
 
 
 def test_all_keys_as_neighbours_is_the_full_sorted_row():
