@@ -508,3 +508,133 @@ def test_fid_during_training_hook_measures_the_ema_and_caches_its_reference(tmp_
     stamp = cache.stat().st_mtime_ns
     again = TrainingFID(n=2, batch=2, seed=0, images=images, data=data, cache=cache, weights=w, expected_sha256=sha)
     assert cache.stat().st_mtime_ns == stamp and again.ref.n == 2  # reused, not recomputed
+
+
+# ---------------------------------------------------------------------------------------------
+# Features beside the statistics: KID, precision/recall, seed sets, the memorization check
+# ---------------------------------------------------------------------------------------------
+
+
+def test_statistics_keep_their_features_through_a_file_and_refuse_ones_that_do_not_fit(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((40, 6))
+    fs = FeatureStats(6).update(x)
+    keep = np.array([0, 13, 26, 39])
+    path = save_stats(tmp_path / "s.npz", FIDStats.from_features(fs, {"kind": "t"}, x[keep].astype(np.float32), keep))
+    back = load_stats(path)
+    np.testing.assert_array_equal(back.features, x[keep].astype(np.float32))
+    np.testing.assert_array_equal(back.feature_index, keep)
+    np.savez(tmp_path / "bad.npz", mu=fs.mu, sigma=fs.sigma, n=40, features=np.zeros((4, 5), np.float32),
+             feature_index=keep)
+    with pytest.raises(UserError, match="do not fit"):
+        load_stats(tmp_path / "bad.npz")
+    np.savez(tmp_path / "plain.npz", mu=fs.mu, sigma=fs.sigma)  # another tool's: FID only
+    assert load_stats(tmp_path / "plain.npz").features is None
+
+
+def test_kept_images_are_evenly_spaced_and_all_of_a_small_set():
+    from ddpm.workflows.evaluate import keep_indices
+
+    assert keep_indices(5, 10).tolist() == [0, 1, 2, 3, 4]
+    k = keep_indices(50_000, 10_000)
+    assert len(k) == 10_000 and k[0] == 0 and k[-1] == 49_999 and set(np.diff(k)) <= {4, 5, 6}
+    # a set stored class by class (10 classes of 5,000) keeps each class's share
+    assert np.bincount(k // 5000).tolist() == [1000] * 10
+
+
+def test_compare_a_set_with_itself_and_with_a_far_set():
+    from ddpm.workflows.evaluate import compare
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 8))
+    a = FIDStats.from_features(FeatureStats(8).update(x), {}, x.astype(np.float32), np.arange(300))
+    c = compare(a, a)
+    assert abs(c["fid"]) < 1e-8 and c["precision_recall"]["precision"] == 1.0 and c["precision_recall"]["recall"] == 1.0
+    # every KID subset is the whole set (300 < 1,000): the unbiased MMD² of X with itself is
+    # 2/m · (mean_{i≠j} k(x_i, x_j) − mean_i k(x_i, x_i)), k(x, y) = (xᵀy/d + 1)³
+    k = (x @ x.T / 8 + 1) ** 3
+    off = (k.sum() - np.trace(k)) / (300 * 299)
+    assert c["kid"]["kid_subset_size"] == 300 and c["kid"]["kid_std"] < 1e-12
+    assert c["kid"]["kid_mean"] == pytest.approx(2 / 300 * (off - np.trace(k) / 300), rel=1e-9)
+    y = x + 100.0
+    b = FIDStats.from_features(FeatureStats(8).update(y), {}, y.astype(np.float32), np.arange(300))
+    far = compare(b, a)
+    assert far["precision_recall"]["precision"] == 0.0 and far["precision_recall"]["recall"] == 0.0
+    assert far["fid"] == pytest.approx(8 * 100.0 ** 2, rel=1e-9)  # a pure shift: ‖Δμ‖², the covariances cancel
+    no_features = FIDStats(mu=a.mu, sigma=a.sigma, n=300)
+    c = compare(a, no_features, where="old.npz")
+    assert c["kid"] is None and c["precision_recall"] is None and "old.npz" in c["note"]
+
+
+def test_memorization_check_finds_samples_that_copy_training_images():
+    from ddpm.workflows.evaluate import memorization_check
+
+    rng = np.random.default_rng(6)
+    train = rng.standard_normal((500, 16)).astype(np.float32)
+    heldout = rng.standard_normal((200, 16)).astype(np.float32)
+    samples = rng.standard_normal((100, 16)).astype(np.float32)
+    copied = [7, 120, 333]  # three samples are exact copies of training images
+    samples[[10, 50, 90]] = train[copied]
+
+    def stats(f, index):
+        return FIDStats(mu=f.mean(0), sigma=np.cov(f.T), n=int(index.max()) + 1, features=f, feature_index=index)
+
+    # the training features kept are every other image of 1,000: indices refer to the training set
+    check = memorization_check(stats(samples, np.arange(100) * 3), stats(train, np.arange(500) * 2),
+                               stats(heldout, np.arange(200)), k=3, show=4)
+    closest = check["closest"]
+    assert [c["sample"] for c in closest[:3]] == [30, 150, 270] and all(c["distance"] == 0 for c in closest[:3])
+    assert [c["train"][0] for c in closest[:3]] == [2 * i for i in copied]
+    assert closest[3]["distance"] > 0 and all(np.diff(c["train_distances"]).min() >= 0 for c in closest)
+    # 3 of 100 samples are closer to a training image than 99% of held-out images are; the rest are
+    # drawn like the held-out images, so about 1% of them too
+    assert 0.03 <= check["closer_than_heldout_p01"] <= 0.03 + 0.05
+    assert sum(check["histogram"]["samples"]) == 100 and sum(check["histogram"]["heldout"]) == 200
+    assert check["n_train_searched"] == 500 and check["samples_nn"]["0.001"] == 0.0
+
+
+@needs_torch_fidelity
+def test_eval_seed_sets_are_disjoint_index_ranges_with_their_own_fid(tmp_path, weights, capsys):
+    from ddpm.cli import main
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
+
+    rng = np.random.default_rng(13)
+    data = tmp_path / "noise.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (6, 32, 32), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (4, 32, 32), dtype=np.uint8))
+    run = RunConfig.from_preset("tiny", data=str(data))
+    run = run.replace(diffusion=run.diffusion.replace(T=3),
+                      train=run.train.replace(steps=1, batch_size=2, checkpoint_every=1, warmup=1))
+    train(tmp_path / "run", run, progress=False)
+    w, sha = weights
+    flags = ["--inception-weights", str(w), "--inception-sha256", sha, "--inception-batch", "3", "--device", "cpu",
+             "--no-progress"]
+    out = tmp_path / "run" / "eval" / "ckpt-00000001"  # the default: where `ddpm report` finds it
+    assert main(["eval", "--run", str(tmp_path / "run"), "--n", "3", "--seed-sets", "2", "--batch", "3",
+                 "--bpd-n", "0", *flags]) == 0
+    rep = json.loads((out / "eval.json").read_text())
+    sets = rep["fid_seed_sets"]["train"]
+    assert sets["sets"] == 2 and sets["n_each"] == 3 and sets["indices"] == ["0..2", "3..5"]
+    assert sets["fid"][0] == pytest.approx(rep["fid"]["train"], rel=1e-12)  # set 0 is the report's sample set
+    # set 1 is images 3..5 of the saved samples: `ddpm fid` on exactly those gives its number
+    x = np.load(out / "samples" / "samples.npz")["x"]
+    assert len(x) == 6
+    np.savez(tmp_path / "set1.npz", x=x[3:])
+    assert main(["fid", "--samples", str(tmp_path / "set1.npz"), "--ref", str(tmp_path / "run" / "eval" / "ref-train.npz"),
+                 "--out", str(tmp_path / "f1.json"), *flags]) == 0
+    f1 = json.loads((tmp_path / "f1.json").read_text())["fid"]
+    assert sets["fid"][1] == pytest.approx(list(f1.values())[0], rel=1e-9)
+    assert sets["mean"] == pytest.approx(np.mean(sets["fid"])) and sets["std"] == pytest.approx(np.std(sets["fid"], ddof=1))
+    assert "seed sets of 3" in capsys.readouterr().out
+    # KID and precision/recall of set 0 from the same pass; the memorization check against 6 training images
+    assert rep["kid"]["train"]["n_samples"] == 3 and rep["precision_recall"]["train"] is None  # k = 3 needs > 3
+    mem = rep["memorization"]
+    assert mem["n_train_searched"] == 6 and mem["n_heldout"] == 4 and len(mem["closest"]) == 3
+    assert (out / "memorization.png").is_file() and mem["figure"] == "memorization.png"
+    # the report shows all of it
+    assert main(["report", str(tmp_path / "run")]) == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    for text in ("KID, train split", "2 seed sets of 3", "Memorization check", "Nearest-training-image distances",
+                 "Inception Score"):
+        assert text in page, text

@@ -788,6 +788,34 @@ def read_eval_report(path) -> dict:
                 get_field(part, k, float, f"{path} [{key}]", ok=_number_or_null, need="a number",
                           default=None if key == "bits_per_dim" else REQUIRED, advice=advice)
     get_field(rep, "references", (dict, type(None)), path, default=None, advice=advice)
+    for key, numbers in (("kid", ("kid_mean", "kid_std")), ("precision_recall", ("precision", "recall", "k"))):
+        by_split = get_field(rep, key, (dict, type(None)), path, default=None, advice=advice) or {}
+        for split, part in by_split.items():
+            where = f"{path} [{key}.{split}]"
+            if part is not None and not isinstance(part, dict):
+                raise UserError(f"{where}: {part!r} is not an object of numbers; {advice}")
+            for k in numbers if part else ():
+                get_field(part, k, float, where, need="a number", advice=advice)
+    for split, sets in (get_field(rep, "fid_seed_sets", (dict, type(None)), path, default=None, advice=advice) or {}).items():
+        where = f"{path} [fid_seed_sets.{split}]"
+        if not isinstance(sets, dict):
+            raise UserError(f"{where}: {sets!r} is not an object; {advice}")
+        for k, kind in (("sets", int), ("n_each", int), ("mean", float)):
+            get_field(sets, k, kind, where, need="a number", advice=advice)
+        get_field(sets, "std", float, where, ok=_number_or_null, need="a number or null", default=None, advice=advice)
+    mem = get_field(rep, "memorization", (dict, type(None)), path, default=None, advice=advice)
+    if mem:
+        where = f"{path} [memorization]"
+        get_field(mem, "closer_than_heldout_p01", float, where, ok=_number_or_null, need="a number or null",
+                  default=None, advice=advice)
+        get_field(mem, "figure", str, where, ok=lambda v: v == MEMORIZATION_PNG, need=f"'{MEMORIZATION_PNG}'",
+                  default=None, advice=advice)
+        hist = get_field(mem, "histogram", dict, where, advice=advice)
+        numbers = lambda v: isinstance(v, list) and all(_number_or_null(x) and x is not None for x in v)  # noqa: E731
+        get_field(hist, "edges", list, f"{where} [histogram]", ok=numbers, need="a list of numbers", advice=advice)
+        get_field(hist, "samples", list, f"{where} [histogram]", ok=numbers, need="a list of numbers", advice=advice)
+        get_field(hist, "heldout", (list, type(None)), f"{where} [histogram]", ok=lambda v: v is None or numbers(v),
+                  need="a list of numbers or null", default=None, advice=advice)
     return rep
 
 

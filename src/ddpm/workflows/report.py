@@ -3,8 +3,9 @@
 Everything a run folder holds, in one file that opens offline (images embedded as data URIs, no
 script, no external style): the resolved config, the loss and the loss by timestep quartile over
 steps (and by class for a class-conditional run), gradient norm and learning rate, throughput,
-FID during training, the sample grids written during training and by `make demo` (with its
-progressive strip), and, for each `ddpm eval` of the run, its FID / IS table, the bits/dim by
+FID, KID and precision/recall during training, the sample grids written during training and by
+`make demo` (with its progressive strip), and, for each `ddpm eval` of the run, its FID / KID /
+precision-recall / IS table, the memorization check, the bits/dim by
 timestep (the terms L_t) and the rate-distortion curve (Fig. 5). The plots are matplotlib's
 (Agg, no display needed).
 """
@@ -108,6 +109,16 @@ def _training_plots(recs: list[dict]) -> list[str]:
             ax.plot(*_series(fid, "fid"), marker="o")
             ax.set(xlabel="step", ylabel="FID", title=f"FID of the EMA weights during training ({fid[-1].get('fid_n')} samples)")
         out.append(_figure(fids, "FID during training"))
+        if any(isinstance(r.get("kid"), (int, float)) for r in fid):
+            def more(fig):
+                a1, a2 = fig.subplots(1, 2)
+                a1.plot(*_series(fid, "kid"), marker="o")
+                a1.set(xlabel="step", title="KID")
+                a2.plot(*_series(fid, "precision"), marker="o", label="precision")
+                a2.plot(*_series(fid, "recall"), marker="o", label="recall")
+                a2.set(xlabel="step", title="precision and recall (k=3)", ylim=(0, 1))
+                a2.legend(fontsize=7)
+            out.append(_figure(more, "KID, precision and recall during training"))
     return out
 
 
@@ -115,9 +126,26 @@ def _evaluation(reports: list[tuple[Path, dict]]) -> list[str]:
     parts = []
     for path, rep in reports:
         fid, iscore, bpd = rep.get("fid") or {}, rep.get("inception_score") or {}, rep.get("bits_per_dim") or {}
-        rows = [f"<tr><th>FID, {html_text(k)} split</th><td>{v:.3f}</td></tr>" for k, v in fid.items() if v is not None]
+        kid, pr = rep.get("kid") or {}, rep.get("precision_recall") or {}
+        rows = []
+        for k, v in fid.items():
+            if v is None:
+                continue
+            rows.append(f"<tr><th>FID, {html_text(k)} split</th><td>{v:.3f}</td></tr>")
+            sets = (rep.get("fid_seed_sets") or {}).get(k)
+            if sets and sets.get("std") is not None:
+                rows.append(f"<tr><th>FID, {html_text(k)} split, {sets['sets']} seed sets of {sets['n_each']:,}</th>"
+                            f"<td>{sets['mean']:.3f} ± {sets['std']:.3f}</td></tr>")
+            if kid.get(k):
+                rows.append(f"<tr><th>KID, {html_text(k)} split</th><td>{kid[k]['kid_mean']:.5f} ± "
+                            f"{kid[k]['kid_std']:.5f}</td></tr>")
+            if pr.get(k):
+                rows.append(f"<tr><th>precision / recall (k={pr[k]['k']}), {html_text(k)} split</th>"
+                            f"<td>{pr[k]['precision']:.3f} / {pr[k]['recall']:.3f}</td></tr>")
         if iscore:
             rows.append(f"<tr><th>Inception Score</th><td>{iscore['is_mean']:.3f} ± {iscore['is_std']:.3f}</td></tr>")
+        else:
+            rows.append("<tr><th>Inception Score</th><td>n/a (weights without the classifier)</td></tr>")
         if bpd.get("total_bpd") is not None:
             rows.append(f"<tr><th>bits/dim (test)</th><td>{bpd['total_bpd']:.4f}</td></tr>")
         refs = "; ".join(f"{html_text(k)}: {html_text(v.get('source_description') or v.get('path') or '')}"
@@ -125,6 +153,7 @@ def _evaluation(reports: list[tuple[Path, dict]]) -> list[str]:
         parts.append(f"<h3>{html_text(path.parent.name)}</h3><p>{html_text(rep.get('n_samples'))} samples; "
                      f"measured against "
                      f"{refs or 'the references recorded in eval.json'}</p><table>{''.join(rows)}</table>")
+        parts += _memorization(path.parent, rep.get("memorization"))
         nll = path.parent / "nll"
         if (nll / "bpd.npz").is_file():
             bits = load_bpd(nll)
@@ -140,6 +169,41 @@ def _evaluation(reports: list[tuple[Path, dict]]) -> list[str]:
                       _figure(lambda fig, rd=rd: draw_rate_distortion(fig, rd), "Rate-distortion (Fig. 5)",
                               size=(11.4, 3.2))]
     return parts
+
+
+def _memorization(folder: Path, mem: Optional[dict]) -> list[str]:
+    """The memorization check of `ddpm eval`: the samples closest to a training image beside their
+    nearest training images, and nearest-neighbour distances of samples against held-out images."""
+    if not isinstance(mem, dict) or not mem.get("histogram"):
+        return []
+    out = ["<h4>Memorization check</h4>"]
+    frac = mem.get("closer_than_heldout_p01")
+    out.append(f"<p>Distances in {html_text(mem.get('features', 'feature space'))} from each of "
+               f"{html_text(mem.get('n_samples'))} samples to its nearest of {html_text(mem.get('n_train_searched'))} "
+               f"training images" + (f", and from each of {html_text(mem.get('n_heldout'))} held-out (test) images: "
+               f"{100 * frac:.2f}% of samples are closer to a training image than 99% of held-out images are "
+               f"(about 1% for a model that does not copy its training images)." if frac is not None else ".") + "</p>")
+    picture = folder / str(mem.get("figure") or "")
+    if mem.get("figure") and picture.is_file():
+        out.append(_image(picture, "each row: one of the samples closest to a training image, then its nearest "
+                                   "training images, nearest first"))
+    hist = mem["histogram"]
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        edges = hist["edges"]
+        width = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        total = max(sum(hist["samples"]), 1)
+        ax.bar(edges[:-1], [c / total for c in hist["samples"]], width=width, align="edge", alpha=0.6, label="samples")
+        if hist.get("heldout"):
+            held = max(sum(hist["heldout"]), 1)
+            ax.bar(edges[:-1], [c / held for c in hist["heldout"]], width=width, align="edge", alpha=0.6,
+                   label="held-out images")
+        ax.set(xlabel="distance to the nearest training image (Inception pool-3)", ylabel="fraction")
+        ax.legend(fontsize=7)
+
+    out.append(_figure(draw, "Nearest-training-image distances: samples against held-out images"))
+    return out
 
 
 def is_report(path: Path) -> bool:
