@@ -201,8 +201,8 @@ def test_fid_and_kid_through_the_cli_with_the_real_weights_and_is_reported_unava
     ref = tmp_path / "ref.npz"
     assert main(["fid-ref", "--data", str(data), "--out", str(ref), "--device", "cpu", "--no-progress"]) == 0
     assert "no IS" in capsys.readouterr().out
-    # the reference's own first images as samples: FID of a subset of the reference is small, precision 1
-    np.savez(tmp_path / "s.npz", x=np.load(data)["x_train"][:5])
+    # the reference's own images as samples: FID 0, precision and recall 1
+    np.savez(tmp_path / "s.npz", x=np.load(data)["x_train"])
     assert main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(ref), "--out", str(tmp_path / "f.json"),
                  "--device", "cpu", "--no-progress"]) == 0
     out = capsys.readouterr()
@@ -211,5 +211,6 @@ def test_fid_and_kid_through_the_cli_with_the_real_weights_and_is_reported_unava
     assert "pt_inception-2015-12-05-6726825d.pth" in " ".join(rep["notes"])
     assert rep["samples"]["inception"]["weights_sha256"] == iw.ARCHIVE_SHA256
     pr = rep["precision_recall"][str(ref)]
-    assert pr["precision"] == 1.0 and pr["n_real"] == 6 and pr["n_fake"] == 5
+    assert pr["precision"] == 1.0 and pr["recall"] == 1.0 and pr["n_real"] == pr["n_fake"] == 6
+    assert abs(rep["fid"][str(ref)]) < 1e-6
     assert "KID" in out.out and "FID" in out.out and "IS" not in out.out.replace("KID", "")

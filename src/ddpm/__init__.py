@@ -17,6 +17,7 @@ the paper's experiments, FID) → cli.
 from .errors import UserError
 from .io.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_weights
 from .io.data import DataConfig, ImageSet, load_images
+from .io.inception_weights import load_inception
 from .io.weights import convert_file, read_unet, write_unet
 from .network.fast import prepare_model
 from .network.interop import unet_from_diffusers, unet_to_diffusers
@@ -30,10 +31,11 @@ from .run.load import LoadedRun, load_run
 from .run.presets import PRESETS
 from .version import __version__
 from .workflows.demo import run_demo
-from .workflows.evaluate import evaluate_run, fid_report
+from .workflows.evaluate import compare, evaluate_run, fid_report, memorization_check
 from .workflows.experiments import (interpolate, interpolate_run, progressive_generation, progressive_run, reconstruct,
                                     reconstruct_run, shared_latent_samples, shared_run)
 from .workflows.fid import FIDStats, frechet_distance, inception_score, load_stats, save_stats
+from .workflows.metrics import kid, nearest_neighbours, precision_recall
 from .workflows.nll import evaluate_nll, load_bpd, nll_run, rate_distortion, rate_distortion_run
 from .workflows.sample import ClassChoice, ImageNoise, proportional_labels, sample, sample_labels, sample_run, sample_to_dir
 from .workflows.train import train
@@ -44,7 +46,8 @@ __all__ = [
     "unet_to_diffusers", "UNet", "UNetConfig", "DiffusionConfig", "GaussianDiffusion", "LossType", "MeanType", "VarType",
     "ddim_timesteps", "Guided", "to_model_range", "to_uint8", "SCHEDULES", "Schedule", "make_betas", "RunConfig", "TrainConfig",
     "model_config", "resolve_run_config", "LoadedRun", "load_run", "PRESETS", "__version__", "run_demo",
-    "evaluate_run", "fid_report", "interpolate", "interpolate_run", "progressive_generation", "progressive_run",
+    "load_inception", "evaluate_run", "fid_report", "compare", "memorization_check", "kid", "nearest_neighbours",
+    "precision_recall", "interpolate", "interpolate_run", "progressive_generation", "progressive_run",
     "reconstruct", "reconstruct_run", "shared_latent_samples", "shared_run", "FIDStats", "frechet_distance",
     "inception_score", "load_stats", "save_stats", "evaluate_nll", "load_bpd", "nll_run", "rate_distortion",
     "rate_distortion_run", "ClassChoice", "ImageNoise", "proportional_labels", "sample", "sample_labels", "sample_run",

@@ -391,7 +391,7 @@ def _evenly(features: np.ndarray, m: int) -> np.ndarray:
 def compare(samples: FIDStats, ref: FIDStats, *, where: str = "reference", seed: int = 0) -> dict:
     """Samples against a reference, from the same features: FID (all images), KID (Bińkowski et
     al.: every kept feature, 100 subsets of 1,000) and precision/recall (Kynkäänniemi et al., k = 3,
-    up to PR_N images a side). KID and precision/recall are None, with the reason in `note`, when
+    the same number of images a side, up to PR_N). KID and precision/recall are None, with the reason in `note`, when
     either side kept no features (statistics of another tool, or of an earlier ddpm)."""
     out = dict(fid=fid_from_stats(samples, ref, where=where), kid=None, precision_recall=None, note=None)
     if samples.features is None or ref.features is None or len(samples.features) < 2 or len(ref.features) < 2:
@@ -400,7 +400,8 @@ def compare(samples: FIDStats, ref: FIDStats, *, where: str = "reference", seed:
         return out
     out["kid"] = dict(kid(samples.features, ref.features, seed=seed), n_samples=len(samples.features),
                       n_reference=len(ref.features), features=FEATURES_NOTE)
-    fake, real = _evenly(samples.features, PR_N), _evenly(ref.features, PR_N)
+    m = min(PR_N, len(samples.features), len(ref.features))  # the same number a side, as the paper's protocol
+    fake, real = _evenly(samples.features, m), _evenly(ref.features, m)
     if min(len(fake), len(real)) > PR_K:
         out["precision_recall"] = dict(precision_recall(real, fake, k=PR_K), features=FEATURES_NOTE)
     else:

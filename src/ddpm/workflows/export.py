@@ -123,10 +123,15 @@ def model_card(loaded, evaluation: Optional[dict]) -> str:
         fid = evaluation.get("fid") or {}
         bpd = evaluation.get("bits_per_dim") or {}
         iscore = evaluation.get("inception_score") or {}
+        kid, pr = evaluation.get("kid") or {}, evaluation.get("precision_recall") or {}
         lines += [f"`ddpm eval` of this checkpoint, {markdown_text(evaluation.get('n_samples'))} samples (Algorithm 2):",
                   "", "| metric | value |", "|---|---|",
                   *(f"| FID against the {markdown_text(split)} split | {v:.3f} |" for split, v in fid.items()
                     if v is not None),
+                  *(f"| KID against the {markdown_text(split)} split | {v['kid_mean']:.5f} ± {v['kid_std']:.5f} |"
+                    for split, v in kid.items() if v),
+                  *(f"| precision / recall (k={v['k']}) against the {markdown_text(split)} split | "
+                    f"{v['precision']:.3f} / {v['recall']:.3f} |" for split, v in pr.items() if v),
                   *([f"| Inception Score | {iscore['is_mean']:.3f} ± {iscore['is_std']:.3f} |"] if iscore else []),
                   *([f"| bits/dim (test, true bound) | {bpd['total_bpd']:.4f} |"] if bpd.get("total_bpd") else []),
                   ""]
