@@ -351,16 +351,21 @@ def _read_safetensors(path: Path) -> tuple[dict, dict, str]:
         raise UserError(f"{path}: not readable Inception weights ({str(e)[:200]}); {how_to_get()}") from None
 
 
-def _converted(archive: Path, sha: str, official: bool) -> tuple[dict, Path]:
+def converted_path(sha: str, official: bool) -> Path:
+    """Where the conversion of the archive of sha256 `sha` is cached."""
+    return cache_dir() / (CONVERTED_NAME if official else f"inception-pool3-{sha[:8]}.safetensors")
+
+
+def _converted(archive: Path, sha: str, official: bool) -> dict:
     """The archive's weights in ddpm's layout: from the cache when it holds this archive's
     conversion (checked), else converted now and cached (or, if the cache cannot be written, used
     from memory with a warning)."""
-    target = cache_dir() / (CONVERTED_NAME if official else f"inception-pool3-{sha[:8]}.safetensors")
+    target = converted_path(sha, official)
     if target.is_file():
         try:
             state, config, content = _read_safetensors(target)
             if config.get("source_sha256") == sha and (not official or content == CONVERTED_SHA256):
-                return state, target
+                return state
         except UserError:
             pass
         print(f"warning: {target}: not this archive's conversion (damaged or replaced); converting again",
@@ -370,13 +375,12 @@ def _converted(archive: Path, sha: str, official: bool) -> tuple[dict, Path]:
     except OSError as e:
         print(f"warning: cannot cache the converted Inception weights ({os_error_line(e)}); converted in memory",
               file=sys.stderr)
-        state = from_tf_names(read_torchscript_tensors(archive), ARCHIVE_TF_PREFIX)
-        return state, archive
+        return from_tf_names(read_torchscript_tensors(archive), ARCHIVE_TF_PREFIX)
     state, _config, content = _read_safetensors(target)
     if official and content != CONVERTED_SHA256:
         raise UserError(f"{target}: converting {archive} gave content sha256 {content[:16]}…, not the pinned "
                         f"{CONVERTED_SHA256[:16]}…: report this with your torch and safetensors versions")
-    return state, target
+    return state
 
 
 _CACHE: dict = {}
@@ -395,6 +399,7 @@ def load_inception(weights: Union[str, Path, None] = None, *, expected_sha256: O
     """
     expected = _expected(expected_sha256)
     found = resolve_weights(weights)
+    extra = {}
     device = torch.device(device)
     path = found.path
     if found.kind == "pth":
@@ -407,7 +412,8 @@ def load_inception(weights: Union[str, Path, None] = None, *, expected_sha256: O
         _check_hash(sha, expected, ARCHIVE_SHA256, path, f"{PACKAGE} {PACKAGE_VERSION}'s {ARCHIVE_NAME}")
         official = sha == ARCHIVE_SHA256
         source = f"{PACKAGE} {PACKAGE_VERSION} {ARCHIVE_NAME} (TorchScript read as data, converted)"
-        load = lambda: _converted(path, sha, official)[0]  # noqa: E731
+        load = lambda: _converted(path, sha, official)  # noqa: E731
+        extra = dict(converted_file=str(converted_path(sha, official)))
     else:  # a .safetensors file of ours: its content hash names it
         state, config, content = _read_safetensors(path)
         _check_hash(content, expected, CONVERTED_SHA256, path, f"the conversion of {PACKAGE}'s {ARCHIVE_NAME}")
@@ -425,7 +431,7 @@ def load_inception(weights: Union[str, Path, None] = None, *, expected_sha256: O
         _CACHE[key] = make_inception(state, {}, device).net
     net = _CACHE[key]
     logits = len(net.features_list) > 1
-    info = dict(weights_file=str(path), weights_sha256=sha, official=official, verified=expected is not None,
+    info = dict(weights_file=str(path), **extra, weights_sha256=sha, official=official, verified=expected is not None,
                 source=source, found_in=found.origin,
                 engine=f"torch-fidelity {torch_fidelity_version()} FeatureExtractorInceptionV3",
                 features="pool3 (2048)", is_logits="logits_unbiased (1008)" if logits else None,

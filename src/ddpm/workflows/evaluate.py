@@ -337,7 +337,7 @@ def _stats_provenance(inception: InceptionV3, **extra) -> dict:
                 torch_version=torch.__version__, device=inception.device.type)
 
 
-def _is_provenance(m: Measured, inception: InceptionV3) -> dict:
+def _score_provenance(m: Measured, inception: InceptionV3) -> dict:
     scores = m.inception_score()
     return scores if scores is not None else dict(inception_score=None, inception_score_note=no_inception_score(inception.info))
 
@@ -359,7 +359,7 @@ def reference_stats(data, inception: InceptionV3, *, batch: int = 100, dist=None
         split=data.split, resolution=size_value(images.size), channels=images.channels, n_images=len(images),
         data_sha256=images.fingerprint(), data_sha256_of="uint8 [N, C, H, W] pixels, C order",
         augmentation="none (no flips)", skipped_files=images.num_skipped, features_kept=len(m.index),
-        **_is_provenance(m, inception))
+        **_score_provenance(m, inception))
     return FIDStats.from_features(m.stats, prov, m.features, m.index)
 
 
@@ -373,7 +373,7 @@ def samples_stats(source: ImageSource, inception: InceptionV3, *, batch: int = 1
         sha = pixels_sha256(source)
     is_ = m.inception_score()
     prov = _stats_provenance(inception, kind="samples", samples=source.description, n_images=source.n,
-                             pixels_sha256=sha, **_is_provenance(m, inception), **provenance)
+                             pixels_sha256=sha, **_score_provenance(m, inception), **provenance)
     return FIDStats.from_features(m.stats, prov, m.features, m.index), is_
 
 
