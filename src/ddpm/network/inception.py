@@ -33,12 +33,10 @@ What we write by hand, and why:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import io
-import os
 import sys
 import types
 from pathlib import Path
@@ -48,7 +46,6 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..files import open_regular
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 # torch.hub's convention: the part of the file name after the last "-" is a prefix of its sha256.
