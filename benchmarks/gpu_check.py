@@ -17,8 +17,10 @@ fit in what is left of the budget is reported as skipped rather than overrunning
    against diffusers eager and compiled.
 4. 300 training steps of the CIFAR-10 preset (bf16) on the CIFAR-10 JPEGs when carried (synthetic
    images otherwise) with `ddpm train`, then 256 samples with `ddpm sample`, saved as one grid.
-5. training throughput in fp32 (as 2.), 6. sampling in bf16 (as 3.), and 7. what classifier-free
-   guidance costs (benchmarks/guidance_bench.py), if time is left.
+5. training throughput in fp32 (as 2.), 6. sampling in bf16 (as 3.), 7. what classifier-free
+   guidance costs (benchmarks/guidance_bench.py), and 8. FID's Inception-v3 features per second,
+   ddpm against torch-fidelity's own pipeline (benchmarks/fid_bench.py speed, random weights: the
+   package that carries the real ones is too large to carry), if time is left.
 
 Model FLOP utilisation: the network's forward FLOPs per image are known (`ddpm info --preset
 cifar10`: 12.44 GFLOPs at 32x32, a multiply-add counting 2); a training step costs 3x the forward.
@@ -204,6 +206,15 @@ def main(argv=None) -> int:
         check.add("guided sampling (w = 3) vs unconditional, one batch", "; ".join(
             f"{c[1].strip()} B={c[2].strip()} {c[3].strip()}: {c[6].strip()}" for c in (line.split("|") for line in rows))
             if r.returncode == 0 and rows else f"FAILED (exit {r.returncode}; see log.txt)", r.seconds)
+
+    r = check.run("inception features", [sys.executable, "benchmarks/fid_bench.py", "speed", "--device", "cuda",
+                                         "--weights", "random", "--n", "512", "--batch", "128", "--work", str(out)], 90)
+    if r is not None:
+        rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        check.add("Inception-v3 features/s, fp32 (random weights: the speed of the FID network), ddpm vs torch-fidelity",
+                  "; ".join(f"{x['size']}px: {x['ddpm_img_per_s']:.0f} vs {x['torch-fidelity_img_per_s']:.0f} img/s"
+                            for x in rows) if r.returncode == 0 and rows else
+                  f"FAILED (exit {r.returncode}; see log.txt)", r.seconds)
 
     total = time.monotonic() - check.t0
     lines = [f"# gpu_check: {gpu}, torch {torch.__version__}, {started}, {total:.0f} s", "",
