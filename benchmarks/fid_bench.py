@@ -117,7 +117,7 @@ def cmd_cifar10(args) -> None:
     fid = frechet_distance(sr.mu, sr.sigma, st.mu, st.sigma)
     # FID's bias is linear in 1/N (Chong & Forsyth 2020): the FID of growing training subsets against
     # the whole test set, fitted as a + b / N, gives the value at N = 50,000 from a partial run too.
-    sizes = [m for m in range(5000, len(train) + 1, 5000)]
+    sizes = [m for m in range(2000, len(train) + 1, 2000)]
     curve = []
     for m in sizes:
         s_m = _stats(train[:m])
