@@ -394,13 +394,34 @@ def test_inception_features_and_gray_is_repeated_rgb(inception):
 # ---------------------------------------------------------------------------------------------
 
 
+def _tiny_run(tmp_path, T: int, **arrays):
+    """The tiny preset trained one step (batch 2) on the arrays of an .npz data file: a run to evaluate."""
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
+
+    data = tmp_path / "data.npz"
+    np.savez(data, **arrays)
+    run = RunConfig.from_preset("tiny", data=str(data))
+    if "y_train" in arrays:
+        run = run.replace(model=run.model.replace(num_classes=int(np.max(arrays["y_train"])) + 1))
+    run = run.replace(diffusion=run.diffusion.replace(T=T),
+                      train=run.train.replace(steps=1, batch_size=2, checkpoint_every=1, warmup=1))
+    train(tmp_path / "run", run, progress=False)
+    return tmp_path / "run", data
+
+
+def _flags(weights, batch: int) -> list:
+    """The random test weights, named with their own hash, on the CPU."""
+    w, sha = weights
+    return ["--inception-weights", str(w), "--inception-sha256", sha, "--inception-batch", str(batch), "--device", "cpu",
+            "--no-progress"]
+
+
 @needs_torch_fidelity
 def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys):
     from ddpm.cli import main
     from ddpm.io.data import data_fingerprint
     from ddpm.workflows.evaluate import open_images
-    from ddpm.run.config import RunConfig
-    from ddpm.workflows.train import train
 
     rng = np.random.default_rng(10)
 
@@ -411,15 +432,10 @@ def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys)
             x[i, r:r + 8, c:c + 8] = 230
         return x
 
-    data = tmp_path / "squares.npz"
-    np.savez(data, x_train=squares(2), x_test=squares(2))  # batches of 2 throughout: one set of kernels
-    run = RunConfig.from_preset("tiny", data=str(data))
-    run = run.replace(diffusion=run.diffusion.replace(T=5),
-                      train=run.train.replace(steps=1, batch_size=2, checkpoint_every=1, warmup=1))
-    train(tmp_path / "run", run, progress=False)
+    # batches of 2 throughout: one set of kernels
+    _, data = _tiny_run(tmp_path, 5, x_train=squares(2), x_test=squares(2))
     w, sha = weights
-    wflags = ["--inception-weights", str(w), "--inception-sha256", sha, "--inception-batch", "2", "--device", "cpu",
-              "--no-progress"]
+    wflags = _flags(weights, 2)
 
     ref = tmp_path / "ref-train.npz"
     assert main(["fid-ref", "--data", str(data), "--split", "train", "--out", str(ref), *wflags]) == 0
@@ -454,22 +470,13 @@ def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys)
 @needs_torch_fidelity
 def test_eval_of_a_conditional_run_samples_the_training_proportions_and_records_the_weight(tmp_path, weights):
     from ddpm.cli import main
-    from ddpm.run.config import RunConfig
-    from ddpm.workflows.train import train
 
     rng = np.random.default_rng(12)
-    data = tmp_path / "labelled.npz"
-    np.savez(data, x_train=rng.integers(0, 256, (4, 32, 32), dtype=np.uint8), y_train=np.array([0, 0, 0, 1]),
-             x_test=rng.integers(0, 256, (2, 32, 32), dtype=np.uint8), y_test=np.array([1, 0]))
-    run = RunConfig.from_preset("tiny", data=str(data))
-    run = run.replace(model=run.model.replace(num_classes=2), diffusion=run.diffusion.replace(T=5),
-                      train=run.train.replace(steps=1, batch_size=2, checkpoint_every=1, warmup=1))
-    train(tmp_path / "run", run, progress=False)
-    w, sha = weights
+    _tiny_run(tmp_path, 5, x_train=rng.integers(0, 256, (4, 32, 32), dtype=np.uint8), y_train=np.array([0, 0, 0, 1]),
+              x_test=rng.integers(0, 256, (2, 32, 32), dtype=np.uint8), y_test=np.array([1, 0]))
     out = tmp_path / "eval"
     assert main(["eval", "--run", str(tmp_path / "run"), "--n", "8", "--batch", "4", "--out", str(out), "--guidance", "2",
-                 "--inception-weights", str(w), "--inception-sha256", sha, "--inception-batch", "4", "--device", "cpu",
-                 "--no-progress"]) == 0
+                 *_flags(weights, 4)]) == 0
     rep = json.loads((out / "eval.json").read_text())
     cond = rep["conditional"]
     assert cond["guidance"] == 2.0 and cond["classes"]["counts"] == [3, 1] and sum(cond["samples_per_class"]) == 8
@@ -596,20 +603,11 @@ def test_memorization_check_finds_samples_that_copy_training_images():
 @needs_torch_fidelity
 def test_eval_seed_sets_are_disjoint_index_ranges_with_their_own_fid(tmp_path, weights, capsys):
     from ddpm.cli import main
-    from ddpm.run.config import RunConfig
-    from ddpm.workflows.train import train
 
     rng = np.random.default_rng(13)
-    data = tmp_path / "noise.npz"
-    np.savez(data, x_train=rng.integers(0, 256, (6, 32, 32), dtype=np.uint8),
-             x_test=rng.integers(0, 256, (4, 32, 32), dtype=np.uint8))
-    run = RunConfig.from_preset("tiny", data=str(data))
-    run = run.replace(diffusion=run.diffusion.replace(T=3),
-                      train=run.train.replace(steps=1, batch_size=2, checkpoint_every=1, warmup=1))
-    train(tmp_path / "run", run, progress=False)
-    w, sha = weights
-    flags = ["--inception-weights", str(w), "--inception-sha256", sha, "--inception-batch", "3", "--device", "cpu",
-             "--no-progress"]
+    _tiny_run(tmp_path, 3, x_train=rng.integers(0, 256, (6, 32, 32), dtype=np.uint8),
+              x_test=rng.integers(0, 256, (4, 32, 32), dtype=np.uint8))
+    flags = _flags(weights, 3)
     out = tmp_path / "run" / "eval" / "ckpt-00000001"  # the default: where `ddpm report` finds it
     assert main(["eval", "--run", str(tmp_path / "run"), "--n", "3", "--seed-sets", "2", "--batch", "3",
                  "--bpd-n", "0", *flags]) == 0
