@@ -431,6 +431,7 @@ N = {
     "inception-batch": ("--inception-batch", "inception_batch", "inception batch"),
     "inception-sha256": ("--inception-sha256", "sha256"),
     "bpd-n": ("--bpd-n", "bpd_n"),
+    "seed-sets": ("--seed-sets", "seed_sets"),
     "bpd-batch": ("--bpd-batch", "bpd_batch"),
     "checkpoint-every": ("--checkpoint-every", "checkpoint_every"),
     "out": ("--out", "out"),
@@ -1162,6 +1163,9 @@ vary("eval", _eval, "--batch", ["0", "-1"], N["batch"], weights_first=True)
 vary("eval", _eval, "--seed", ["-1"], N["seed"], weights_first=True)
 vary("eval", _eval, "--bpd-n", ["-1"], N["bpd-n"], weights_first=True)
 vary("eval", _eval, "--bpd-batch", ["0"], N["bpd-batch"], weights_first=True)
+vary("eval", _eval, "--seed-sets", ["0", "-1", "abc"], N["seed-sets"], weights_first=True)
+add("eval/seed-sets-times-n-too-many", lambda tmp, fx: _eval(tmp, fx) + ["--n", "400000", "--seed-sets", "3"],
+    ("--seed-sets", "1000000"), weights_first=True)
 vary("eval", _eval, "--inception-batch", ["0"], N["inception-batch"], weights_first=True)
 vary("eval", _eval, "--device", ["cuda"], N["device"])
 vary("eval", _eval, "--fast", ["bogus"], N["fast"])
