@@ -110,18 +110,48 @@ def test_folder_gray_png_and_lossless_webp_exact_jpeg_as_pil_decodes(tmp_path):
     assert (s.images.float() - nchw(smooth[None]).float()).abs().mean() < 3
 
 
-def test_mixed_gray_and_colour_auto_gives_rgb_and_channels_forced(tmp_path):
+def _both_placements(folder, tmp_path, **kw):
+    """The pixels of `folder` in memory and prepared on disk (io/prepared.py), or the error each gives."""
+    from ddpm.io.prepared import prepare
+
+    out = []
+    for place in ("memory", "prepared"):
+        try:
+            if place == "memory":
+                out.append(load(folder, **kw).images)
+            else:
+                cfg = DataConfig(source=str(folder), **kw)
+                dest = tmp_path / f"prep-{len(list(tmp_path.iterdir()))}"
+                out.append(prepare(cfg, dest, progress=False).load().images)
+        except UserError as e:
+            out.append(str(e))
+    return out
+
+
+def test_mixed_gray_and_colour_one_rule_in_memory_and_prepared(tmp_path):
+    """channels=auto, the rule written once (io/data.py `conformed`): the first image decides. A set
+    that starts in colour stays colour, its gray images repeated to RGB; one that starts gray
+    refuses a colour image in one line naming it; forcing rgb or gray always works. Both
+    placements follow it to the pixel, so memory and prepared shards cannot drift."""
     g = rng_images(1, 4, 4, 1, seed=3)
     c = rng_images(1, 4, 4, 3, seed=4)
-    save(tmp_path / "0.png", g[0])
-    save(tmp_path / "1.png", c[0])
-    s = load(tmp_path)
-    assert s.channels == 3
-    assert torch.equal(s.images[0], nchw(np.repeat(g, 3, axis=3))[0])
-    s = load(tmp_path, channels="gray")
-    expected = np.array(Image.fromarray(c[0]).convert("L"))  # PIL's luma
-    assert s.channels == 1 and torch.equal(s.images[1, 0], torch.from_numpy(expected))
-    assert load(tmp_path, channels="rgb").channels == 3
+    colour_first, gray_first = tmp_path / "cg", tmp_path / "gc"
+    save(colour_first / "0.png", c[0])
+    save(colour_first / "1.png", g[0])
+    save(gray_first / "0.png", g[0])
+    save(gray_first / "1.png", c[0])
+    work = tmp_path / "work"
+    work.mkdir()
+    mem, prep = _both_placements(colour_first, work)
+    assert torch.equal(mem, nchw(np.concatenate([c, np.repeat(g, 3, axis=3)]))) and torch.equal(prep, mem)
+    mem, prep = _both_placements(gray_first, work)
+    assert isinstance(mem, str) and mem == prep and "1.png: a colour image" in mem and "channels=rgb" in mem
+    mem, prep = _both_placements(gray_first, work, channels="rgb")
+    assert torch.equal(mem, nchw(np.concatenate([np.repeat(g, 3, axis=3), c]))) and torch.equal(prep, mem)
+    mem, prep = _both_placements(gray_first, work, channels="gray")
+    luma = np.array(Image.fromarray(c[0]).convert("L"))  # PIL's luma
+    assert torch.equal(mem[1, 0], torch.from_numpy(luma)) and torch.equal(mem[0, 0], torch.from_numpy(g[0, ..., 0]))
+    assert torch.equal(prep, mem)
 
 
 def test_split_subfolders(tmp_path):

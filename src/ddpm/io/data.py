@@ -143,15 +143,22 @@ class DataConfig(Config):
 
 
 class DataSet:
-    """What every placement of a data set offers (in memory here, prepared shards on disk in io/prepared.py).
+    """What every placement of a data set offers, so that no caller needs to know which it has:
+    in memory (`ImageSet`, here), prepared shards on disk (io/prepared.py), LitData's format in a
+    bucket or a folder (io/streaming.py), and the image sets evaluation reads (a folder of
+    samples, an .npz: io/samples.py).
 
     Subclasses set `source_description`, `skipped`, `labels` (int64 [N] or None), `classes` and
-    implement `__len__`, `shape` and `gather`."""
+    implement `__len__`, `shape`, `gather` and `fingerprint`; the rest has a default that holds
+    where the placement has nothing to add (no pixels in memory, nothing to check in the background)."""
 
     source_description: str  # one line for logs and provenance
     skipped: list[str]  # unreadable files skipped (on_error="skip")
-    labels: Optional[torch.Tensor]  # int64 [N] class ids, or None for an unlabelled source
-    classes: tuple[str, ...]  # class names, by id (empty when unlabelled)
+    labels: Optional[torch.Tensor] = None  # int64 [N] class ids, or None for an unlabelled source
+    classes: tuple[str, ...] = ()  # class names, by id (empty when unlabelled)
+    # Whether a read checks the bytes it reads against their recorded checksum first (prepared
+    # shards); training turns it off and checks in the background instead (`verify_in_background`).
+    check_on_read: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -187,6 +194,21 @@ class DataSet:
     def num_skipped(self) -> int:
         return len(self.skipped)
 
+    def in_memory(self) -> Optional[torch.Tensor]:
+        """uint8 [N, C, H, W]: all the pixels, when this placement already holds them in memory; else None."""
+        return None
+
+    def load(self) -> "ImageSet":
+        """The whole set in memory (the other placement): one gather of every index."""
+        return ImageSet(images=self.gather(torch.arange(len(self))), source_description=self.source_description,
+                        skipped=list(self.skipped), labels=self.labels, classes=tuple(self.classes))
+
+    def verify_in_background(self):
+        """Start checking every stored byte against its checksum on a thread, and stop checking on
+        read; -> an object with `raise_if_failed()`, `finish()` and `close()`, or None when this
+        placement has nothing stored to check (memory) or checks as it reads (LitData)."""
+        return None
+
 
 @dataclass
 class ImageSet(DataSet):
@@ -210,6 +232,12 @@ class ImageSet(DataSet):
 
     def fingerprint(self) -> str:
         return data_fingerprint(self.images)
+
+    def in_memory(self) -> torch.Tensor:
+        return self.images
+
+    def load(self) -> "ImageSet":
+        return self
 
 
 def data_fingerprint(images: Union[torch.Tensor, np.ndarray]) -> str:
@@ -826,16 +854,60 @@ def decode(raw: _Raw, cfg: DataConfig, start: int = 0, stop: Optional[int] = Non
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def decode_readable(raw: _Raw, cfg: DataConfig, skipped: list, start: int = 0, stop: Optional[int] = None, bar=None):
+def _decode_readable(raw: _Raw, cfg: DataConfig, skipped: list, start: int = 0, stop: Optional[int] = None,
+                     bar=None):
     """`decode`, with the policy for unreadable files applied: stop with one line naming the file
     (data.on_error=stop), or append its name to `skipped` and go on (skip)."""
     with contextlib.closing(decode(raw, cfg, start, stop, bar)) as results:
         for i, a, info in results:
             if a is None:
                 if cfg.on_error == "stop":
-                    raise unreadable(item_name(raw, i), info)
+                    raise _unreadable(item_name(raw, i), info)
                 skipped.append(item_name(raw, i))
                 continue
+            yield i, a, info
+
+
+def first_image(raw: _Raw, cfg: DataConfig) -> tuple[str, tuple[int, int, int]]:
+    """The first readable image's name and (C, H, W), decoded one at a time: it fixes the size of
+    the set (when data.resolution is unset) and, for channels=auto, its channel count (`conformed`)."""
+    n = source_length(raw)
+    for i in range(n):
+        _, a, info = next(iter(decode(raw, cfg, i, i + 1)))
+        if a is not None:
+            return item_name(raw, i), (a.shape[2], a.shape[0], a.shape[1])
+        if cfg.on_error == "stop":
+            raise _unreadable(item_name(raw, i), info)
+    raise UserError(f"{raw.description}: none of the {n} files is a readable image; check the files")
+
+
+def conformed(raw: _Raw, cfg: DataConfig, skipped: list, first: tuple[str, tuple[int, int, int]],
+              start: int = 0, stop: Optional[int] = None, bar=None):
+    """Yield (i, uint8 HWC array, whether it was enlarged) for the readable images start … stop-1
+    of `raw`, each decoded by the one rule (io/images.py) and made to fit the set that `first`
+    (the first readable image's name and (C, H, W), `first_image`) starts. Both placements are
+    filled from here, in memory (`load_images`) and prepared on disk (io/prepared.py), so the two
+    cannot differ.
+
+    The rule for the size: every image must come out at the first one's size (a resolution set in
+    the config makes them so). The rule for channels under data.channels=auto, written only here:
+    the first image decides. A set that starts in colour stays colour, and a gray image in it is
+    repeated to RGB (lossless). A set that starts gray stays gray, and a colour image in it is one
+    line naming it: turning it gray would lose colour without a word, so the user chooses
+    (data.channels=rgb or gray)."""
+    name0, (c, h, w) = first
+    with contextlib.closing(_decode_readable(raw, cfg, skipped, start, stop, bar)) as results:
+        for i, a, info in results:
+            if a.shape[:2] != (h, w):
+                raise UserError(
+                    f"{raw.description}: images differ in size after the crop ({h}x{w} in {name0}, "
+                    f"{a.shape[0]}x{a.shape[1]} in {item_name(raw, i)}); set data.resolution to resize them all")
+            if a.shape[2] != c:
+                if c == 1:
+                    raise UserError(f"{item_name(raw, i)}: a colour image, but the first image {name0} is gray "
+                                    f"(data.channels=auto); set data.channels=rgb (--channels rgb) to keep colour, "
+                                    f"or gray")
+                a = np.broadcast_to(a, (h, w, c))  # gray among colour: repeated, lossless
             yield i, a, info
 
 
@@ -852,17 +924,8 @@ def _convert_channels(a: np.ndarray, channels: str) -> np.ndarray:
     return a
 
 
-def unreadable(name: str, info: str) -> UserError:
+def _unreadable(name: str, info: str) -> UserError:
     return UserError(f"{name}: cannot read image ({info}); fix or delete the file, or set data.on_error=skip")
-
-
-def mismatch(first: str, shape, name: str, a: np.ndarray) -> Optional[UserError]:
-    """The error for an image whose size differs from the first one's (None when it fits)."""
-    if a.shape[:2] == tuple(shape[:2]):
-        return None
-    return UserError(
-        f"images differ in size after the crop ({shape[0]}x{shape[1]} in {first}, {a.shape[0]}x{a.shape[1]} in "
-        f"{name}); set data.resolution to resize them all")
 
 
 def _finish(raw: _Raw, cfg: DataConfig) -> ImageSet:
@@ -872,34 +935,24 @@ def _finish(raw: _Raw, cfg: DataConfig) -> ImageSet:
     if raw.array is not None and _needs_no_resize(raw.array, cfg):  # no resampling: stay vectorised, no copy
         labels = None if raw.labels is None else torch.from_numpy(raw.labels)
         return _image_set(_convert_channels(raw.array, cfg.channels), raw.description, [], labels, raw.classes)
-    arrays, kept, skipped, up = [], [], [], 0
+    first = first_image(raw, cfg)
+    c, h, w = first[1]
+    out = np.empty((n, h, w, c), np.uint8)
+    kept, skipped, up = [], [], 0
     bar = progress_bar(n, desc="decoding images", unit="img", enabled=raw.items is not None and n > PROGRESS_MIN_ITEMS)
-    with bar, contextlib.closing(decode_readable(raw, cfg, skipped, bar=bar)) as results:
+    with bar, contextlib.closing(conformed(raw, cfg, skipped, first, bar=bar)) as results:
         for i, a, info in results:
-            if arrays:
-                bad = mismatch(item_name(raw, kept[0]), arrays[0].shape, item_name(raw, i), a)
-                if bad is not None:
-                    raise UserError(f"{raw.description}: {bad}")
-            arrays.append(a)
+            out[len(kept)] = a
             kept.append(i)
             up += bool(info)
-    if not arrays:
-        raise UserError(
-            f"{raw.description}: none of the {n} files is a readable image (first: {skipped[0]}); check the files"
-        )
     if skipped:
         warnings.warn(
             f"data: skipped {len(skipped)} unreadable image(s) of {n} in {raw.description} "
             f"(data.on_error=skip); first: {skipped[0]}",
             stacklevel=3,
         )
-    h, w = arrays[0].shape[:2]
-    c = max(a.shape[2] for a in arrays)  # "auto" with gray and colour files mixed: all RGB
-    out = np.empty((len(arrays), h, w, c), np.uint8)
-    for i, a in enumerate(arrays):
-        out[i] = a  # broadcasting repeats a gray image over 3 channels
     labels = None if raw.labels is None else torch.from_numpy(raw.labels[kept])
-    return _image_set(out, raw.description + resize_note(cfg, up, n), skipped, labels, raw.classes)
+    return _image_set(out[:len(kept)], raw.description + resize_note(cfg, up, n), skipped, labels, raw.classes)
 
 
 def resize_note(cfg: DataConfig, enlarged: int, n: int) -> str:

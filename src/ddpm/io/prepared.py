@@ -59,8 +59,8 @@ from ..errors import UserError
 from ..files import open_regular, read_bytes, read_text
 from ..version import __version__
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes, write_json
-from .data import (ARRAY, DataConfig, DataSet, ImageSet, decode, decode_readable, item_name, load_images, mismatch,
-                   open_source, resize_note, source_kind, source_length, source_path, unreadable)
+from .data import (ARRAY, DataConfig, DataSet, conformed, first_image, load_images, open_source, resize_note,
+                   source_kind, source_length, source_path)
 from .folders import LOCK_NAME, FolderLock, check_folder, claim_folder, is_ddpm_folder
 from .images import CHANNEL_MODES
 from .progress import progress_bar
@@ -183,7 +183,7 @@ def _check_before_writing(cfg: DataConfig, out: Path, settings: dict) -> dict:
     if state is not None:
         _check_same(state.get("settings"), settings, out, "holds an unfinished prepare")
         return dict(raw=raw)
-    return dict(raw=raw, first=_first_image(raw, cfg))
+    return dict(raw=raw, first=first_image(raw, cfg))
 
 
 def _open_nonempty(cfg: DataConfig):
@@ -204,7 +204,7 @@ def _prepare(cfg: DataConfig, out: Path, shard_bytes: int, progress: bool, setti
     if state is not None:
         _check_same(state.get("settings"), settings, out, "holds an unfinished prepare")
     else:
-        first, shape = first or _first_image(raw, cfg)
+        first, shape = first or first_image(raw, cfg)
         record = int(np.prod(shape))
         state = dict(settings=settings, shape=list(shape), first=first, per_shard=max(1, shard_bytes // record),
                      shards=[], skipped=[], enlarged=0)
@@ -274,19 +274,6 @@ def _read_state(out: Path) -> Optional[dict]:
     return state
 
 
-def _first_image(raw, cfg: DataConfig) -> tuple[str, tuple[int, int, int]]:
-    """The first readable image's name and (C, H, W): it fixes the size (when data.resolution is
-    unset) and, for channels=auto, the channel count of the whole set."""
-    n = source_length(raw)
-    for i in range(n):
-        _, a, info = next(iter(decode(raw, cfg, i, i + 1)))
-        if a is not None:
-            return item_name(raw, i), (a.shape[2], a.shape[0], a.shape[1])
-        if cfg.on_error == "stop":
-            raise unreadable(item_name(raw, i), info)
-    raise UserError(f"{raw.description}: none of the {n} files is a readable image; check the files")
-
-
 def _keep_intact(out: Path, shards: list):
     """(the finished shards whose files still match their checksums, the hash of their pixels in
     order); the first damaged or missing shard and all after it are written again."""
@@ -308,17 +295,9 @@ def _write_shard(raw, cfg: DataConfig, out: Path, k: int, lo: int, hi: int, shap
     name = f"shard-{k:05d}.u8"
     h = hashlib.sha256()
     count, labels, skipped, enlarged = 0, [], [], 0
-    c = shape[0]
-    with atomic_file(out / name) as f, contextlib.closing(decode_readable(raw, cfg, skipped, lo, hi, bar)) as results:
+    with atomic_file(out / name) as f, \
+            contextlib.closing(conformed(raw, cfg, skipped, (first, tuple(shape)), lo, hi, bar)) as results:
         for i, a, info in results:
-            bad = mismatch(first, shape[1:], item_name(raw, i), a)
-            if bad is not None:
-                raise UserError(f"{raw.description}: {bad}")
-            if a.shape[2] != c:
-                if c == 1:
-                    raise UserError(f"{item_name(raw, i)}: a colour image, but the first image {first} is gray "
-                                    f"(data.channels=auto); prepare with --channels rgb (or gray)")
-                a = np.broadcast_to(a, (*a.shape[:2], c))  # gray among colour: repeated, lossless
             b = np.ascontiguousarray(a.transpose(2, 0, 1)).tobytes()
             f.write(b)
             h.update(b)
@@ -495,10 +474,6 @@ class PreparedSet(DataSet):
         self.check_on_read = False
         return BackgroundCheck(self.verify)
 
-    def load(self) -> ImageSet:
-        """The whole set in memory (the other placement)."""
-        return ImageSet(images=self.gather(torch.arange(len(self))), source_description=self.source_description,
-                        skipped=self.skipped, labels=self.labels, classes=self.classes)
 
 
 def _damaged(path: Path) -> UserError:
