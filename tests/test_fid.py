@@ -207,7 +207,8 @@ def test_reference_stats_round_trip_with_their_provenance(tmp_path):
 def test_sample_sources_read_every_layout_as_uint8_nchw(tmp_path):
     from PIL import Image
 
-    from ddpm.workflows.evaluate import open_images
+    from ddpm.io.data import data_fingerprint
+    from ddpm.io.samples import Subset, open_images
 
     rng = np.random.default_rng(7)
     nhwc = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
@@ -216,13 +217,19 @@ def test_sample_sources_read_every_layout_as_uint8_nchw(tmp_path):
     want = torch.from_numpy(nhwc.transpose(0, 3, 1, 2))
     for name in ("a.npz", "b.npz"):
         src = open_images(tmp_path / name)
-        assert src.n == 5 and torch.equal(src.read([4, 0, 2]), want[[4, 0, 2]])
+        assert len(src) == 5 and src.shape == (3, 6, 7)
+        assert torch.equal(src.gather(torch.tensor([4, 0, 2])), want[[4, 0, 2]])
+        # the DataSet interface whole: the fingerprint is that of all the pixels, a subset is a slice
+        assert src.fingerprint() == data_fingerprint(want)
+        part = Subset(src, 1, 4)
+        assert len(part) == 3 and torch.equal(part.gather(torch.tensor([2, 0])), want[[3, 1]])
+        assert part.fingerprint() == data_fingerprint(want[1:4])
     (tmp_path / "png").mkdir()
     gray = rng.integers(0, 256, (3, 6, 7), dtype=np.uint8)
     for i, g in enumerate(gray):
         Image.fromarray(g).save(tmp_path / "png" / f"{i:06d}.png")
     src = open_images(tmp_path / "png")
-    assert torch.equal(src.read(range(3)), torch.from_numpy(gray[:, None]))
+    assert src.shape == (1, 6, 7) and torch.equal(src.gather(torch.arange(3)), torch.from_numpy(gray[:, None]))
     np.savez(tmp_path / "f.npz", x=nhwc.astype(np.float32))
     with pytest.raises(UserError, match="uint8"):
         open_images(tmp_path / "f.npz")
@@ -421,7 +428,7 @@ def _flags(weights, batch: int) -> list:
 def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys):
     from ddpm.cli import main
     from ddpm.io.data import data_fingerprint
-    from ddpm.workflows.evaluate import open_images
+    from ddpm.io.samples import open_images
 
     rng = np.random.default_rng(10)
 
@@ -455,7 +462,7 @@ def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys)
     assert rep["weights"].startswith("ema") and rep["n_samples"] == 2
     # the metric saw exactly the pixels of the saved PNG files
     pngs = open_images(out / "samples")
-    assert pngs.n == 2 and rep["samples_pixels_sha256"] == data_fingerprint(pngs.read(range(2)))
+    assert len(pngs) == 2 and rep["samples_pixels_sha256"] == data_fingerprint(pngs.gather(torch.arange(2)))
 
     # ddpm fid on the saved PNGs against the same reference gives the same number
     capsys.readouterr()

@@ -173,8 +173,12 @@ class DataSet:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """data_fingerprint of all the pixels, in order."""
-        raise NotImplementedError
+        """data_fingerprint of all the pixels, in order: here by reading them 1,000 at a time (the
+        placements that record it, or hold the pixels, answer at once)."""
+        h = hashlib.sha256()
+        for s in range(0, len(self), 1000):
+            h.update(np.ascontiguousarray(self.gather(torch.arange(s, min(s + 1000, len(self)))).numpy()).tobytes())
+        return h.hexdigest()
 
     @property
     def channels(self) -> int:

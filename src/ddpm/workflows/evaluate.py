@@ -15,11 +15,9 @@ merged in rank order, so every process works and the result does not depend on t
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -32,10 +30,11 @@ from ..files import read_text
 from ..io.atomic import write_json
 from ..io.data import DataConfig, DataSet
 from ..io.prepared import open_data
+from ..io.samples import Subset, open_images
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, broadcast_object, derive_seed, shard
 from ..io.distributed import init as dist_init
 from ..io.folders import check_folder, claim_file, claim_folder
-from ..io.images import IMAGE_EXTENSIONS, make_grid, open_image, write_png
+from ..io.images import make_grid, write_png
 from ..io.progress import progress_bar
 from ..io.inception_weights import OFFICIAL, load_inception, no_inception_score
 from ..network.inception import FEATURE_DIM, NUM_CLASSES, InceptionV3
@@ -51,152 +50,6 @@ from .sample import ClassChoice, proportional_labels, sample, sample_labels, sam
 PROTOCOL = ("Inception-v3 2015-12-05 weights (the TF graph of TTUR and the official DDPM code), pool-3 2048-d features, "
             "TF1 bilinear resize to 299 (no antialiasing), uint8 inputs, statistics and distance in float64; "
             "the paper: 50,000 EMA samples (Algorithm 2) against the 50,000 training images")
-
-
-# ---------------------------------------------------------------------------------------------
-# Image sources: n images, read by index as uint8 [B, C, H, W]
-# ---------------------------------------------------------------------------------------------
-
-
-class ImageSource:
-    n: int
-    description: str
-
-    def read(self, indices: Sequence[int]) -> torch.Tensor:  # uint8 [B, C, H, W]
-        raise NotImplementedError
-
-
-class ArraySource(ImageSource):
-    """Pixels, uint8 [N, C, H, W]: a tensor, or a data set in either placement (io/data.py's
-    `DataSet`: in memory or prepared on disk)."""
-
-    def __init__(self, images, description: str = "images in memory"):
-        if not isinstance(images, DataSet):
-            images = torch.as_tensor(images)
-            if images.dtype != torch.uint8 or images.dim() != 4:
-                raise UserError(f"{description}: expected uint8 [N, C, H, W] pixels, got {images.dtype} {list(images.shape)}")
-        self.images, self.n, self.description = images, len(images), description
-
-    def read(self, indices):
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return self.images.gather(idx) if isinstance(self.images, DataSet) else self.images[idx]
-
-
-class FolderSource(ImageSource):
-    """The image files of a folder (not recursive), in file-name order; in a folder written by
-    `ddpm sample` / `ddpm eval` only the numbered samples. Gray files stay 1-channel (repeated to
-    RGB by the network wrapper); anything else is converted to RGB."""
-
-    def __init__(self, root: Path):
-        self.files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if (root / "sampling.json").is_file():  # a `ddpm sample` folder: 000000.png …, not grid.png
-            self.files = [p for p in self.files if re.fullmatch(r"\d+\.png", p.name)]
-        if not self.files:
-            raise UserError(f"{root}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder")
-        self.n, self.description = len(self.files), f"{len(self.files)} image files in {root}"
-        lossy = [p for p in self.files if p.suffix.lower() in (".jpg", ".jpeg", ".webp")]
-        if lossy:
-            print(f"warning: {root}: {len(lossy)} images are in a lossy format ({lossy[0].name}); the FID protocol "
-                  f"measures lossless PNGs", file=sys.stderr)
-
-    def read(self, indices):
-        out = []
-        for i in indices:
-            a = np.asarray(open_image(self.files[i]))
-            out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-        shapes = {a.shape for a in out}
-        if len(shapes) > 1:
-            raise UserError(f"{self.description}: images of different sizes or modes {sorted(shapes)[:2]}; "
-                            f"FID statistics need one size")
-        return torch.from_numpy(np.stack(out))
-
-
-class NpzSource(ImageSource):
-    """A uint8 array in an .npz (key `x` as `ddpm sample` writes it, else `samples`, `images`,
-    `arr_0`), [N, H, W, C], [N, C, H, W] or [N, H, W]; read row by row, never whole."""
-
-    KEYS = ("x", "samples", "images", "arr_0")
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-                key = next((k for k in self.KEYS if k in names), names[0] if len(names) == 1 else None)
-                if key is None:
-                    raise UserError(f"{path}: holds {', '.join(names)}; expected one array or one named "
-                                    f"{', '.join(self.KEYS)}")
-                with zf.open(key + ".npy") as f:
-                    version = np.lib.format.read_magic(f)
-                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                        np.lib.format.read_array_header_2_0
-                    shape, fortran, dtype = read_header(f)
-                    self.offset = f.tell()
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
-        self.key = key
-        if dtype != np.uint8:
-            raise UserError(f"{path}: '{key}' holds {dtype} pixels; FID is measured on the uint8 images a user would "
-                            f"save: round them ((x + 1) * 127.5, rounded, clipped to 0..255) first")
-        if fortran or len(shape) not in (3, 4):
-            raise UserError(f"{path}: '{key}' has shape {shape}; expected [N, H, W, C], [N, C, H, W] or [N, H, W] in C order")
-        if len(shape) == 3:
-            self.layout, shape = "NHW", shape
-        elif shape[-1] in (1, 3):
-            self.layout = "NHWC"
-        elif shape[1] in (1, 3):
-            self.layout = "NCHW"
-        else:
-            raise UserError(f"{path}: '{key}' has shape {shape}: cannot tell the channel axis (1 or 3 channels)")
-        self.shape, self.n = tuple(shape), int(shape[0])
-        self.row = int(np.prod(shape[1:]))
-        self.description = f"{self.n} images in {path} ['{key}', {self.layout}]"
-
-    def read(self, indices):
-        indices = list(indices)
-        out = np.empty((len(indices), self.row), np.uint8)
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.key + ".npy") as f:
-            pos = None
-            for j, i in enumerate(indices):
-                want = self.offset + i * self.row
-                if pos != want:
-                    f.seek(want)
-                buf = f.read(self.row)
-                if len(buf) != self.row:
-                    raise UserError(f"{self.path}: truncated at image {i}")
-                out[j] = np.frombuffer(buf, np.uint8)
-                pos = want + self.row
-        a = out.reshape(len(indices), *self.shape[1:])
-        if self.layout == "NHW":
-            a = a[:, None]
-        elif self.layout == "NHWC":
-            a = a.transpose(0, 3, 1, 2)
-        return torch.from_numpy(np.ascontiguousarray(a))
-
-
-class RangeSource(ImageSource):
-    """Images start … stop − 1 of another source, as images 0 … stop − start − 1 (one seed set)."""
-
-    def __init__(self, base: ImageSource, start: int, stop: int):
-        self.base, self.start, self.n = base, int(start), int(stop) - int(start)
-        self.description = f"images {start}..{stop - 1} of {base.description}"
-
-    def read(self, indices):
-        return self.base.read([self.start + i for i in indices])
-
-
-def open_images(path: Union[str, Path]) -> ImageSource:
-    """A folder of image files or an .npz of uint8 pixels."""
-    p = Path(path)
-    if p.is_dir():
-        return FolderSource(p)
-    if p.is_file() and p.suffix == ".npz":
-        return NpzSource(p)
-    if p.is_file() and p.suffix == ".npy":
-        raise UserError(f"{p}: save the samples as .npz (np.savez(path, x=uint8 array)) or as a folder of PNGs")
-    raise UserError(f"{p}: no such folder of images or .npz file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,32 +156,23 @@ def measure_batches(batches, n_total: int, inception: InceptionV3, dist=None, sp
     return Measured(fs, iss, features, index, h.hexdigest() if whole else None)
 
 
-def measure(source: ImageSource, inception: InceptionV3, *, batch: int = 100, dist=None, progress: bool = False,
+def measure(source: DataSet, inception: InceptionV3, *, batch: int = 100, dist=None, progress: bool = False,
             splits: int = IS_SPLITS, keep: int = SAMPLE_FEATURES) -> Measured:
     """`measure_batches` over a source, each process reading its own block."""
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    mine = shard(range(source.n), rank, world)
+    mine = shard(range(len(source)), rank, world)
     bar = progress_bar(len(mine), desc="inception", unit="img", enabled=progress and rank == 0)
 
     def batches():
         for s in range(0, len(mine), batch):
             idx = mine[s:s + batch]
-            yield idx, source.read(idx)
+            yield idx, source.gather(torch.as_tensor(list(idx), dtype=torch.long))
             bar.update(len(idx))
 
     try:
-        return measure_batches(batches(), source.n, inception, dist, splits, keep)
+        return measure_batches(batches(), len(source), inception, dist, splits, keep)
     finally:
         bar.close()
-
-
-def pixels_sha256(source: ImageSource, batch: int = 1000) -> str:
-    """sha256 of a source's pixels as uint8 [N, C, H, W] in C order (`data.data_fingerprint`'s
-    definition), read in order."""
-    h = hashlib.sha256()
-    for s in range(0, source.n, batch):
-        h.update(np.ascontiguousarray(source.read(range(s, min(s + batch, source.n))).numpy()).tobytes())
-    return h.hexdigest()
 
 
 def _stats_provenance(inception: InceptionV3, **extra) -> dict:
@@ -352,7 +196,7 @@ def reference_stats(data, inception: InceptionV3, *, batch: int = 100, dist=None
     :param images: the data set of `data`, if already opened.
     """
     images = images if images is not None else open_data(data, progress=progress)
-    m = measure(ArraySource(images, images.source_description), inception, batch=batch, dist=dist,
+    m = measure(images, inception, batch=batch, dist=dist,
                 progress=progress, keep=keep)
     prov = _stats_provenance(
         inception, kind="reference", data_source=data.source, source_description=images.source_description,
@@ -363,16 +207,16 @@ def reference_stats(data, inception: InceptionV3, *, batch: int = 100, dist=None
     return FIDStats.from_features(m.stats, prov, m.features, m.index)
 
 
-def samples_stats(source: ImageSource, inception: InceptionV3, *, batch: int = 100, dist=None,
+def samples_stats(source: DataSet, inception: InceptionV3, *, batch: int = 100, dist=None,
                   progress: bool = False, keep: int = SAMPLE_FEATURES, **provenance) -> tuple[FIDStats, Optional[dict]]:
     """FID statistics (with the features of up to `keep` samples) and Inception Score (None
     without the classifier) of a set of samples."""
     m = measure(source, inception, batch=batch, dist=dist, progress=progress, keep=keep)
     sha = m.sha256
     if sha is None and (dist is None or dist.is_main):  # several processes each saw a block
-        sha = pixels_sha256(source)
+        sha = source.fingerprint()
     is_ = m.inception_score()
-    prov = _stats_provenance(inception, kind="samples", samples=source.description, n_images=source.n,
+    prov = _stats_provenance(inception, kind="samples", samples=source.source_description, n_images=len(source),
                              pixels_sha256=sha, **_score_provenance(m, inception), **provenance)
     return FIDStats.from_features(m.stats, prov, m.features, m.index), is_
 
@@ -519,12 +363,12 @@ def memorization_check(samples: FIDStats, train: FIDStats, heldout: Optional[FID
     return out
 
 
-def draw_memorization(check: dict, samples: ImageSource, train_images, path: Path) -> Path:
+def draw_memorization(check: dict, samples: DataSet, train_images, path: Path) -> Path:
     """A grid: each row one of the samples closest to a training image, then its nearest training
     images, nearest first."""
     rows = []
     for c in check["closest"]:
-        rows.append(samples.read([c["sample"]]))
+        rows.append(samples.gather(torch.as_tensor([c["sample"]])))
         rows.append(train_images.gather(torch.as_tensor(c["train"], dtype=torch.long)))
     images = torch.cat(rows)
     return write_png(make_grid(images, nrow=1 + len(check["closest"][0]["train"])), path)
@@ -609,8 +453,8 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     res = sample_to_dir(ema, diffusion, out_dir / "samples", total, batch, seed, shape, dist, device=dist.device,
                         progress=progress, model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)),
                         labels=labels, guidance=guidance, classes=classes, **(sampler_opts or {}))
-    every = NpzSource(Path(res["npz"]))  # the PNGs' pixels, read back from the files
-    sets = [every if seed_sets == 1 else RangeSource(every, k * n, (k + 1) * n) for k in range(seed_sets)]
+    every = open_images(Path(res["npz"]))  # the PNGs' pixels, read back from the files
+    sets = [every if seed_sets == 1 else Subset(every, k * n, (k + 1) * n) for k in range(seed_sets)]
     stats, is_ = samples_stats(sets[0], inception, batch=inception_batch, dist=dist, progress=progress,
                                run=str(base), checkpoint=str(ckpt_file), weights="ema", seed=seed,
                                sampler={"sampler": "ancestral", **(sampler_opts or {}), "T": diffusion.num_timesteps})
