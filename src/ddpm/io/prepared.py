@@ -151,17 +151,18 @@ def prepare_settings(cfg: DataConfig) -> dict:
 
 
 def prepare(cfg: DataConfig, out, *, shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
-            flag: str = "--out", wait: bool = False) -> "PreparedSet":
+            flag: str = "--out", wait: bool = False, settings: Optional[dict] = None) -> "PreparedSet":
     """Decode `cfg`'s source once into OUT (the module's format) and open it.
 
     Resumable: run it again after a kill and it goes on from its first unfinished shard. A folder
     already prepared with the same settings is opened as it is; other settings are refused.
     :param wait: wait for another process preparing the same folder (a shared cache) to finish.
+    :param settings: `prepare_settings(cfg)`, when the caller has them (they list the source's files).
     """
     if not isinstance(shard_bytes, int) or shard_bytes < 1:
         raise UserError(f"shard_bytes={shard_bytes!r}: give a positive number of bytes")
     out = check_folder(out, (MANIFEST_NAME, STATE_NAME), "prepared data", flag)
-    settings = prepare_settings(cfg)
+    settings = settings if settings is not None else prepare_settings(cfg)
     # Everything that can refuse is checked before the folder, its mark or its lock is created and
     # before a temp file is cleaned up. Not for the cache (`wait`): it is ddpm's own folder, and
     # another node may be preparing it, so the source is opened only by the one that must.
@@ -550,37 +551,60 @@ class BackgroundCheck:
 # ---------------------------------------------------------------------------------------------
 
 
+# Where a source's data live once opened, decided by `placement` alone: training, evaluation and
+# `--dry-run` all ask it, so they cannot disagree.
+STREAM = "LitData's format, read through its local cache"
+PREPARED = "a prepared folder, read by offset"
+MEMORY = "read into memory"
+CACHE = "prepared into the cache on first use, then read by offset"
+
+
+def placement(cfg: DataConfig) -> tuple[str, Optional[Path], Optional[dict]]:
+    """(STREAM | PREPARED | MEMORY | CACHE, the folder read, the prepare settings for CACHE),
+    found without opening, preparing or downloading anything. The settings come with the
+    answer since computing them lists the source's files: the caller passes them on to `prepare`
+    rather than listing the files again."""
+    if is_stream_source(cfg.source):
+        return STREAM, None, None
+    path = source_path(cfg)
+    if path is not None and path.is_dir() and (path / MANIFEST_NAME).exists():
+        return PREPARED, path, None
+    if source_kind(cfg) == ARRAY:
+        return MEMORY, None, None
+    settings = prepare_settings(cfg)
+    return CACHE, cache_entry(settings), settings
+
+
 def open_data(cfg: DataConfig, *, progress: bool = True, preparer: bool = True,
               barrier: Optional[Callable[[], None]] = None) -> DataSet:
-    """The data of `cfg` in their placement: a prepared folder read by offset; LitData's format (a
+    """The data of `cfg` in their `placement`: a prepared folder read by offset; LitData's format (a
     bucket URL or a folder, io/streaming.py) read through its local cache; an encoded source
     prepared into the cache (cache_root()) on first use, then read from there; an array source in memory.
 
     :param preparer: whether this process may prepare (under torchrun: local rank 0 of each node;
         the others wait at `barrier`). Processes sharing a cache folder take turns (a file lock).
     """
-    if is_stream_source(cfg.source):
+    where, path, settings = placement(cfg)
+    if where == STREAM:
         data = StreamSet(cfg.source, stream_cache(cfg.source, cache_root()))
         _check_fits(data, cfg, cfg.source)
         return data
-    path = source_path(cfg)
-    if path is not None and path.is_dir() and (path / MANIFEST_NAME).exists():
+    if where == PREPARED:
         data = PreparedSet(path)
         _check_fits(data, cfg, data.path)
         return data
-    if source_kind(cfg) == ARRAY:
+    if where == MEMORY:
         return load_images(cfg)
-    entry = cache_entry(cfg)
-    if preparer and not is_prepared(entry):
-        prepare(cfg, entry, progress=progress, flag=f"cache {CACHE_ENV}", wait=True)
+    if preparer and not is_prepared(path):
+        prepare(cfg, path, progress=progress, flag=f"cache {CACHE_ENV}", wait=True, settings=settings)
     if barrier is not None:
         barrier()
-    return PreparedSet(entry)
+    return PreparedSet(path)
 
 
-def cache_entry(cfg: DataConfig) -> Path:
-    """The cache folder of `cfg`'s source and preprocessing."""
-    key = hashlib.sha256(json.dumps(prepare_settings(cfg), sort_keys=True).encode()).hexdigest()
+def cache_entry(settings: dict) -> Path:
+    """The cache folder of a source and its preprocessing (`prepare_settings`)."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return cache_root() / key[:32]
 
 

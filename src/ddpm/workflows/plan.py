@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..io import checkpoint as ckpt
-from ..io.data import ARRAY, DataConfig, load_images, open_source, source_kind, source_path
+from ..io.data import DataConfig, load_images, open_source
 from ..io.distributed import pick_device
 from ..io.folders import foreign_entries, usable_folder
-from ..io.prepared import MANIFEST_NAME, PreparedSet, cache_entry, is_prepared
-from ..io.streaming import is_stream_source
+from ..io.prepared import CACHE, MEMORY, STREAM, PreparedSet, is_prepared, placement
 from ..network.fast import describe_precision
 from ..network.unet import summary
 from ..process.guidance import check_weight
@@ -27,22 +26,19 @@ from .sample import ClassChoice, sample_labels
 
 
 def describe_data(cfg: DataConfig) -> str:
-    """Where the data are and what they hold, without preparing or downloading anything."""
-    if is_stream_source(cfg.source):
+    """Where the data are and what they hold, without preparing or downloading anything: the
+    placement training and evaluation would use (io/prepared.py `placement`, the one decision)."""
+    where, path, _ = placement(cfg)
+    if where == STREAM:
         return f"{cfg.source}: LitData's format (object storage is not listed in a dry run)"
-    path = source_path(cfg)
-    if path is not None and path.is_dir() and (path / MANIFEST_NAME).exists():
-        data, where = PreparedSet(path), "a prepared folder, read by offset"
-    elif source_kind(cfg) == ARRAY:
-        data, where = load_images(cfg), "read into memory"
-    elif is_prepared(cache_entry(cfg)):
-        data, where = PreparedSet(cache_entry(cfg)), f"prepared in the cache {cache_entry(cfg)}"
-    else:
+    if where == CACHE and not is_prepared(path):
         raw = open_source(cfg)
         n = len(raw.items) if raw.items is not None else len(raw.array)
         classes = f", {len(raw.classes)} classes" if raw.labels is not None else ", no labels"
         desc = raw.description if f"{n} files" in raw.description else f"{raw.description}: {n} files"
-        return f"{desc}{classes}; would be decoded once into the cache {cache_entry(cfg)} (ddpm prepare does it ahead)"
+        return f"{desc}{classes}; would be decoded once into the cache {path} (ddpm prepare does it ahead)"
+    data = load_images(cfg) if where == MEMORY else PreparedSet(path)
+    where = f"prepared in the cache {path}" if where == CACHE else where
     c, h, w = data.shape
     classes = f", {len(data.classes)} classes" if data.labels is not None else ", no labels"
     size = f"{len(data)} images {c}x{h}x{w}"
