@@ -208,3 +208,27 @@ def test_non_square_sizes_crop_or_pad_by_their_rule(tmp_path):
     assert np.array_equal(padded[5:10], fitted) and not padded[:5].any() and not padded[10:].any()
     with pytest.raises(UserError, match="data.resolution='8x'"):
         DataConfig(resolution="8x")
+
+
+def test_a_first_open_parses_recognises_lists_and_fingerprints_the_source_once(folder, tmp_path, monkeypatch):
+    """The one data path: opening a folder for the first time (placement, cache key, listing,
+    preparing into the cache) parses `data.source` once, recognises its format once, lists its
+    images once and walks it for its fingerprint once; the pixels are those of the folder."""
+    root, x = folder
+    monkeypatch.setenv(prepared_module.CACHE_ENV, str(tmp_path / "cache"))
+    calls = {}
+
+    def counted(name):
+        real = getattr(data_module, name)
+
+        def wrapper(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*a, **k)
+        monkeypatch.setattr(data_module, name, wrapper)
+
+    for name in ("parse_source", "_recognise", "_list_images", "_stat_lines"):
+        counted(name)
+    monkeypatch.setattr(prepared_module, "parse_source", data_module.parse_source)
+    got = open_data(DataConfig(source=str(root), resolution=f"{H}x{W}"), progress=False)  # as stored: no resize
+    assert calls == {"parse_source": 1, "_recognise": 1, "_list_images": 1, "_stat_lines": 3}  # root + 2 class folders
+    assert torch.equal(got.gather(torch.arange(len(x))), torch.from_numpy(x.transpose(0, 3, 1, 2)))

@@ -59,9 +59,9 @@ from ..errors import UserError
 from ..files import open_regular, read_bytes, read_text
 from ..version import __version__
 from .atomic import atomic_file, remove_quietly, remove_stale_temps, write_bytes, write_json
-from .data import (ARRAY, DataConfig, DataSet, conformed, first_image, load_images, open_source, resize_note,
-                   source_kind, source_length, source_path)
-from .folders import LOCK_NAME, FolderLock, check_folder, claim_folder, is_ddpm_folder
+from .data import (ARRAY, DataConfig, DataSet, Source, conformed, first_image, load_images, parse_source, resize_note,
+                   source_length)
+from .folders import FolderLock, check_folder, claim_folder
 from .images import CHANNEL_MODES
 from .progress import progress_bar
 from .streaming import StreamSet, is_stream_source, stream_cache
@@ -100,86 +100,45 @@ def is_prepared(path) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def stat_fingerprint(path: Optional[Path]) -> str:
-    """sha256 of the names, sizes and modification times of a source's files (not their bytes):
-    cheap enough for millions of files, and it changes when any file is added, removed or rewritten."""
-    h = hashlib.sha256()
-    if path is None:
-        h.update(f"embedded {__version__}".encode())
-        return h.hexdigest()
-    path = path.resolve()
-    if path.is_file():
-        st = path.stat()
-        # a name's own bytes: a name that is not UTF-8 hashes too, one that is hashes as before
-        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-        return h.hexdigest()
-    lines: list[str] = []
-    _stat_lines(path, "", lines)
-    h.update("".join(sorted(lines)).encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
-def _stat_lines(folder: Path, prefix: str, lines: list) -> None:
-    """"relative path, size, mtime" of every file below `folder` (hidden ones and folders that ddpm
-    wrote left out, as the image listing leaves them out), by
-    os.scandir: its entries carry their type, so only files are stat()ed (50,000 files: ~0.3 s)."""
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for e in entries:
-        if e.name.startswith(".") or e.name == LOCK_NAME:
-            continue
-        try:
-            if e.is_dir(follow_symlinks=False):  # as the image listing (os.walk) does
-                if is_ddpm_folder(e.path):
-                    continue
-                _stat_lines(Path(e.path), f"{prefix}{e.name}/", lines)
-            else:
-                st = e.stat()
-                lines.append(f"{prefix}{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
-        except OSError:
-            continue
-
-
-def prepare_settings(cfg: DataConfig) -> dict:
+def prepare_settings(cfg: DataConfig, source: Source) -> dict:
     """What a prepared folder was made from and how: equal settings, equal pixels."""
-    path = source_path(cfg)
+    path = source.path
     return dict(source=cfg.source, path=None if path is None else str(path.resolve()),
-                source_stat=stat_fingerprint(path), split=str(cfg.split), resolution=cfg.resolution,
+                source_stat=source.stat_fingerprint, split=str(cfg.split), resolution=cfg.resolution,
                 channels=str(cfg.channels), crop=str(cfg.crop), on_error=str(cfg.on_error))
 
 
 def prepare(cfg: DataConfig, out, *, shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
-            flag: str = "--out", wait: bool = False, settings: Optional[dict] = None) -> "PreparedSet":
+            flag: str = "--out", wait: bool = False, source: Optional[Source] = None) -> "PreparedSet":
     """Decode `cfg`'s source once into OUT (the module's format) and open it.
 
     Resumable: run it again after a kill and it goes on from its first unfinished shard. A folder
     already prepared with the same settings is opened as it is; other settings are refused.
     :param wait: wait for another process preparing the same folder (a shared cache) to finish.
-    :param settings: `prepare_settings(cfg)`, when the caller has them (they list the source's files).
+    :param source: `parse_source(cfg)`, when the caller has parsed it (its fingerprint lists the files once).
     """
     if not isinstance(shard_bytes, int) or shard_bytes < 1:
         raise UserError(f"shard_bytes={shard_bytes!r}: give a positive number of bytes")
     out = check_folder(out, (MANIFEST_NAME, STATE_NAME), "prepared data", flag)
-    settings = settings if settings is not None else prepare_settings(cfg)
+    source = source or parse_source(cfg)
+    settings = prepare_settings(cfg, source)
     # Everything that can refuse is checked before the folder, its mark or its lock is created and
     # before a temp file is cleaned up. Not for the cache (`wait`): it is ddpm's own folder, and
     # another node may be preparing it, so the source is opened only by the one that must.
-    checked = {} if wait else _check_before_writing(cfg, out, settings)
+    checked = {} if wait else _check_before_writing(cfg, source, out, settings)
     out = claim_folder(out, (MANIFEST_NAME, STATE_NAME), "prepared data", flag)
     with FolderLock(out, "ddpm prepare", wait=wait):
         remove_stale_temps(out, max_age_s=0)  # temp files of writers that are gone (a kill)
-        return _prepare(cfg, out, shard_bytes, progress, settings, **checked)
+        return _prepare(cfg, source, out, shard_bytes, progress, settings, **checked)
 
 
-def _check_before_writing(cfg: DataConfig, out: Path, settings: dict) -> dict:
+def _check_before_writing(cfg: DataConfig, source: Source, out: Path, settings: dict) -> dict:
     """The refusals of `_prepare`, writing nothing: OUT's earlier settings equal to these, the
     source opened, with an image. -> what was found, for `_prepare` (nothing when OUT is finished)."""
     if (out / MANIFEST_NAME).exists():
         _check_same(read_manifest(out).get("settings"), settings, out, "holds data prepared")
         return {}
-    raw = _open_nonempty(cfg)
+    raw = _open_nonempty(source)
     state = _read_state(out)
     if state is not None:
         _check_same(state.get("settings"), settings, out, "holds an unfinished prepare")
@@ -187,19 +146,19 @@ def _check_before_writing(cfg: DataConfig, out: Path, settings: dict) -> dict:
     return dict(raw=raw, first=first_image(raw, cfg))
 
 
-def _open_nonempty(cfg: DataConfig):
-    raw = open_source(cfg)
+def _open_nonempty(source: Source):
+    raw = source.open()
     if source_length(raw) == 0:
         raise UserError(f"{raw.description}: holds no images; give a non-empty data set")
     return raw
 
 
-def _prepare(cfg: DataConfig, out: Path, shard_bytes: int, progress: bool, settings: dict, raw=None,
+def _prepare(cfg: DataConfig, source: Source, out: Path, shard_bytes: int, progress: bool, settings: dict, raw=None,
              first=None) -> "PreparedSet":
     if (out / MANIFEST_NAME).exists():
         _check_same(read_manifest(out).get("settings"), settings, out, "holds data prepared")
         return PreparedSet(out)
-    raw = raw if raw is not None else _open_nonempty(cfg)
+    raw = raw if raw is not None else _open_nonempty(source)
     n = source_length(raw)
     state = _read_state(out)
     if state is not None:
@@ -559,20 +518,19 @@ MEMORY = "read into memory"
 CACHE = "prepared into the cache on first use, then read by offset"
 
 
-def placement(cfg: DataConfig) -> tuple[str, Optional[Path], Optional[dict]]:
-    """(STREAM | PREPARED | MEMORY | CACHE, the folder read, the prepare settings for CACHE),
-    found without opening, preparing or downloading anything. The settings come with the
-    answer since computing them lists the source's files: the caller passes them on to `prepare`
-    rather than listing the files again."""
+def placement(cfg: DataConfig) -> tuple[str, Optional[Path], Optional[Source]]:
+    """(STREAM | PREPARED | MEMORY | CACHE, the folder read, the parsed source), found without
+    opening, preparing or downloading anything. The source comes with the answer so that opening
+    it (`load_images`, `prepare`) does not parse and recognise it again."""
     if is_stream_source(cfg.source):
         return STREAM, None, None
-    path = source_path(cfg)
+    source = parse_source(cfg)
+    path = source.path
     if path is not None and path.is_dir() and (path / MANIFEST_NAME).exists():
-        return PREPARED, path, None
-    if source_kind(cfg) == ARRAY:
-        return MEMORY, None, None
-    settings = prepare_settings(cfg)
-    return CACHE, cache_entry(settings), settings
+        return PREPARED, path, source
+    if source.kind == ARRAY:
+        return MEMORY, None, source
+    return CACHE, cache_entry(prepare_settings(cfg, source)), source
 
 
 def open_data(cfg: DataConfig, *, progress: bool = True, preparer: bool = True,
@@ -584,7 +542,7 @@ def open_data(cfg: DataConfig, *, progress: bool = True, preparer: bool = True,
     :param preparer: whether this process may prepare (under torchrun: local rank 0 of each node;
         the others wait at `barrier`). Processes sharing a cache folder take turns (a file lock).
     """
-    where, path, settings = placement(cfg)
+    where, path, source = placement(cfg)
     if where == STREAM:
         data = StreamSet(cfg.source, stream_cache(cfg.source, cache_root()))
         _check_fits(data, cfg, cfg.source)
@@ -594,9 +552,9 @@ def open_data(cfg: DataConfig, *, progress: bool = True, preparer: bool = True,
         _check_fits(data, cfg, data.path)
         return data
     if where == MEMORY:
-        return load_images(cfg)
+        return load_images(cfg, source)
     if preparer and not is_prepared(path):
-        prepare(cfg, path, progress=progress, flag=f"cache {CACHE_ENV}", wait=True, settings=settings)
+        prepare(cfg, path, progress=progress, flag=f"cache {CACHE_ENV}", wait=True, source=source)
     if barrier is not None:
         barrier()
     return PreparedSet(path)

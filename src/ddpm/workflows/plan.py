@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..io import checkpoint as ckpt
-from ..io.data import DataConfig, load_images, open_source
+from ..io.data import DataConfig, load_images
 from ..io.distributed import pick_device
 from ..io.folders import foreign_entries, usable_folder
 from ..io.prepared import CACHE, MEMORY, STREAM, PreparedSet, is_prepared, placement
@@ -28,16 +28,16 @@ from .sample import ClassChoice, sample_labels
 def describe_data(cfg: DataConfig) -> str:
     """Where the data are and what they hold, without preparing or downloading anything: the
     placement training and evaluation would use (io/prepared.py `placement`, the one decision)."""
-    where, path, _ = placement(cfg)
+    where, path, source = placement(cfg)
     if where == STREAM:
         return f"{cfg.source}: LitData's format (object storage is not listed in a dry run)"
     if where == CACHE and not is_prepared(path):
-        raw = open_source(cfg)
+        raw = source.open()
         n = len(raw.items) if raw.items is not None else len(raw.array)
         classes = f", {len(raw.classes)} classes" if raw.labels is not None else ", no labels"
         desc = raw.description if f"{n} files" in raw.description else f"{raw.description}: {n} files"
         return f"{desc}{classes}; would be decoded once into the cache {path} (ddpm prepare does it ahead)"
-    data = load_images(cfg) if where == MEMORY else PreparedSet(path)
+    data = load_images(cfg, source) if where == MEMORY else PreparedSet(path)
     where = f"prepared in the cache {path}" if where == CACHE else where
     c, h, w = data.shape
     classes = f", {len(data.classes)} classes" if data.labels is not None else ", no labels"
