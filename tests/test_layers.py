@@ -172,3 +172,25 @@ def test_the_layer_table_lists_every_module_in_its_layer():
         row = next((line for line in doc.splitlines() if line.startswith(f"| `{rel}` |")), None)
         assert row is not None, f"docs/LAYERS.md has no row for {rel}"
         assert row.split("|")[2].strip() == LAYERS[layer(mod)], row
+
+
+def test_no_caller_outside_io_asks_which_placement_a_data_set_has():
+    """`DataSet` is complete (docs/DATA.md): every placement answers every method the callers use,
+    so no module above io/ tests a data set's type. The placements are found by reading io/."""
+    placements = {"DataSet"}
+    for path in sorted((SRC / "io").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                placements |= {node.name} if any(getattr(b, "id", None) in placements for b in node.bases) else set()
+    assert {"ImageSet", "PreparedSet", "StreamSet", "ImageFolder", "NpzImages", "Subset"} <= placements
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.parent.name == "io":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass") \
+                    and len(node.args) == 2:
+                names = {n.id if isinstance(n, ast.Name) else getattr(n, "attr", None) for n in ast.walk(node.args[1])}
+                if names & placements:
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not found, f"type tests on a data placement outside io/: {found}"

@@ -79,6 +79,26 @@ def test_training_from_the_bucket_equals_the_prepared_folder_and_resumes_exactly
     assert a["data"]["sha256"] == b["data"]["sha256"]
 
 
+def test_training_from_the_bucket_through_the_cuda_placement_equals_the_prepared_folder(prepared, tmp_path,
+                                                                                       monkeypatch):
+    """What a CUDA run does with a small set (copy it whole to the device once, gather there),
+    taken on the CPU by answering the one question the loop asks, `resident_on_device`, as CUDA
+    would: a LitData set must load whole (it once had no `load`), and the run must equal one
+    from the prepared folder gathered by the loader, step for step."""
+    import ddpm.workflows.train as train_module
+    from ddpm.io.loader import Prefetcher
+
+    bucket = write_stream(prepared, tmp_path / "bucket", progress=False)
+    train(tmp_path / "prep", _run(prepared.path, 4), progress=False)
+    asked, loaders = [], []
+    monkeypatch.setattr(train_module, "resident_on_device", lambda device, nbytes: asked.append(nbytes) or True)
+    monkeypatch.setattr(train_module, "Prefetcher", lambda *a, **k: loaders.append(a) or Prefetcher(*a, **k))
+    train(tmp_path / "cuda-path", _run(f"local:{bucket}", 4), progress=False)
+    assert asked == [len(prepared) * prepared.nbytes // len(prepared)] and loaders == []
+    a, b = latest_checkpoint(tmp_path / "prep")[1], latest_checkpoint(tmp_path / "cuda-path")[1]
+    assert_states_equal(a, b)
+
+
 def test_cli_writes_litdata_and_bad_cases_are_one_line(prepared, tmp_path, capsys, monkeypatch):
     out = tmp_path / "ld"
     assert cli.main(["prepare", str(prepared.path), "--to", "litdata", "--out", str(out), "--no-progress"]) == 0

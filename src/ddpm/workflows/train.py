@@ -36,13 +36,13 @@ from ..config import size_value
 from ..errors import Interrupted, UserError
 from ..io import checkpoint as ckpt
 from ..io.atomic import remove_stale_temps, write_text
-from ..io.data import DataSet, ImageSet
+from ..io.data import DataSet
 from ..io.distributed import DistInfo, all_gather_tensor, barrier, derive_seed
 from ..io.distributed import init as dist_init
 from ..io.folders import FolderLock
 from ..io.images import make_class_grid, make_grid, write_png
 from ..io.loader import Prefetcher
-from ..io.prepared import PreparedSet, open_data
+from ..io.prepared import open_data
 from ..io.progress import progress_bar
 from ..io.stopping import handled
 from ..network.memory import set_checkpointing
@@ -103,9 +103,15 @@ def resident_pixels(data: DataSet, device: torch.device) -> Optional[torch.Tenso
     """The placement of the data for training: all of it as one uint8 tensor on `device` when that
     is faster (a set in memory; on CUDA anything under RESIDENT_GPU_BYTES, copied once), or None
     to gather each batch from the prepared shards on worker threads (io/loader.py)."""
-    if device.type == "cuda" and data.nbytes < RESIDENT_GPU_BYTES:
-        return (data.images if isinstance(data, ImageSet) else data.load().images).to(device)
-    return data.images if isinstance(data, ImageSet) else None
+    if resident_on_device(device, data.nbytes):
+        return data.load().images.to(device)
+    return data.in_memory()
+
+
+def resident_on_device(device: torch.device, nbytes: int) -> bool:
+    """Whether training copies the whole set to `device` once and gathers its batches there: on
+    CUDA, for a set under RESIDENT_GPU_BYTES (no host work per step)."""
+    return device.type == "cuda" and nbytes < RESIDENT_GPU_BYTES
 
 
 RESIDENT_GPU_BYTES = 4 * 2**30
@@ -195,8 +201,7 @@ def train(run_dir, run: RunConfig, *, images: Optional[DataSet] = None, progress
     if images is None:  # opened before the run folder is created: a missing source leaves nothing behind
         images = open_data(run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution),
                            progress=progress and dist.local_rank == 0, preparer=dist.local_rank == 0, barrier=barrier)
-    if isinstance(images, PreparedSet):  # checked in the background (in _train), not shard by shard on first read
-        images.check_on_read = False
+    images.check_on_read = False  # checked in the background (in _train), not shard by shard on first read
     # The main process alone claims the folder (writes its mark) and then removes every temp file
     # in it: another rank writing the mark at the same time would lose its temp file to that.
     run_dir = claim_run_folder(run_dir) if dist.is_main else Path(run_dir)
@@ -298,9 +303,11 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
     labels = images.labels.to(data.device if data is not None else "cpu") if K else None  # beside the order
     loader = None if data is not None else stack.enter_context(
         Prefetcher(images, lambda s: order.indices(s)[lo:hi], start, cfg.steps, pin=device.type == "cuda"))
-    check = stack.enter_context(contextlib.closing(images.verify_in_background())) \
-        if isinstance(images, PreparedSet) and dist.local_rank == 0 and images.nbytes <= VERIFY_IN_BACKGROUND_BYTES \
+    # every stored byte checked against its checksum on a thread, where the placement has checksums
+    check = images.verify_in_background() if dist.local_rank == 0 and images.nbytes <= VERIFY_IN_BACKGROUND_BYTES \
         else None
+    if check is not None:
+        stack.callback(check.close)
     # On CUDA the step's t, ε and flips are drawn on the device (a CUDA generator seeded from
     # (seed, step)), so no host-to-device copy waits for the GPU; on the CPU they come from a CPU
     # generator. The two devices therefore draw different (equally valid) streams.
