@@ -356,11 +356,6 @@ def parse_source(cfg: DataConfig) -> Source:
     return Source(cfg.source, split, path, *_recognise(path, split))
 
 
-def open_source(cfg: DataConfig) -> _Raw:
-    """The source named by `cfg`, listed (items to decode) or read (an array), not yet preprocessed."""
-    return parse_source(cfg).open()
-
-
 def _existing_path(text: str, source: str) -> Path:
     p = Path(text).expanduser()
     if not p.exists():
