@@ -159,6 +159,28 @@ def test_non_square_network_matches_diffusers():
 
 
 @needs_diffusers
+def test_gray_learned_variance_network_with_attention_at_8x8_matches_diffusers():
+    from diffusers import UNet2DModel
+
+    # The demo's gray 16x16 layout (three levels 16 -> 8 -> 4), with attention placed by diffusers
+    # at the second level (8x8) and a learned-variance output: 2 channels for 1 (mean and variance).
+    cfg = dict(CIFAR10_DIFFUSERS, sample_size=16, in_channels=1, out_channels=2, block_out_channels=(32, 64, 64),
+               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    torch.manual_seed(0)
+    theirs = perturb_(UNet2DModel(**cfg), seed=7).eval()
+    ours = unet_from_diffusers(theirs).eval()
+    assert ours.config == UNetConfig(in_channels=1, out_channels=2, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
+                                     attn_resolutions=(8,), dropout=0.0, resolution=16)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 1, 16, 16, generator=g), torch.tensor([1, 1000])
+    with torch.no_grad():
+        a, b = ours(x, t), theirs(x, t - 1).sample
+    assert a.shape == b.shape == (2, 2, 16, 16)  # no broadcasting below
+    assert b.abs().mean() > 0.1 and (a - b).abs().max().item() <= 1e-5
+
+
+@needs_diffusers
 def test_round_trip_through_diffusers_is_identity():
     ours = perturb_(preset_net("tiny"), seed=3)
     theirs = unet_to_diffusers(ours)
