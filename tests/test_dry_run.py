@@ -33,9 +33,6 @@ def _plan_config(out):
     return json.loads(out[out.index("{"): out.index("\nmodel:") + 1])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the plan prints the preset's model (in_channels=3) and its parameter "
-                   "count, but training fits the model to the gray data (in_channels=1; workflows/train.py "
-                   "resolve_model), so the printed configuration and count are not what training builds")
 def test_train_dry_run_config_and_parameters_are_what_training_builds(tmp_path, run, capsys):
     capsys.readouterr()
     assert main([*ARGS, "--out", str(tmp_path / "new"), "--dry-run"]) == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..io import checkpoint as ckpt
-from ..io.data import DataConfig, load_images
+from ..io.data import DataConfig, DataSet, load_images
 from ..io.distributed import pick_device
 from ..io.folders import foreign_entries, usable_folder
 from ..io.prepared import CACHE, MEMORY, STREAM, PreparedSet, is_prepared, placement
@@ -23,27 +23,29 @@ from ..run.config import RunConfig
 from ..run.folder import is_run_folder
 from ..run.load import load_run
 from .sample import ClassChoice, sample_labels
+from .train import resolve_model
 
 
-def describe_data(cfg: DataConfig) -> str:
-    """Where the data are and what they hold, without preparing or downloading anything: the
-    placement training and evaluation would use (io/prepared.py `placement`, the one decision)."""
+def describe_data(cfg: DataConfig) -> tuple[str, Optional[DataSet]]:
+    """(where the data are and what they hold, the data set when it opens without preparing or
+    downloading anything, else None): the placement training and evaluation would use
+    (io/prepared.py `placement`, the one decision)."""
     where, path, source = placement(cfg)
     if where == STREAM:
-        return f"{cfg.source}: LitData's format (object storage is not listed in a dry run)"
+        return f"{cfg.source}: LitData's format (object storage is not listed in a dry run)", None
     if where == CACHE and not is_prepared(path):
         raw = source.open()
         n = len(raw.items) if raw.items is not None else len(raw.array)
         classes = f", {len(raw.classes)} classes" if raw.labels is not None else ", no labels"
         desc = raw.description if f"{n} files" in raw.description else f"{raw.description}: {n} files"
-        return f"{desc}{classes}; would be decoded once into the cache {path} (ddpm prepare does it ahead)"
+        return f"{desc}{classes}; would be decoded once into the cache {path} (ddpm prepare does it ahead)", None
     data = load_images(cfg, source) if where == MEMORY else PreparedSet(path)
     where = f"prepared in the cache {path}" if where == CACHE else where
     c, h, w = data.shape
     classes = f", {len(data.classes)} classes" if data.labels is not None else ", no labels"
     size = f"{len(data)} images {c}x{h}x{w}"
     desc = data.source_description if size in data.source_description else f"{data.source_description}: {size}"
-    return f"{desc}{classes}; {where}"
+    return f"{desc}{classes}; {where}", data
 
 
 def _model_lines(model) -> list[str]:
@@ -58,8 +60,14 @@ def plan_train(run_dir, run: RunConfig) -> list[str]:
     p = usable_folder(run_dir)
     cfg = run.train
     data = run.data if run.data.resolution else run.data.replace(resolution=run.model.resolution)
+    described, images = describe_data(data)
+    # The model training builds: fitted to the data's channels and checked against its size and
+    # classes, as training does (when the data are not decoded yet, the preset's, said so below).
+    run = resolve_model(run, images) if images is not None else run
     lines = ["configuration: " + json.dumps(run.to_dict(), indent=2), *_model_lines(run.model),
-             "precision: " + describe_precision(cfg.precision, pick_device(cfg.device)), f"data: {describe_data(data)}"]
+             "precision: " + describe_precision(cfg.precision, pick_device(cfg.device)), f"data: {described}"]
+    if images is None:
+        lines.append("model: channels as configured; training fits them to the data once they are read")
     found = ckpt.list_checkpoints(p) if p.is_dir() else []
     if found:
         lines.append(f"run folder {p}: would resume from {found[-1][1].name} (step {found[-1][0]} of {cfg.steps})")
