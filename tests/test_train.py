@@ -221,3 +221,33 @@ def test_cli_prints_one_line_for_a_bad_setting(npz, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("ddpm train: error: train.lr=-1.0 must be a positive number")
     assert "Traceback" not in r.stderr
+
+
+def test_the_step_draws_are_the_same_at_any_world_size_and_follow_their_laws():
+    """Algorithm 1's draws of a step (t, ε, the flips, the dropped labels) are those of the global
+    batch, a function of (seed, step): the rows each of 2 or 4 processes takes, laid end to end,
+    are world size 1's draws; and over many steps they follow their laws (t ~ U{1 … T}, a flip
+    and a dropped label with probability 1/2, ε standard normal)."""
+    from ddpm.workflows.train import draw_step
+
+    B, shape, T, K, rate = 8, (1, 4, 4), 1000, 3, 0.5
+    labels = torch.arange(B) % K
+    one = draw_step(7, 11, B, shape, T, labels=labels, num_classes=K, label_dropout=rate)
+    for world in (2, 4):
+        local = B // world
+        rows = [draw_step(7, 11, B, shape, T, labels=labels, num_classes=K, label_dropout=rate)
+                .rank_share(r * local, (r + 1) * local, "cpu") for r in range(world)]
+        for name in ("t", "noise", "flip", "y", "y_true"):
+            assert torch.equal(torch.cat([getattr(p, name) for p in rows]), getattr(one, name)), (world, name)
+    again = draw_step(7, 11, B, shape, T, labels=labels, num_classes=K, label_dropout=rate)
+    assert torch.equal(again.noise, one.noise) and not torch.equal(draw_step(7, 12, B, shape, T).noise, one.noise)
+    steps = [draw_step(0, s, B, shape, T, labels=labels, num_classes=K, label_dropout=rate) for s in range(500)]
+    t = torch.cat([d.t for d in steps]).double()
+    n = len(t)  # 4,000 draws: each mean within 4 standard errors of its law's
+    assert t.min() >= 1 and t.max() <= T and abs(t.mean() - (T + 1) / 2) < 4 * ((T * T - 1) / 12 / n) ** 0.5
+    for share in (torch.cat([d.flip for d in steps]).double().mean(), torch.cat([d.y == K for d in steps]).double().mean()):
+        assert abs(share - 0.5) < 4 * (0.25 / n) ** 0.5
+    kept = torch.cat([d.y[d.y != K] == d.y_true[d.y != K] for d in steps])
+    assert kept.all()  # a label not dropped is the true one
+    eps = torch.cat([d.noise.flatten() for d in steps]).double()
+    assert abs(eps.mean()) < 4 / len(eps) ** 0.5 and abs(eps.var() - 1) < 4 * (2 / len(eps)) ** 0.5

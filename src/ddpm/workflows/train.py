@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -214,37 +215,228 @@ def train(run_dir, run: RunConfig, *, images: Optional[DataSet] = None, progress
         return _train(run_dir, run, images, progress, dist, accept_new_data, stop, stack)
 
 
-def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: bool, dist: DistInfo,
+def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist: DistInfo,
            accept_new_data: bool, stop: "_StopSignals", stack: contextlib.ExitStack) -> dict:
-    cfg = run.train
+    # ---- The run: the model fitted to the data, the network, its EMA and the optimizer
+    cfg, device = run.train, dist.device
     record = read_run_record(run_dir)
     run = resolve_model(run, images)
     resuming = record is not None and bool(ckpt.list_checkpoints(run_dir))
-    changes = check_resume_compatible(record.config, run, record.source) if resuming else []
-    history = list(record.history) if resuming else []
-
-    device = dist.device
+    changes = check_resume_compatible(record.config, run, record.source) if resuming else []  # before anything slow
     diffusion = GaussianDiffusion.from_config(run.diffusion)
+    model, ema, opt = _build(run, device, dist)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    # The data's fingerprint, kept in every checkpoint; rank 0 writes and checks it (hashing once).
+    classes = class_record(images) if run.model.num_classes else None
+    data_print = dict(sha256=images.fingerprint(), n=len(images), source=images.source_description,
+                      **(dict(labels_sha256=classes["labels_sha256"]) if classes else {})) if dist.is_main else None
+
+    # ---- Resume: the newest checkpoint this run can use, its data checked, the history recorded
+    found = _resume(run_dir, run, record, changes, model, ema, opt, dist, data_print, accept_new_data)
+    start = int(found[1]["step"]) if found is not None else 0
+    barrier()
+
+    # ---- The step's shape: this rank's share of the global batch, in micro-batches
+    local = cfg.batch_size // dist.world_size
+    lo, hi = dist.rank * local, (dist.rank + 1) * local
+    mb = cfg.clip_share or cfg.microbatch or local  # with replica:N clipping each share is one micro-batch
+    chunks = [slice(a, min(a + mb, local)) for a in range(0, local, mb)]
+    shares = torch._foreach_mul([p.detach() for p in params], 0.0) if cfg.clip_share else None
+    net, ddp = _wrap(model, cfg, (min(mb, local), *images.shape), device, dist)
+
+    # ---- The data: resident on the device, or gathered ahead by worker threads; checked on a thread
+    feed = _Feed(images, cfg, device, lo, hi, start, stack, with_labels=bool(run.model.num_classes))
+    check = _background_check(images, dist, stack)
+    # On CUDA the step's draws come from a CUDA generator (no host-to-device copy waits for the GPU).
+    gen_device = torch.Generator(device) if device.type == "cuda" else None
+    fp16, scaler = cfg.precision == "fp16", _scaler(cfg, device, found)
+    share_norms, T, K = [], diffusion.num_timesteps, run.model.num_classes
+
+    # ---- What happens after steps: the log, its tallies, sample grids, FID
+    logger = _Logger(run_dir, run, enabled=dist.is_main)
+    fid = _training_fid(run, images, run_dir, dist, classes) if cfg.fid_every else None
+    bar = progress_bar(cfg.steps, desc="train", unit="step", initial=start, enabled=progress and dist.is_main)
+    tallies = Tallies(K, T, device, fp16)
+    last_loss, saved_at = float("nan"), start
+    model.train()
+    stop.stepping = True
+    for step in range(start, cfg.steps):
+        # ---- The step's draws (Algorithm 1, lines 2-4): a function of (seed, step), for the global batch
+        drawn = draw_step(cfg.seed, step, cfg.batch_size, images.shape, T, generator=gen_device,
+                          labels=feed.labels(step, device), num_classes=K,
+                          label_dropout=cfg.label_dropout).rank_share(lo, hi, device)
+        torch.manual_seed(derive_seed(cfg.seed, step, dist.rank))  # dropout
+        x0 = to_model_range(feed.images(step).to(device, non_blocking=True))
+        if run.data.random_flip:
+            x0 = torch.where(drawn.flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+
+        # ---- Algorithm 1, line 5: the gradient step, over micro-batches of the local batch when
+        # asked (the same draws, the gradient of the whole batch's mean loss; under DDP one
+        # all-reduce, after the last one)
+        opt.zero_grad(set_to_none=True)
+        for j, part in enumerate(chunks):
+            last = j == len(chunks) - 1 and not cfg.clip_share  # replica:N all-reduces the clipped shares itself
+            with ddp.no_sync() if ddp is not model and not last else contextlib.nullcontext():
+                with autocast(device, cfg.precision):
+                    fn = functools.partial(net, y=drawn.y[part]) if K else net
+                    losses = diffusion.training_losses(fn, x0[part], drawn.t[part], drawn.noise[part])
+                loss = losses["loss"].mean() if len(chunks) == 1 or cfg.clip_share else losses["loss"].sum() / local
+                scaler.scale(loss).backward()
+            tallies.add(losses["loss"], drawn.t[part], drawn.y_true[part] if K else None)
+            if cfg.clip_share:
+                share_norms = share_norms + [_clip_share(params, shares, cfg.grad_clip, first=j == 0)]
+        scaler.unscale_(opt)
+        if cfg.clip_share:  # the mean of the clipped shares of the whole global batch
+            grad_norm = _average_shares(params, shares, cfg.batch_size // cfg.clip_share, share_norms, dist)
+            share_norms = []
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        scaler.step(opt)  # opt.step(), unless fp16 gradients overflowed
+        scaler.update()
+        applied = torch.isfinite(grad_norm).float() if fp16 else None
+        ema_update(ema_params, params, cfg.ema_decay, applied)
+        tallies.commit(grad_norm, applied)
+
+        # ---- After the step: the log (a host sync every log_every steps), a checkpoint, a stop
+        # asked for, sample grids and FID, in that order
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rec = tallies.record(done, lr_at(step, cfg), cfg.batch_size, classes, scaler, dist)
+            if not math.isfinite(rec["loss"]) or tallies.stuck():
+                raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
+            if check is not None:
+                check.raise_if_failed()  # a damaged shard of prepared data
+            logger.log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+            last_loss = rec["loss"]
+            tallies.reset()
+        bar.update(1)
+        stopping = stop.requested(dist, done, cfg.log_every)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or (stopping and saved_at != done):
+            # Never write a checkpoint from a diverged state (one sync per checkpoint).
+            if not (tallies.finite() and (fp16 or torch.isfinite(loss))):
+                raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
+            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print, scaler, classes)
+            saved_at = done
+        if stopping:
+            bar.close()
+            raise stop.interrupted(run_dir, done)
+        if cfg.sample_every and done % cfg.sample_every == 0 and dist.is_main:
+            grid = write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n,
+                                     cfg.seed, device)
+            logger.log_image(grid, done)
+        if fid is not None and done % cfg.fid_every == 0:
+            logger.log(dict(step=done, **fid(ema, diffusion, images.shape)))
+    bar.close()
+    logger.close()
+    if check is not None:
+        check.finish()  # a damaged shard is reported, at the latest now
+    return dict(step=cfg.steps, loss=last_loss, run_dir=str(run_dir))
+
+
+def _background_check(images: DataSet, dist: DistInfo, stack: contextlib.ExitStack):
+    """Every stored byte of the data checked against its checksum on a thread (one process a
+    node), where the placement has checksums and the set is small enough; None otherwise."""
+    if dist.local_rank != 0 or images.nbytes > VERIFY_IN_BACKGROUND_BYTES:
+        return None
+    check = images.verify_in_background()
+    if check is not None:
+        stack.callback(check.close)
+    return check
+
+
+def _training_fid(run: RunConfig, images: DataSet, run_dir: Path, dist: DistInfo, classes: Optional[dict]):
+    """FID of the EMA's samples every train.fid_every steps (workflows/evaluate.py TrainingFID)."""
+    cfg = run.train
+    return TrainingFID(n=cfg.fid_n, batch=cfg.batch_size, seed=cfg.seed, ref=cfg.fid_ref or None, images=images,
+                       data=run.data, cache=run_dir / "fid-ref-train.npz", weights=cfg.fid_weights or None,
+                       expected_sha256=cfg.fid_weights_sha256 or None, dist=dist,
+                       class_counts=classes["counts"] if classes else None)
+
+
+def _wrap(model: UNet, cfg: TrainConfig, trial_shape: tuple, device: torch.device, dist: DistInfo):
+    """(the network the step calls, the module whose no_sync holds back DDP's all-reduce): DDP
+    over processes, compiled where it pays (fuses norms, activations and adds; the checkpoint
+    keeps `model`). A compiler that fails to build the network here warns and leaves it eager
+    (network/fast.py, Fail-safe)."""
+    net = ddp = model
+    if dist.world_size > 1:
+        net = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if resolve_switch("compile", cfg.compile, device):
+        net = compile_or_eager(net, device, training_trial(model, trial_shape, device, cfg.precision), "train.compile=off")
+    return net, ddp
+
+
+def _scaler(cfg: TrainConfig, device: torch.device, found) -> torch.amp.GradScaler:
+    """fp16: dynamic loss scaling (docs/MATH.md § Fitting in memory), restored on a resume. A step
+    whose gradients overflow is skipped by the scaler, counted, and leaves the EMA and the logged
+    loss alone. Other precisions: a scaler that does nothing."""
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    if scaler.is_enabled() and found is not None and isinstance(found[1].get("scaler"), dict):
+        scaler.load_state_dict(found[1]["scaler"])
+    return scaler
+
+
+class _Feed:
+    """The data as the loop reads them: this rank's images of global batch s, in the order
+    `DataOrder` gives, from pixels resident on the device (`resident_pixels`) or gathered ahead by
+    worker threads (io/loader.py); and the true classes of the whole global batch."""
+
+    def __init__(self, images: DataSet, cfg: TrainConfig, device: torch.device, lo: int, hi: int, start: int,
+                 stack: contextlib.ExitStack, with_labels: bool):
+        self.data = resident_pixels(images, device)  # uint8 [N, C, H, W], or None: gathered ahead by `loader`
+        where = self.data.device if self.data is not None else None
+        self.order = DataOrder(len(images), cfg.batch_size, cfg.seed, device=where)
+        self.lo, self.hi = lo, hi
+        self.classes = images.labels.to(where or "cpu") if with_labels else None  # beside the order
+        self.loader = None if self.data is not None else stack.enter_context(
+            Prefetcher(images, lambda s: self.order.indices(s)[lo:hi], start, cfg.steps, pin=device.type == "cuda"))
+
+    def images(self, step: int) -> torch.Tensor:
+        """uint8 [local batch, C, H, W]: this rank's images of step `step`."""
+        if self.loader is not None:
+            return self.loader.get(step)
+        return self.data[self.order.indices(step)[self.lo:self.hi]]
+
+    def labels(self, step: int, device: torch.device) -> Optional[torch.Tensor]:
+        """int64 [global batch]: the true classes of step `step`'s images, on `device` (None: unconditional)."""
+        if self.classes is None:
+            return None
+        return self.classes[self.order.indices(step)].to(device, non_blocking=True)
+
+
+def _build(run: RunConfig, device: torch.device, dist: DistInfo):
+    """(model, its EMA, the optimizer): the initial weights the same on every rank, the device's
+    fast paths applied (the EMA copy, the optimizer's moments and the gradients follow them)."""
+    cfg = run.train
     torch.manual_seed(derive_seed(cfg.seed, 0x1A17))  # the initial weights: same on every rank
     model = UNet.from_config(run.model).to(device)
-    channels_last = resolve_switch("channels_last", cfg.channels_last, device, model)
-    if channels_last:
-        to_channels_last(model)  # the EMA copy, the optimizer's moments and the gradients follow
+    if resolve_switch("channels_last", cfg.channels_last, device, model):
+        to_channels_last(model)
     set_winograd(model, resolve_switch("winograd", cfg.winograd, device))  # the EMA copy too
     if cfg.precision == "auto" and dist.is_main:
         _log(f"train.precision={describe_precision(cfg.precision, device)}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # kept apart, never swapped in
     set_checkpointing(model, cfg.checkpointing)  # the training copy only: the EMA never runs a backward
-    params = [p for p in model.parameters()]
     # foreach Adam on CPU; fused on CUDA (one kernel for all parameters).
-    opt = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    # The data's fingerprint, kept in every checkpoint; rank 0 writes and checks it (hashing once).
-    data_print = dict(sha256=images.fingerprint(), n=len(images), source=images.source_description) \
-        if dist.is_main else None
-    classes = class_record(images) if run.model.num_classes else None
-    if data_print is not None and classes is not None:
-        data_print["labels_sha256"] = classes["labels_sha256"]
+    opt = torch.optim.Adam(list(model.parameters()), lr=cfg.lr, eps=cfg.adam_eps,
+                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    return model, ema, opt
 
+
+def _resume(run_dir: Path, run: RunConfig, record, changes: list, model, ema, opt, dist: DistInfo,
+            data_print: Optional[dict], accept_new_data: bool) -> Optional[tuple]:
+    """Restore the newest checkpoint this run can use into model, EMA and optimizer (and this
+    rank's RNG states), after checking that the data are those it was trained on; record in
+    config.json's history what changed (data, config, initial weights); start the metrics log
+    afresh from the checkpoint's step. -> latest_checkpoint's (path, state), or None for a new run.
+
+    :param changes: check_resume_compatible's (key, old, new) of the config, when `record` is resumed."""
+    cfg = run.train
+    resuming = record is not None and bool(ckpt.list_checkpoints(run_dir))
+    history = list(record.history) if resuming else []
     start = 0
     found = ckpt.latest_checkpoint(run_dir, check=lambda path, state: _unfit(path, state, run, model, opt, dist))
     if found is not None:
@@ -280,171 +472,109 @@ def _train(run_dir: Path, run: RunConfig, images: Optional[DataSet], progress: b
             _log(f"changed {k} from {old!r} to {new!r} at step {start} (recorded in {run_dir / CONFIG_NAME})")
         write_run_record(run_dir, run, history)
         truncate_metrics(run_dir / METRICS_NAME, start)
-    barrier()
-    local = cfg.batch_size // dist.world_size
-    lo, hi = dist.rank * local, (dist.rank + 1) * local
-    mb = cfg.clip_share or cfg.microbatch or local  # with replica:N clipping each share is one micro-batch
-    chunks = [slice(a, min(a + mb, local)) for a in range(0, local, mb)]
-    shares = torch._foreach_mul([p.detach() for p in params], 0.0) if cfg.clip_share else None
-    net = ddp = model
-    if dist.world_size > 1:
-        net = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if resolve_switch("compile", cfg.compile, device):
-        # fuses norms, activations and adds; the checkpoint keeps `model`. A compiler that fails to
-        # build the network here warns and leaves it eager (network/fast.py, Fail-safe).
-        trial = training_trial(model, (min(mb, local), *images.shape), device,
-                               cfg.precision)
-        net = compile_or_eager(net, device, trial, "train.compile=off")
+    return found
 
-    ema_params = [p for p in ema.parameters()]
-    data = resident_pixels(images, device)  # uint8 [N, C, H, W], or None: gathered ahead by `loader`
-    order = DataOrder(len(images), cfg.batch_size, cfg.seed, device=data.device if data is not None else None)
-    K = run.model.num_classes
-    labels = images.labels.to(data.device if data is not None else "cpu") if K else None  # beside the order
-    loader = None if data is not None else stack.enter_context(
-        Prefetcher(images, lambda s: order.indices(s)[lo:hi], start, cfg.steps, pin=device.type == "cuda"))
-    # every stored byte checked against its checksum on a thread, where the placement has checksums
-    check = images.verify_in_background() if dist.local_rank == 0 and images.nbytes <= VERIFY_IN_BACKGROUND_BYTES \
-        else None
-    if check is not None:
-        stack.callback(check.close)
-    # On CUDA the step's t, ε and flips are drawn on the device (a CUDA generator seeded from
-    # (seed, step)), so no host-to-device copy waits for the GPU; on the CPU they come from a CPU
-    # generator. The two devices therefore draw different (equally valid) streams.
-    gen_device = torch.Generator(device) if device.type == "cuda" else None
-    # fp16: dynamic loss scaling (docs/MATH.md § Fitting in memory). A step whose gradients overflow
-    # is skipped by the scaler, counted, and leaves the EMA and the logged loss alone.
-    fp16 = cfg.precision == "fp16"
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    if fp16 and found is not None and isinstance(found[1].get("scaler"), dict):
-        scaler.load_state_dict(found[1]["scaler"])
-    # loss sum / count per timestep quartile (columns 0-3) and, for a conditional model, per class (4 …)
-    step_sums, share_norms = torch.zeros(2, 4 + K, device=device), []
-    skipped, in_a_row = torch.zeros((), device=device), torch.zeros((), device=device)
-    shape = images.shape
-    T = diffusion.num_timesteps
 
-    logger = _Logger(run_dir, run, enabled=dist.is_main)
-    fid = None
-    if cfg.fid_every:
-        fid = TrainingFID(n=cfg.fid_n, batch=cfg.batch_size, seed=cfg.seed, ref=cfg.fid_ref or None, images=images,
-                          data=run.data, cache=run_dir / "fid-ref-train.npz", weights=cfg.fid_weights or None,
-                          expected_sha256=cfg.fid_weights_sha256 or None, dist=dist,
-                          class_counts=classes["counts"] if classes else None)
-    bar = progress_bar(cfg.steps, desc="train", unit="step", initial=start, enabled=progress and dist.is_main)
-    sums = torch.zeros(2, 4 + K, device=device)
-    gn_sum = torch.zeros((), device=device)
-    last_loss, t0, steps_timed = float("nan"), time.perf_counter(), 0
-    saved_at = start
-    model.train()
-    stop.stepping = True
-    for step in range(start, cfg.steps):
-        # ---- the step's randomness: a function of (seed, step), drawn for the global batch
-        if gen_device is None:
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, step))
-        else:
-            g = gen_device.manual_seed(derive_seed(cfg.seed, step))
-        t = 1 + torch.randint(0, T, (cfg.batch_size,), generator=g, device=g.device)[lo:hi].to(device)  # t ~ U{1 … T}
-        noise = torch.randn((cfg.batch_size, *shape), generator=g, device=g.device)[lo:hi].to(device)
-        flip = (torch.rand(cfg.batch_size, generator=g, device=g.device) < 0.5)[lo:hi].to(device)
-        if K:  # the true class, and the one the network sees: "no class" at rate label_dropout
-            y_true = labels[order.indices(step)].to(device, non_blocking=True)
-            y = drop_labels(y_true, cfg.label_dropout, K, g)[lo:hi]
-            y_true = y_true[lo:hi]
-        torch.manual_seed(derive_seed(cfg.seed, step, dist.rank))  # dropout
-        batch = data[order.indices(step)[lo:hi]] if loader is None else loader.get(step)
-        x0 = to_model_range(batch.to(device, non_blocking=True))
-        if run.data.random_flip:
-            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+@dataclass
+class StepDraws:
+    """The randomness of one training step (Algorithm 1, lines 2-4) beyond the data order: t, ε,
+    the horizontal flips and, for a conditional model, the class the network sees. For the global
+    batch from `draw_step`; `rank_share` cuts one process's rows."""
 
-        # ---- Algorithm 1, over micro-batches of the local batch when asked (the same draws, the
-        # gradient of the whole batch's mean loss; under DDP one all-reduce, after the last one)
-        opt.zero_grad(set_to_none=True)
-        tally = step_sums.zero_() if fp16 else sums
-        for j, part in enumerate(chunks):
-            last = j == len(chunks) - 1 and not cfg.clip_share  # replica:N all-reduces the clipped shares itself
-            with ddp.no_sync() if ddp is not model and not last else contextlib.nullcontext():
-                with autocast(device, cfg.precision):
-                    fn = functools.partial(net, y=y[part]) if K else net
-                    losses = diffusion.training_losses(fn, x0[part], t[part], noise[part])
-                loss = losses["loss"].mean() if len(chunks) == 1 or cfg.clip_share else losses["loss"].sum() / local
-                scaler.scale(loss).backward()
-            q = ((t[part] - 1) * 4) // T  # quartile of t: 1 … T/4 is the first
-            if K:
-                q = torch.cat([q, 4 + y_true[part]])
-            tally[0].index_add_(0, q, losses["loss"].detach().float().repeat(2 if K else 1))
-            tally[1].index_add_(0, q, torch.ones_like(q, dtype=sums.dtype))
-            if cfg.clip_share:
-                share_norms = share_norms + [_clip_share(params, shares, cfg.grad_clip, first=j == 0)]
-        scaler.unscale_(opt)
-        if cfg.clip_share:  # the mean of the clipped shares of the whole global batch
-            grad_norm = _average_shares(params, shares, cfg.batch_size // cfg.clip_share, share_norms, dist)
-            share_norms = []
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        scaler.step(opt)  # opt.step(), unless fp16 gradients overflowed
-        scaler.update()
-        if fp16:
-            applied = torch.isfinite(grad_norm).float()
-            ema_update(ema_params, params, cfg.ema_decay, applied)
-            sums.add_(torch.where(applied > 0, step_sums, 0.0))  # an overflowed loss may be inf: 0 x inf is nan
-            skipped.add_(1 - applied)
-            in_a_row.mul_(1 - applied).add_(1 - applied)
+    t: torch.Tensor  # int64 [B], t ~ U{1 … T}
+    noise: torch.Tensor  # [B, C, H, W], ε ~ N(0, I)
+    flip: torch.Tensor  # bool [B]
+    y: Optional[torch.Tensor] = None  # int64 [B]: the class, or K ("no class") at rate label_dropout
+    y_true: Optional[torch.Tensor] = None  # int64 [B]: the true class
+
+    def rank_share(self, lo: int, hi: int, device) -> "StepDraws":
+        return StepDraws(self.t[lo:hi].to(device), self.noise[lo:hi].to(device), self.flip[lo:hi].to(device),
+                         None if self.y is None else self.y[lo:hi], None if self.y_true is None else self.y_true[lo:hi])
+
+
+def draw_step(seed: int, step: int, batch: int, shape, T: int, *, generator: Optional[torch.Generator] = None,
+              labels: Optional[torch.Tensor] = None, num_classes: int = 0, label_dropout: float = 0.0) -> StepDraws:
+    """The step's draws for the whole global batch, a function of (seed, step) alone, so that a
+    resumed run draws what an uninterrupted one did and each process, slicing its rows, sees what
+    it would at any number of processes.
+
+    :param generator: the generator to draw from, reseeded here (a CUDA one on a GPU: the draws
+        then stay on the device; CUDA and the CPU give different, equally valid streams).
+    :param labels: the true classes of the step's images (a conditional model of `num_classes`
+        classes), in batch order; each is replaced by "no class" (K) at rate `label_dropout`.
+    """
+    g = (generator if generator is not None else torch.Generator()).manual_seed(derive_seed(seed, step))
+    t = 1 + torch.randint(0, T, (batch,), generator=g, device=g.device)  # t ~ U{1 … T}
+    noise = torch.randn((batch, *shape), generator=g, device=g.device)
+    flip = torch.rand(batch, generator=g, device=g.device) < 0.5
+    y = None if labels is None else drop_labels(labels, label_dropout, num_classes, g)
+    return StepDraws(t, noise, flip, y, labels)
+
+
+class Tallies:
+    """The running sums between two log lines, kept on the device so that no step waits for the
+    host: the loss and image count per quartile of t (columns 0-3) and, for a conditional model,
+    per class (4 …), the gradient norm, and under fp16 the steps the scaler skipped. `add` each
+    micro-batch's losses, `commit` the step, `record` a log line, `reset` after it."""
+
+    def __init__(self, num_classes: int, T: int, device, fp16: bool):
+        self.K, self.T, self.fp16 = num_classes, T, fp16
+        self.sums = torch.zeros(2, 4 + num_classes, device=device)
+        self.step_sums = torch.zeros(2, 4 + num_classes, device=device)  # fp16: this step's, kept if it applied
+        self.gn_sum = torch.zeros((), device=device)
+        self.skipped, self.in_a_row = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.t0, self.steps, self._open = time.perf_counter(), 0, False
+
+    def add(self, losses: torch.Tensor, t: torch.Tensor, y_true: Optional[torch.Tensor]) -> None:
+        """One micro-batch's per-image losses at times t (1 … T) of classes y_true."""
+        if self.fp16 and not self._open:
+            self.step_sums.zero_()
+        self._open = True
+        tally = self.step_sums if self.fp16 else self.sums
+        q = ((t - 1) * 4) // self.T  # quartile of t: 1 … T/4 is the first
+        if y_true is not None:
+            q = torch.cat([q, 4 + y_true])
+        tally[0].index_add_(0, q, losses.detach().float().repeat(2 if y_true is not None else 1))
+        tally[1].index_add_(0, q, torch.ones_like(q, dtype=self.sums.dtype))
+
+    def commit(self, grad_norm: torch.Tensor, applied: Optional[torch.Tensor] = None) -> None:
+        """The step is done; `applied` (fp16): 1 if the scaler applied it, 0 if its gradients overflowed."""
+        if applied is not None:
+            self.sums.add_(torch.where(applied > 0, self.step_sums, 0.0))  # an overflowed loss may be inf: 0 x inf is nan
+            self.skipped.add_(1 - applied)
+            self.in_a_row.mul_(1 - applied).add_(1 - applied)
             grad_norm = torch.nan_to_num(grad_norm * applied, nan=0.0)
-        else:
-            ema_update(ema_params, params, cfg.ema_decay)
+        self.gn_sum += grad_norm.detach().float()
+        self.steps += 1
+        self._open = False
 
-        # ---- bookkeeping on the device; read back only every log_every steps
-        gn_sum += grad_norm.detach().float()
-        done = step + 1
-        steps_timed += 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            if dist.world_size > 1:  # the loss of the whole global batch, not rank 0's share
-                torch.distributed.all_reduce(sums)
-            s = sums.cpu()
-            total = s[0, :4].sum().item() / max(s[1, :4].sum().item(), 1)
-            n_skipped = int(skipped.item()) if fp16 else 0
-            if not math.isfinite(total) or (fp16 and in_a_row.item() >= FP16_SKIPS_IN_A_ROW):
-                raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
-            if check is not None:
-                check.raise_if_failed()  # a damaged shard of prepared data
-            elapsed = time.perf_counter() - t0
-            rec = dict(step=done, loss=total, lr=lr_at(step, cfg), grad_norm=gn_sum.item() / steps_timed,
-                       img_per_s=steps_timed * cfg.batch_size / max(elapsed, 1e-9),
-                       **{f"loss_q{i}": (s[0, i] / s[1, i]).item() if s[1, i] > 0 else None for i in range(4)},
-                       **(dict(loss_by_class={name: (s[0, 4 + k] / s[1, 4 + k]).item() if s[1, 4 + k] > 0 else None
-                                              for k, name in enumerate(classes["names"])}) if K else {}),
-                       **(dict(skipped_steps=n_skipped, loss_scale=scaler.get_scale()) if fp16 else {}))
-            logger.log(rec)
-            bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rec['img_per_s']:.0f}")
-            last_loss = total
-            sums.zero_(); gn_sum.zero_(); skipped.zero_(); t0, steps_timed = time.perf_counter(), 0
-        bar.update(1)
-        stopping = stop.requested(dist, done, cfg.log_every)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or (stopping and saved_at != done):
-            # Never write a checkpoint from a diverged state (one sync per checkpoint).
-            if not (torch.isfinite(sums).all() and torch.isfinite(gn_sum) and (fp16 or torch.isfinite(loss))):
-                raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
-            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print, scaler, classes)
-            saved_at = done
-        if stopping:
-            bar.close()
-            raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after step {done}, which "
-                                           f"{ckpt.checkpoint_path(run_dir, done).name} holds; run the same command "
-                                           f"to resume")
-        if cfg.sample_every and done % cfg.sample_every == 0 and dist.is_main:
-            grid = write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n,
-                                     cfg.seed, device)
-            logger.log_image(grid, done)
-        if fid is not None and done % cfg.fid_every == 0:
-            logger.log(dict(step=done, **fid(ema, diffusion, shape)))
-    bar.close()
-    logger.close()
-    if check is not None:
-        check.finish()  # a damaged shard is reported, at the latest now
-    return dict(step=cfg.steps, loss=last_loss, run_dir=str(run_dir))
+    def record(self, step: int, lr: float, batch_size: int, classes: Optional[dict], scaler, dist: DistInfo) -> dict:
+        """The log line of the steps since the last: the loss of the whole global batch (summed over
+        processes), per quartile of t and per class, the mean gradient norm, images per second."""
+        if dist.world_size > 1:  # the loss of the whole global batch, not rank 0's share
+            torch.distributed.all_reduce(self.sums)
+        s = self.sums.cpu()
+        elapsed = time.perf_counter() - self.t0
+        return dict(step=step, loss=s[0, :4].sum().item() / max(s[1, :4].sum().item(), 1), lr=lr,
+                    grad_norm=self.gn_sum.item() / self.steps,
+                    img_per_s=self.steps * batch_size / max(elapsed, 1e-9),
+                    **{f"loss_q{i}": (s[0, i] / s[1, i]).item() if s[1, i] > 0 else None for i in range(4)},
+                    **(dict(loss_by_class={name: (s[0, 4 + k] / s[1, 4 + k]).item() if s[1, 4 + k] > 0 else None
+                                           for k, name in enumerate(classes["names"])}) if self.K else {}),
+                    **(dict(skipped_steps=int(self.skipped.item()), loss_scale=scaler.get_scale()) if self.fp16 else {}))
+
+    def stuck(self) -> bool:
+        """fp16: so many overflowing steps in a row that the run has diverged, not a scale settling."""
+        return self.fp16 and self.in_a_row.item() >= FP16_SKIPS_IN_A_ROW
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.sums).all() and torch.isfinite(self.gn_sum))
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.gn_sum.zero_()
+        self.skipped.zero_()
+        self.t0, self.steps = time.perf_counter(), 0
 
 
 def _now() -> str:
@@ -541,6 +671,12 @@ class _StopSignals:
         if flag.item() and self.signum is None:
             self.signum = int(flag.item())
         return self.signum is not None
+
+    def interrupted(self, run_dir: Path, done: int) -> Interrupted:
+        """What a stop asked for raises after the checkpoint of step `done` is written."""
+        return Interrupted(self.signum, f"stopped by {signal.Signals(self.signum).name} after step {done}, which "
+                                        f"{ckpt.checkpoint_path(run_dir, done).name} holds; run the same command "
+                                        f"to resume")
 
 
 def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist: DistInfo, data_print: dict,
