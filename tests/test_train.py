@@ -232,16 +232,16 @@ def test_the_step_draws_are_the_same_at_any_world_size_and_follow_their_laws():
 
     B, shape, T, K, rate = 8, (1, 4, 4), 1000, 3, 0.5
     labels = torch.arange(B) % K
-    one = draw_step(7, 11, B, shape, T, labels=labels, num_classes=K, label_dropout=rate)
+    one = draw_step(7, 11, (B, *shape), T, labels=labels, num_classes=K, label_dropout=rate)
     for world in (2, 4):
         local = B // world
-        rows = [draw_step(7, 11, B, shape, T, labels=labels, num_classes=K, label_dropout=rate)
+        rows = [draw_step(7, 11, (B, *shape), T, labels=labels, num_classes=K, label_dropout=rate)
                 .rank_share(r * local, (r + 1) * local, "cpu") for r in range(world)]
         for name in ("t", "noise", "flip", "y", "y_true"):
             assert torch.equal(torch.cat([getattr(p, name) for p in rows]), getattr(one, name)), (world, name)
-    again = draw_step(7, 11, B, shape, T, labels=labels, num_classes=K, label_dropout=rate)
-    assert torch.equal(again.noise, one.noise) and not torch.equal(draw_step(7, 12, B, shape, T).noise, one.noise)
-    steps = [draw_step(0, s, B, shape, T, labels=labels, num_classes=K, label_dropout=rate) for s in range(500)]
+    again = draw_step(7, 11, (B, *shape), T, labels=labels, num_classes=K, label_dropout=rate)
+    assert torch.equal(again.noise, one.noise) and not torch.equal(draw_step(7, 12, (B, *shape), T).noise, one.noise)
+    steps = [draw_step(0, s, (B, *shape), T, labels=labels, num_classes=K, label_dropout=rate) for s in range(500)]
     t = torch.cat([d.t for d in steps]).double()
     n = len(t)  # 4,000 draws: each mean within 4 standard errors of its law's
     assert t.min() >= 1 and t.max() <= T and abs(t.mean() - (T + 1) / 2) < 4 * ((T * T - 1) / 12 / n) ** 0.5

@@ -262,7 +262,7 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
     stop.stepping = True
     for step in range(start, cfg.steps):
         # ---- The step's draws (Algorithm 1, lines 2-4): a function of (seed, step), for the global batch
-        drawn = draw_step(cfg.seed, step, cfg.batch_size, images.shape, T, generator=gen_device,
+        drawn = draw_step(cfg.seed, step, (cfg.batch_size, *images.shape), T, generator=gen_device,
                           labels=feed.labels(step, device), num_classes=K,
                           label_dropout=cfg.label_dropout).rank_share(lo, hi, device)
         torch.manual_seed(derive_seed(cfg.seed, step, dist.rank))  # dropout
@@ -492,20 +492,21 @@ class StepDraws:
                          None if self.y is None else self.y[lo:hi], None if self.y_true is None else self.y_true[lo:hi])
 
 
-def draw_step(seed: int, step: int, batch: int, shape, T: int, *, generator: Optional[torch.Generator] = None,
+def draw_step(seed: int, step: int, shape, T: int, *, generator: Optional[torch.Generator] = None,
               labels: Optional[torch.Tensor] = None, num_classes: int = 0, label_dropout: float = 0.0) -> StepDraws:
-    """The step's draws for the whole global batch, a function of (seed, step) alone, so that a
-    resumed run draws what an uninterrupted one did and each process, slicing its rows, sees what
-    it would at any number of processes.
+    """The step's draws for the whole global batch of `shape` [B, C, H, W], a function of (seed,
+    step) alone, so that a resumed run draws what an uninterrupted one did and each process,
+    slicing its rows, sees what it would at any number of processes.
 
     :param generator: the generator to draw from, reseeded here (a CUDA one on a GPU: the draws
         then stay on the device; CUDA and the CPU give different, equally valid streams).
     :param labels: the true classes of the step's images (a conditional model of `num_classes`
         classes), in batch order; each is replaced by "no class" (K) at rate `label_dropout`.
     """
+    batch = shape[0]
     g = (generator if generator is not None else torch.Generator()).manual_seed(derive_seed(seed, step))
     t = 1 + torch.randint(0, T, (batch,), generator=g, device=g.device)  # t ~ U{1 … T}
-    noise = torch.randn((batch, *shape), generator=g, device=g.device)
+    noise = torch.randn(shape, generator=g, device=g.device)
     flip = torch.rand(batch, generator=g, device=g.device) < 0.5
     y = None if labels is None else drop_labels(labels, label_dropout, num_classes, g)
     return StepDraws(t, noise, flip, y, labels)
