@@ -37,7 +37,8 @@ from ddpm.network.interop import unet_to_diffusers  # noqa: E402
 from ddpm.network.unet import UNet  # noqa: E402
 from ddpm.process.diffusion import GaussianDiffusion  # noqa: E402
 from ddpm.run.config import RunConfig  # noqa: E402
-from ddpm.workflows.sample import sample  # noqa: E402
+from ddpm.process.sampling import SamplerSpec  # noqa: E402
+from ddpm.workflows.sample import Images, sample  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 10
@@ -79,8 +80,8 @@ def run_case(preset: str, batch: int, steps: int, reps: int, device: torch.devic
     times: dict = {k: [] for k in vs}
 
     def go(model, lab, w):
-        return sample(model, diffusion, shape, seed=0, indices=range(batch), device=device, sampler="ddim",
-                      ddim_steps=steps, labels=labels if lab else None, guidance=w)
+        return sample(model, diffusion, shape, Images(0, range(batch), labels if lab else None, w), device=device,
+                      sampler=SamplerSpec("ddim", steps=steps))
 
     with torch.no_grad():
         for model, lab, w in vs.values():  # warm-up: fast-path builds, allocator, caches

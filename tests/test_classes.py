@@ -25,7 +25,9 @@ from ddpm.io.data import DataConfig, load_images
 from ddpm.network.unet import UNet, count_parameters
 from ddpm.process.guidance import Guided
 from ddpm.run.config import RunConfig
-from ddpm.workflows.sample import ClassChoice, proportional_labels, sample, sample_labels, sample_to_dir
+from ddpm.process.sampling import SamplerSpec
+from ddpm.workflows.nll import NLLImages
+from ddpm.workflows.sample import ClassChoice, Images, SampleSet, proportional_labels, sample, sample_labels, sample_to_dir
 from ddpm.workflows.train import drop_labels, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,11 +122,11 @@ D10 = GaussianDiffusion(make_betas("linear", 10, 1e-3, 0.2))
 
 def test_guidance_1_is_plain_conditional_sampling_bitwise(cond_net):
     y = torch.tensor([2, 0, 1, 2])
-    opts = dict(seed=5, indices=range(4), device="cpu")
-    plain = sample(lambda x, t: cond_net(x, t, y), D10, (1, 8, 8), **opts)
-    assert torch.equal(sample(cond_net, D10, (1, 8, 8), labels=y, guidance=1.0, **opts), plain)
-    unconditional = sample(lambda x, t: cond_net(x, t, torch.full_like(t, 3)), D10, (1, 8, 8), **opts)
-    assert torch.equal(sample(cond_net, D10, (1, 8, 8), labels=y, guidance=0.0, **opts), unconditional)
+    opts = dict(device="cpu")
+    plain = sample(lambda x, t: cond_net(x, t, y), D10, (1, 8, 8), Images(5, range(4)), **opts)
+    assert torch.equal(sample(cond_net, D10, (1, 8, 8), Images(5, range(4), y, 1.0), **opts), plain)
+    unconditional = sample(lambda x, t: cond_net(x, t, torch.full_like(t, 3)), D10, (1, 8, 8), Images(5, range(4)), **opts)
+    assert torch.equal(sample(cond_net, D10, (1, 8, 8), Images(5, range(4), y, 0.0), **opts), unconditional)
     assert not torch.equal(plain, unconditional)
 
 
@@ -138,17 +140,16 @@ def test_guided_sampling_is_one_forward_of_twice_the_batch_per_step(cond_net):
             seen.append((x.shape[0], y.tolist()))
             return cond_net(x, t, y)
 
-    sample(Spy(), D10, (1, 8, 8), seed=0, indices=range(3), device="cpu", labels=torch.tensor([0, 1, 2]),
-           guidance=4.0, sampler="ddim", ddim_steps=5)
+    sample(Spy(), D10, (1, 8, 8), Images(0, range(3), torch.tensor([0, 1, 2]), 4.0), device="cpu",
+           sampler=SamplerSpec("ddim", steps=5))
     assert len(seen) == 5 and all(b == 6 and y == [0, 1, 2, 3, 3, 3] for b, y in seen)
 
 
 def test_image_i_of_class_c_does_not_depend_on_the_batch(cond_net, tmp_path):
     labels, n, record = sample_labels(ClassChoice(per_class=3), None, 3)
     assert n == 9 and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    a = sample_to_dir(cond_net, D10, tmp_path / "a", n, 2, 7, (1, 8, 8), progress=False, labels=labels, guidance=2.0,
-                      classes=record)
-    sample_to_dir(cond_net, D10, tmp_path / "b", n, 5, 7, (1, 8, 8), progress=False, labels=labels, guidance=2.0)
+    a = sample_to_dir(cond_net, D10, tmp_path / "a", SampleSet((1, 8, 8), n, 7, 2, labels, record, 2.0), progress=False)
+    sample_to_dir(cond_net, D10, tmp_path / "b", SampleSet((1, 8, 8), n, 7, 5, labels, guidance=2.0), progress=False)
     za, zb = np.load(a["npz"]), np.load(tmp_path / "b" / "samples.npz")
     assert np.abs(za["x"].astype(int) - zb["x"].astype(int)).max() <= 1  # float rounding of other batch shapes
     assert za["labels"].tolist() == labels.tolist()
@@ -168,8 +169,7 @@ def test_image_i_of_class_c_does_not_depend_on_the_batch(cond_net, tmp_path):
     meta = json.loads((tmp_path / "a" / "sampling.json").read_text())
     assert meta["guidance"] == 2.0 and meta["classes"] == {"classes": [0, 1, 2], "per_class": 3}
     with pytest.raises(UserError, match="guidance"):  # another weight is another sample set
-        sample_to_dir(cond_net, D10, tmp_path / "a", n, 2, 7, (1, 8, 8), progress=False, labels=labels, guidance=3.0,
-                      classes=record)
+        sample_to_dir(cond_net, D10, tmp_path / "a", SampleSet((1, 8, 8), n, 7, 2, labels, record, 3.0), progress=False)
 
 
 def test_class_choices():
@@ -329,8 +329,7 @@ def test_bits_per_dim_given_the_class_bound_the_true_conditional_nll(tmp_path):
     x = mu.view(-1, 1, 1, 1) + s.view(-1, 1, 1, 1) * torch.randn(len(labels), 1, 4, 4, generator=g, dtype=torch.float64)
     k = (x * 127.5 + 127.5).round().clamp(0, 255)
     d = GaussianDiffusion(make_betas("linear", 1000), var_type="fixedlarge")
-    summary = evaluate_nll(ClassOracle(), d, k.to(torch.uint8), 96, seed=0, out_dir=tmp_path, progress=False,
-                           labels=labels)
+    summary = evaluate_nll(ClassOracle(), d, tmp_path, NLLImages(k.to(torch.uint8), 96, 0, labels), progress=False)
     per = np.genfromtxt(tmp_path / "per_image.csv", delimiter=",", names=True)
     nll = np.array([-np.log2(bin_probabilities(CLASS_MU[c], CLASS_S[c])[k[i].long().numpy()]).mean() for i, c in enumerate(labels)])
     gap = per["total_bpd"] - nll
@@ -338,14 +337,14 @@ def test_bits_per_dim_given_the_class_bound_the_true_conditional_nll(tmp_path):
     assert gap.mean() >= -3 * gap.std() / math.sqrt(len(gap)) and gap.mean() < 0.25
     # With "no class" the same images give the bound of log p(x) = log p(x | c) + log π_c − log p(c | x);
     # these classes are far apart (p(c | x) ≈ 1), so it costs each image −log2 π_c bits more, over 16 dims.
-    evaluate_nll(ClassOracle(), d, k.to(torch.uint8), 96, seed=0, out_dir=tmp_path / "u", progress=False,
-                 labels=torch.full_like(labels, K))
+    evaluate_nll(ClassOracle(), d, tmp_path / "u", NLLImages(k.to(torch.uint8), 96, 0, torch.full_like(labels, K)),
+                 progress=False)
     extra = np.genfromtxt(tmp_path / "u" / "per_image.csv", delimiter=",", names=True)["total_bpd"] - per["total_bpd"]
     info = -np.log2(np.array(CLASS_PRIORS))[labels.numpy()] / 16
     print(f"log p(x) costs {extra.mean():.4f} bits/dim more than log p(x | c); −log2 π_c / D = {info.mean():.4f}")
     assert abs(extra.mean() - info.mean()) < 0.01
     with pytest.raises(UserError, match="labels"):
-        evaluate_nll(ClassOracle(), d, k.to(torch.uint8), 96, seed=0, out_dir=tmp_path / "x", progress=False)
+        evaluate_nll(ClassOracle(), d, tmp_path / "x", NLLImages(k.to(torch.uint8), 96, 0), progress=False)
 
 
 # ---------------------------------------------------------------- commands on a conditional run
@@ -392,6 +391,9 @@ def test_experiments_take_a_class(cond_run, tmp_path):
 
 
 def test_each_experiment_runs_its_network_with_the_class_and_the_weight():
+    # the experiments take any model(x_t, t); a conditional network conditioned on class 1 with
+    # weight 2 is run once per step on the class and "no class" together
+    from ddpm.process.guidance import conditioned
     from ddpm.workflows.experiments import interpolate, reconstruct, shared_latent_samples
 
     seen = []
@@ -404,9 +406,10 @@ def test_each_experiment_runs_its_network_with_the_class_and_the_weight():
             return 0.1 * x
 
     x0 = torch.zeros(1, 4, 4)
-    for run in (lambda: reconstruct(Spy(), D10, x0, [2], 0, label=1, guidance=2.0),
-                lambda: interpolate(Spy(), D10, x0, x0, [2], [0.0, 1.0], 0, label=1, guidance=2.0),
-                lambda: shared_latent_samples(Spy(), D10, (1, 4, 4), [5], 2, 0, label=1, guidance=2.0)):
+    net = conditioned(Spy(), 1, 3, 2.0)
+    for run in (lambda: reconstruct(net, D10, x0, [2], 0),
+                lambda: interpolate(net, D10, (x0, x0), [2], [0.0, 1.0], 0),
+                lambda: shared_latent_samples(net, D10, (1, 4, 4), [5], 2, 0)):
         seen.clear()
         run()
         assert seen and all(y == [1, 3] for y in seen)  # class 1 and "no class", in one forward

@@ -29,7 +29,7 @@ from ddpm.io.checkpoint import latest_checkpoint
 from ddpm.network.fast import Precision, autocast, prepare_model, resolve_precision, to_channels_last
 from ddpm.network.unet import UNet, UNetConfig
 from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
-from ddpm.workflows.sample import sample
+from ddpm.workflows.sample import Images, sample
 from helpers import active
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; benchmarks/gpu_check.sh "
@@ -126,8 +126,8 @@ def test_cuda_graph_sampling_equals_eager_sampling():
     net, diffusion = _sampler_setup()
     graphs = prepare_model(copy.deepcopy(net), CUDA, compile="off", cuda_graphs="on")
     plain = prepare_model(copy.deepcopy(net), CUDA, compile="off", cuda_graphs="off")
-    a = sample(graphs, diffusion, (3, 16, 16), seed=5, indices=range(8), device=CUDA)
-    b = sample(plain, diffusion, (3, 16, 16), seed=5, indices=range(8), device=CUDA)
+    a = sample(graphs, diffusion, (3, 16, 16), Images(5, range(8)), device=CUDA)
+    b = sample(plain, diffusion, (3, 16, 16), Images(5, range(8)), device=CUDA)
     assert graphs.cuda_graphs, "the CUDA graph was not used (its capture failed and fell back)"
     assert (a - b).abs().max().item() <= 1e-6
 
@@ -142,9 +142,9 @@ def test_guided_sampling_through_cuda_graphs_equals_eager_guided_sampling():
     graphs = prepare_model(copy.deepcopy(net), CUDA, compile="off", cuda_graphs="on")
     plain = prepare_model(copy.deepcopy(net), CUDA, compile="off", cuda_graphs="off")
     labels = torch.tensor([0, 1, 2, 3, 0, 4])
-    a = sample(graphs, diffusion, (3, 16, 16), seed=5, indices=range(6), device=CUDA, labels=labels, guidance=3.0)
-    b = sample(plain, diffusion, (3, 16, 16), seed=5, indices=range(6), device=CUDA, labels=labels, guidance=3.0)
-    c = sample(plain, diffusion, (3, 16, 16), seed=5, indices=range(6), device=CUDA, labels=labels.roll(1), guidance=3.0)
+    a = sample(graphs, diffusion, (3, 16, 16), Images(5, range(6), labels, 3.0), device=CUDA)
+    b = sample(plain, diffusion, (3, 16, 16), Images(5, range(6), labels, 3.0), device=CUDA)
+    c = sample(plain, diffusion, (3, 16, 16), Images(5, range(6), labels.roll(1), 3.0), device=CUDA)
     assert graphs.cuda_graphs, "the CUDA graph was not used (its capture failed and fell back)"
     assert (a - b).abs().max().item() <= 1e-6 and (b - c).abs().max().item() > 1e-2
 
@@ -152,8 +152,8 @@ def test_guided_sampling_through_cuda_graphs_equals_eager_guided_sampling():
 def test_per_image_seeds_give_the_same_images_at_two_batch_sizes():
     net, diffusion = _sampler_setup()
     model = prepare_model(copy.deepcopy(net), CUDA, compile="off")  # CUDA graphs on; no compile per batch size
-    whole = sample(model, diffusion, (3, 16, 16), seed=3, indices=range(6), device=CUDA)
-    parts = torch.cat([sample(model, diffusion, (3, 16, 16), seed=3, indices=range(i, i + 2), device=CUDA)
+    whole = sample(model, diffusion, (3, 16, 16), Images(3, range(6)), device=CUDA)
+    parts = torch.cat([sample(model, diffusion, (3, 16, 16), Images(3, range(i, i + 2)), device=CUDA)
                        for i in range(0, 6, 2)])
     assert (whole - parts).abs().max().item() <= 2e-3
 

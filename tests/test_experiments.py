@@ -20,8 +20,9 @@ from gaussian_oracle import MU, PAPER_BETAS, S, Oracle
 from ddpm.cli import main
 from ddpm.io.images import read_image
 from ddpm.workflows.experiments import interpolate, progressive_generation, reconstruct, shared_latent_samples
-from ddpm.workflows.nll import evaluate_nll, load_bpd, plot_rate_distortion, rate_distortion
-from ddpm.workflows.sample import sample
+from ddpm.workflows.nll import NLLImages, evaluate_nll, load_bpd, plot_rate_distortion, rate_distortion
+from ddpm.process.sampling import SamplerSpec
+from ddpm.workflows.sample import Images, sample
 
 BETAS = PAPER_BETAS
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +44,7 @@ def oracle_nll(tmp_path_factory):
     out = tmp_path_factory.mktemp("nll")
     images = gaussian_images(32, 16, seed=0)
     d = GaussianDiffusion(make_betas("linear", 1000))
-    summary = evaluate_nll(Oracle(), d, images, batch=32, seed=3, out_dir=out, progress=False)
+    summary = evaluate_nll(Oracle(), d, out, NLLImages(images, 32, 3), progress=False)
     return dict(out=out, images=images, diffusion=d, summary=summary, bpd=load_bpd(out))
 
 
@@ -81,24 +82,24 @@ def test_nll_total_is_the_sum_of_its_parts(oracle_nll):
 def test_nll_does_not_depend_on_the_batch_and_resumes(oracle_nll, tmp_path):
     images, d = oracle_nll["images"][:12], oracle_nll["diffusion"]
     m = Oracle()
-    evaluate_nll(m, d, images, batch=5, seed=3, out_dir=tmp_path, progress=False)
+    evaluate_nll(m, d, tmp_path, NLLImages(images, 5, 3), progress=False)
     assert m.images == 12 * 1000
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["batch-000000.npz", "batch-000005.npz", "batch-000010.npz"]
     # image i's noise comes from (seed, i): the same numbers as in the batch of 32
     torch.testing.assert_close(load_bpd(tmp_path)["vb"], oracle_nll["bpd"]["vb"][:12], rtol=1e-6, atol=1e-7)
 
     m = Oracle()
-    evaluate_nll(m, d, images, batch=5, seed=3, out_dir=tmp_path, progress=False)
+    evaluate_nll(m, d, tmp_path, NLLImages(images, 5, 3), progress=False)
     assert m.images == 0  # every batch was saved
     (tmp_path / "parts" / "batch-000005.npz").unlink()
-    evaluate_nll(m, d, images, batch=4, seed=3, out_dir=tmp_path, progress=False)
+    evaluate_nll(m, d, tmp_path, NLLImages(images, 4, 3), progress=False)
     assert m.images == 5 * 1000  # only the lost batch, in batches of the new size
     torch.testing.assert_close(load_bpd(tmp_path)["vb"], oracle_nll["bpd"]["vb"][:12], rtol=1e-6, atol=1e-7)
 
     with pytest.raises(UserError, match="seed=3"):
-        evaluate_nll(m, d, images, batch=5, seed=4, out_dir=tmp_path, progress=False)
+        evaluate_nll(m, d, tmp_path, NLLImages(images, 5, 4), progress=False)
     with pytest.raises(UserError, match="other images"):
-        evaluate_nll(m, d, 255 - images, batch=5, seed=3, out_dir=tmp_path, progress=False)
+        evaluate_nll(m, d, tmp_path, NLLImages(255 - images, 5, 3), progress=False)
 
 
 # ---------------------------------------------------------------- rate–distortion
@@ -154,20 +155,21 @@ ORACLE20 = Oracle(make_betas("linear", 20, 1e-3, 0.2))
 
 
 def test_progressive_generation_follows_the_sampling_chains():
-    res = progressive_generation(ORACLE20, D20, (1, 8, 8), [20, 11, 1], 3, seed=5)
+    res = progressive_generation(ORACLE20, D20, (1, 8, 8), [20, 11, 1], Images(5, range(3)))
     assert res["pred_x0"].shape == (3, 3, 1, 8, 8)
-    assert torch.equal(res["samples"], sample(ORACLE20, D20, (1, 8, 8), seed=5, indices=range(3), device="cpu"))
+    assert torch.equal(res["samples"], sample(ORACLE20, D20, (1, 8, 8), Images(5, range(3)), device="cpu"))
     # at t = 1 the x̂_0 shown is the network's last prediction, which is also the sample
     # (no noise is added at the last step and the posterior mean from x_1 is x̂_0)
     torch.testing.assert_close(res["pred_x0"][:, 2], res["samples"], rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="not steps of this sampler"):
-        progressive_generation(ORACLE20, D20, (1, 8, 8), [20, 3], 2, seed=5, sampler="ddim", ddim_steps=5)
+        progressive_generation(ORACLE20, D20, (1, 8, 8), [20, 3], Images(5, range(2)),
+                               sampler=SamplerSpec("ddim", steps=5))
 
 
 def test_shared_latent_samples():
     res = shared_latent_samples(ORACLE20, D20, (1, 8, 8), [20, 7, 0], k=3, seed=5)
     assert res["samples"].shape == (3, 3, 1, 8, 8) and res["x_t"].shape == (3, 1, 8, 8)
-    first = sample(ORACLE20, D20, (1, 8, 8), seed=5, indices=[0], device="cpu")[0]
+    first = sample(ORACLE20, D20, (1, 8, 8), Images(5, [0]), device="cpu")[0]
     assert torch.equal(res["x_t"][2], first)  # the shared chain is sample 0 of the seed
     assert all(torch.equal(s, first) for s in res["samples"][2])  # t = 0: nothing left to vary
     for row in (0, 1):  # t > 0: k different continuations
@@ -179,7 +181,7 @@ def test_interpolation_and_reconstruction_at_t0_return_the_inputs():
     a, b = gaussian_images(2, 8, seed=1)
     xa, xb = (x.float() / 127.5 - 1 for x in (a, b))
     m = Oracle(make_betas("linear", 20, 1e-3, 0.2))
-    res = interpolate(m, D20, xa, xb, [0], [0.0, 0.5, 1.0], seed=1)
+    res = interpolate(m, D20, (xa, xb), [0], [0.0, 0.5, 1.0], seed=1)
     assert m.images == 0
     assert torch.equal(res["images"][0, 0], xa) and torch.equal(res["images"][0, 2], xb)
     assert torch.equal(((res["images"][0, 0] + 1) * 127.5).round().to(torch.uint8), a)
@@ -229,7 +231,7 @@ def test_reconstruction_and_interpolation_follow_the_exact_law():
     rec = reconstruct(oracle, d, x0_a, [50, 300, 1000], seed=3, clip_denoised=False)
     for i, t in enumerate(rec["t"]):
         assert_follows_the_law(rec["x0"][i].flatten(), x0_a.flatten(), t, "reconstruction")
-    res = interpolate(oracle, d, x0_a, x0_b, [50], [0.0, 0.5, 1.0], seed=3, clip_denoised=False)
+    res = interpolate(oracle, d, (x0_a, x0_b), [50], [0.0, 0.5, 1.0], seed=3, clip_denoised=False)
     img = res["images"][0]  # [λ, C, H, W]
     assert torch.equal(img[0], rec["x0"][0])  # λ = 0: image a with the reconstruction's noise
     assert_follows_the_law(img[2].flatten(), x0_b.flatten(), 50, "interpolation λ=1 against b")
@@ -239,13 +241,13 @@ def test_reconstruction_and_interpolation_follow_the_exact_law():
 
 def test_interpolation_decodes_each_lambda_with_the_same_noise():
     a, b = (x.float() / 127.5 - 1 for x in gaussian_images(2, 8, seed=1))
-    res = interpolate(ORACLE20, D20, a, b, [5, 20], [0.0, 0.25, 1.0], seed=2)
+    res = interpolate(ORACLE20, D20, (a, b), [5, 20], [0.0, 0.25, 1.0], seed=2)
     assert res["images"].shape == (2, 3, 1, 8, 8)
     rec = reconstruct(ORACLE20, D20, a, [5, 20], seed=2)
     # λ = 0 is image a alone: the same x_t and the same decoding noise as its reconstruction
     assert torch.equal(res["images"][:, 0], rec["x0"])
     with pytest.raises(UserError, match="T=20"):
-        interpolate(ORACLE20, D20, a, b, [21], [0.0], seed=2)
+        interpolate(ORACLE20, D20, (a, b), [21], [0.0], seed=2)
 
 
 def test_load_image_crops_resizes_and_converts(tmp_path):

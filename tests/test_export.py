@@ -19,7 +19,8 @@ from ddpm.network.unet import UNet
 from ddpm.run.config import RunConfig
 from ddpm.run.load import load_run
 from ddpm.workflows.export import export_run
-from ddpm.workflows.sample import ImageNoise, sample
+from ddpm.process.sampling import SamplerSpec
+from ddpm.workflows.sample import ImageNoise, Images, sample
 
 diffusers = pytest.importorskip("diffusers", reason="the export is checked against diffusers (pip install diffusers)")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,7 +60,7 @@ def test_ddpm_pipeline_draws_what_ddpm_sample_draws(tmp_path, monkeypatch, diffu
     loaded = load_run(ckpt)
     _feed(monkeypatch, ImageNoise(4, range(3), "cpu"))
     theirs = pipe(batch_size=3, num_inference_steps=50, output_type="np").images  # [0, 1], NHWC
-    ours = sample(loaded.model, loaded.diffusion, loaded.shape, seed=4, indices=range(3), device="cpu")
+    ours = sample(loaded.model, loaded.diffusion, loaded.shape, Images(4, range(3)), device="cpu")
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.abs(ours - 0.5).max() > 0.1  # real images, not a flat output
     diff = 2 * np.abs(theirs - ours).max()  # on the [-1, 1] scale
@@ -76,8 +77,8 @@ def test_ddim_pipeline_draws_what_ddpm_ddim_draws(tmp_path, monkeypatch):
     _feed(monkeypatch, ImageNoise(1, range(2), "cpu"))
     # ddpm's DDIM recomputes ε̂ from the clipped x̂_0 (docs/MATH.md § Sampling): diffusers' option for that
     theirs = pipe(batch_size=2, num_inference_steps=10, eta=0.0, use_clipped_model_output=True, output_type="np").images
-    ours = sample(loaded.model, loaded.diffusion, loaded.shape, seed=1, indices=range(2), device="cpu", sampler="ddim",
-                  ddim_steps=10)  # uniform spacing: diffusers' "leading"
+    ours = sample(loaded.model, loaded.diffusion, loaded.shape, Images(1, range(2)), device="cpu",
+                  sampler=SamplerSpec("ddim", steps=10))  # uniform spacing: diffusers' "leading"
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert 2 * np.abs(theirs - ours).max() <= 1e-4
 

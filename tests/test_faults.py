@@ -17,6 +17,7 @@ import torch
 from ddpm.io.atomic import TEMP_PREFIX
 from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints
 from ddpm.run.config import resolve_run_config
+from ddpm.run.load import ModelSpec
 from ddpm.workflows.nll import nll_run
 from ddpm.workflows.sample import sample_run
 from ddpm.workflows.train import train
@@ -116,7 +117,7 @@ def sampled_run(tmp_path_factory, npz):
 def test_sampling_killed_half_way_resumes_without_redoing_work(sampled_run, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     base = ["sample", "--run", str(sampled_run), "--n", "12", "--batch", "2", "--seed", "3", "--no-progress"]
-    sample_run(sampled_run, ref, 12, batch=2, seed=3, progress=False)  # the same, here
+    sample_run(ModelSpec(sampled_run), ref, 12, batch=2, seed=3, progress=False)  # the same, here
     assert _killed("png", 5, [*base, "--out", str(out)]) == SIGKILL_RC
     assert len(list(out.glob("0*.png"))) == 5
     r = subprocess.run([PY, "-m", "ddpm", *base, "--out", str(out)], env=ENV, capture_output=True, text=True)
@@ -129,7 +130,7 @@ def test_nll_killed_half_way_resumes_without_redoing_work(sampled_run, npz, tmp_
     ref, out = tmp_path / "ref", tmp_path / "out"
     base = ["nll", "--run", str(sampled_run), "--data", str(npz), "--split", "train", "--n", "8", "--batch", "2",
             "--no-progress"]
-    nll_run(sampled_run, str(npz), ref, split="train", n=8, batch=2, progress=False)  # the same, here
+    nll_run(ModelSpec(sampled_run), str(npz), ref, split="train", n=8, batch=2, progress=False)  # the same, here
     assert _killed("part", 2, [*base, "--out", str(out)]) == SIGKILL_RC
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("batch-*.npz")}
     assert len(kept) == 2

@@ -24,6 +24,7 @@ from ddpm.io.loader import Prefetcher
 from ddpm.io.prepared import MANIFEST_NAME, STATE_NAME, PreparedSet, cache_root, open_data, prepare
 from ddpm.io.checkpoint import latest_checkpoint
 from ddpm.run.config import RunConfig
+from ddpm.run.load import ModelSpec
 from ddpm.workflows.sample import sample_run
 from ddpm.workflows.train import DataOrder, train
 from helpers import assert_states_equal
@@ -168,7 +169,7 @@ def test_training_on_prepared_data_equals_memory_and_resumes_bit_for_bit(folder,
     assert_states_equal(b, c)
     assert a["data"]["sha256"] == b["data"]["sha256"] == p.fingerprint()  # the placement does not change it
     # the non-square run samples at its own size
-    res = sample_run(tmp_path / "prep", tmp_path / "samples", 2, batch=2, device="cpu", progress=False)
+    res = sample_run(ModelSpec(tmp_path / "prep", device="cpu"), tmp_path / "samples", 2, batch=2, progress=False)
     with np.load(res["npz"]) as z:
         assert z["x"].shape == (2, H, W, 3)  # NHWC, as image files are
 

@@ -173,14 +173,15 @@ def test_rate_distortion_never_writes_into_a_users_folder(tmp_path, capsys):
 
 def test_eval_never_takes_a_users_folder_for_an_evaluation(run, tmp_path):
     """A folder with an eval.json and a samples/ folder of the user's is not an evaluation of ddpm's."""
-    from ddpm.workflows.evaluate import evaluate_run
+    from ddpm.run.load import ModelSpec
+    from ddpm.workflows.evaluate import EvalSpec, evaluate_run
     mine = tmp_path / "ev"
     (mine / "samples").mkdir(parents=True)
     (mine / "samples" / "0.png").write_bytes(b"my picture")
     (mine / "eval.json").write_text('{"fid": 1.0}')
     before = snapshot(mine)
     with pytest.raises(UserError, match="eval.json"):
-        evaluate_run(run, 2, out_dir=mine, batch=2, bpd_n=0, progress=False)
+        evaluate_run(ModelSpec(run), EvalSpec(n=2, batch=2, bpd_n=0), out_dir=mine, progress=False)
     assert snapshot(mine) == before
 
 

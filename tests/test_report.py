@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ddpm.cli import main
-from ddpm.workflows.nll import evaluate_nll
+from ddpm.workflows.nll import NLLImages, evaluate_nll
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def report(tmp_path_factory):
     loaded = load_run(run)
     ev = run / "eval" / loaded.checkpoint.stem
     images = torch.from_numpy(np.load(data)["x"][:2, None])
-    evaluate_nll(loaded.model, loaded.diffusion, images, 2, 0, ev / "nll", progress=False, labels=torch.tensor([0, 1]))
+    evaluate_nll(loaded.model, loaded.diffusion, ev / "nll", NLLImages(images, 2, 0, torch.tensor([0, 1])), progress=False)
     (ev / "eval.json").write_text(json.dumps(dict(n_samples=50, fid=dict(train=123.4, test=None),
                                                   inception_score=dict(is_mean=1.5, is_std=0.1))))
     # FID during training: the records train.fid_every appends to metrics.jsonl (Inception's weights

@@ -22,7 +22,8 @@ from ddpm import GaussianDiffusion, UserError, make_betas
 from gaussian_oracle import MU, PAPER_BETAS, S, oracle_for
 from ddpm.io.distributed import shard
 from ddpm.process.diffusion import ddim_timesteps
-from ddpm.workflows.sample import ImageNoise, sample, sample_to_dir
+from ddpm.process.sampling import SamplerSpec
+from ddpm.workflows.sample import ImageNoise, Images, Loop, SampleSet, sample, sample_to_dir
 
 
 
@@ -95,9 +96,10 @@ def test_samplers_with_the_oracle_follow_the_exact_law(sampler, steps, eta, spac
     if sampler == "ancestral":
         opts, ts = dict(sampler=sampler), range(1000, -1, -1)
     else:
-        opts, ts = dict(sampler=sampler, ddim_steps=steps, ddim_eta=eta, ddim_spacing=spacing), ddim_timesteps(1000, steps, spacing)
+        opts, ts = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing), ddim_timesteps(1000, steps, spacing)
     m, V = exact_law(ts, sampler, eta, var_type)
-    x = sample(oracle_for(BETAS), d, SHAPE, seed=11, indices=range(N_IMG), device="cpu", clip_denoised=False, **opts).double()
+    x = sample(oracle_for(BETAS), d, SHAPE, Images(11, range(N_IMG)), device="cpu",
+               sampler=SamplerSpec(clip_denoised=False, **opts)).double()
     mean, var = x.mean().item(), x.var().item()
     print(f"{sampler} {steps} η={eta} {spacing} {var_type}: mean {mean:.4f} (law {m:.4f}, data {MU}), "
           f"var/s² {var / S**2:.4f} (law {V / S**2:.4f})")
@@ -135,9 +137,9 @@ def test_ddim_eta_0_is_deterministic_given_x_T(paper_diffusion):
 
 def test_image_i_depends_only_on_seed_and_i():
     d, model = GaussianDiffusion(BETAS[::50] * 50), oracle_for(BETAS[::50] * 50)  # 20 steps will do
-    whole = sample(model, d, SHAPE, seed=3, indices=range(6), device="cpu")
-    parts = torch.cat([sample(model, d, SHAPE, seed=3, indices=[5, 2], device="cpu")[[1, 0]],
-                       sample(model, d, SHAPE, seed=3, indices=[0, 1, 3, 4], device="cpu")])
+    whole = sample(model, d, SHAPE, Images(3, range(6)), device="cpu")
+    parts = torch.cat([sample(model, d, SHAPE, Images(3, [5, 2]), device="cpu")[[1, 0]],
+                       sample(model, d, SHAPE, Images(3, [0, 1, 3, 4]), device="cpu")])
     assert torch.equal(whole[[2, 5, 0, 1, 3, 4]], parts)
 
 
@@ -147,8 +149,8 @@ def test_noise_drawn_ahead_on_a_thread_gives_the_same_samples():
     betas = BETAS[::50] * 50
     d, model = GaussianDiffusion(betas), oracle_for(betas)
     for sampler in ("ancestral", "ddim"):
-        a, b = (sample(model, d, SHAPE, seed=6, indices=range(3), device="cpu", sampler=sampler, ddim_steps=5,
-                       ddim_eta=1.0, prefetch_noise=p) for p in (False, True))
+        a, b = (sample(model, d, SHAPE, Images(6, range(3)), device="cpu", sampler=SamplerSpec(sampler, steps=5, eta=1.0),
+                       loop=Loop(prefetch_noise=p)) for p in (False, True))
         assert torch.equal(a, b), sampler
 
 
@@ -168,7 +170,7 @@ def test_denoising_from_T_is_algorithm_2():
     d, model = GaussianDiffusion(betas), oracle_for(betas)
     noise = ImageNoise(4, range(3), "cpu")
     x_T = noise(torch.Size((3, *SHAPE)))
-    assert torch.equal(d.p_sample_loop(model, x_t=x_T, t=20, noise_fn=noise), sample(model, d, SHAPE, seed=4, indices=range(3), device="cpu"))
+    assert torch.equal(d.p_sample_loop(model, x_t=x_T, t=20, noise_fn=noise), sample(model, d, SHAPE, Images(4, range(3)), device="cpu"))
 
 
 # ---------------------------------------------------------------- sample sets on disk
@@ -193,9 +195,9 @@ def _pngs(d):
 
 def test_sample_to_dir_is_independent_of_batch_size_and_resumes(tmp_path):
     m = Counting()
-    a = sample_to_dir(m, D20, tmp_path / "a", 10, 3, seed=7, shape=SMALL, progress=False)
+    a = sample_to_dir(m, D20, tmp_path / "a", SampleSet(SMALL, 10, 7, 3), progress=False)
     assert a["generated"] == 10 and m.images == 10 * 20
-    sample_to_dir(Counting(), D20, tmp_path / "b", 10, 4, seed=7, shape=SMALL, progress=False)
+    sample_to_dir(Counting(), D20, tmp_path / "b", SampleSet(SMALL, 10, 7, 4), progress=False)
     assert _pngs(tmp_path / "a") == _pngs(tmp_path / "b") == [f"{i:06d}.png" for i in range(10)]
     za, zb = np.load(tmp_path / "a" / "samples.npz"), np.load(tmp_path / "b" / "samples.npz")
     assert za["x"].dtype == np.uint8 and za["x"].shape == (10, 8, 8, 3)
@@ -208,34 +210,34 @@ def test_sample_to_dir_is_independent_of_batch_size_and_resumes(tmp_path):
     (tmp_path / "a" / "000009.png").unlink()
     (tmp_path / "a" / "000005.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     m = Counting()
-    res = sample_to_dir(m, D20, tmp_path / "a", 12, 5, seed=7, shape=SMALL, progress=False)
+    res = sample_to_dir(m, D20, tmp_path / "a", SampleSet(SMALL, 12, 7, 5), progress=False)
     assert res["generated"] == 5 and res["skipped"] == 7 and m.images == 5 * 20  # 2, 5, 9, 10, 11
     z = np.load(tmp_path / "a" / "samples.npz")
     assert np.array_equal(z["x"][:10], zb["x"])
 
     m = Counting()
-    assert sample_to_dir(m, D20, tmp_path / "a", 12, 5, seed=7, shape=SMALL, progress=False)["generated"] == 0
+    assert sample_to_dir(m, D20, tmp_path / "a", SampleSet(SMALL, 12, 7, 5), progress=False)["generated"] == 0
     assert m.images == 0
 
 
 def test_sample_to_dir_refuses_to_mix_settings(tmp_path):
-    sample_to_dir(Counting(), D20, tmp_path, 2, 2, seed=1, shape=SMALL, progress=False)
+    sample_to_dir(Counting(), D20, tmp_path, SampleSet(SMALL, 2, 1, 2), progress=False)
     with pytest.raises(UserError, match="seed=1"):
-        sample_to_dir(Counting(), D20, tmp_path, 2, 2, seed=2, shape=SMALL, progress=False)
+        sample_to_dir(Counting(), D20, tmp_path, SampleSet(SMALL, 2, 2, 2), progress=False)
     with pytest.raises(UserError, match="sampler"):
-        sample_to_dir(Counting(), D20, tmp_path, 2, 2, seed=1, shape=SMALL, progress=False, sampler="ddim", ddim_steps=5)
+        sample_to_dir(Counting(), D20, tmp_path, SampleSet(SMALL, 2, 1, 2), progress=False, sampler=SamplerSpec("ddim", steps=5))
 
 
 def test_ddim_sample_set_and_bad_options(tmp_path):
     m = Counting()
-    sample_to_dir(m, D20, tmp_path, 3, 3, seed=0, shape=SMALL, progress=False, sampler="ddim", ddim_steps=5)
+    sample_to_dir(m, D20, tmp_path, SampleSet(SMALL, 3, 0, 3), progress=False, sampler=SamplerSpec("ddim", steps=5))
     assert m.images == 3 * 5
     with pytest.raises(UserError, match="between 1 and T"):
-        sample_to_dir(m, D20, tmp_path / "x", 3, 3, seed=0, shape=SMALL, progress=False, sampler="ddim", ddim_steps=50)
+        sample_to_dir(m, D20, tmp_path / "x", SampleSet(SMALL, 3, 0, 3), progress=False, sampler=SamplerSpec("ddim", steps=50))
     with pytest.raises(UserError, match="sampler"):
-        sample_to_dir(m, D20, tmp_path / "y", 3, 3, seed=0, shape=SMALL, progress=False, sampler="euler")
+        sample_to_dir(m, D20, tmp_path / "y", SampleSet(SMALL, 3, 0, 3), progress=False, sampler=SamplerSpec("euler"))
     with pytest.raises(UserError, match="n=0"):
-        sample_to_dir(m, D20, tmp_path / "z", 0, 3, seed=0, shape=SMALL, progress=False)
+        sample_to_dir(m, D20, tmp_path / "z", SampleSet(SMALL, 0, 0, 3), progress=False)
 
 
 def test_shards_cover_every_index_once():
@@ -249,14 +251,14 @@ _RANK_SCRIPT = textwrap.dedent("""
     import sys, torch
     from ddpm import GaussianDiffusion, make_betas
     from ddpm.io.distributed import init
-    from ddpm.workflows.sample import sample_to_dir
+    from ddpm.workflows.sample import SampleSet, sample_to_dir
     calls = []
     def model(x, t):
         calls.append(x.shape[0])
         return 0.3 * torch.tanh(x) + 0.01 * t.view(-1, 1, 1, 1).to(x)
     d = GaussianDiffusion(make_betas("linear", 20, 1e-3, 0.2))
     info = init("cpu")
-    sample_to_dir(model, d, sys.argv[1], 11, 2, seed=7, shape=(3, 8, 8), dist=info, progress=False)
+    sample_to_dir(model, d, sys.argv[1], SampleSet((3, 8, 8), 11, 7, 2), dist=info, progress=False)
     open(f"{sys.argv[1]}.rank{info.rank}", "w").write(str(sum(calls) // 20))  # a file each: stdout may interleave
 """)
 
@@ -264,9 +266,9 @@ _RANK_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_torchrun_ranks_split_the_missing_indices(tmp_path):
     ref = tmp_path / "ref"
-    sample_to_dir(Counting(), D20, ref, 11, 5, seed=7, shape=SMALL, progress=False)
+    sample_to_dir(Counting(), D20, ref, SampleSet(SMALL, 11, 7, 5), progress=False)
     out = tmp_path / "two"
-    sample_to_dir(Counting(), D20, out, 3, 3, seed=7, shape=SMALL, progress=False)  # 0, 1, 2 already there
+    sample_to_dir(Counting(), D20, out, SampleSet(SMALL, 3, 7, 3), progress=False)  # 0, 1, 2 already there
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")

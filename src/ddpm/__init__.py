@@ -5,8 +5,14 @@ Everything the command line does is one call from here:
     import ddpm
     ddpm.train("runs/demo", ddpm.RunConfig.from_preset("demo"))           # resumable
     loaded = ddpm.load_run("runs/demo", weights="ema")
-    x = ddpm.sample(loaded.model, loaded.diffusion, loaded.shape, seed=0, indices=range(16), device="cpu")
-    # a class-conditional run: x = ddpm.sample(..., labels=torch.tensor([3] * 16), guidance=3.0)
+    x = ddpm.sample(loaded.model, loaded.diffusion, loaded.shape, ddpm.Images(seed=0, indices=range(16)), device="cpu")
+    # a class-conditional run: ddpm.Images(0, range(16), labels=torch.tensor([3] * 16), guidance=3.0);
+    # DDIM: ddpm.sample(..., sampler=ddpm.SamplerSpec("ddim", steps=50))
+    ddpm.sample_run(ddpm.ModelSpec("runs/demo"), "samples/", 64)            # what `ddpm sample` does
+
+The options that travel together are typed, frozen configs, checked when built: `ModelSpec`
+(which run, weights, device, fast paths, precision), `SamplerSpec` (sampler, steps, η, spacing,
+clipping), `GuidanceSpec` (classes, weight), `InceptionSpec`, `EvalSpec`.
 
 The package is built in layers, each importing only from the ones below it (docs/LAYERS.md):
 process (the paper's equations) → network (the U-Net and how it runs) → io (files, data,
@@ -18,6 +24,7 @@ from .errors import UserError
 from .io.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_weights
 from .io.data import DataConfig, ImageSet, load_images
 from .io.inception_weights import load_inception
+from .io.results import Provenance
 from .io.weights import convert_file, read_unet, write_unet
 from .network.fast import prepare_model
 from .network.interop import unet_from_diffusers, unet_to_diffusers
@@ -25,19 +32,22 @@ from .network.unet import UNet, UNetConfig
 from .process.diffusion import DiffusionConfig, GaussianDiffusion, LossType, MeanType, VarType, ddim_timesteps
 from .process.guidance import Guided
 from .process.scaling import to_model_range, to_uint8
+from .process.sampling import Sampler, SamplerSpec
 from .process.schedules import SCHEDULES, Schedule, make_betas
 from .run.config import RunConfig, TrainConfig, model_config, resolve_run_config
-from .run.load import LoadedRun, load_run
+from .run.load import LoadedRun, ModelSpec, load_run
+from .run.options import ClassChoice, GuidanceSpec, InceptionSpec
 from .run.presets import PRESETS
 from .version import __version__
 from .workflows.demo import run_demo
-from .workflows.evaluate import compare, evaluate_run, fid_report, memorization_check
+from .workflows.evaluate import EvalSpec, compare, evaluate_run, fid_report, memorization_check
 from .workflows.experiments import (interpolate, interpolate_run, progressive_generation, progressive_run, reconstruct,
                                     reconstruct_run, shared_latent_samples, shared_run)
 from .workflows.fid import FIDStats, frechet_distance, inception_score, load_stats, save_stats
 from .workflows.metrics import kid, nearest_neighbours, precision_recall
-from .workflows.nll import evaluate_nll, load_bpd, nll_run, rate_distortion, rate_distortion_run
-from .workflows.sample import ClassChoice, ImageNoise, proportional_labels, sample, sample_labels, sample_run, sample_to_dir
+from .workflows.nll import NLLImages, evaluate_nll, load_bpd, nll_run, rate_distortion, rate_distortion_run
+from .workflows.sample import (ImageNoise, Images, Loop, SampleSet, proportional_labels, sample, sample_labels, sample_run,
+                               sample_to_dir)
 from .workflows.train import train
 
 __all__ = [
@@ -51,5 +61,6 @@ __all__ = [
     "reconstruct", "reconstruct_run", "shared_latent_samples", "shared_run", "FIDStats", "frechet_distance",
     "inception_score", "load_stats", "save_stats", "evaluate_nll", "load_bpd", "nll_run", "rate_distortion",
     "rate_distortion_run", "ClassChoice", "ImageNoise", "proportional_labels", "sample", "sample_labels", "sample_run",
-    "sample_to_dir", "train",
+    "sample_to_dir", "train", "Sampler", "SamplerSpec", "ModelSpec", "GuidanceSpec", "InceptionSpec", "EvalSpec",
+    "Images", "Loop", "SampleSet", "NLLImages", "Provenance",
 ]

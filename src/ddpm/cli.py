@@ -35,17 +35,20 @@ from .io.streaming import check_stream_out, write_stream
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .io.inception_weights import ARCHIVE_NAME, OFFICIAL, PACKAGE, WEIGHTS_NAME
 from .network.unet import summary
+from .process.sampling import SamplerSpec
 from .run.config import model_config, resolve_run_config
 from .run.folder import read_run_record
+from .run.load import ModelSpec
+from .run.options import ClassChoice, GuidanceSpec, InceptionSpec
 from .run.presets import PRESETS
 from .workflows.demo import run_demo
-from .workflows.evaluate import evaluate_run, fid_ref_run, fid_run
+from .workflows.evaluate import EvalSpec, evaluate_run, fid_ref_run, fid_run
 from .workflows.export import export_run
 from .workflows.experiments import interpolate_run, progressive_run, reconstruct_run, shared_run
 from .workflows.nll import nll_run, rate_distortion_run
 from .workflows.plan import plan_eval, plan_sample, plan_train
 from .workflows.report import write_report
-from .workflows.sample import ClassChoice, sample_run
+from .workflows.sample import sample_run
 from .workflows.train import train
 
 _COMMANDS: dict[str, tuple] = {}
@@ -177,7 +180,8 @@ def _model_args(p, seed: bool = True, required: bool = True):
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--run", metavar="RUN_DIR", help="a run directory (its newest valid checkpoint is used)")
     src.add_argument("--checkpoint", metavar="FILE", help="a checkpoint file (ckpt-*.safetensors)")
-    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA weights (the paper's, default) or the trained ones")
+    p.add_argument("--weights", default=ModelSpec.weights.value, choices=("ema", "model"),
+                   help="EMA weights (the paper's, default) or the trained ones")
     _device_arg(p)
     _fast_arg(p)
     _precision_arg(p)
@@ -189,29 +193,28 @@ def _model_args(p, seed: bool = True, required: bool = True):
 
 
 def _device_arg(p):
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default=ModelSpec.device.value, choices=("auto", "cpu", "cuda"))
 
 
 def _fast_arg(p):
-    p.add_argument("--fast", default="auto", choices=("auto", "off"),
+    p.add_argument("--fast", default=ModelSpec.fast.value, choices=("auto", "off"),
                    help="the device's fast paths for the network (ddpm.network.fast: CPU Winograd and channels_last; "
                         "CUDA channels_last, torch.compile and CUDA graphs), or off: fp32 eager (default auto)")
 
 
 def _precision_arg(p):
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+    p.add_argument("--precision", default=ModelSpec.precision.value, choices=("fp32", "bf16", "auto"),
                    help="what the network computes in: fp32 (default, the paper's), bf16 (autocast; the diffusion math "
                         "stays in fp32), or auto: bf16 where the device computes it natively (a CPU with AVX512-BF16 "
                         "or AMX, a GPU with bf16 tensor cores), else fp32. Recorded with the model in the results")
 
 
-def _model_opts(args) -> dict:
-    return dict(weights=args.weights, device=args.device, fast=args.fast, precision=args.precision,
-                progress=not args.no_progress)
+def _model_spec(args) -> ModelSpec:
+    return ModelSpec(args.run or args.checkpoint, args.weights, args.device, args.fast, args.precision)
 
 
 def _sampler_args(p):
-    p.add_argument("--sampler", default="ancestral", help="ancestral (Algorithm 2, default) or ddim")
+    p.add_argument("--sampler", default=SamplerSpec.sampler.value, help="ancestral (Algorithm 2, default) or ddim")
     p.add_argument("--ddim-steps", type=int, default=None, metavar="K", help="with --sampler ddim: network "
                                                                              "evaluations (default 50)")
     p.add_argument("--eta", type=float, default=None, help="with --sampler ddim: DDIM's η, 0 deterministic (default), "
@@ -220,16 +223,17 @@ def _sampler_args(p):
                                                    "quad")
 
 
-DDIM_DEFAULTS = dict(ddim_steps=50, eta=0.0, spacing="uniform")
+# The DDIM flags, by the SamplerSpec field each sets; a flag not given leaves the spec's default.
+DDIM_FLAGS = dict(ddim_steps="steps", eta="eta", spacing="spacing")
 
 
-def _sampler_opts(args) -> dict:
-    given = [f"--{k.replace('_', '-')}" for k in DDIM_DEFAULTS if getattr(args, k) is not None]
+def _sampler_spec(args) -> SamplerSpec:
+    given = {field: getattr(args, dest) for dest, field in DDIM_FLAGS.items() if getattr(args, dest) is not None}
     if given and args.sampler != "ddim":
-        raise UserError(f"{', '.join(given)}: for --sampler ddim only; add --sampler ddim, or leave "
-                        f"{'them' if len(given) > 1 else 'it'} out")
-    v = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in DDIM_DEFAULTS.items()}
-    return dict(sampler=args.sampler, ddim_steps=v["ddim_steps"], ddim_eta=v["eta"], ddim_spacing=v["spacing"])
+        flags = [f"--{dest.replace('_', '-')}" for dest, field in DDIM_FLAGS.items() if field in given]
+        raise UserError(f"{', '.join(flags)}: for --sampler ddim only; add --sampler ddim, or leave "
+                        f"{'them' if len(flags) > 1 else 'it'} out")
+    return SamplerSpec(args.sampler, **given)
 
 
 GUIDANCE_HELP = ("classifier-free guidance weight w of a class-conditional model: ε̃ = ε(x, ∅) + w·(ε(x, c) − ε(x, ∅)); "
@@ -247,7 +251,7 @@ def _class_args(p, several: bool = True):
         p.add_argument("--per-class", type=int, default=None, metavar="N",
                        help="N images of each class, class by class (all classes, or --classes); replaces --n. "
                             "Default for a conditional model: classes in the training set's proportions")
-    p.add_argument("--guidance", type=float, default=1.0, metavar="W", help=GUIDANCE_HELP)
+    p.add_argument("--guidance", type=float, default=GuidanceSpec.weight, metavar="W", help=GUIDANCE_HELP)
 
 
 def _class_choice(args) -> ClassChoice:
@@ -257,6 +261,10 @@ def _class_choice(args) -> ClassChoice:
         if not classes:
             raise UserError("--classes is empty; give class indices or names, e.g. --classes 0,3,7")
     return ClassChoice(args.class_, classes, getattr(args, "per_class", None))
+
+
+def _guidance(args) -> GuidanceSpec:
+    return GuidanceSpec(_class_choice(args), args.guidance)
 
 
 def _data_args(p, required: bool = True):
@@ -276,15 +284,15 @@ def _inception_args(p):
                    help=f"'{OFFICIAL}' (default): the weights must be one of the official files, by their pinned "
                         "sha256; HEX: the file's sha256 must start with HEX (your own weights); 'none' skips the "
                         "check (recorded)")
-    p.add_argument("--inception-batch", type=int, default=100, metavar="B", help="images per Inception forward, per process")
+    p.add_argument("--inception-batch", type=int, default=InceptionSpec.batch, metavar="B",
+                   help="images per Inception forward, per process")
     _device_arg(p)
     p.add_argument("--no-progress", action="store_true")
 
 
-def _inception_opts(args) -> dict:
+def _inception_spec(args) -> InceptionSpec:
     sha = None if str(args.inception_sha256).lower() == "none" else args.inception_sha256
-    return dict(weights=args.inception_weights, expected_sha256=sha, batch=args.inception_batch, device=args.device,
-                progress=not args.no_progress)
+    return InceptionSpec(args.inception_weights, sha, args.inception_batch)
 
 
 def _dry_run_arg(p):
@@ -344,7 +352,8 @@ def _export_args(p):
     p.add_argument("run", metavar="RUN", help="a run directory (its newest valid checkpoint) or a checkpoint file")
     p.add_argument("out", metavar="OUT", help="the folder to write (new or empty, or an earlier export)")
     p.add_argument("--to", default="diffusers", choices=("diffusers",), help="diffusers: a DDPMPipeline folder (default)")
-    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA weights (default) or the trained ones")
+    p.add_argument("--weights", default=ModelSpec.weights.value, choices=("ema", "model"),
+                   help="EMA weights (default) or the trained ones")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="then upload the folder to the Hugging Face Hub (needs huggingface_hub and a login)")
     p.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository (default private)")
@@ -500,10 +509,10 @@ def cmd_sample(args):
     if args.dry_run:
         _say(*plan_sample(args.run or args.checkpoint, args.out, args.n, classes=_class_choice(args),
                           guidance=args.guidance, weights=args.weights, device=args.device, precision=args.precision,
-                          **_sampler_opts(args)))
+                          **_sampler_spec(args).record(clip=False, unused=True)))
         return
-    res = sample_run(args.run or args.checkpoint, args.out, args.n, batch=args.batch, seed=args.seed,
-                     classes=_class_choice(args), guidance=args.guidance, **_model_opts(args), **_sampler_opts(args))
+    res = sample_run(_model_spec(args), args.out, args.n, batch=args.batch, seed=args.seed, sampler=_sampler_spec(args),
+                     guidance=_guidance(args), progress=not args.no_progress)
     cond = f", classes {res['classes'].get('classes')}, guidance {res['guidance']:g}" if "classes" in res else ""
     _say(f"sampled {res['generated']} images ({res['skipped']} already there) with {args.sampler}, seed {args.seed}"
          f"{cond}: {res['n']} PNGs in {res['out_dir']}, {res['npz']}, {res['grid']}")
@@ -517,8 +526,8 @@ def _nll_args(p):
 @command("nll", "bits/dim of the true bound (eq. 5) on test images, with its parts L_T, Σ L_t, L_0; run again to "
                 "resume", _nll_args)
 def cmd_nll(args):
-    s = nll_run(args.run or args.checkpoint, args.data, args.out, split=args.split, n=args.n, batch=args.batch,
-                seed=args.seed, **_model_opts(args))
+    s = nll_run(_model_spec(args), args.data, args.out, split=args.split, n=args.n, batch=args.batch, seed=args.seed,
+                progress=not args.no_progress)
     _say(f"NLL on {s['n']} images: {s['total_bpd']:.4f} ± {s['total_bpd_stderr']:.4f} bits/dim = prior L_T "
          f"{s['prior_bpd']:.3e} + L_1 … L_(T-1) {s['diffusion_bpd']:.4f} + decoder L_0 {s['decoder_bpd']:.4f}",
          f"wrote summary.json, per_image.csv, per_t.csv, bpd.npz in {args.out}")
@@ -534,8 +543,10 @@ def _rd_args(p):
 @command("rate-distortion", "progressive lossy compression (Fig. 5): rate and distortion at every t, CSV and plot; "
                             "evaluates bits/dim into --out first (resumable), or reuses --from-nll DIR", _rd_args)
 def cmd_rate_distortion(args):
-    rd = rate_distortion_run(args.out, from_nll=args.from_nll, run=args.run or args.checkpoint, data=args.data,
-                             split=args.split, n=args.n, batch=args.batch, seed=args.seed, **_model_opts(args))
+    model = _model_spec(args) if (args.run or args.checkpoint) is not None else None
+    rd = rate_distortion_run(args.out, from_nll=args.from_nll, model=model, data=args.data,
+                             nll=dict(split=args.split, n=args.n, batch=args.batch, seed=args.seed),
+                             progress=not args.no_progress)
     if rd is not None:
         T = len(rd["t"])
         print(f"rate at t={T} (prior L_T): {rd['rate'][0]:.4g} bits/dim, distortion RMSE {rd['distortion_rmse'][0]:.3f}")
@@ -559,16 +570,15 @@ def _progressive_args(p):
 @command("progressive", "x̂_0 along sampling chains (Fig. 6), or samples sharing one x_t with --share-t (Fig. 7)",
          _progressive_args)
 def cmd_progressive(args):
-    source = args.run or args.checkpoint
     if args.share_t is not None:
-        res = shared_run(source, args.out, _ints(args.share_t, "--share-t"), k=args.k, seed=args.seed,
-                         class_=args.class_, guidance=args.guidance, **_model_opts(args))
+        res = shared_run(_model_spec(args), args.out, _ints(args.share_t, "--share-t"), k=args.k, seed=args.seed,
+                         guidance=_guidance(args), progress=not args.no_progress)
         _say(f"{args.k} samples from each shared x_t, t = {', '.join(map(str, res['share_t']))} (rows; first column "
              f"x_t): wrote {res['png']} and {res['npz']}")
         return
     times = _ints(args.times, "--times") if args.times else None
-    res = progressive_run(source, args.out, n_chains=args.n_chains, times=times, seed=args.seed, class_=args.class_,
-                          guidance=args.guidance, **_model_opts(args), **_sampler_opts(args))
+    res = progressive_run(_model_spec(args), args.out, n_chains=args.n_chains, times=times, seed=args.seed,
+                          sampler=_sampler_spec(args), guidance=_guidance(args), progress=not args.no_progress)
     _say(f"x̂_0 of {args.n_chains} chains (rows) predicted from x_t at t = {', '.join(map(str, res['times']))} "
          f"(columns): wrote {res['png']} and {res['npz']}")
 
@@ -586,8 +596,8 @@ def _interpolate_args(p):
 @command("interpolate", "interpolate two images in x_t and decode (Fig. 8); several --t give the coarse-to-fine figure",
          _interpolate_args)
 def cmd_interpolate(args):
-    res = interpolate_run(args.run or args.checkpoint, args.a, args.b, args.out, t=_ints(args.t, "--t"), steps=args.steps,
-                          seed=args.seed, class_=args.class_, guidance=args.guidance, **_model_opts(args))
+    res = interpolate_run(_model_spec(args), (args.a, args.b), args.out, t=_ints(args.t, "--t"), steps=args.steps,
+                          seed=args.seed, guidance=_guidance(args), progress=not args.no_progress)
     _say(f"interpolated at t = {', '.join(map(str, res['t']))} (rows) over λ = 0 … 1 in {args.steps} steps "
          f"(columns, between the two inputs): wrote {res['png']} and {res['npz']}")
 
@@ -601,8 +611,8 @@ def _reconstruct_args(p):
 
 @command("reconstruct", "noise one image to x_t and bring it back, for several t", _reconstruct_args)
 def cmd_reconstruct(args):
-    res = reconstruct_run(args.run or args.checkpoint, args.image, args.out, t=_ints(args.t, "--t"), seed=args.seed,
-                          class_=args.class_, guidance=args.guidance, **_model_opts(args))
+    res = reconstruct_run(_model_spec(args), args.image, args.out, t=_ints(args.t, "--t"), seed=args.seed,
+                          guidance=_guidance(args), progress=not args.no_progress)
     _say(f"reconstructed from t = {', '.join(map(str, res['t']))} (columns; top x_t, bottom reconstruction): "
          f"wrote {res['png']} and {res['npz']}")
 
@@ -627,7 +637,8 @@ def _fid_ref_args(p):
 def cmd_fid_ref(args):
     data = DataConfig(source=args.data, split=args.split, resolution=args.resolution, channels=args.channels,
                       crop=args.crop)
-    p = fid_ref_run(data, args.out, **_inception_opts(args)).provenance
+    p = fid_ref_run(data, args.out, inception=_inception_spec(args), device=args.device,
+                    progress=not args.no_progress).provenance
     is_ = f"the data's own IS {p['is_mean']:.3f} ± {p['is_std']:.3f}" if "is_mean" in p else "no IS (pool-3 weights)"
     _say(f"wrote {args.out}: {p['n_images']} images of {p['source_description']} (sha256 {p['data_sha256'][:12]}…), "
          f"{p['features_kept']} of them with their features; Inception weights sha256 "
@@ -650,7 +661,8 @@ def _fid_args(p):
 @command("fid", "FID of samples (a folder of PNGs or an .npz of uint8) against reference statistics, and their IS",
          _fid_args)
 def cmd_fid(args):
-    rep = fid_run(args.samples, args.ref, out=args.out, **_inception_opts(args))
+    rep = fid_run(args.samples, args.ref, out=args.out, inception=_inception_spec(args), device=args.device,
+                  progress=not args.no_progress)
     n = rep["samples"]["n_images"]
     for ref, v in rep["fid"].items():
         _say(f"FID {v:.4f}  {_kid_pr(rep['kid'][ref], rep['precision_recall'][ref])}  ({n} samples against {ref})")
@@ -665,18 +677,18 @@ def cmd_fid(args):
 
 def _eval_args(p):
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory (its newest checkpoint) or a checkpoint file")
-    p.add_argument("--n", type=int, default=50_000, help="samples (default 50,000, the paper's protocol)")
-    p.add_argument("--batch", type=int, default=256, help="samples per forward pass, per process")
-    p.add_argument("--seed", type=int, default=0, help="sample i always comes from seed (SEED, i)")
-    p.add_argument("--seed-sets", type=int, default=1, metavar="K",
+    p.add_argument("--n", type=int, default=EvalSpec.n, help="samples (default 50,000, the paper's protocol)")
+    p.add_argument("--batch", type=int, default=EvalSpec.batch, help="samples per forward pass, per process")
+    p.add_argument("--seed", type=int, default=EvalSpec.seed, help="sample i always comes from seed (SEED, i)")
+    p.add_argument("--seed-sets", type=int, default=EvalSpec.seed_sets, metavar="K",
                    help="draw K disjoint sets of N samples (images k·N … (k+1)·N − 1) and report FID mean ± std over "
                         "them (default 1)")
     p.add_argument("--out", default=None, metavar="DIR", help="default RUN_DIR/eval/<checkpoint name>")
     p.add_argument("--ref-train", default=None, metavar="STATS.npz", help="default: computed from the run's data, cached in RUN_DIR/eval")
     p.add_argument("--ref-test", default=None, metavar="STATS.npz", help="default: computed from the run's data, cached in RUN_DIR/eval")
     p.add_argument("--bpd-n", type=int, default=None, help="bits/dim of the first N test images (default all; 0 skips)")
-    p.add_argument("--bpd-batch", type=int, default=64)
-    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
+    p.add_argument("--bpd-batch", type=int, default=EvalSpec.bpd_batch)
+    p.add_argument("--guidance", type=float, default=GuidanceSpec.weight, metavar="W",
                    help=GUIDANCE_HELP + "; a conditional model's classes follow the training set's proportions")
     _fast_arg(p)
     _precision_arg(p)
@@ -691,12 +703,11 @@ def cmd_eval(args):
         _say(*plan_eval(args.run, args.n, out_dir=args.out, ref_train=args.ref_train, ref_test=args.ref_test,
                         bpd_n=args.bpd_n, guidance=args.guidance, device=args.device, precision=args.precision))
         return
-    opts = _inception_opts(args)
-    rep = evaluate_run(args.run, args.n, out_dir=args.out, batch=args.batch, seed=args.seed, ref_train=args.ref_train,
-                       ref_test=args.ref_test, bpd_n=args.bpd_n, bpd_batch=args.bpd_batch,
-                       inception_batch=opts["batch"], weights=opts["weights"], expected_sha256=opts["expected_sha256"],
-                       device=opts["device"], progress=opts["progress"], fast=args.fast, precision=args.precision,
-                       guidance=args.guidance, seed_sets=args.seed_sets)
+    spec = EvalSpec(n=args.n, seed=args.seed, seed_sets=args.seed_sets, batch=args.batch, bpd_n=args.bpd_n,
+                    bpd_batch=args.bpd_batch, ref_train=args.ref_train, ref_test=args.ref_test)
+    rep = evaluate_run(ModelSpec(args.run, device=args.device, fast=args.fast, precision=args.precision), spec,
+                       out_dir=args.out, guidance=GuidanceSpec(weight=args.guidance), inception=_inception_spec(args),
+                       progress=not args.no_progress)
     fid, bpd, iscore = rep["fid"], rep["bits_per_dim"], rep["inception_score"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     is_ = f"IS {iscore['is_mean']:.4f} ± {iscore['is_std']:.4f}" if iscore else "IS n/a"

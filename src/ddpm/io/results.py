@@ -11,13 +11,27 @@ that `folders.claim_folder` accepted: new, empty, or holding this record already
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 from ..config import parse_json
 from ..errors import UserError
 from ..files import read_text
 from .atomic import write_json
 from .folders import claim_folder
+
+
+class Provenance(NamedTuple):
+    """Which model made a results folder: `tag` (`LoadedRun.tag`: the checkpoint's content hash)
+    is compared when it is run again, and a rerun with another model is refused; `recorded` (e.g.
+    the checkpoint's path) is written beside it, not compared."""
+
+    tag: str = ""
+    recorded: Optional[dict] = None
+
+    @classmethod
+    def of(cls, loaded) -> "Provenance":
+        """A `LoadedRun`'s: its tag and its checkpoint's path."""
+        return cls(loaded.tag, dict(checkpoint=str(loaded.checkpoint)))
 
 
 def check_settings(path, meta: dict, info: Optional[Mapping] = None, what: str = "these results") -> None:

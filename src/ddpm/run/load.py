@@ -1,24 +1,29 @@
-"""A trained model back from disk: `load_run(RUN_DIR or CHECKPOINT)`.
+"""A trained model back from disk: `load_run(RUN_DIR or CHECKPOINT)`, or a `ModelSpec` opened.
 
     loaded = load_run("runs/cifar10", weights="ema", device="cuda", fast="auto", precision="fp32")
     loaded.model(x_t, t)      # also: loaded.run, loaded.diffusion, loaded.checkpoint, loaded.tag
+    loaded, dist, tag = ModelSpec("runs/cifar10").open()   # on this process's device of torchrun's group
 
-Every command that uses a trained model (sample, nll, the experiments, eval) starts here.
+Every command that uses a trained model (sample, nll, the experiments, eval) starts here, from a
+`ModelSpec`: which run, which weights, the device, the fast paths and the precision, each default
+written once, in the spec.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
-from ..config import Choice, get_field, load_json
+from ..config import Choice, Config, get_field, load_json
 from ..errors import UserError
 from ..files import open_regular
 from ..io import checkpoint as ckpt
-from ..io.distributed import DistInfo
+from ..io.distributed import Device, DistInfo
 from ..io.weights import ddpm_format, read_unet
 from ..io.distributed import init as dist_init
 from ..network.fast import Precision, prepare_model, resolve_precision
@@ -38,6 +43,31 @@ class Fast(Choice):
     OFF = "off"  # the plain eager network (at the precision asked for, fp32 by default)
 
 
+@dataclass(frozen=True)
+class ModelSpec(Config):
+    """Which trained model a command runs, and how (the options `ddpm sample`, `nll`, the experiments
+    and `eval` share); checked when built.
+
+    :param run: a run directory (its newest valid checkpoint), a checkpoint file, or a diffusers
+        pipeline folder.
+    :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
+    :param device: "auto" (CUDA when there is one), "cpu" or "cuda"; under torchrun, this process's.
+    :param fast: "auto": the device's fast paths (network/fast.py `prepare_model`); "off": the plain network.
+    :param precision: "fp32" (the paper's), "bf16" or "auto" (bf16 where the device computes it
+        natively); recorded with the model in every results folder (`LoadedRun.tag`).
+    """
+
+    run: Union[str, os.PathLike]
+    weights: Weights = Weights.EMA
+    device: Device = Device.AUTO
+    fast: Fast = Fast.AUTO
+    precision: Precision = Precision.FP32
+
+    def open(self) -> "OpenedRun":
+        """The model loaded on this process's device of the process group (`open_run`)."""
+        return open_run(self.run, self.weights.value, self.device.value, self.fast.value, self.precision.value)
+
+
 class LoadedRun(NamedTuple):
     """What `load_run` returns."""
 
@@ -48,7 +78,7 @@ class LoadedRun(NamedTuple):
     sha256: str  # the checkpoint's content hash: names the model wherever the file lives
     weights: Weights
     classes: Optional[dict] = None  # a conditional run's data classes: {"names": [...], "counts": [...]}
-    precision: Precision = Precision.FP32  # what the network computes in (resolved: never "auto")
+    precision: Precision = ModelSpec.precision  # what the network computes in (resolved: never "auto")
 
     @property
     def tag(self) -> str:
@@ -79,14 +109,16 @@ class LoadedRun(NamedTuple):
 PIPELINE_CONFIG = "ddpm_config.json"  # beside model_index.json in a pipeline folder that `ddpm export` wrote
 
 
-def load_run(path, weights: str = "ema", device="cpu", fast: str = "off", precision: str = "fp32") -> LoadedRun:
+def load_run(path, weights: str = ModelSpec.weights, device="cpu", fast: str = "off",
+             precision: str = ModelSpec.precision) -> LoadedRun:
     """A trained network from a run directory (its newest valid checkpoint), a checkpoint file, or
     a diffusers pipeline folder (`ddpm export`'s, or any DDPM-layout UNet2DModel with a linear
     DDPMScheduler).
 
     :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
-    :param fast: "auto": the network wrapped by `network.fast.prepare_model` with the device's fast
-        paths, for sampling and bits/dim; "off": the plain network.
+    :param device, fast: a notebook's: the CPU, and the plain network ("auto": the network wrapped by
+        `network.fast.prepare_model` with the device's fast paths, for sampling and bits/dim); the
+        commands' are `ModelSpec`'s.
     :param precision: "fp32", "bf16" (autocast of the network; the diffusion math stays in float32)
         or "auto" (bf16 where `device` computes it natively: network/fast.py).
     """
@@ -163,9 +195,9 @@ class OpenedRun(NamedTuple):
     tag: str  # names the model in the settings record of a results folder (LoadedRun.tag)
 
 
-def open_run(path, weights: str = "ema", device: str = "auto", fast: str = "auto", precision: str = "fp32") -> OpenedRun:
+def open_run(path, weights: str, device: str, fast: str, precision: str) -> OpenedRun:
     """`load_run` on this process's device of the process group (torchrun's, or this process), as
-    every command on a trained model starts."""
+    every command on a trained model starts (`ModelSpec.open`)."""
     dist = dist_init(device)
     loaded = load_run(path, weights, dist.device, fast, precision)
     return OpenedRun(loaded, dist, loaded.tag)

@@ -24,6 +24,7 @@ from ..run.folder import check_run_folder
 from ..run.load import load_run
 from .experiments import progressive_figure, progressive_generation
 from .report import write_report
+from .sample import Images
 from .train import train
 
 GUIDANCE = 3.0  # classifier-free guidance weight of the demo's samples (1: plain conditional)
@@ -54,8 +55,8 @@ def run_demo(out="runs/demo", steps: int | None = None, n: int = 6, progress: bo
     K, T = loaded.run.model.num_classes, loaded.diffusion.num_timesteps
     labels = torch.arange(K).repeat_interleave(n)  # class by class: image k·n + j is sample j of class k
     t1 = time.perf_counter()
-    gen = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, progressive_times(T), K * n, seed, "cpu",
-                                 progress=progress, labels=labels, guidance=GUIDANCE)
+    gen = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, progressive_times(T),
+                                 Images(seed, range(K * n), labels, GUIDANCE), device="cpu", progress=progress)
     t_sample = time.perf_counter() - t1
     samples = write_png(make_class_grid(to_uint8(gen["samples"]), labels, per_row=n), out / "samples.png")
     first = np.arange(K) * n  # the first sample of each class: one chain per row

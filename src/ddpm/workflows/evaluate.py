@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..config import MAX_BATCH, MAX_SAMPLES, REQUIRED, check_count, get_field, load_json, parse_json, size_value
+from ..config import MAX_BATCH, MAX_SAMPLES, REQUIRED, Config, check_count, get_field, load_json, parse_json, size_value
 from ..errors import UserError
 from ..files import read_text
 from ..io.atomic import write_json
@@ -36,16 +36,19 @@ from ..io.distributed import init as dist_init
 from ..io.folders import check_folder, claim_file, claim_folder
 from ..io.images import make_grid, write_png
 from ..io.progress import progress_bar
+from ..io.results import Provenance
 from ..io.inception_weights import OFFICIAL, load_inception, no_inception_score
 from ..network.inception import FEATURE_DIM, NUM_CLASSES, InceptionV3
-from ..process.guidance import check_weight, conditioned
+from ..process.guidance import conditioned
 from ..process.scaling import to_uint8
-from ..run.load import load_run
+from ..process.sampling import SamplerSpec
+from ..run.load import ModelSpec, Weights, load_run
+from ..run.options import GuidanceSpec, InceptionSpec
 from ..version import __version__
 from .fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, is_stats_file, load_stats, save_stats
 from .metrics import kid, nearest_neighbours, precision_recall
-from .nll import eval_images, evaluate_nll
-from .sample import ClassChoice, proportional_labels, sample, sample_labels, sample_to_dir
+from .nll import NLLImages, eval_images, evaluate_nll
+from .sample import ClassChoice, Images, SampleSet, proportional_labels, sample, sample_labels, sample_to_dir
 
 PROTOCOL = ("Inception-v3 2015-12-05 weights (the TF graph of TTUR and the official DDPM code), pool-3 2048-d features, "
             "TF1 bilinear resize to 299 (no antialiasing), uint8 inputs, statistics and distance in float64; "
@@ -384,11 +387,44 @@ def _is_evaluation(folder: Path) -> bool:
     return isinstance(d, dict) and {"protocol", "n_samples", "fid", "checkpoint_sha256"} <= set(d)
 
 
-def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, seed: int = 0, ref_train=None,
-                 ref_test=None, bpd_n: Optional[int] = None, bpd_batch: int = 64, inception_batch: int = 100,
-                 weights=None, expected_sha256=OFFICIAL, device: str = "auto", dist=None,
-                 progress: bool = True, sampler_opts: Optional[dict] = None, fast: str = "auto",
-                 precision: str = "fp32", guidance: float = 1.0, seed_sets: int = 1) -> dict:
+@dataclass(frozen=True)
+class EvalSpec(Config):
+    """What `ddpm eval` measures; checked when built. The defaults are the paper's protocol.
+
+    :param n: samples per set (50,000, the paper's). :param seed_sets: K sets of n (FID mean ± std).
+    :param batch: samples per forward pass, per process. :param bpd_n: bits/dim of the first N test
+        images (None: all; 0: skip), `bpd_batch` at a time.
+    :param ref_train, ref_test: reference statistics (default: computed from the run's data and
+        cached in RUN_DIR/eval).
+    """
+
+    n: int = 50_000
+    seed: int = 0
+    seed_sets: int = 1
+    batch: int = 256
+    bpd_n: Optional[int] = None
+    bpd_batch: int = 64
+    ref_train: Union[str, Path, None] = None
+    ref_test: Union[str, Path, None] = None
+
+    def validate(self) -> None:
+        n, seed_sets, bpd_n = self.n, self.seed_sets, self.bpd_n
+        for flag, value, least in (("--n", n, 1), ("--batch", self.batch, 1), ("--bpd-batch", self.bpd_batch, 1),
+                                   ("--seed", self.seed, 0), ("--bpd-n", 0 if bpd_n is None else bpd_n, 0),
+                                   ("--seed-sets", seed_sets, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(f"{flag} {value}: give an integer >= {least}")
+        check_count(n, "--n", MAX_SAMPLES, why="the six-digit sample names 000000.png … 999999.png")
+        check_count(n * seed_sets, "--n times --seed-sets", MAX_SAMPLES,
+                    why="the six-digit sample names 000000.png … 999999.png")
+        check_count(bpd_n or 1, "--bpd-n", MAX_SAMPLES)
+        for flag, value in (("--batch", self.batch), ("--bpd-batch", self.bpd_batch)):
+            check_count(value, flag, MAX_BATCH)
+
+
+def evaluate_run(model: ModelSpec, spec: EvalSpec = EvalSpec(), *, out_dir=None, sampler: SamplerSpec = SamplerSpec(),
+                 guidance: GuidanceSpec = GuidanceSpec(), inception: InceptionSpec = InceptionSpec(), dist=None,
+                 progress: bool = True) -> dict:
     """`ddpm eval`: the paper's evaluation of a run's EMA weights, into one JSON report.
 
     1. n samples with Algorithm 2 from the EMA weights, saved as PNGs (+ samples.npz) under
@@ -409,55 +445,56 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
     protocol for conditional FID; `sample.proportional_labels`) with guidance weight `guidance`,
     both recorded, and its bits/dim are those of log p(x | c) with the test images' true labels.
 
+    :param model: the run (its EMA weights: the paper's protocol), the device, the fast paths and
+        the precision, recorded with the model in every settings record of the evaluation.
+    :param spec: n, seed, seed_sets, the batches and the references (`EvalSpec`).
     :param out_dir: default RUN_DIR/eval/<checkpoint name>.
-    :param fast: "auto": the network with the device's fast paths (ddpm.network.fast.prepare_model); "off".
-    :param precision: "fp32" (the paper's), "bf16" or "auto" (bf16 where the device computes it
-        natively); recorded with the model in every settings record of the evaluation.
+    :param guidance: the guidance weight (the classes are the training set's proportions).
     """
     t0 = time.time()
-    # every input is checked before the Inception weights are loaded and sampling starts
-    for flag, value, least in (("--n", n, 1), ("--batch", batch, 1), ("--bpd-batch", bpd_batch, 1),
-                               ("--inception-batch", inception_batch, 1), ("--seed", seed, 0),
-                               ("--bpd-n", 0 if bpd_n is None else bpd_n, 0), ("--seed-sets", seed_sets, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise UserError(f"{flag} {value}: give an integer >= {least}")
-    check_count(n, "--n", MAX_SAMPLES, why="the six-digit sample names 000000.png … 999999.png")
-    check_count(n * seed_sets, "--n times --seed-sets", MAX_SAMPLES, why="the six-digit sample names 000000.png … 999999.png")
-    check_count(bpd_n or 1, "--bpd-n", MAX_SAMPLES)
-    for flag, value in (("--batch", batch), ("--bpd-batch", bpd_batch), ("--inception-batch", inception_batch)):
-        check_count(value, flag, MAX_BATCH)
-    guidance = check_weight(guidance)
+    # every input is checked before the Inception weights are loaded and sampling starts (the
+    # specs when they were built)
+    n, seed, seed_sets, batch = spec.n, spec.seed, spec.seed_sets, spec.batch
+    bpd_n, bpd_batch, ref_train, ref_test = spec.bpd_n, spec.bpd_batch, spec.ref_train, spec.ref_test
+    _check_batch(inception.batch)
+    if model.weights is not Weights.EMA:
+        raise UserError(f"weights={model.weights.value!r}: ddpm eval measures the EMA weights (the paper's protocol); "
+                        f"give weights='ema'")
+    if guidance.classes.given():
+        raise UserError("ddpm eval samples a conditional model's classes in the training set's proportions; give "
+                        "the guidance weight only")
     for ref in (ref_train, ref_test):
         if ref is not None:
             load_stats(ref)
-    dist = dist or dist_init(device)
-    run_dir = Path(run_dir)
-    loaded = load_run(run_dir, weights="ema", device=dist.device, fast=fast, precision=precision)
+    dist = dist or dist_init(model.device.value)
+    run_dir = Path(model.run)
+    loaded = load_run(run_dir, weights="ema", device=dist.device, fast=model.fast.value, precision=model.precision.value)
     run, ema, diffusion, ckpt_file = loaded.run, loaded.model, loaded.diffusion, loaded.checkpoint
     base = run_dir if run_dir.is_dir() else run_dir.parent
     out_dir = Path(out_dir) if out_dir is not None else base / "eval" / ckpt_file.stem
     check_folder(out_dir, _is_evaluation, "an evaluation")  # created below, once the rest is checked
     m = run.model
     shape = (m.in_channels, *m.size)
-    inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
+    inception_batch = inception.batch
+    inception = load_inception(inception.file, expected_sha256=inception.sha256, device=dist.device)
     log = _log if dist.is_main else (lambda *_: None)
 
     # 1. samples, as the files a user would save
     total = n * seed_sets
     labels, _, classes = sample_labels(ClassChoice(), total, m.num_classes, *loaded.class_info)
+    guidance = guidance.weight
     if labels is None:
         conditioned(ema, None, 0, guidance)  # a weight for an unconditional model: one line
     claim_folder(out_dir, _is_evaluation, "an evaluation")
     log(f"eval: {total} EMA samples (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}"
         + (f", {seed_sets} sets of {n}" if seed_sets > 1 else ""))
-    res = sample_to_dir(ema, diffusion, out_dir / "samples", total, batch, seed, shape, dist, device=dist.device,
-                        progress=progress, model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)),
-                        labels=labels, guidance=guidance, classes=classes, **(sampler_opts or {}))
+    res = sample_to_dir(ema, diffusion, out_dir / "samples", SampleSet(shape, total, seed, batch, labels, classes, guidance),
+                        sampler=sampler, dist=dist, progress=progress, provenance=Provenance.of(loaded))
     every = open_images(Path(res["npz"]))  # the PNGs' pixels, read back from the files
     sets = [every if seed_sets == 1 else Subset(every, k * n, (k + 1) * n) for k in range(seed_sets)]
     stats, is_ = samples_stats(sets[0], inception, batch=inception_batch, dist=dist, progress=progress,
                                run=str(base), checkpoint=str(ckpt_file), weights="ema", seed=seed,
-                               sampler={"sampler": "ancestral", **(sampler_opts or {}), "T": diffusion.num_timesteps})
+                               sampler={**sampler.record(clip=False), "T": diffusion.num_timesteps})
     report = dict(run=str(base), checkpoint=str(ckpt_file), checkpoint_sha256=loaded.sha256, weights="ema (the paper evaluates the EMA weights)",
                   precision=loaded.precision.value, n_samples=n, seed=seed, samples_dir=str(out_dir / "samples"), protocol=PROTOCOL,
                   inception=dict(inception.info), inception_score=is_, samples_pixels_sha256=stats.provenance["pixels_sha256"])
@@ -518,8 +555,8 @@ def evaluate_run(run_dir, n: int = 50_000, *, out_dir=None, batch: int = 256, se
         else:
             imgs, test_labels = eval_images(test, m, min(bpd_n, len(test)) if bpd_n else None)
             log(f"eval: bits/dim of {len(imgs)} test images ({diffusion.num_timesteps} terms each) into {out_dir / 'nll'}")
-            nll = evaluate_nll(ema, diffusion, imgs, bpd_batch, seed, out_dir / "nll", dist, progress, device=dist.device,
-                               model_tag=loaded.tag, recorded=dict(checkpoint=str(ckpt_file)), labels=test_labels)
+            nll = evaluate_nll(ema, diffusion, out_dir / "nll", NLLImages(imgs, bpd_batch, seed, test_labels), dist=dist,
+                               progress=progress, provenance=Provenance.of(loaded))
             report["bits_per_dim"] = dict(nll, split="test", data=test.source_description)
     report["notes"] = sorted({x for x in notes if x})
     report["seconds"] = round(time.time() - t0, 1)
@@ -582,8 +619,7 @@ class TrainingFID:
             for s in range(0, len(mine), self.batch):
                 idx = mine[s:s + self.batch]
                 labels = proportional_labels(self.class_counts, idx) if self.class_counts else None
-                x = to_uint8(sample(ema, diffusion, shape, seed=self.seed, indices=idx, device=self.dist.device,
-                                    labels=labels))
+                x = to_uint8(sample(ema, diffusion, shape, Images(self.seed, idx, labels), device=self.dist.device))
                 for j in range(0, len(idx), self.inception_batch):
                     yield idx[j:j + self.inception_batch], x[j:j + self.inception_batch].cpu()
 
@@ -678,26 +714,29 @@ def _check_batch(batch) -> None:
     check_count(batch, "--inception-batch", MAX_BATCH)
 
 
-def fid_ref_run(data: DataConfig, out, *, weights=None, expected_sha256: Optional[str] = OFFICIAL,
-                batch: int = 100, device: str = "auto", progress: bool = True) -> FIDStats:
-    """`ddpm fid-ref`: the FID reference statistics of a data set, written to `out` (.npz)."""
+def fid_ref_run(data: DataConfig, out, *, inception: InceptionSpec = InceptionSpec(), device: str = "auto",
+                progress: bool = True) -> FIDStats:
+    """`ddpm fid-ref`: the FID reference statistics of a data set, written to `out` (.npz), with the
+    Inception `inception`."""
+    batch = inception.batch
     # every input is checked before the Inception weights are loaded; an existing file is replaced
     # only if it is reference statistics of ours
     out = claim_file(out, is_stats_file, "reference statistics", "--out", ".npz")
     _check_batch(batch)
     images = open_data(data, progress=progress)
     dist = dist_init(device)
-    inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
-    stats = reference_stats(data, inception, batch=batch, dist=dist, progress=progress, images=images)
+    net = load_inception(inception.file, expected_sha256=inception.sha256, device=dist.device)
+    stats = reference_stats(data, net, batch=batch, dist=dist, progress=progress, images=images)
     if dist.is_main:
         save_stats(out, stats)
     return stats
 
 
-def fid_run(samples, refs: Sequence, *, out=None, weights=None, expected_sha256: Optional[str] = OFFICIAL,
-            batch: int = 100, device: str = "auto", progress: bool = True) -> dict:
-    """`ddpm fid`: `fid_report` with the Inception weights loaded here; the report is also written
-    to `out` (JSON) when given."""
+def fid_run(samples, refs: Sequence, *, out=None, inception: InceptionSpec = InceptionSpec(), device: str = "auto",
+            progress: bool = True) -> dict:
+    """`ddpm fid`: `fid_report` with the Inception `inception` loaded here; the report is also
+    written to `out` (JSON) when given."""
+    batch = inception.batch
     for ref in refs:  # every input is checked before the Inception weights are loaded
         load_stats(ref)
     open_images(samples)
@@ -705,8 +744,8 @@ def fid_run(samples, refs: Sequence, *, out=None, weights=None, expected_sha256:
         claim_file(out, _is_fid_report, "an FID report", "--out", ".json")
     _check_batch(batch)
     dist = dist_init(device)
-    inception = load_inception(weights, expected_sha256=expected_sha256, device=dist.device)
-    report = fid_report(samples, refs, inception, batch=batch, dist=dist, progress=progress)
+    net = load_inception(inception.file, expected_sha256=inception.sha256, device=dist.device)
+    report = fid_report(samples, refs, net, batch=batch, dist=dist, progress=progress)
     if out is not None and dist.is_main:
         write_json(out, report)
     return report

@@ -33,10 +33,12 @@ from ..io.distributed import check_seed, derive_seed
 from ..io.images import make_grid, read_image, write_png
 from ..io.progress import loop_progress
 from ..process.diffusion import GaussianDiffusion, check_time
-from ..process.guidance import check_weight, conditioned
+from ..process.guidance import conditioned
+from ..process.sampling import SamplerSpec
 from ..process.scaling import to_model_range, to_uint8
-from ..run.load import LoadedRun, open_run
-from .sample import ClassChoice, ImageNoise, chain, class_index, num_classes_of, sample, sample_labels
+from ..run.load import LoadedRun, ModelSpec
+from ..run.options import GuidanceSpec
+from .sample import ImageNoise, Images, Loop, class_index, sample, sample_labels
 
 # Salts that keep the seed streams of different roles apart (encoding noise vs decoding noise).
 _DECODE = 0xDEC0DE
@@ -48,21 +50,20 @@ _CONTINUE = 0xC0417
 # ---------------------------------------------------------------------------------------------
 
 
-def progressive_generation(model, diffusion: GaussianDiffusion, shape, times: Sequence[int], n_chains: int, seed: int,
-                           device="cpu", *, progress: bool = False, labels=None, guidance: float = 1.0,
-                           **sampler_opts) -> dict:
+def progressive_generation(model, diffusion: GaussianDiffusion, shape, times: Sequence[int], chains: Images, *,
+                           device="cpu", sampler: SamplerSpec = SamplerSpec(), progress: bool = False) -> dict:
     """x̂_0 predicted from x_t along sampling chains, at chosen times t (Fig. 6).
 
-    The chains are samples 0 … n_chains-1 of seed `seed` (`sample`, so chain i is image i of
-    `ddpm sample` with the same seed and sampler).
+    The chains are the images `chains` of `sample` (chain i is image i of `ddpm sample` with the
+    same seed and sampler; with their labels and guidance weight for a conditional model).
 
     :param times: paper times t at which the sampler evaluates the network (1 … T for ancestral).
-    :param labels, guidance: a conditional model's class of each chain, and the guidance weight (`sample`).
     :return: dict(times, pred_x0 [n_chains, len(times), C, H, W], samples [n_chains, C, H, W]).
     """
+    n_chains = len(chains.indices)
     if n_chains < 1:
         raise UserError(f"n_chains={n_chains}: give at least one chain")
-    chain_times = chain(diffusion, **sampler_opts)[0][:-1]  # the times the network is evaluated at
+    chain_times = sampler.chain(diffusion)[0][:-1]  # the times the network is evaluated at
     times = [int(t) for t in times]
     missing = [t for t in times if t not in set(chain_times)]
     if not times or missing:
@@ -75,23 +76,23 @@ def progressive_generation(model, diffusion: GaussianDiffusion, shape, times: Se
         if t in times:
             keep[t] = out["pred_x0"].float().cpu()
 
-    x = sample(model, diffusion, tuple(shape), seed=seed, indices=range(n_chains), device=device, progress=progress,
-               callback=callback, labels=labels, guidance=guidance, **sampler_opts)
+    x = sample(model, diffusion, tuple(shape), chains, device=device, sampler=sampler,
+               loop=Loop(progress=progress, callback=callback))
     return dict(times=times, pred_x0=torch.stack([keep[t] for t in times], dim=1), samples=x.float().cpu())
 
 
-def shared_latent_samples(model, diffusion: GaussianDiffusion, shape, share_t: Sequence[int], k: int, seed: int,
-                          device="cpu", *, clip_denoised: bool = True, progress: bool = False, label=None,
-                          guidance: float = 1.0) -> dict:
+def shared_latent_samples(model, diffusion: GaussianDiffusion, shape, share_t: Sequence[int], k: int, seed: int, *,
+                          device="cpu", progress: bool = False) -> dict:
     """Samples that share an intermediate x_t (Fig. 7): one chain (image 0 of `seed`) is run from
     x_T down to each time t in `share_t`; from that same x_t, k chains continue to x_0 with their
     own noise (images 1 … k of seed (seed, salt)).
 
+    :param model: `model(x_t, t)`; for a class, a conditional network `conditioned` on it
+        (process/guidance.py). Algorithm 2, x̂_0 clipped as `SamplerSpec`'s default.
     :param share_t: times t in 0 … T (T: only x_T is shared; 0: the finished sample is).
-    :param label, guidance: a conditional model's class for every chain (None: no class), and the guidance weight.
     :return: dict(share_t, x_t [len(share_t), C, H, W], samples [len(share_t), k, C, H, W]).
     """
-    model = conditioned(model, label, num_classes_of(model), guidance)
+    clip_denoised = SamplerSpec.clip_denoised
     T = diffusion.num_timesteps
     share_t = [check_time(t, T, "share t") for t in share_t]
     if not share_t or k < 1:
@@ -122,19 +123,20 @@ def _diffuse(diffusion: GaussianDiffusion, x0: torch.Tensor, t: int, noise: torc
     return diffusion.q_sample(x0, torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long), noise)
 
 
-def interpolate(model, diffusion: GaussianDiffusion, x0_a: torch.Tensor, x0_b: torch.Tensor, ts: Sequence[int],
-                lambdas: Sequence[float], seed: int, *, clip_denoised: bool = True, progress: bool = False, label=None,
-                guidance: float = 1.0) -> dict:
+def interpolate(model, diffusion: GaussianDiffusion, ends: tuple[torch.Tensor, torch.Tensor], ts: Sequence[int],
+                lambdas: Sequence[float], seed: int, *, clip_denoised: bool = SamplerSpec.clip_denoised,
+                progress: bool = False) -> dict:
     """Interpolation in latent space (§4.4, Fig. 8): x_t ~ q(x_t | x_0) and x'_t ~ q(x'_t | x'_0),
     x̄_t = (1 − λ) x_t + λ x'_t, decoded by the reverse process; the decoding noise is the same for
     every λ. Several t give the coarse-to-fine figure: more steps, coarser and more varied.
 
-    :param x0_a, x0_b: the two images in [-1, 1], [C, H, W] (on the model's device).
+    :param model: `model(x_t, t)`; for a class, a conditional network `conditioned` on it
+        (process/guidance.py).
+    :param ends: the two images x0_a, x0_b in [-1, 1], [C, H, W] (on the model's device).
     :param ts: times t, 0 … T (0: no noise and no reverse steps, a pixel-space blend).
-    :param label, guidance: a conditional model's class for the decoding (None: no class), and the guidance weight.
     :return: dict(t, lambdas, images [len(ts), len(lambdas), C, H, W]) in [-1, 1].
     """
-    model = conditioned(model, label, num_classes_of(model), guidance)
+    x0_a, x0_b = ends
     T = diffusion.num_timesteps
     ts = [check_time(t, T, "t") for t in ts]
     lam = torch.tensor([float(v) for v in lambdas], dtype=x0_a.dtype, device=x0_a.device)
@@ -153,15 +155,15 @@ def interpolate(model, diffusion: GaussianDiffusion, x0_a: torch.Tensor, x0_b: t
 
 
 def reconstruct(model, diffusion: GaussianDiffusion, x0: torch.Tensor, ts: Sequence[int], seed: int, *,
-                clip_denoised: bool = True, progress: bool = False, label=None, guidance: float = 1.0) -> dict:
+                clip_denoised: bool = SamplerSpec.clip_denoised, progress: bool = False) -> dict:
     """One image noised to x_t ~ q(x_t | x_0) and brought back by the reverse process, for each
     time t in `ts` (0 … T): small t keeps the details, large t only the coarse layout.
 
+    :param model: `model(x_t, t)`; for a class, a conditional network `conditioned` on it
+        (process/guidance.py).
     :param x0: the image in [-1, 1], [C, H, W].
-    :param label, guidance: a conditional model's class for the decoding (None: no class), and the guidance weight.
     :return: dict(t, x_t [len(ts), C, H, W], x0 [len(ts), C, H, W]) in model range.
     """
-    model = conditioned(model, label, num_classes_of(model), guidance)
     T = diffusion.num_timesteps
     ts = [check_time(t, T, "t") for t in ts]
     if not ts:
@@ -242,15 +244,16 @@ def _write(out_dir, name: str, figure: np.ndarray, loaded, settings: dict, **arr
                 json=str(record))
 
 
-def _one_class(loaded: LoadedRun, class_, guidance: float) -> tuple[Optional[int], dict]:
-    """The label for an experiment of a conditional run (`class_`: an index, a name, or None/"none":
-    no class) and its record for the settings; (None, {}) for an unconditional run given no class."""
+def _one_class(loaded: LoadedRun, guidance: GuidanceSpec):
+    """The model for an experiment of a conditional run, `conditioned` on the class of
+    `guidance.classes.class_` (an index, a name, or None/"none": no class) with its weight, and the
+    record of both for the settings; (the model, {}) for an unconditional run given no class."""
+    class_, w = guidance.classes.class_, guidance.weight
     K = loaded.run.model.num_classes
     if not K:
-        conditioned(loaded.model, class_, 0, guidance)  # one line if a class or a weight was given
-        return None, {}
+        return conditioned(loaded.model, class_, 0, w), {}  # one line if a class or a weight was given
     label = K if class_ is None else class_index(class_, loaded.class_info[0], K)
-    return label, dict(label=label, guidance=check_weight(guidance))
+    return conditioned(loaded.model, label, K, w), dict(label=label, guidance=w)
 
 
 def _model_input(path, shape, device) -> torch.Tensor:
@@ -263,84 +266,82 @@ def default_progressive_times(T: int, n: int = 10) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(T, 1, n)}, reverse=True)
 
 
-def progressive_run(run, out_dir, *, n_chains: int = 8, times: Optional[Sequence[int]] = None, seed: int = 0,
-                    weights: str = "ema", device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True,
-                    class_=None, guidance: float = 1.0, **sampler_opts) -> dict:
+def progressive_run(model: ModelSpec, out_dir, *, n_chains: int = 8, times: Optional[Sequence[int]] = None,
+                    seed: int = 0, sampler: SamplerSpec = SamplerSpec(), guidance: GuidanceSpec = GuidanceSpec(),
+                    progress: bool = True) -> dict:
     """`ddpm progressive`: Fig. 6 of a trained run into OUT/progressive.png and .npz.
 
-    :param run: a run directory or checkpoint file. :param times: times t (default: 10 from T to 1).
-    :param class_, guidance: a conditional run's class for every chain (default: the classes
-        `ddpm sample` gives images 0 … n_chains-1) and the guidance weight.
+    :param times: times t (default: 10 from T to 1).
+    :param guidance: a conditional run's class for every chain (`classes.class_`; default: the
+        classes `ddpm sample` gives images 0 … n_chains-1) and the guidance weight.
     """
     if isinstance(n_chains, bool) or not isinstance(n_chains, int) or n_chains < 1:
         raise UserError(f"n_chains={n_chains}: give at least one chain")
     check_count(n_chains, "--n-chains", MAX_FIGURE, why="chains, one row each")
     _check(out_dir)
     seed = check_seed(seed)
-    guidance = check_weight(guidance)
-    loaded, dist, _ = open_run(run, weights, device, fast, precision)
-    labels, _, record = sample_labels(ClassChoice(class_), n_chains, loaded.run.model.num_classes, *loaded.class_info)
+    loaded, dist, _ = model.open()
+    labels, _, record = sample_labels(guidance.classes, n_chains, loaded.run.model.num_classes, *loaded.class_info)
     T = loaded.diffusion.num_timesteps
     times = list(times) if times else default_progressive_times(T)
-    res = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, times, n_chains, seed, dist.device,
-                                 progress=progress, labels=labels, guidance=guidance, **sampler_opts)
-    settings = dict(n_chains=n_chains, times=[int(v) for v in res["times"]], seed=seed, **sampler_opts,
-                    **(dict(labels=labels.tolist(), classes=record, guidance=guidance) if labels is not None else {}))
+    res = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, times,
+                                 Images(seed, range(n_chains), labels, guidance.weight), device=dist.device,
+                                 sampler=sampler, progress=progress)
+    settings = dict(n_chains=n_chains, times=[int(v) for v in res["times"]], seed=seed,
+                    **sampler.record(clip=False, unused=True),
+                    **(dict(labels=labels.tolist(), classes=record, guidance=guidance.weight) if labels is not None else {}))
     return dict(res, **_write(out_dir, "progressive", progressive_figure(res), loaded, settings,
                               times=np.array(res["times"]), pred_x0=_nhwc(res["pred_x0"]), samples=_nhwc(res["samples"])))
 
 
-def shared_run(run, out_dir, share_t: Sequence[int], *, k: int = 8, seed: int = 0, weights: str = "ema",
-               device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True, class_=None,
-               guidance: float = 1.0) -> dict:
+def shared_run(model: ModelSpec, out_dir, share_t: Sequence[int], *, k: int = 8, seed: int = 0,
+               guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
     """`ddpm progressive --share-t`: Fig. 7 of a trained run into OUT/shared.png and .npz."""
     check_count(k, "--k", MAX_FIGURE, why="continuations, one column each")
     _check(out_dir)
     seed = check_seed(seed)
-    loaded, dist, _ = open_run(run, weights, device, fast, precision)
-    label, cls = _one_class(loaded, class_, guidance)
-    res = shared_latent_samples(loaded.model, loaded.diffusion, loaded.shape, share_t, k, seed, dist.device,
-                                progress=progress, label=label, guidance=guidance)
+    loaded, dist, _ = model.open()
+    net, cls = _one_class(loaded, guidance)
+    res = shared_latent_samples(net, loaded.diffusion, loaded.shape, share_t, k, seed, device=dist.device,
+                                progress=progress)
     settings = dict(share_t=[int(v) for v in res["share_t"]], k=k, seed=seed, **cls)
     return dict(res, **_write(out_dir, "shared", shared_figure(res), loaded, settings,
                               share_t=np.array(res["share_t"]), x_t=_nhwc(res["x_t"]), samples=_nhwc(res["samples"])))
 
 
-def interpolate_run(run, image_a, image_b, out_dir, *, t: Sequence[int] = (500,), steps: int = 11, seed: int = 0,
-                    weights: str = "ema", device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True, class_=None,
-                    guidance: float = 1.0) -> dict:
-    """`ddpm interpolate`: Fig. 8 for two image files, into OUT/interpolation.png and .npz.
+def interpolate_run(model: ModelSpec, images: tuple, out_dir, *, t: Sequence[int] = (500,), steps: int = 11,
+                    seed: int = 0, guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
+    """`ddpm interpolate`: Fig. 8 for two image files `images` (A, B), into OUT/interpolation.png and .npz.
 
     :param t: times t, one row each. :param steps: values of λ from 0 to 1.
-    :param class_, guidance: a conditional run's class for the decoding (default none) and the guidance weight.
+    :param guidance: a conditional run's class for the decoding (`classes.class_`, default none) and the guidance weight.
     """
+    image_a, image_b = images
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise UserError(f"--steps {steps}: give at least 2 values of λ (λ = 0 and 1)")
     check_count(steps, "--steps", MAX_FIGURE, why="values of λ, one column each")
     _check(out_dir)
     seed = check_seed(seed)
-    loaded, dist, _ = open_run(run, weights, device, fast, precision)
-    label, cls = _one_class(loaded, class_, guidance)
+    loaded, dist, _ = model.open()
+    net, cls = _one_class(loaded, guidance)
     a, b = (_model_input(p, loaded.shape, dist.device) for p in (image_a, image_b))
-    res = interpolate(loaded.model, loaded.diffusion, a, b, t, np.linspace(0, 1, steps), seed, progress=progress,
-                      label=label, guidance=guidance)
+    res = interpolate(net, loaded.diffusion, (a, b), t, np.linspace(0, 1, steps), seed, progress=progress)
     settings = dict(images=[str(image_a), str(image_b)], t=[int(v) for v in res["t"]], steps=steps, seed=seed, **cls)
     return dict(res, **_write(out_dir, "interpolation", interpolation_figure(res, a, b), loaded, settings,
                               t=np.array(res["t"]), lambdas=np.array(res["lambdas"]), images=_nhwc(res["images"])))
 
 
-def reconstruct_run(run, image, out_dir, *, t: Sequence[int] = (0, 250, 500, 750, 1000), seed: int = 0,
-                    weights: str = "ema", device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True, class_=None,
-                    guidance: float = 1.0) -> dict:
+def reconstruct_run(model: ModelSpec, image, out_dir, *, t: Sequence[int] = (0, 250, 500, 750, 1000), seed: int = 0,
+                    guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
     """`ddpm reconstruct`: one image file noised to x_t and brought back, into OUT/reconstruct.png and .npz.
 
-    :param class_, guidance: a conditional run's class for the decoding (default none) and the guidance weight."""
+    :param guidance: a conditional run's class for the decoding (`classes.class_`, default none) and the guidance weight."""
     _check(out_dir)
     seed = check_seed(seed)
-    loaded, dist, _ = open_run(run, weights, device, fast, precision)
-    label, cls = _one_class(loaded, class_, guidance)
+    loaded, dist, _ = model.open()
+    net, cls = _one_class(loaded, guidance)
     x0 = _model_input(image, loaded.shape, dist.device)
-    res = reconstruct(loaded.model, loaded.diffusion, x0, t, seed, progress=progress, label=label, guidance=guidance)
+    res = reconstruct(net, loaded.diffusion, x0, t, seed, progress=progress)
     settings = dict(image=str(image), t=[int(v) for v in res["t"]], seed=seed, **cls)
     return dict(res, **_write(out_dir, "reconstruct", reconstruction_figure(res), loaded, settings,
                               t=np.array(res["t"]), x_t=_nhwc(res["x_t"]), x0=_nhwc(res["x0"])))

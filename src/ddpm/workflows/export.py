@@ -26,14 +26,14 @@ from ..io.folders import claim_folder
 from ..io.weights import write_unet
 from ..network.interop import diffusers_scheduler_config
 from ..network.unet import count_parameters
-from ..run.load import PIPELINE_CONFIG, load_run
+from ..run.load import PIPELINE_CONFIG, ModelSpec, load_run
 from ..version import __version__
 from .evaluate import read_eval_report
 
 PIPELINE_FORMAT = "ddpm-diffusers-pipeline"
 
 
-def export_run(run, out, *, to: str = "diffusers", weights: str = "ema", push_to_hub: Optional[str] = None,
+def export_run(run, out, *, to: str = "diffusers", weights: str = ModelSpec.weights, push_to_hub: Optional[str] = None,
                private: bool = True) -> dict:
     """Write a trained run (a run directory or a checkpoint) as a diffusers pipeline folder `out`,
     and upload it to the Hugging Face Hub as `push_to_hub` (a repo id) when given.

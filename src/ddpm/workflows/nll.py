@@ -16,7 +16,7 @@ import hashlib
 import math
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -30,12 +30,13 @@ from ..io.distributed import DistInfo, barrier, broadcast_object, check_seed, is
 from ..io.folders import check_folder, claim_folder, usable_folder
 from ..io.images import CHANNEL_MODES, figure_png
 from ..io.progress import loop_progress, progress_bar
-from ..io.results import check_settings
+from ..io.results import Provenance, check_settings
 from ..process.diffusion import GaussianDiffusion
 from ..network.unet import UNetConfig
 from ..process.guidance import conditioned
 from ..process.scaling import to_model_range
-from ..run.load import open_run
+from ..process.sampling import SamplerSpec
+from ..run.load import ModelSpec
 from .sample import ImageNoise, num_classes_of
 
 
@@ -47,9 +48,21 @@ NLL_META = "nll.json"
 RD_RECORDS, RD_WHAT = (NLL_META,), "a rate-distortion curve"  # into an nll folder, or its own
 
 
-def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: int, out_dir, dist: Optional[DistInfo] = None,
-                 progress: bool = True, *, device=None, model_tag: str = "", recorded: Optional[dict] = None,
-                 clip_denoised: bool = True, labels: Optional[torch.Tensor] = None) -> dict:
+class NLLImages(NamedTuple):
+    """Images whose bits/dim `evaluate_nll` computes: uint8 [N, C, H, W] (tensor or array) in
+    {0 … 255}, `batch` at a time per process (and per saved part); the noise of image i from seed
+    (seed, i); for a class-conditional model their classes, int64 [N] (required there: the bound
+    is then that of log p(x | c))."""
+
+    images: Any
+    batch: int
+    seed: int
+    labels: Optional[torch.Tensor] = None
+
+
+def evaluate_nll(model, diffusion: GaussianDiffusion, out_dir, test: NLLImages, *, dist: Optional[DistInfo] = None,
+                 progress: bool = True, provenance: Provenance = Provenance(),
+                 clip_denoised: bool = SamplerSpec.clip_denoised) -> dict:
     """Bits/dim of the true variational bound L_T + Σ_{t>1} L_{t-1} + L_0 (eq. 5) for each image.
 
     As the official code (`calc_bpd_loop`): each term with fresh noise, x̂_0 clipped to [-1, 1].
@@ -66,14 +79,12 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
       of the ε and x̂_0 squared errors there.
     - `bpd.npz`: the arrays (indices, total_bpd [N], prior_bpd [N], vb/mse/x0_mse [N, T]).
 
-    :param images: uint8 [N, C, H, W] (tensor or array) in {0 … 255}.
-    :param labels: the images' classes, int64 [N], for a class-conditional model (required there):
-        the bound is then that of log p(x | c).
-    :param batch: images per forward pass and per saved part, per process.
-    :param model_tag: which model (`LoadedRun.tag`), recorded with the seed in `nll.json`; a rerun
-        with other settings is refused. :param recorded: recorded there too, not compared.
+    :param test: the images, their batch, seed and labels (`NLLImages`).
+    :param provenance: which model (`Provenance`), recorded with the seed in `nll.json`; a rerun
+        with other settings is refused.
     :return: the summary dict (on every rank).
     """
+    images, batch, seed, labels = test
     images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise UserError(f"images must be uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
@@ -94,16 +105,16 @@ def evaluate_nll(model, diffusion: GaussianDiffusion, images, batch: int, seed: 
     conditioned(model, labels, K)  # an unconditional model given labels: one line
     seed = check_seed(seed)  # before nll.json records it
     dist = dist or DistInfo()
-    device = torch.device(device) if device is not None else dist.device
+    device = dist.device
     out_dir = usable_folder(out_dir)
     parts = out_dir / "parts"
 
     batches = None
     if dist.is_main:
-        settings = dict(seed=int(seed), T=T, clip_denoised=bool(clip_denoised), shape=list(images.shape[1:]), model=model_tag)
+        settings = dict(seed=int(seed), T=T, clip_denoised=bool(clip_denoised), shape=list(images.shape[1:]), model=provenance.tag)
         if labels is not None:
             settings["conditional_on"] = "each image's label: log p(x | c)"
-        check_settings(out_dir / NLL_META, settings, recorded, what="bits/dim")
+        check_settings(out_dir / NLL_META, settings, provenance.recorded, what="bits/dim")
         parts.mkdir(exist_ok=True)
         covered = set()
         for f, part in _read_parts(parts):
@@ -353,28 +364,28 @@ def eval_images(data, model: UNetConfig, n: Optional[int] = None) -> tuple[torch
     return data.gather(idx), data.labels[idx]
 
 
-def nll_run(run, data: str, out_dir, *, split: str = "test", n: Optional[int] = None, batch: int = 64, seed: int = 0,
-            weights: str = "ema", device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True) -> dict:
+def nll_run(model: ModelSpec, data: str, out_dir, *, split: str = "test", n: Optional[int] = None, batch: int = 64,
+            seed: int = 0, progress: bool = True) -> dict:
     """`ddpm nll`: bits/dim of a trained run on the first `n` images of `data`'s split, into
     `out_dir` (see `evaluate_nll`); resumable. -> the summary dict."""
-    loaded, dist, tag = open_run(run, weights, device, fast, precision)
+    loaded, dist, _ = model.open()
     images, labels = load_test_images(loaded.run.model, data, split, n)
-    return evaluate_nll(loaded.model, loaded.diffusion, images, batch, seed, out_dir, dist, progress=progress,
-                        model_tag=tag, recorded=dict(checkpoint=str(loaded.checkpoint)), labels=labels)
+    return evaluate_nll(loaded.model, loaded.diffusion, out_dir, NLLImages(images, batch, seed, labels), dist=dist,
+                        progress=progress, provenance=Provenance.of(loaded))
 
 
-def rate_distortion_run(out_dir, *, from_nll=None, run=None, data: Optional[str] = None, split: str = "test",
-                        n: Optional[int] = None, batch: int = 64, seed: int = 0, weights: str = "ema",
-                        device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True) -> Optional[dict]:
+def rate_distortion_run(out_dir, *, from_nll=None, model: Optional[ModelSpec] = None, data: Optional[str] = None,
+                        nll: Optional[dict] = None, progress: bool = True) -> Optional[dict]:
     """`ddpm rate-distortion`: Fig. 5 into `out_dir`, from the bits/dim a `ddpm nll` wrote to
-    `from_nll`, or evaluated here first (into `out_dir`, resumable) for `run` on `data`.
+    `from_nll`, or evaluated here first (into `out_dir`, resumable) for `model` on `data`.
+
+    :param nll: `nll_run`'s options for that evaluation (split, n, batch, seed).
     -> the `rate_distortion` dict with the files written (None on processes other than the first)."""
     check_folder(out_dir, RD_RECORDS, RD_WHAT)  # before the bits/dim are read or computed
     if from_nll is None:
-        if run is None or not data:
+        if model is None or not data:
             raise UserError("give --data SOURCE (the test images), or --from-nll DIR with the output of `ddpm nll`")
-        nll_run(run, data, out_dir, split=split, n=n, batch=batch, seed=seed, weights=weights, device=device, fast=fast,
-                precision=precision, progress=progress)
+        nll_run(model, data, out_dir, **(nll or {}), progress=progress)
         from_nll = out_dir
     if not is_main_process():
         return None

@@ -22,26 +22,49 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..config import MAX_BATCH, MAX_SAMPLES, Choice, check_count
+from ..config import MAX_BATCH, MAX_SAMPLES, check_count
 from ..errors import UserError
 from ..io.atomic import write_npz_rows
 from ..io.distributed import DistInfo, barrier, broadcast_object, check_seed, derive_seed, shard
 from ..io.folders import usable_folder
 from ..io.images import make_class_grid, make_grid, read_png, write_png
 from ..io.progress import loop_progress, progress_bar
-from ..io.results import check_settings
-from ..process.diffusion import GaussianDiffusion, Step, ddim_timesteps
+from ..io.results import Provenance, check_settings
+from ..process.diffusion import GaussianDiffusion
 from ..process.guidance import check_weight, conditioned
+from ..process.sampling import SamplerSpec
 from ..process.scaling import to_uint8
-from ..run.load import open_run
+from ..run.load import ModelSpec
+from ..run.options import ClassChoice, GuidanceSpec
 
 
-class Sampler(Choice):
-    ANCESTRAL = "ancestral"  # Algorithm 2
-    DDIM = "ddim"  # Song et al. (2021)
+class Images(NamedTuple):
+    """Which images to draw: image indices[k] from seed (seed, indices[k]) (`ImageNoise`), whatever
+    the batch; for a class-conditional model of class labels[k] (int64 [len(indices)], or one int
+    for all; None: no class), guided with weight `guidance` (process/guidance.py; 1: plain
+    conditional sampling). An unconditional model takes no labels, and weight 1."""
+
+    seed: int
+    indices: Sequence[int]
+    labels: Union[torch.Tensor, int, None] = None
+    guidance: float = GuidanceSpec.weight
 
 
-SAMPLERS = tuple(s.value for s in Sampler)
+class Loop(NamedTuple):
+    """How the reverse loop runs and reports; none of it changes a number.
+
+    :param progress: a progress bar.
+    :param callback: `callback(t, out)` after the step from each time t (out["pred_x0"] is the x̂_0
+        predicted from x_t).
+    :param prefetch_noise: draw the per-image noise on a background thread, ahead of the loop
+        (`PrefetchNoise`), so a GPU never waits for the CPU's generators; the same numbers either
+        way. None: on for CUDA, off for the CPU (where the thread would only compete with the
+        network for the cores).
+    """
+
+    progress: bool = False
+    callback: Optional[Callable] = None
+    prefetch_noise: Optional[bool] = None
 
 
 class ImageNoise:
@@ -157,24 +180,6 @@ def proportional_labels(counts: Sequence[int], indices: Sequence[int]) -> torch.
     return torch.from_numpy(np.minimum(np.searchsorted(cum, u, side="right"), len(p) - 1)).long()
 
 
-class ClassChoice(NamedTuple):
-    """Which classes a sample set of a conditional model has (the `ddpm sample` options).
-
-    :param class_: every image of this class (an index, a class name, or "none": no class, i.e.
-        unconditional samples from the conditional model).
-    :param classes: image i of class classes[i % len(classes)] (indices or names).
-    :param per_class: N images of each class (of `classes`, default all), class by class: the set
-        has N·K images. Nothing given: classes in the training set's proportions.
-    """
-
-    class_: Union[int, str, None] = None
-    classes: Optional[Sequence[Union[int, str]]] = None
-    per_class: Optional[int] = None
-
-    def given(self) -> bool:
-        return self.class_ is not None or self.classes is not None or self.per_class is not None
-
-
 def class_index(value, names: Sequence[str], K: int) -> int:
     """A class given as an index 0 … K-1, a name of the data's classes, or "none" (K: no class)."""
     if isinstance(value, str) and value.strip().lower() == "none":
@@ -240,44 +245,25 @@ def _count(n) -> int:
     return check_count(n, "n", MAX_SAMPLES, why=SAMPLE_NAMES)
 
 
-def chain(diffusion: GaussianDiffusion, sampler: str = "ancestral", ddim_steps: int = 50, ddim_eta: float = 0.0,
-          ddim_spacing: str = "uniform", clip_denoised: bool = True) -> tuple[list[int], Step]:
-    """A sampler's times (paper t, from its first down to 0) and its step, for the reverse loop."""
-    sampler = Sampler.parse(sampler, "sampler")
-    T = diffusion.num_timesteps
-    if sampler is Sampler.ANCESTRAL:
-        return list(range(T, -1, -1)), diffusion.ancestral(clip_denoised)
-    return ddim_timesteps(T, ddim_steps, ddim_spacing), diffusion.ddim(ddim_eta, clip_denoised)
-
-
-def sample(model, diffusion: GaussianDiffusion, shape, *, seed: int, indices: Sequence[int], device,
-           sampler: str = "ancestral", ddim_steps: int = 50, ddim_eta: float = 0.0, ddim_spacing: str = "uniform",
-           clip_denoised: bool = True, progress: bool = False, callback: Optional[Callable] = None,
-           prefetch_noise: Optional[bool] = None, labels=None, guidance: float = 1.0) -> torch.Tensor:
-    """Samples for `indices` (one image each) in [-1, 1], float [len(indices), C, H, W].
+def sample(model, diffusion: GaussianDiffusion, shape, images: Images, *, device, sampler: SamplerSpec = SamplerSpec(),
+           loop: Loop = Loop()) -> torch.Tensor:
+    """Samples for `images` (one per index) in [-1, 1], float [len(images.indices), C, H, W].
 
     :param shape: (C, H, W) of one image.
-    :param labels: for a class-conditional model, the class of each image (int64 [len(indices)]),
-        or one class for all (an int); None: no class. An unconditional model takes none.
-    :param guidance: the guidance weight w (1: plain conditional sampling; process/guidance.py).
-    :param callback: `callback(t, out)` after the step from each time t (out["pred_x0"] is the x̂_0
-        predicted from x_t).
-    :param prefetch_noise: draw the per-image noise on a background thread, ahead of the loop
-        (`PrefetchNoise`), so a GPU never waits for the CPU's generators; the same numbers either
-        way. None: on for CUDA, off for the CPU (where the thread would only compete with the
-        network for the cores).
+    :param images: their seed, indices and (a class-conditional model's) labels and guidance weight.
     """
     device = torch.device(device)
+    seed, indices, labels, guidance = images
     model = conditioned(model, labels, num_classes_of(model), guidance)
-    times, step = chain(diffusion, sampler, ddim_steps, ddim_eta, ddim_spacing, clip_denoised)
-    prefetch = device.type == "cuda" if prefetch_noise is None else prefetch_noise
+    times, step = sampler.chain(diffusion)
+    prefetch = device.type == "cuda" if loop.prefetch_noise is None else loop.prefetch_noise
     noise = ImageNoise(seed, indices, "cpu" if prefetch else device)
     x_T = noise(torch.Size((len(indices), *shape))).to(device)
     if prefetch:
         noise = PrefetchNoise(noise, device, limit=len(times) - 1)
     try:
-        return diffusion.reverse_loop(model, x_T, times, step, noise_fn=noise, callback=callback,
-                                      progress=loop_progress("sampling", progress))
+        return diffusion.reverse_loop(model, x_T, times, step, noise_fn=noise, callback=loop.callback,
+                                      progress=loop_progress("sampling", loop.progress))
     finally:
         if prefetch:
             noise.close()
@@ -318,10 +304,24 @@ def _existing_indices(out_dir: Path, n: int, shape) -> set[int]:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: int, seed: int, shape, dist=None, *,
-                  device=None, progress: bool = True, model_tag: str = "", recorded: Optional[dict] = None,
-                  grid_n: int = 64, labels: Optional[torch.Tensor] = None, guidance: float = 1.0,
-                  classes: Optional[dict] = None, **sampler_opts) -> dict:
+class SampleSet(NamedTuple):
+    """A sample set on disk: images 0 … n-1 of seed `seed`, of shape (C, H, W), drawn `batch` at a
+    time per process; for a class-conditional model, of classes `labels` (int64 [n],
+    `sample_labels`, chosen as `classes` records) with guidance weight `guidance`; a grid of the
+    first `grid_n` (one class per row, its first 8 images, for a conditional model)."""
+
+    shape: Sequence[int]
+    n: int
+    seed: int
+    batch: int
+    labels: Optional[torch.Tensor] = None
+    classes: Optional[dict] = None
+    guidance: float = GuidanceSpec.weight
+    grid_n: int = 64
+
+
+def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, images: SampleSet, *, sampler: SamplerSpec = SamplerSpec(),
+                  dist=None, progress: bool = True, provenance: Provenance = Provenance()) -> dict:
     """Draw samples 0 … n-1 into `out_dir`: `000000.png` …, `samples.npz` (uint8 NHWC "x",
     "indices", and "labels" for a conditional model) and `grid.png` (the first `grid_n`; for a
     conditional model one class per row, its first 8 images). Run it again to resume.
@@ -329,23 +329,20 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     Image i always comes from seed (seed, i) (see `ImageNoise`), whatever `batch` or the number of
     processes. Indices whose PNG exists and is readable are skipped; the missing ones are split
     over the processes of `dist` (`distributed.shard`: contiguous blocks), each process
-    drawing `batch` images at a time; rank 0 then writes the .npz and the grid.
+    drawing `batch` images at a time on its device; rank 0 then writes the .npz and the grid.
 
     :param model: any callable `model(x_t, t)` (e.g. the EMA network from `load_run`).
-    :param shape: (C, H, W) of one image.
+    :param images: the set (`SampleSet`).
     :param dist: a `distributed.DistInfo` (default: one process).
-    :param model_tag: which model (`LoadedRun.tag`: the checkpoint's content hash), recorded in
-        `sampling.json` with the seed and sampler settings; a rerun with different ones is refused
-        rather than mixed into the same directory.
-    :param recorded: facts recorded beside them but not compared (e.g. the checkpoint's path).
+    :param provenance: which model (`Provenance`), recorded in `sampling.json` with the seed and
+        the sampler's settings; a rerun with different ones is refused rather than mixed into the
+        same directory. The labels, the guidance weight and `classes` (how the labels were chosen)
+        are recorded there too, and compared.
     A folder that holds files but no `sampling.json` is refused (io/folders.py): a user's
     `000000.png` is never taken for a sample.
-    :param labels: a conditional model's class of each image, int64 [n] (`sample_labels`), with
-        the guidance weight `guidance`; both recorded in `sampling.json` with `classes` (how the
-        labels were chosen), and a rerun with others is refused.
-    :param sampler_opts: `sample`'s options: sampler, ddim_steps, ddim_eta, ddim_spacing, clip_denoised.
     :return: dict(out_dir, n, generated (by all processes), skipped, npz, grid).
     """
+    shape, n, seed, batch, labels, classes, guidance, grid_n = images
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise UserError(f"n={n!r}: give the number of samples to draw, at least 1")
     if isinstance(batch, bool) or int(batch) != batch or batch < 1:
@@ -353,33 +350,24 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     seed = check_seed(seed)  # before sampling.json records it
     check_count(int(n), "n", MAX_SAMPLES, why=SAMPLE_NAMES)
     check_count(int(batch), "batch", MAX_BATCH)
-    opts = dict(sampler="ancestral", ddim_steps=50, ddim_eta=0.0, ddim_spacing="uniform", clip_denoised=True)
-    unknown = sorted(set(sampler_opts) - set(opts))
-    if unknown:
-        raise TypeError(f"sample_to_dir: unknown sampler option(s) {unknown}; valid: {sorted(opts)}")
-    opts.update(sampler_opts)
-    opts["sampler"] = Sampler.parse(opts["sampler"], "sampler").value
-    chain(diffusion, **opts)  # validates the DDIM settings before anything is written
+    sampler.chain(diffusion)  # validates the DDIM steps against T before anything is written
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.shape != (int(n),):
             raise ValueError(f"sample_to_dir: {tuple(labels.shape)} labels for n={n} images")
     conditioned(model, labels, num_classes_of(model), guidance)  # an unconditional model given classes: one line
     dist = dist or DistInfo()
-    device = torch.device(device) if device is not None else dist.device
+    device = dist.device
     out_dir = usable_folder(out_dir)
     shape = tuple(int(s) for s in shape)
     n, batch = int(n), int(batch)
 
     todo = None
     if dist.is_main:
-        meta = dict(seed=int(seed), shape=list(shape), T=diffusion.num_timesteps, model=model_tag, **opts)
-        if opts["sampler"] == "ancestral":  # the DDIM settings do not matter then
-            for k in ("ddim_steps", "ddim_eta", "ddim_spacing"):
-                meta.pop(k)
+        meta = dict(seed=int(seed), shape=list(shape), T=diffusion.num_timesteps, model=provenance.tag, **sampler.record())
         if labels is not None:
             meta.update(classes=classes or {}, guidance=check_weight(guidance))
-        check_settings(out_dir / SAMPLES_META, meta, recorded, what="samples")
+        check_settings(out_dir / SAMPLES_META, meta, provenance.recorded, what="samples")
         have = _existing_indices(out_dir, n, shape)
         todo = [i for i in range(n) if i not in have]
     todo = broadcast_object(todo, dist)
@@ -388,8 +376,8 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
     bar = progress_bar(len(mine), desc="sampling", unit="img", enabled=progress and dist.is_main)
     for start in range(0, len(mine), batch):
         idx = mine[start:start + batch]
-        x = sample(model, diffusion, shape, seed=seed, indices=idx, device=device, progress=progress and dist.is_main,
-                   labels=None if labels is None else labels[idx], guidance=guidance, **opts)
+        x = sample(model, diffusion, shape, Images(seed, idx, None if labels is None else labels[idx], guidance),
+                   device=device, sampler=sampler, loop=Loop(progress=progress and dist.is_main))
         pics = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         for i, pic in zip(idx, pics):
             write_png(pic, out_dir / png_name(i))
@@ -423,20 +411,18 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, n: int, batch: i
                 **(dict(classes=classes or {}, guidance=float(guidance)) if labels is not None else {}))
 
 
-def sample_run(run, out_dir, n: Optional[int], *, batch: int = 64, seed: int = 0, weights: str = "ema",
-               device: str = "auto", fast: str = "auto", precision: str = "fp32", progress: bool = True, classes: ClassChoice = ClassChoice(),
-               guidance: float = 1.0, **sampler_opts) -> dict:
-    """`ddpm sample`: images 0 … n-1 of a trained run (a run directory or a checkpoint file) into
-    `out_dir`, split over torchrun's processes; run it again to resume (see `sample_to_dir`).
+def sample_run(model: ModelSpec, out_dir, n: Optional[int], *, batch: int = 64, seed: int = 0,
+               sampler: SamplerSpec = SamplerSpec(), guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
+    """`ddpm sample`: images 0 … n-1 of a trained run into `out_dir`, split over torchrun's
+    processes; run it again to resume (see `sample_to_dir`).
 
-    A class-conditional run samples the classes `classes` chooses (`sample_labels`; by default in
-    its training set's proportions) with guidance weight `guidance`."""
-    guidance = check_weight(guidance)
+    A class-conditional run samples the classes `guidance.classes` chooses (`sample_labels`; by
+    default in its training set's proportions) with guidance weight `guidance.weight`."""
     if n is not None:
         check_count(n, "--n", MAX_SAMPLES, why=SAMPLE_NAMES)
     check_count(batch, "--batch", MAX_BATCH)
-    loaded, dist, tag = open_run(run, weights, device, fast, precision)
-    labels, n, record = sample_labels(classes, n, loaded.run.model.num_classes, *loaded.class_info)
-    return sample_to_dir(loaded.model, loaded.diffusion, out_dir, n, batch, seed, loaded.shape, dist, progress=progress,
-                         model_tag=tag, recorded=dict(checkpoint=str(loaded.checkpoint)), labels=labels,
-                         guidance=guidance, classes=record, **sampler_opts)
+    loaded, dist, _ = model.open()
+    labels, n, record = sample_labels(guidance.classes, n, loaded.run.model.num_classes, *loaded.class_info)
+    return sample_to_dir(loaded.model, loaded.diffusion, out_dir,
+                         SampleSet(loaded.shape, n, seed, batch, labels, record, guidance.weight), sampler=sampler,
+                         dist=dist, progress=progress, provenance=Provenance.of(loaded))

@@ -57,7 +57,7 @@ from ..run.folder import (CONFIG_NAME, METRICS_NAME, append_metrics, check_run_f
                           write_run_record)
 from ..run.load import initial_weights, state_dict_problem
 from .evaluate import TrainingFID
-from .sample import sample
+from .sample import Images, Loop, sample
 
 
 def resolve_model(run: RunConfig, images: DataSet) -> RunConfig:
@@ -764,8 +764,8 @@ def write_sample_grid(ema: torch.nn.Module, diffusion: GaussianDiffusion, run: R
     K = m.num_classes
     per = max(1, round(n / K)) if K else 0
     labels = torch.arange(K).repeat_interleave(per) if K else None
-    x = sample(ema, diffusion, (m.in_channels, *m.size), seed=seed, indices=range(per * K if K else n), device=device,
-               progress=progress, labels=labels)
+    x = sample(ema, diffusion, (m.in_channels, *m.size), Images(seed, range(per * K if K else n), labels), device=device,
+               loop=Loop(progress=progress))
     return write_png(make_class_grid(to_uint8(x), labels, per_row=per) if K else make_grid(to_uint8(x)), path)
 
 
