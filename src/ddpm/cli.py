@@ -507,9 +507,7 @@ def cmd_sample(args):
     if args.n is None and args.per_class is None:
         raise UserError("ddpm sample needs --n N (how many samples), or --per-class N for a class-conditional model")
     if args.dry_run:
-        _say(*plan_sample(args.run or args.checkpoint, args.out, args.n, classes=_class_choice(args),
-                          guidance=args.guidance, weights=args.weights, device=args.device, precision=args.precision,
-                          **_sampler_spec(args).record(clip=False, unused=True)))
+        _say(*plan_sample(_model_spec(args), args.out, args.n, _sampler_spec(args), _guidance(args)))
         return
     res = sample_run(_model_spec(args), args.out, args.n, batch=args.batch, seed=args.seed, sampler=_sampler_spec(args),
                      guidance=_guidance(args), progress=not args.no_progress)
@@ -699,15 +697,14 @@ def _eval_args(p):
 @command("eval", "the paper's evaluation of a run: EMA samples, FID (train and test), IS and bits/dim into one JSON",
          _eval_args)
 def cmd_eval(args):
-    if args.dry_run:
-        _say(*plan_eval(args.run, args.n, out_dir=args.out, ref_train=args.ref_train, ref_test=args.ref_test,
-                        bpd_n=args.bpd_n, guidance=args.guidance, device=args.device, precision=args.precision))
-        return
     spec = EvalSpec(n=args.n, seed=args.seed, seed_sets=args.seed_sets, batch=args.batch, bpd_n=args.bpd_n,
                     bpd_batch=args.bpd_batch, ref_train=args.ref_train, ref_test=args.ref_test)
-    rep = evaluate_run(ModelSpec(args.run, device=args.device, fast=args.fast, precision=args.precision), spec,
-                       out_dir=args.out, guidance=GuidanceSpec(weight=args.guidance), inception=_inception_spec(args),
-                       progress=not args.no_progress)
+    model = ModelSpec(args.run, device=args.device, fast=args.fast, precision=args.precision)
+    if args.dry_run:
+        _say(*plan_eval(model, spec, args.out, GuidanceSpec(weight=args.guidance)))
+        return
+    rep = evaluate_run(model, spec, out_dir=args.out, guidance=GuidanceSpec(weight=args.guidance),
+                       inception=_inception_spec(args), progress=not args.no_progress)
     fid, bpd, iscore = rep["fid"], rep["bits_per_dim"], rep["inception_score"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     is_ = f"IS {iscore['is_mean']:.4f} ± {iscore['is_std']:.4f}" if iscore else "IS n/a"

@@ -18,11 +18,13 @@ from ..io.folders import foreign_entries, usable_folder
 from ..io.prepared import CACHE, MEMORY, STREAM, PreparedSet, is_prepared, placement
 from ..network.fast import describe_precision
 from ..network.unet import summary
-from ..process.guidance import check_weight
+from ..process.sampling import Sampler, SamplerSpec
 from ..run.config import RunConfig
 from ..run.folder import is_run_folder
-from ..run.load import load_run
-from .sample import ClassChoice, sample_labels
+from ..run.load import ModelSpec, load_run
+from ..run.options import GuidanceSpec
+from .evaluate import EvalSpec
+from .sample import sample_labels
 from .train import resolve_model
 
 
@@ -82,40 +84,41 @@ def plan_train(run_dir, run: RunConfig) -> list[str]:
     return lines
 
 
-def plan_sample(run, out_dir, n: Optional[int], *, classes: ClassChoice = ClassChoice(), guidance: float = 1.0,
-                weights: str = "ema", sampler: str = "ancestral", ddim_steps: int = 50, device: str = "auto",
-                precision: str = "fp32", **_) -> list[str]:
-    """`ddpm sample --dry-run`."""
-    guidance = check_weight(guidance)
-    loaded = load_run(run, weights, "cpu", fast="off")
-    labels, n, record = sample_labels(classes, n, loaded.run.model.num_classes, *loaded.class_info)
+def plan_sample(model: ModelSpec, out_dir, n: Optional[int], sampler: SamplerSpec = SamplerSpec(),
+                guidance: GuidanceSpec = GuidanceSpec()) -> list[str]:
+    """`ddpm sample --dry-run`: what `sample_run` with the same options would do."""
+    loaded = load_run(model.run, model.weights.value, "cpu", fast="off")
+    labels, n, record = sample_labels(guidance.classes, n, loaded.run.model.num_classes, *loaded.class_info)
     out = usable_folder(out_dir)
-    steps = loaded.diffusion.num_timesteps if sampler == "ancestral" else ddim_steps
+    steps = loaded.diffusion.num_timesteps if sampler.sampler is Sampler.ANCESTRAL else sampler.steps
     have = sum(1 for i in range(n) if (out / f"{i:06d}.png").is_file()) if out.is_dir() else 0
     lines = [f"checkpoint: {loaded.checkpoint} ({loaded.weights.value} weights)", *_model_lines(loaded.run.model),
-             "precision: " + describe_precision(precision, pick_device(device)),
-             f"would draw {n - have} of {n} images ({have} already in {out}) with {sampler}, {steps} network "
-             f"evaluations each" + (" of twice the batch (guided)" if labels is not None and guidance not in (0, 1) else "")]
+             "precision: " + describe_precision(model.precision.value, pick_device(model.device.value)),
+             f"would draw {n - have} of {n} images ({have} already in {out}) with {sampler.sampler.value}, {steps} "
+             f"network evaluations each"
+             + (" of twice the batch (guided)" if labels is not None and guidance.weight not in (0, 1) else "")]
     if labels is not None:
-        lines.append(f"classes: {record.get('classes')}, guidance {guidance:g}")
+        lines.append(f"classes: {record.get('classes')}, guidance {guidance.weight:g}")
     lines.append(f"would write: {out}/000000.png …, samples.npz, grid.png, sampling.json")
     return lines
 
 
-def plan_eval(run_dir, n: int, *, out_dir=None, ref_train=None, ref_test=None, bpd_n=None, guidance: float = 1.0,
-              device: str = "auto", precision: str = "fp32", **_) -> list[str]:
-    """`ddpm eval --dry-run`."""
-    loaded = load_run(run_dir, "ema", "cpu", fast="off")
-    base = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+def plan_eval(model: ModelSpec, spec: EvalSpec = EvalSpec(), out_dir=None,
+              guidance: GuidanceSpec = GuidanceSpec()) -> list[str]:
+    """`ddpm eval --dry-run`: what `evaluate_run` with the same options would do."""
+    loaded = load_run(model.run, "ema", "cpu", fast="off")
+    run_dir = Path(model.run)
+    base = run_dir if run_dir.is_dir() else run_dir.parent
     out = Path(out_dir) if out_dir is not None else base / "eval" / loaded.checkpoint.stem
-    labels, _, record = sample_labels(ClassChoice(), n, loaded.run.model.num_classes, *loaded.class_info)
+    labels, _, record = sample_labels(GuidanceSpec.classes, spec.n, loaded.run.model.num_classes, *loaded.class_info)
     data = loaded.run.data
     cached = f"computed from {data.source} and cached in {base / 'eval'}"
-    refs = [f"{split}: {given or cached}" for split, given in (("train", ref_train), ("test", ref_test))]
+    refs = [f"{split}: {given or cached}" for split, given in (("train", spec.ref_train), ("test", spec.ref_test))]
+    bpd_n = spec.bpd_n
     return [f"checkpoint: {loaded.checkpoint} (EMA weights)", *_model_lines(loaded.run.model),
-            "precision: " + describe_precision(precision, pick_device(device)),
-            f"would draw {n:,} samples (Algorithm 2, T = {loaded.diffusion.num_timesteps})"
-            + (f", classes {record.get('classes')}, guidance {check_weight(guidance):g}" if labels is not None else ""),
+            "precision: " + describe_precision(model.precision.value, pick_device(model.device.value)),
+            f"would draw {spec.n:,} samples (Algorithm 2, T = {loaded.diffusion.num_timesteps})"
+            + (f", classes {record.get('classes')}, guidance {guidance.weight:g}" if labels is not None else ""),
             "FID references: " + "; ".join(refs),
             "bits/dim: " + ("skipped" if bpd_n == 0 else f"the first {bpd_n} test images" if bpd_n else "all test images"),
             f"would write: {out}/eval.json, samples/, nll/"]
