@@ -207,6 +207,15 @@ class GaussianDiffusion:
         return cls(cfg.betas(), cfg.mean_type, cfg.var_type, cfg.loss_type, cfg.hybrid_lambda)
 
     # ------------------------------------------------------------------ tables and broadcasting
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ_1 … ᾱ_T, float64 [T] (for the time grids of `process.grids`)."""
+        return self._tables64["alphas_cumprod"][1:].numpy()
+
+    def alpha_bar(self, t: int) -> float:
+        """ᾱ_t in float64 for one paper time t ∈ 0 … T (ᾱ_0 = 1)."""
+        return float(self._tables64["alphas_cumprod"][t])
+
     def table(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """Table `name` [T + 1], indexed by t = 0 … T, on `like`'s device, cast once and cached
         (never below float32)."""
@@ -420,13 +429,13 @@ class GaussianDiffusion:
                      callback: Optional[Callable[[int, dict], None]] = None) -> torch.Tensor:
         """The one reverse loop every sampler shares: x is at times[0]; each step takes it from
         times[i] to times[i + 1] (a descending chain of paper times, e.g. T, T−1, …, 0 for Algorithm
-        2), and the result is x at times[-1]. `step` is an `AncestralStep` or a `DDIMStep`; it checks
-        the chain first. `noise_fn(shape)` supplies z, once per step (inject a per-image RNG there);
+        2), and the result is x at times[-1]. `step` is an `AncestralStep`, a `DDIMStep` or a solver of
+        `process.solvers`; `step.begin(times)` checks the chain first and starts its history. `noise_fn(shape)` supplies z, once per step (inject a per-image RNG there);
         `callback(t, out)` sees each step's dict (progressive generation reads out["pred_x0"])."""
         ts = [check_time(t, self.num_timesteps, "time") for t in times]
         if not ts or any(a <= b for a, b in zip(ts, ts[1:])):
             raise UserError(f"a reverse chain's times must be strictly decreasing, got {ts[:5]}{'…' if len(ts) > 5 else ''}")
-        step.check(ts)
+        step.begin(ts)
         noise_fn = noise_fn or (lambda shape: torch.randn(shape, device=x.device, dtype=x.dtype))
         pairs = range(len(ts) - 1)
         for i in (progress(pairs) if progress else pairs):
@@ -462,8 +471,9 @@ class GaussianDiffusion:
 class Step(Protocol):
     """One move of the reverse loop, from time t to t_next < t."""
 
-    def check(self, times: Sequence[int]) -> None:
-        """Refuse (UserError) a chain of times this step cannot walk."""
+    def begin(self, times: Sequence[int]) -> None:
+        """Refuse (UserError) a chain of times this step cannot walk; start a new chain (a multistep
+        solver forgets its history)."""
 
     def __call__(self, model: Model, x: torch.Tensor, t: torch.Tensor, t_next: int, noise: torch.Tensor) -> dict:
         """-> dict(sample=x at t_next, pred_x0=the x̂_0 predicted from x at t)."""
@@ -475,7 +485,7 @@ class AncestralStep:
     def __init__(self, diffusion: GaussianDiffusion, clip_denoised: bool = True):
         self.diffusion, self.clip_denoised = diffusion, clip_denoised
 
-    def check(self, times: Sequence[int]) -> None:
+    def begin(self, times: Sequence[int]) -> None:
         gaps = [(a, b) for a, b in zip(times, times[1:]) if a - b != 1]
         if gaps:
             a, b = gaps[0]
@@ -494,7 +504,7 @@ class DDIMStep:
             raise UserError(f"DDIM eta={eta!r} must be a finite number >= 0 (0: deterministic, 1: as Algorithm 2's noise)")
         self.diffusion, self.eta, self.clip_denoised = diffusion, float(eta), clip_denoised
 
-    def check(self, times: Sequence[int]) -> None:
+    def begin(self, times: Sequence[int]) -> None:
         pass  # any descending chain
 
     def __call__(self, model, x, t, t_next, noise):
