@@ -823,6 +823,18 @@ add("sample/spacing=bogus-with-ancestral", lambda tmp, fx: _sample_anc(tmp, fx) 
 add("sample/ddim-steps=0-with-ancestral", lambda tmp, fx: _sample_anc(tmp, fx) + ["--ddim-steps", "0"], N["ddim-steps"])
 
 
+def _sample_solver(tmp, fx):
+    return _sample(tmp, fx) + ["--sampler", "dpm++2m"]
+
+
+vary("sample-solver", _sample_solver, "--steps", ["0", "-1", "100000", "abc"], N["steps"])
+vary("sample-solver", _sample_solver, "--spacing", ["bogus", "KARRAS"], N["spacing"])
+add("sample-solver/eta=0.5", lambda tmp, fx: _sample_solver(tmp, fx) + ["--eta", "0.5"], N["eta"])
+add("sample-solver/steps-and-ddim-steps", lambda tmp, fx: _sample_solver(tmp, fx) + ["--steps", "3", "--ddim-steps", "3"],
+    N["steps"])
+add("sample/steps=3-with-ancestral", lambda tmp, fx: _sample_anc(tmp, fx) + ["--steps", "3"], N["steps"])
+
+
 def _sample_out_with(name: str, content):
     def setup(tmp, fx):
         out = _dir(tmp, "s")

@@ -8,6 +8,7 @@ are non-negative, so the rate can only grow as t decreases; t = 0 means "no nois
 
 import csv
 import json
+import re
 import math
 
 import numpy as np
@@ -18,6 +19,8 @@ from PIL import Image
 from ddpm import GaussianDiffusion, UserError, make_betas
 from gaussian_oracle import MU, PAPER_BETAS, S, Oracle
 from ddpm.cli import main
+from ddpm.process.grids import time_grid
+from ddpm.run.load import load_run
 from ddpm.io.images import read_image
 from ddpm.workflows.experiments import interpolate, progressive_generation, reconstruct, shared_latent_samples
 from ddpm.workflows.nll import NLLImages, evaluate_nll, load_bpd, plot_rate_distortion, rate_distortion
@@ -302,6 +305,27 @@ def test_cli_sample(tiny_run, tmp_path, capsys):
     rc, out, _ = _run(capsys, "sample", "--run", tiny_run / "run", "--n", 5, "--seed", 1, "--out", tmp_path / "d",
                       "--sampler", "ddim", "--ddim-steps", 4, "--eta", 0.5, "--no-progress")
     assert rc == 0 and np.load(tmp_path / "d" / "samples.npz")["x"].shape == (5, 16, 16, 1)
+
+
+def test_cli_few_step_samplers(tiny_run, tmp_path, capsys):
+    for sampler, spacing in (("heun", "karras"), ("dpm++2m-sde", "logsnr"), ("unipc", "trailing")):
+        out = tmp_path / sampler
+        rc, said, _ = _run(capsys, "sample", "--run", tiny_run / "run", "--n", 3, "--out", out, "--sampler", sampler,
+                           "--steps", 5, "--spacing", spacing, "--no-progress")
+        assert rc == 0 and np.load(out / "samples.npz")["x"].shape == (3, 16, 16, 1)
+        meta = json.loads((out / "sampling.json").read_text())
+        assert (meta["sampler"], meta["steps"], meta["spacing"]) == (sampler, 5, spacing)
+    # a dry run says what a chain costs: heun with 6 evaluations uses 5 (three steps, one evaluation on the last)
+    rc, said, _ = _run(capsys, "sample", "--run", tiny_run / "run", "--n", 3, "--out", tmp_path / "x", "--sampler", "heun",
+                       "--steps", 6, "--dry-run")
+    assert rc == 0 and "heun, 5 network evaluations on the uniform grid" in said
+    # eval of a few-step sampler goes to its own folder, beside Algorithm 2's
+    rc, said, _ = _run(capsys, "eval", "--run", tiny_run / "run", "--sampler", "dpm++2m", "--steps", 10, "--spacing",
+                       "logsnr", "--dry-run")
+    assert rc == 0 and "eval/ckpt-00000002-dpm++2m-10-logsnr/eval.json" in said
+    # T = 20 here: ten log-SNR-uniform times round to fewer distinct integer times, and the count says so
+    nfe = int(re.search(r"dpm\+\+2m, (\d+) network evaluations on the logsnr grid", said).group(1))
+    assert nfe == len(time_grid(load_run(tiny_run / "run").diffusion.alphas_cumprod, 10, "logsnr")) - 1 < 10
 
 
 def test_cli_nll_and_rate_distortion(tiny_run, tmp_path, capsys):

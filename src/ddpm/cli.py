@@ -35,7 +35,7 @@ from .io.streaming import check_stream_out, write_stream
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .io.inception_weights import ARCHIVE_NAME, OFFICIAL, PACKAGE, WEIGHTS_NAME
 from .network.unet import summary
-from .process.sampling import SamplerSpec
+from .process.sampling import SAMPLERS, Sampler, SamplerSpec
 from .run.config import model_config, resolve_run_config
 from .run.folder import read_run_record
 from .run.load import ModelSpec
@@ -214,25 +214,37 @@ def _model_spec(args) -> ModelSpec:
 
 
 def _sampler_args(p):
-    p.add_argument("--sampler", default=SamplerSpec.sampler.value, help="ancestral (Algorithm 2, default) or ddim")
-    p.add_argument("--ddim-steps", type=int, default=None, metavar="K", help="with --sampler ddim: network "
-                                                                             "evaluations (default 50)")
+    p.add_argument("--sampler", default=SamplerSpec.sampler.value, metavar="NAME",
+                   help="ancestral (Algorithm 2, T network evaluations, default), ddim (Song et al. 2021), dpm++2m "
+                        "(DPM-Solver++(2M)), dpm++2m-sde (its stochastic variant), unipc (UniPC bh2, order 2) or heun "
+                        "(Karras et al.'s 2nd-order Heun, deterministic)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="with a few-step sampler: the number of network evaluations (NFE), counted honestly: heun "
+                        "spends two a step and one on the last, so it takes (N + 1) // 2 steps and an even N leaves "
+                        f"one unused; a guided model evaluates a doubled batch each time (default {SamplerSpec.steps})")
+    p.add_argument("--ddim-steps", type=int, default=None, metavar="K", help="the same as --steps")
     p.add_argument("--eta", type=float, default=None, help="with --sampler ddim: DDIM's η, 0 deterministic (default), "
                                                            "1 ancestral-like")
-    p.add_argument("--spacing", default=None, help="with --sampler ddim: time spacing uniform (default), trailing or "
-                                                   "quad")
+    p.add_argument("--spacing", default=None, metavar="GRID",
+                   help="with a few-step sampler: its time grid: uniform (1, 1 + T/N, …; default), quad (denser near the "
+                        "data), trailing (T, T − T/N, …), logsnr (uniform in log(ᾱ/(1−ᾱ))) or karras (ρ = 7 in σ)")
 
 
-# The DDIM flags, by the SamplerSpec field each sets; a flag not given leaves the spec's default.
-DDIM_FLAGS = dict(ddim_steps="steps", eta="eta", spacing="spacing")
+# The few-step flags, by the SamplerSpec field each sets; a flag not given leaves the spec's default.
+FEW_STEP_FLAGS = dict(steps="steps", ddim_steps="steps", eta="eta", spacing="spacing")
 
 
 def _sampler_spec(args) -> SamplerSpec:
-    given = {field: getattr(args, dest) for dest, field in DDIM_FLAGS.items() if getattr(args, dest) is not None}
-    if given and args.sampler != "ddim":
-        flags = [f"--{dest.replace('_', '-')}" for dest, field in DDIM_FLAGS.items() if field in given]
-        raise UserError(f"{', '.join(flags)}: for --sampler ddim only; add --sampler ddim, or leave "
-                        f"{'them' if len(flags) > 1 else 'it'} out")
+    if args.steps is not None and args.ddim_steps is not None:
+        raise UserError("--steps and --ddim-steps set the same thing; give one")
+    given = {field: getattr(args, dest) for dest, field in FEW_STEP_FLAGS.items() if getattr(args, dest) is not None}
+    flag = lambda dest: f"--{dest.replace('_', '-')}"  # noqa: E731
+    if given and args.sampler == Sampler.ANCESTRAL.value:
+        flags = [flag(dest) for dest in FEW_STEP_FLAGS if getattr(args, dest) is not None]
+        raise UserError(f"{', '.join(flags)}: for the few-step samplers only (--sampler {', '.join(SAMPLERS[1:])}); "
+                        f"add --sampler, or leave {'them' if len(flags) > 1 else 'it'} out")
+    if "eta" in given and args.sampler != Sampler.DDIM.value:
+        raise UserError(f"--eta: for --sampler ddim only (--sampler {args.sampler} sets its own noise); leave it out")
     return SamplerSpec(args.sampler, **given)
 
 
@@ -357,13 +369,14 @@ def _export_args(p):
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="then upload the folder to the Hugging Face Hub (needs huggingface_hub and a login)")
     p.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository (default private)")
+    _sampler_args(p)  # the scheduler the pipeline samples with
 
 
 @command("export", "write a trained run as a diffusers pipeline folder (DDPMPipeline / DDIMPipeline.from_pretrained "
                    "load it) with a model card; optionally push it to the Hub", _export_args)
 def cmd_export(args):
     res = export_run(args.run, args.out, to=args.to, weights=args.weights, push_to_hub=args.push_to_hub,
-                     private=not args.public)
+                     private=not args.public, sampler=_sampler_spec(args))
     _say(f"wrote {res['out']}: {len(res['files'])} files (model_index.json, unet/, scheduler/, README.md, "
          f"ddpm_config.json); load it with DDPMPipeline.from_pretrained({res['out']!r})")
     if res["repo_url"]:
@@ -688,6 +701,7 @@ def _eval_args(p):
     p.add_argument("--bpd-batch", type=int, default=EvalSpec.bpd_batch)
     p.add_argument("--guidance", type=float, default=GuidanceSpec.weight, metavar="W",
                    help=GUIDANCE_HELP + "; a conditional model's classes follow the training set's proportions")
+    _sampler_args(p)
     _fast_arg(p)
     _precision_arg(p)
     _inception_args(p)
@@ -701,9 +715,9 @@ def cmd_eval(args):
                     bpd_batch=args.bpd_batch, ref_train=args.ref_train, ref_test=args.ref_test)
     model = ModelSpec(args.run, device=args.device, fast=args.fast, precision=args.precision)
     if args.dry_run:
-        _say(*plan_eval(model, spec, args.out, GuidanceSpec(weight=args.guidance)))
+        _say(*plan_eval(model, spec, args.out, GuidanceSpec(weight=args.guidance), _sampler_spec(args)))
         return
-    rep = evaluate_run(model, spec, out_dir=args.out, guidance=GuidanceSpec(weight=args.guidance),
+    rep = evaluate_run(model, spec, out_dir=args.out, sampler=_sampler_spec(args), guidance=GuidanceSpec(weight=args.guidance),
                        inception=_inception_spec(args), progress=not args.no_progress)
     fid, bpd, iscore = rep["fid"], rep["bits_per_dim"], rep["inception_score"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731

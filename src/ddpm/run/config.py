@@ -25,6 +25,7 @@ from ..network.fast import Precision, Switch
 from ..io.inception_weights import OFFICIAL
 from ..network.unet import UNetConfig
 from ..process.diffusion import DiffusionConfig
+from ..process.sampling import SamplerSpec
 from .presets import PRESETS, RENAMED
 
 
@@ -82,6 +83,11 @@ class TrainConfig(Config):
     fid_ref: str = ""
     fid_weights: str = ""  # Inception weights file ("" = $DDPM_INCEPTION_WEIGHTS or the cache path)
     fid_weights_sha256: str = OFFICIAL  # or a hex prefix of your own weights' sha256
+    # The sampler of those FID samples (process/sampling.py): Algorithm 2 by default, or a few-step
+    # one, e.g. fid_sampler=dpm++2m, fid_steps=20 (network evaluations), fid_spacing=logsnr.
+    fid_sampler: str = SamplerSpec.sampler.value
+    fid_steps: int = SamplerSpec.steps
+    fid_spacing: str = SamplerSpec.spacing
 
     def validate(self):
         for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_n", "fid_n"):
@@ -119,7 +125,16 @@ class TrainConfig(Config):
         self.loggers  # parses `logger`, or one line
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (the paper uses 0.9999)")
+        self.fid_sampler_spec  # parses the FID sampler, or one line
 
+
+    @property
+    def fid_sampler_spec(self) -> SamplerSpec:
+        """The sampler of the FID samples, from fid_sampler, fid_steps and fid_spacing."""
+        try:
+            return SamplerSpec(self.fid_sampler, steps=self.fid_steps, spacing=self.fid_spacing)
+        except UserError as e:
+            raise UserError(f"train.fid_sampler/fid_steps/fid_spacing: {e}") from None
 
     @property
     def loggers(self) -> tuple[str, ...]:
@@ -154,7 +169,7 @@ class TrainConfig(Config):
 RESUMABLE_CHANGES = {"train": {"steps", "checkpoint_every", "keep_last", "milestone_every", "log_every",
                                "sample_every", "sample_n", "device", "tensorboard", "logger", "channels_last", "compile",
                                "winograd", "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_weights_sha256",
-                               "lr", "warmup", "microbatch", "checkpointing"},
+                               "fid_sampler", "fid_steps", "fid_spacing", "lr", "warmup", "microbatch", "checkpointing"},
                      "data": {"source"}}  # data that moved; the checkpoint's fingerprint of them decides
 # Keys of a saved config.json that are a record, not configuration (run/folder.py).
 RECORD_KEYS = ("history",)

@@ -427,8 +427,9 @@ def evaluate_run(model: ModelSpec, spec: EvalSpec = EvalSpec(), *, out_dir=None,
                  progress: bool = True) -> dict:
     """`ddpm eval`: the paper's evaluation of a run's EMA weights, into one JSON report.
 
-    1. n samples with Algorithm 2 from the EMA weights, saved as PNGs (+ samples.npz) under
-       OUT/samples (resumable; image i from seed (seed, i); split over processes);
+    1. n samples with `sampler` (default Algorithm 2) from the EMA weights, saved as PNGs (+
+       samples.npz) under OUT/samples (OUT: RUN_DIR/eval/<checkpoint>, with the sampler's `tag`
+       for a few-step one; resumable; image i from seed (seed, i); split over processes);
     2. their FID against the training split and the test split of the run's data (reference
        statistics from `ref_train` / `ref_test`, else computed once and cached in RUN_DIR/eval/),
        KID and precision/recall from the same features, and their Inception Score (10 splits, and
@@ -471,7 +472,7 @@ def evaluate_run(model: ModelSpec, spec: EvalSpec = EvalSpec(), *, out_dir=None,
     loaded = load_run(run_dir, weights="ema", device=dist.device, fast=model.fast.value, precision=model.precision.value)
     run, ema, diffusion, ckpt_file = loaded.run, loaded.model, loaded.diffusion, loaded.checkpoint
     base = run_dir if run_dir.is_dir() else run_dir.parent
-    out_dir = Path(out_dir) if out_dir is not None else base / "eval" / ckpt_file.stem
+    out_dir = Path(out_dir) if out_dir is not None else base / "eval" / (ckpt_file.stem + sampler.tag)
     check_folder(out_dir, _is_evaluation, "an evaluation")  # created below, once the rest is checked
     m = run.model
     shape = (m.in_channels, *m.size)
@@ -585,8 +586,10 @@ class TrainingFID:
 
     def __init__(self, *, n: int = 10_000, batch: int = 250, seed: int = 0, ref=None, images=None, data=None,
                  cache: Optional[Path] = None, weights=None, expected_sha256=OFFICIAL, dist=None,
-                 inception_batch: int = 100, class_counts: Optional[Sequence[int]] = None):
+                 inception_batch: int = 100, class_counts: Optional[Sequence[int]] = None,
+                 sampler: SamplerSpec = SamplerSpec()):
         self.dist = dist or DistInfo()
+        self.sampler = sampler
         # a conditional model: samples in the training set's class proportions, unguided (w = 1)
         self.class_counts = class_counts
         self.n, self.batch, self.inception_batch = int(n), int(batch), int(inception_batch)
@@ -619,7 +622,8 @@ class TrainingFID:
             for s in range(0, len(mine), self.batch):
                 idx = mine[s:s + self.batch]
                 labels = proportional_labels(self.class_counts, idx) if self.class_counts else None
-                x = to_uint8(sample(ema, diffusion, shape, Images(self.seed, idx, labels), device=self.dist.device))
+                x = to_uint8(sample(ema, diffusion, shape, Images(self.seed, idx, labels), device=self.dist.device,
+                                    sampler=self.sampler))
                 for j in range(0, len(idx), self.inception_batch):
                     yield idx[j:j + self.inception_batch], x[j:j + self.inception_batch].cpu()
 

@@ -90,12 +90,11 @@ def plan_sample(model: ModelSpec, out_dir, n: Optional[int], sampler: SamplerSpe
     loaded = load_run(model.run, model.weights.value, "cpu", fast="off")
     labels, n, record = sample_labels(guidance.classes, n, loaded.run.model.num_classes, *loaded.class_info)
     out = usable_folder(out_dir)
-    steps = loaded.diffusion.num_timesteps if sampler.sampler is Sampler.ANCESTRAL else sampler.steps
     have = sum(1 for i in range(n) if (out / f"{i:06d}.png").is_file()) if out.is_dir() else 0
     lines = [f"checkpoint: {loaded.checkpoint} ({loaded.weights.value} weights)", *_model_lines(loaded.run.model),
              "precision: " + describe_precision(model.precision.value, pick_device(model.device.value)),
-             f"would draw {n - have} of {n} images ({have} already in {out}) with {sampler.sampler.value}, {steps} "
-             f"network evaluations each"
+             f"would draw {n - have} of {n} images ({have} already in {out}) with {sampler.describe(loaded.diffusion)} "
+             f"each"
              + (" of twice the batch (guided)" if labels is not None and guidance.weight not in (0, 1) else "")]
     if labels is not None:
         lines.append(f"classes: {record.get('classes')}, guidance {guidance.weight:g}")
@@ -103,13 +102,13 @@ def plan_sample(model: ModelSpec, out_dir, n: Optional[int], sampler: SamplerSpe
     return lines
 
 
-def plan_eval(model: ModelSpec, spec: EvalSpec = EvalSpec(), out_dir=None,
-              guidance: GuidanceSpec = GuidanceSpec()) -> list[str]:
+def plan_eval(model: ModelSpec, spec: EvalSpec = EvalSpec(), out_dir=None, guidance: GuidanceSpec = GuidanceSpec(),
+              sampler: SamplerSpec = SamplerSpec()) -> list[str]:
     """`ddpm eval --dry-run`: what `evaluate_run` with the same options would do."""
     loaded = load_run(model.run, "ema", "cpu", fast="off")
     run_dir = Path(model.run)
     base = run_dir if run_dir.is_dir() else run_dir.parent
-    out = Path(out_dir) if out_dir is not None else base / "eval" / loaded.checkpoint.stem
+    out = Path(out_dir) if out_dir is not None else base / "eval" / (loaded.checkpoint.stem + sampler.tag)
     labels, _, record = sample_labels(GuidanceSpec.classes, spec.n, loaded.run.model.num_classes, *loaded.class_info)
     data = loaded.run.data
     cached = f"computed from {data.source} and cached in {base / 'eval'}"
@@ -117,7 +116,7 @@ def plan_eval(model: ModelSpec, spec: EvalSpec = EvalSpec(), out_dir=None,
     bpd_n = spec.bpd_n
     return [f"checkpoint: {loaded.checkpoint} (EMA weights)", *_model_lines(loaded.run.model),
             "precision: " + describe_precision(model.precision.value, pick_device(model.device.value)),
-            f"would draw {spec.n:,} samples (Algorithm 2, T = {loaded.diffusion.num_timesteps})"
+            f"would draw {spec.n:,} samples ({sampler.describe(loaded.diffusion)})"
             + (f", classes {record.get('classes')}, guidance {guidance.weight:g}" if labels is not None else ""),
             "FID references: " + "; ".join(refs),
             "bits/dim: " + ("skipped" if bpd_n == 0 else f"the first {bpd_n} test images" if bpd_n else "all test images"),

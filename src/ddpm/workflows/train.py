@@ -353,7 +353,7 @@ def _training_fid(run: RunConfig, images: DataSet, run_dir: Path, dist: DistInfo
     return TrainingFID(n=cfg.fid_n, batch=cfg.batch_size, seed=cfg.seed, ref=cfg.fid_ref or None, images=images,
                        data=run.data, cache=run_dir / "fid-ref-train.npz", weights=cfg.fid_weights or None,
                        expected_sha256=cfg.fid_weights_sha256 or None, dist=dist,
-                       class_counts=classes["counts"] if classes else None)
+                       class_counts=classes["counts"] if classes else None, sampler=cfg.fid_sampler_spec)
 
 
 def _wrap(model: UNet, cfg: TrainConfig, trial_shape: tuple, device: torch.device, dist: DistInfo):
