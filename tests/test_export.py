@@ -83,6 +83,41 @@ def test_ddim_pipeline_draws_what_ddpm_ddim_draws(tmp_path, monkeypatch):
     assert 2 * np.abs(theirs - ours).max() <= 1e-4
 
 
+@pytest.mark.parametrize("sampler, cls", [("dpm++2m", "DPMSolverMultistepScheduler"),
+                                          ("dpm++2m-sde", "DPMSolverMultistepScheduler")])
+def test_a_few_step_export_draws_what_ddpm_draws(tmp_path, monkeypatch, sampler, cls):
+    # The trailing grid is one diffusers' own set_timesteps makes too, so the pipeline runs unaided.
+    ckpt = _checkpoint(tmp_path / "run")
+    spec = SamplerSpec(sampler, steps=8, spacing="trailing")
+    export_run(ckpt, tmp_path / "pipe", sampler=spec)
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(pipe.scheduler).__name__ == cls
+    pipe.set_progress_bar_config(disable=True)
+    loaded = load_run(ckpt)
+    _feed(monkeypatch, ImageNoise(2, range(2), "cpu"))
+    import diffusers.schedulers.scheduling_dpmsolver_multistep as dpm
+    z = ImageNoise(7, range(2), "cpu")  # the SDE's noise, one draw a step, as ddpm's loop draws it
+    monkeypatch.setattr(dpm, "randn_tensor", lambda shape, **kw: z(torch.Size(shape)))
+    theirs = pipe(batch_size=2, num_inference_steps=8, output_type="np").images
+    x_T = ImageNoise(2, range(2), "cpu")(torch.Size((2, *loaded.shape)))
+    times, step = spec.chain(loaded.diffusion)
+    ours = loaded.diffusion.reverse_loop(loaded.model, x_T, times, step, noise_fn=ImageNoise(7, range(2), "cpu"))
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - 0.5).max() > 0.1
+    diff = 2 * np.abs(theirs - ours).max()
+    print(f"{sampler}: DDPMPipeline with {cls} vs ddpm: max |Δ| {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_what_a_diffusers_scheduler_cannot_sample_is_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path / "run")
+    for spec, needle in ((SamplerSpec("heun", steps=9), "heun"), (SamplerSpec("dpm++2m", spacing="quad"), "trailing"),
+                         (SamplerSpec("dpm++2m", spacing="uniform"), "logsnr"), (SamplerSpec("unipc"), "generator")):
+        with pytest.raises(UserError, match=needle):
+            export_run(ckpt, tmp_path / "pipe", sampler=spec)
+        assert not (tmp_path / "pipe").exists()
+
+
 def test_the_folder_is_a_run_for_ddpm_too(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path / "run")
     assert main(["export", str(ckpt), str(tmp_path / "pipe")]) == 0

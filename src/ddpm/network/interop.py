@@ -30,6 +30,8 @@ from ..config import get_field, parse_size, size_value
 from ..errors import UserError
 from ..network.unet import GROUPS, NORM_EPS, UNet, UNetConfig
 from ..process.diffusion import DiffusionConfig
+from ..process.grids import Spacing
+from ..process.sampling import Sampler, SamplerSpec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +235,56 @@ def diffusion_from_diffusers_scheduler(d: Mapping, where: str = "diffusers sched
     return DiffusionConfig(T=int(d.get("num_train_timesteps", 1000)), beta_start=float(d.get("beta_start", 1e-4)),
                            beta_end=float(d.get("beta_end", 0.02)), mean_type=pred, var_type=var,
                            loss_type="hybrid" if var.startswith("learned") else "mse")
+
+
+def diffusers_sampler_config(cfg: DiffusionConfig, sampler: SamplerSpec) -> tuple[dict, int]:
+    """The diffusers scheduler config that samples as `sampler` does, and the `num_inference_steps`
+    to call the pipeline with: (config with its "_class_name", steps).
+
+    Algorithm 2 is `diffusers_scheduler_config`'s DDPMScheduler. The others, with the options that
+    equal ours (tests/test_solvers.py drives each on our grid and compares the chains):
+    ddim → DDIMScheduler (η is DDIMPipeline's `eta`); dpm++2m / dpm++2m-sde → DPMSolverMultistepScheduler,
+    algorithm_type "dpmsolver++" / "sde-dpmsolver++", order 2, "midpoint", final_sigmas_type "zero".
+    Clipping x̂_0 to [-1, 1] is `clip_sample` for DDIM, and for DPM-Solver dynamic thresholding at
+    ratio 1 with sample_max_value 1, which clips to [-1, 1]. The grids: uniform is DDIM's "leading" (steps_offset
+    0), trailing is "trailing" for all, logsnr is DPM-Solver's `use_lu_lambdas`, karras is
+    `use_karras_sigmas` (there diffusers keeps the continuous σ in the update while the network sees
+    the rounded time: samples differ from ours by the rounding). What diffusers cannot say is refused:
+    the multistep schedulers' "leading" is T // (N + 1) apart, not our uniform grid; no scheduler has
+    our quad grid; heun needs the model input scaled, which DDPMPipeline does not do, and UniPC's
+    `step` takes no generator, which DDPMPipeline passes (its scheduler equals ours all the same:
+    UniPCMultistepScheduler, "bh2", order 2, predict_x0, for users who drive it themselves).
+    """
+    base = diffusers_scheduler_config(cfg)
+    if sampler.sampler is Sampler.ANCESTRAL:
+        return base, cfg.T
+    common = {k: base[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                                   "prediction_type")}
+    spacing, name = Spacing.parse(sampler.spacing, "spacing"), sampler.sampler.value
+    grids = (Spacing.UNIFORM, Spacing.TRAILING) if sampler.sampler is Sampler.DDIM else \
+        (Spacing.TRAILING, Spacing.LOGSNR, Spacing.KARRAS)
+    if sampler.sampler is Sampler.HEUN:
+        raise UserError("--sampler heun: diffusers' DDPMPipeline does not scale the model input as HeunDiscreteScheduler "
+                        "needs; export with dpm++2m, dpm++2m-sde or ddim")
+    if sampler.sampler is Sampler.UNIPC:
+        raise UserError("--sampler unipc: diffusers' DDPMPipeline passes a generator that UniPCMultistepScheduler.step "
+                        "does not take; export with dpm++2m, dpm++2m-sde or ddim")
+    if spacing not in grids:
+        raise UserError(f"--spacing {spacing.value} with --sampler {name}: diffusers' scheduler has no such grid; use "
+                        f"{' or '.join(g.value for g in grids)}")
+    grid = {Spacing.UNIFORM: dict(timestep_spacing="leading", steps_offset=0),
+            Spacing.TRAILING: dict(timestep_spacing="trailing"),
+            Spacing.LOGSNR: dict(use_lu_lambdas=True), Spacing.KARRAS: dict(use_karras_sigmas=True)}[spacing]
+    clip = sampler.clip_denoised
+    if sampler.sampler is Sampler.DDIM:
+        conf = dict(_class_name="DDIMScheduler", clip_sample=clip, clip_sample_range=1.0, set_alpha_to_one=True,
+                    thresholding=False)
+    else:
+        conf = dict(_class_name="DPMSolverMultistepScheduler", solver_order=2, solver_type="midpoint",
+                    algorithm_type="sde-dpmsolver++" if sampler.sampler is Sampler.DPMPP_2M_SDE else "dpmsolver++",
+                    variance_type=cfg.var_type.value if cfg.var_type.learned else None, lower_order_final=True,
+                    final_sigmas_type="zero", thresholding=clip, dynamic_thresholding_ratio=1.0, sample_max_value=1.0)
+    return {**conf, **common, **grid}, sampler.steps
 
 
 # ---------------------------------------------------------------------------------------------

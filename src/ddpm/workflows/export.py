@@ -2,7 +2,8 @@
 
     OUT/model_index.json                   DDPMPipeline: unet + scheduler
     OUT/unet/config.json, diffusion_pytorch_model.safetensors    the U-Net (EMA weights by default)
-    OUT/scheduler/scheduler_config.json    a DDPMScheduler that is Algorithm 2 with the run's process
+    OUT/scheduler/scheduler_config.json    a DDPMScheduler that is Algorithm 2 with the run's process, or
+                                           the diffusers scheduler of the chosen few-step sampler
     OUT/README.md                          the model card: training, data, evaluation, how to load
     OUT/ddpm_config.json                   the run's whole config, for `load_run` and `--init-from`
 
@@ -24,8 +25,9 @@ from ..io.atomic import write_json, write_text
 from ..io.escape import markdown_text
 from ..io.folders import claim_folder
 from ..io.weights import write_unet
-from ..network.interop import diffusers_scheduler_config
+from ..network.interop import diffusers_sampler_config
 from ..network.unet import count_parameters
+from ..process.sampling import Sampler, SamplerSpec
 from ..run.load import PIPELINE_CONFIG, ModelSpec, load_run
 from ..version import __version__
 from .evaluate import read_eval_report
@@ -34,20 +36,21 @@ PIPELINE_FORMAT = "ddpm-diffusers-pipeline"
 
 
 def export_run(run, out, *, to: str = "diffusers", weights: str = ModelSpec.weights, push_to_hub: Optional[str] = None,
-               private: bool = True) -> dict:
-    """Write a trained run (a run directory or a checkpoint) as a diffusers pipeline folder `out`,
-    and upload it to the Hugging Face Hub as `push_to_hub` (a repo id) when given.
-    -> dict(out, files, repo_url)."""
+               private: bool = True, sampler: SamplerSpec = SamplerSpec()) -> dict:
+    """Write a trained run (a run directory or a checkpoint) as a diffusers pipeline folder `out`
+    whose scheduler samples as `sampler` (`diffusers_sampler_config`), and upload it to the Hugging
+    Face Hub as `push_to_hub` (a repo id) when given. -> dict(out, files, repo_url)."""
     if to != "diffusers":
         raise UserError(f"--to {to!r} is not valid; choose one of: diffusers")
     loaded = load_run(run, weights, "cpu", fast="off")
-    sched = diffusers_scheduler_config(loaded.run.diffusion)  # refuses what diffusers cannot hold, before writing
+    # refuses what diffusers cannot hold, before writing
+    sched, steps = diffusers_sampler_config(loaded.run.diffusion, sampler)
     # Ours only by ddpm's own record (or folder mark): a user's diffusers folder has a
     # model_index.json too, and is refused untouched.
     out = claim_folder(out, is_export, "a diffusers pipeline")
     files = write_unet(loaded.model, out / "unet", "diffusers")
     files.append(write_json(out / "scheduler" / "scheduler_config.json", sched))
-    index = {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+    index = {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", sched["_class_name"]],
              "unet": ["diffusers", "UNet2DModel"]}
     try:
         index["_diffusers_version"] = metadata.version("diffusers")
@@ -58,7 +61,7 @@ def export_run(run, out, *, to: str = "diffusers", weights: str = ModelSpec.weig
                   weights=loaded.weights.value, checkpoint=str(loaded.checkpoint), checkpoint_sha256=loaded.sha256,
                   classes=loaded.classes)
     files.append(write_json(out / PIPELINE_CONFIG, record))
-    files.append(write_text(out / "README.md", model_card(loaded, _evaluation(loaded))))
+    files.append(write_text(out / "README.md", model_card(loaded, _evaluation(loaded), sampler, steps)))
     repo_url = upload(out, push_to_hub, private) if push_to_hub else None
     return dict(out=str(out), files=[str(f) for f in files], repo_url=repo_url)
 
@@ -81,7 +84,8 @@ def _evaluation(loaded) -> Optional[dict]:
     return rep if rep.get("checkpoint_sha256") == loaded.sha256 else None
 
 
-def model_card(loaded, evaluation: Optional[dict]) -> str:
+def model_card(loaded, evaluation: Optional[dict], sampler: SamplerSpec = SamplerSpec(),
+               steps: Optional[int] = None) -> str:
     """README.md for the Hub: what the model is, how it was trained, how to load it, its numbers.
     Every string from the run's data, config or files is escaped (`markdown_text`): it shows as
     text, never as markup."""
@@ -89,10 +93,17 @@ def model_card(loaded, evaluation: Optional[dict]) -> str:
     K = m.num_classes
     h, w = m.size
     n_params = count_parameters(loaded.model)
-    use = ("from diffusers import DDPMPipeline\n\npipe = DDPMPipeline.from_pretrained(\"PATH_OR_REPO\")\n"
-           "images = pipe(batch_size=16).images            # Algorithm 2, 1000 steps\n"
-           "# DDIM as ddpm samples it (ε̂ recomputed from the clipped x̂_0):\n"
-           "# DDIMPipeline.from_pretrained(...)(num_inference_steps=50, use_clipped_model_output=True)")
+    if sampler.sampler is Sampler.ANCESTRAL:
+        use = ("from diffusers import DDPMPipeline\n\npipe = DDPMPipeline.from_pretrained(\"PATH_OR_REPO\")\n"
+               f"images = pipe(batch_size=16).images            # Algorithm 2, {loaded.run.diffusion.T} steps\n"
+               "# DDIM as ddpm samples it (ε̂ recomputed from the clipped x̂_0):\n"
+               "# DDIMPipeline.from_pretrained(...)(num_inference_steps=50, use_clipped_model_output=True)")
+    else:
+        pipeline, extra = ("DDIMPipeline", f", eta={sampler.eta:g}, use_clipped_model_output=True") \
+            if sampler.sampler is Sampler.DDIM else ("DDPMPipeline", "")
+        use = (f"from diffusers import {pipeline}\n\npipe = {pipeline}.from_pretrained(\"PATH_OR_REPO\")\n"
+               f"images = pipe(batch_size=16, num_inference_steps={steps}{extra}).images  # {sampler.sampler.value}, "
+               f"{sampler.spacing} grid")
     if K:
         use = ("from diffusers import DDPMScheduler, UNet2DModel\n\nunet = UNet2DModel.from_pretrained(\"PATH_OR_REPO\", "
                "subfolder=\"unet\")\n# a class-conditional U-Net: call unet(x_t, t, class_labels=y), y in 0 … "
