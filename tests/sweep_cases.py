@@ -673,6 +673,7 @@ TRAIN_SETS = [
     ("model.num_classes=-1", "num_classes"), ("model.num_classes=two", "num_classes"),
     ("model.num_classes=3", ("labels", "num_classes")), ("train.label_dropout=1", "label_dropout"),
     ("train.label_dropout=-0.1", "label_dropout"), ("train.logger=mlflow", "logger"),
+    ("train.fid_sampler=dpm", "fid_sampler"), ("train.fid_spacing=linear", "fid_spacing"),
 ]
 for s, needle in TRAIN_SETS:
     add(f"train/set-{s}", lambda tmp, fx, s=s: _train(tmp, fx) + ["--set", s], needle)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ddpm.errors import UserError
+from ddpm.process.sampling import SamplerSpec
 from ddpm.workflows.fid import (FeatureStats, FIDStats, ISStats, fid_from_stats, frechet_distance, inception_score,
                               load_stats, save_stats)
 
@@ -529,6 +530,28 @@ def test_fid_during_training_hook_measures_the_ema_and_caches_its_reference(tmp_
     stamp = cache.stat().st_mtime_ns
     again = TrainingFID(n=2, batch=2, seed=0, images=images, data=data, cache=cache, weights=w, expected_sha256=sha)
     assert cache.stat().st_mtime_ns == stamp and again.ref.n == 2  # reused, not recomputed
+    # a few-step sampler: its evaluations, not Algorithm 2's T, per batch
+    calls = []
+    handle = net.register_forward_hook(lambda *a: calls.append(1))
+    for spec, want in ((SamplerSpec(), 3), (SamplerSpec("dpm++2m", steps=2, spacing="trailing"), 2)):
+        calls.clear()
+        TrainingFID(n=2, batch=2, seed=0, ref=cache, weights=w, expected_sha256=sha, sampler=spec)(net, diffusion, (1, 32, 32))
+        assert len(calls) == want
+    handle.remove()
+
+
+def test_the_training_fid_uses_the_configured_sampler(monkeypatch, tmp_path):
+    import ddpm.workflows.train as train_mod
+    from ddpm.run.config import RunConfig
+
+    seen = {}
+    monkeypatch.setattr(train_mod, "TrainingFID", lambda **kw: seen.update(kw))
+    run = RunConfig.from_preset("tiny")
+    run = run.replace(train=run.train.replace(fid_sampler="unipc", fid_steps=12, fid_spacing="logsnr"))
+    train_mod._training_fid(run, None, tmp_path, None, None)
+    assert seen["sampler"] == SamplerSpec("unipc", steps=12, spacing="logsnr")
+    with pytest.raises(UserError, match="fid_sampler.*'unipc'"):
+        run.train.replace(fid_sampler="unipcc")
 
 
 # ---------------------------------------------------------------------------------------------
