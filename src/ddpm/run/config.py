@@ -25,7 +25,8 @@ from ..network.fast import Precision, Switch
 from ..io.inception_weights import OFFICIAL
 from ..network.unet import UNetConfig
 from ..process.diffusion import DiffusionConfig
-from ..process.sampling import SamplerSpec
+from ..process.grids import Spacing
+from ..process.sampling import Sampler, SamplerSpec
 from .presets import PRESETS, RENAMED
 
 
@@ -132,9 +133,15 @@ class TrainConfig(Config):
     def fid_sampler_spec(self) -> SamplerSpec:
         """The sampler of the FID samples, from fid_sampler, fid_steps and fid_spacing."""
         try:
-            return SamplerSpec(self.fid_sampler, steps=self.fid_steps, spacing=self.fid_spacing)
+            spec = SamplerSpec(self.fid_sampler, steps=self.fid_steps, spacing=self.fid_spacing)
+            Spacing.parse(self.fid_spacing, "spacing")
         except UserError as e:
             raise UserError(f"train.fid_sampler/fid_steps/fid_spacing: {e}") from None
+        if spec.sampler is Sampler.ANCESTRAL and (spec.steps, spec.spacing) != (SamplerSpec.steps, SamplerSpec.spacing):
+            raise UserError(f"train.fid_steps={self.fid_steps}, fid_spacing={self.fid_spacing!r}: for a few-step "
+                            f"train.fid_sampler only (Algorithm 2 takes T steps); set train.fid_sampler=dpm++2m (or "
+                            f"another), or leave them out")
+        return spec
 
     @property
     def loggers(self) -> tuple[str, ...]:
