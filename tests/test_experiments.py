@@ -326,6 +326,10 @@ def test_cli_few_step_samplers(tiny_run, tmp_path, capsys):
     # T = 20 here: ten log-SNR-uniform times round to fewer distinct integer times, and the count says so
     nfe = int(re.search(r"dpm\+\+2m, (\d+) network evaluations on the logsnr grid", said).group(1))
     assert nfe == len(time_grid(load_run(tiny_run / "run").diffusion.alphas_cumprod, 10, "logsnr")) - 1 < 10
+    # progressive: x̂_0 at the times a solver visits (heun, 5 evaluations on the trailing grid: 20, 13, 7)
+    rc, said, _ = _run(capsys, "progressive", "--run", tiny_run / "run", "--n-chains", 2, "--sampler", "heun", "--steps",
+                       5, "--spacing", "trailing", "--out", tmp_path / "prog", "--no-progress")
+    assert rc == 0 and np.load(tmp_path / "prog" / "progressive.npz")["pred_x0"].shape[:2] == (2, 3)
 
 
 def test_cli_nll_and_rate_distortion(tiny_run, tmp_path, capsys):

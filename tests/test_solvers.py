@@ -314,3 +314,44 @@ def test_bad_sampler_settings_get_one_line():
         SamplerSpec("heun", steps=5000).chain(DIFFUSION)
     with pytest.raises(UserError, match="'heun'"):
         SamplerSpec("huen")
+
+
+@pytest.mark.parametrize("mean_type", ["x0", "v", "xprev"])
+def test_every_parametrisation_gives_the_same_chain(mean_type):
+    # A network that predicts x_0, v or the posterior mean exactly as the oracle's ε implies: the
+    # solvers see the same x̂_0, so the same samples (to float rounding).
+    eps, abar = oracle_for(), torch.from_numpy(np.append(1.0, ABAR))
+    betas = torch.from_numpy(np.append(np.nan, PAPER_BETAS))
+
+    def net(x, t):
+        a, b = (v.to(x)[t].view(-1, 1, 1, 1) for v in (abar, betas))
+        e = eps(x, t)
+        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+        if mean_type == "x0":
+            return x0
+        if mean_type == "v":
+            return a.sqrt() * e - (1 - a).sqrt() * x0
+        a_prev = a / (1 - b)  # ᾱ_{t−1}
+        return (b * a_prev.sqrt() * x0 + (1 - a_prev) * (1 - b).sqrt() * x) / (1 - a)
+
+    # float64: near t = T, x_0 from ε (or from the posterior mean) amplifies rounding by 1/√ᾱ_T (and 1/β_T)
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    other = GaussianDiffusion(PAPER_BETAS, mean_type=mean_type)
+    for sampler in ("dpm++2m", "unipc", "heun", "dpm++2m-sde"):
+        spec = SamplerSpec(sampler, steps=8, spacing="logsnr", clip_denoised=False)
+        want, got = (d.reverse_loop(m, x_T, spec.chain(d)[0], spec.chain(d)[1],
+                                    noise_fn=ImageNoise(5, range(3), "cpu", torch.float64))
+                     for d, m in ((DIFFUSION, eps), (other, net)))
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_guidance_is_one_batched_evaluation_per_network_evaluation():
+    from gaussian_oracle import ClassOracle
+
+    for sampler, steps, nfe in (("heun", 7, 7), ("unipc", 6, 6), ("dpm++2m-sde", 5, 5)):
+        net = ClassOracle()
+        spec = SamplerSpec(sampler, steps=steps, spacing="karras")
+        x = sample(net, DIFFUSION, (1, 4, 4), Images(0, range(4), torch.tensor([0, 1, 2, 0]), 3.0), device="cpu",
+                   sampler=spec)
+        assert net.calls == nfe and net.images == 2 * 4 * nfe  # [x; x] with [c; ∅], once per evaluation
+        assert torch.isfinite(x).all()

@@ -106,10 +106,10 @@ class SamplerSpec(Config):
 
     def record(self, *, clip: bool = True, unused: bool = False) -> dict:
         """The settings under the names results files have always given them: "sampler", then
-        "ddim_steps", "ddim_eta", "ddim_spacing" (for DDIM, or always with `unused`), or "steps" and
-        "spacing" (the other few-step samplers), then "clip_denoised" (with `clip`)."""
+        "ddim_steps", "ddim_eta", "ddim_spacing" (for DDIM, and with `unused` for Algorithm 2 too), or
+        "steps" and "spacing" (the other few-step samplers), then "clip_denoised" (with `clip`)."""
         d: dict = dict(sampler=self.sampler.value)
-        if unused or self.sampler is Sampler.DDIM:
+        if self.sampler is Sampler.DDIM or (unused and self.sampler is Sampler.ANCESTRAL):
             d.update(ddim_steps=self.steps, ddim_eta=self.eta, ddim_spacing=self.spacing)
         elif self.sampler is not Sampler.ANCESTRAL:
             d.update(steps=self.steps, spacing=self.spacing)

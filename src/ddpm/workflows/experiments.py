@@ -261,9 +261,11 @@ def _model_input(path, shape, device) -> torch.Tensor:
     return to_model_range(read_image(path, shape[0], tuple(shape[1:]))).to(device)
 
 
-def default_progressive_times(T: int, n: int = 10) -> list[int]:
-    """n times evenly spread from T down to 1."""
-    return sorted({int(round(v)) for v in np.linspace(T, 1, n)}, reverse=True)
+def default_progressive_times(chain_times: Sequence[int], n: int = 10) -> list[int]:
+    """n of the times a sampler evaluates the network at (descending), evenly spread from the first
+    to the last: for Algorithm 2, n times from T down to 1."""
+    ts = list(chain_times)
+    return sorted({ts[int(round(k))] for k in np.linspace(0, len(ts) - 1, n)}, reverse=True)
 
 
 def progressive_run(model: ModelSpec, out_dir, *, n_chains: int = 8, times: Optional[Sequence[int]] = None,
@@ -271,7 +273,8 @@ def progressive_run(model: ModelSpec, out_dir, *, n_chains: int = 8, times: Opti
                     progress: bool = True) -> dict:
     """`ddpm progressive`: Fig. 6 of a trained run into OUT/progressive.png and .npz.
 
-    :param times: times t (default: 10 from T to 1).
+    :param times: times t (default: 10 of the sampler's, from its first to its last; for
+        Algorithm 2, from T to 1).
     :param guidance: a conditional run's class for every chain (`classes.class_`; default: the
         classes `ddpm sample` gives images 0 … n_chains-1) and the guidance weight.
     """
@@ -282,8 +285,7 @@ def progressive_run(model: ModelSpec, out_dir, *, n_chains: int = 8, times: Opti
     seed = check_seed(seed)
     loaded, dist, _ = model.open()
     labels, _, record = sample_labels(guidance.classes, n_chains, loaded.run.model.num_classes, *loaded.class_info)
-    T = loaded.diffusion.num_timesteps
-    times = list(times) if times else default_progressive_times(T)
+    times = list(times) if times else default_progressive_times(sampler.chain(loaded.diffusion)[0][:-1])
     res = progressive_generation(loaded.model, loaded.diffusion, loaded.shape, times,
                                  Images(seed, range(n_chains), labels, guidance.weight), device=dist.device,
                                  sampler=sampler, progress=progress)
