@@ -104,8 +104,8 @@ class UniPC(_Solver):
     def __call__(self, model, x, t, t_next, noise):
         s = int(t[0])
         m = self.denoise(model, x, t)
-        if self.previous is not None:
-            x = self._correct(x, m, *self.previous)
+        if self.previous is not None:  # UniC: the predicted x corrected with its own x̂_0
+            x = self._update(*self.previous, m_t=m)
         self.history = (self.history + [(s, m)])[-2:]
         if t_next == 0:
             return dict(sample=m, pred_x0=m)
@@ -137,9 +137,6 @@ class UniPC(_Solver):
         b1, b2 = phi2 / phi1, 2 * phi3 / phi1
         rho0 = (b1 - b2) / (1 - r)  # R ρ = b, R = [[1, 1], [r, 1]]
         return out - (alpha_t * phi1) * (rho0 * d1 + (b1 - rho0) * (m_t - m))
-
-    def _correct(self, x_t, m_t, x_prev, s, t, order):
-        return self._update(x_prev, s, t, order, m_t)
 
 
 class Heun(_Solver):
