@@ -46,6 +46,20 @@ class _Solver:
         """x̂_0 = D(x_t, t): one network evaluation."""
         return self.diffusion.p_mean_variance(model, x, t, clip_denoised=self.clip_denoised)["pred_x0"]
 
+    def __call__(self, model, x, t, t_next, noise):
+        """x̂_0 at (x, t), then x at t_next: x̂_0 itself when t_next = 0 (σ = 0), else `advance`."""
+        s = int(t[0])
+        d0 = self.denoise(model, x, t)
+        x = self.correct(x, s, d0)
+        return dict(sample=d0 if t_next == 0 else self.advance(model, x, s, t_next, d0, noise), pred_x0=d0)
+
+    def correct(self, x, s: int, d0):
+        """x at s, once x̂_0 there is known (UniPC's corrector); x itself for the others."""
+        return x
+
+    def advance(self, model, x, s: int, t_next: int, d0, noise):
+        raise NotImplementedError
+
 
 class DPMSolverPP(_Solver):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), or with `sde` its stochastic
@@ -61,13 +75,9 @@ class DPMSolverPP(_Solver):
         super().__init__(diffusion, clip_denoised)
         self.sde = sde
 
-    def __call__(self, model, x, t, t_next, noise):
-        s = int(t[0])
-        d0 = self.denoise(model, x, t)
+    def advance(self, model, x, s, t_next, d0, noise):
         _, sigma_s, lam_s = self.coefficients(s)
         alpha_n, sigma_n, lam_n = self.coefficients(t_next)
-        if t_next == 0:
-            return dict(sample=d0, pred_x0=d0)
         h = lam_n - lam_s
         d = d0
         if self.history:
@@ -77,10 +87,8 @@ class DPMSolverPP(_Solver):
         self.history = [(d0, h)]
         if self.sde:
             e = math.exp(-h)
-            sample = (sigma_n / sigma_s * e) * x + (alpha_n * (1 - e * e)) * d + (sigma_n * math.sqrt(1 - e * e)) * noise
-        else:
-            sample = (sigma_n / sigma_s) * x - (alpha_n * math.expm1(-h)) * d
-        return dict(sample=sample, pred_x0=d0)
+            return (sigma_n / sigma_s * e) * x + (alpha_n * (1 - e * e)) * d + (sigma_n * math.sqrt(1 - e * e)) * noise
+        return (sigma_n / sigma_s) * x - (alpha_n * math.expm1(-h)) * d
 
 
 class UniPC(_Solver):
@@ -101,17 +109,16 @@ class UniPC(_Solver):
         super().begin(times)
         self.previous: Optional[tuple] = None  # (x it predicted from, at time s, the time t it predicted, order)
 
-    def __call__(self, model, x, t, t_next, noise):
-        s = int(t[0])
-        m = self.denoise(model, x, t)
+    def correct(self, x, s, m):
         if self.previous is not None:  # UniC: the predicted x corrected with its own x̂_0
             x = self._update(*self.previous, m_t=m)
         self.history = (self.history + [(s, m)])[-2:]
-        if t_next == 0:
-            return dict(sample=m, pred_x0=m)
+        return x
+
+    def advance(self, model, x, s, t_next, m, noise):
         order = 1 if len(self.history) == 1 else 2
         self.previous = (x, s, t_next, order)
-        return dict(sample=self._update(x, s, t_next, order), pred_x0=m)
+        return self._update(x, s, t_next, order)
 
     def _update(self, x, s, t, order, m_t=None):
         """UniP of `order` from (x, s) to t, or with m_t = x̂_0(x_t) UniC of `order` + 1. The
@@ -146,17 +153,12 @@ class Heun(_Solver):
     x̃_next = x̃ + (σ̃_next − σ̃_t) (d + d')/2 with d' = (x̃' − x̂_0(x̃', t_next)) / σ̃_next: two network
     evaluations a step, one on the last (an Euler step to the data)."""
 
-    def __call__(self, model, x, t, t_next, noise):
-        s = int(t[0])
-        d0 = self.denoise(model, x, t)
+    def advance(self, model, x, s, t_next, d0, noise):
         alpha_s, sigma_s, _ = self.coefficients(s)
         alpha_n, sigma_n, _ = self.coefficients(t_next)
-        if t_next == 0:
-            return dict(sample=d0, pred_x0=d0)
         vs, vn = sigma_s / alpha_s, sigma_n / alpha_n  # σ̃
         xs = x / alpha_s
         slope = (xs - d0) / vs
         euler = xs + (vn - vs) * slope
-        d1 = self.denoise(model, euler * alpha_n, torch.full_like(t, t_next))
-        xn = xs + (vn - vs) * 0.5 * (slope + (euler - d1) / vn)
-        return dict(sample=xn * alpha_n, pred_x0=d0)
+        d1 = self.denoise(model, euler * alpha_n, torch.full((x.shape[0],), t_next, device=x.device, dtype=torch.long))
+        return (xs + (vn - vs) * 0.5 * (slope + (euler - d1) / vn)) * alpha_n
