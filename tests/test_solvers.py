@@ -355,3 +355,18 @@ def test_guidance_is_one_batched_evaluation_per_network_evaluation():
                    sampler=spec)
         assert net.calls == nfe and net.images == 2 * 4 * nfe  # [x; x] with [c; ∅], once per evaluation
         assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("sampler, draws", [("dpm++2m", 0), ("unipc", 0), ("heun", 0), ("dpm++2m-sde", 6), ("ddim", 0),
+                                            ("ancestral", 1000)])
+def test_noise_is_drawn_only_by_the_steps_that_use_it(sampler, draws):
+    calls = []
+
+    def noise_fn(shape):
+        calls.append(shape)
+        return torch.randn(shape)
+
+    spec = SamplerSpec(sampler, steps=6, spacing="trailing")
+    times, step = spec.chain(DIFFUSION)
+    DIFFUSION.reverse_loop(oracle_for(), torch.randn(2, 1, 4, 4), times, step, noise_fn=noise_fn)
+    assert len(calls) == draws

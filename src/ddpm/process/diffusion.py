@@ -430,8 +430,10 @@ class GaussianDiffusion:
         """The one reverse loop every sampler shares: x is at times[0]; each step takes it from
         times[i] to times[i + 1] (a descending chain of paper times, e.g. T, T−1, …, 0 for Algorithm
         2), and the result is x at times[-1]. `step` is an `AncestralStep`, a `DDIMStep` or a solver of
-        `process.solvers`; `step.begin(times)` checks the chain first and starts its history. `noise_fn(shape)` supplies z, once per step (inject a per-image RNG there);
-        `callback(t, out)` sees each step's dict (progressive generation reads out["pred_x0"])."""
+        `process.solvers`; `step.begin(times)` checks the chain first and starts its history.
+        `noise_fn(shape)` supplies z, once per step, for a step that draws noise (`step.draws_noise`;
+        inject a per-image RNG there); `callback(t, out)` sees each step's dict (progressive
+        generation reads out["pred_x0"])."""
         ts = [check_time(t, self.num_timesteps, "time") for t in times]
         if not ts or any(a <= b for a, b in zip(ts, ts[1:])):
             raise UserError(f"a reverse chain's times must be strictly decreasing, got {ts[:5]}{'…' if len(ts) > 5 else ''}")
@@ -441,7 +443,7 @@ class GaussianDiffusion:
         for i in (progress(pairs) if progress else pairs):
             t_int, t_next = ts[i], ts[i + 1]
             t = torch.full((x.shape[0],), t_int, device=x.device, dtype=torch.long)
-            out = step(model, x, t, t_next, noise_fn(x.shape))
+            out = step(model, x, t, t_next, noise_fn(x.shape) if step.draws_noise else None)
             if callback is not None:
                 callback(t_int, out)
             x = out["sample"]
@@ -471,6 +473,8 @@ class GaussianDiffusion:
 class Step(Protocol):
     """One move of the reverse loop, from time t to t_next < t."""
 
+    draws_noise: bool  # whether it uses the z it is given (else it gets None, and nothing is drawn)
+
     def begin(self, times: Sequence[int]) -> None:
         """Refuse (UserError) a chain of times this step cannot walk; start a new chain (a multistep
         solver forgets its history)."""
@@ -481,6 +485,8 @@ class Step(Protocol):
 
 class AncestralStep:
     """Algorithm 2's step: x_t -> x_{t-1}. It only walks consecutive times."""
+
+    draws_noise = True
 
     def __init__(self, diffusion: GaussianDiffusion, clip_denoised: bool = True):
         self.diffusion, self.clip_denoised = diffusion, clip_denoised
@@ -503,9 +509,12 @@ class DDIMStep:
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
             raise UserError(f"DDIM eta={eta!r} must be a finite number >= 0 (0: deterministic, 1: as Algorithm 2's noise)")
         self.diffusion, self.eta, self.clip_denoised = diffusion, float(eta), clip_denoised
+        self.draws_noise = self.eta > 0  # η = 0 adds σ z with σ = 0: no z is drawn
 
     def begin(self, times: Sequence[int]) -> None:
         pass  # any descending chain
 
     def __call__(self, model, x, t, t_next, noise):
+        if noise is None:  # η = 0: σ = 0, so any z adds nothing; a zero keeps the global generator untouched
+            noise = x.new_zeros(())
         return self.diffusion.ddim_step(model, x, t, t_next, eta=self.eta, clip_denoised=self.clip_denoised, noise=noise)

@@ -30,6 +30,8 @@ from .diffusion import GaussianDiffusion
 class _Solver:
     """What the solvers share: the table lookups and the data prediction D(x, t)."""
 
+    draws_noise = False  # the ODE solvers; the SDE variant draws a z every step
+
     def __init__(self, diffusion: GaussianDiffusion, clip_denoised: bool = True):
         self.diffusion, self.clip_denoised = diffusion, clip_denoised
 
@@ -73,7 +75,7 @@ class DPMSolverPP(_Solver):
 
     def __init__(self, diffusion: GaussianDiffusion, clip_denoised: bool = True, sde: bool = False):
         super().__init__(diffusion, clip_denoised)
-        self.sde = sde
+        self.sde = self.draws_noise = sde
 
     def advance(self, model, x, s, t_next, d0, noise):
         _, sigma_s, lam_s = self.coefficients(s)
