@@ -69,8 +69,7 @@ class SamplerSpec(Config):
         T = diffusion.num_timesteps
         if self.sampler is Sampler.ANCESTRAL:
             return list(range(T, -1, -1)), diffusion.ancestral(self.clip_denoised)
-        if self.sampler is not Sampler.DDIM and (  # DDIM's own grid checks its steps as it always has
-                isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= T):
+        if self.sampler is not Sampler.DDIM and self.steps > T:  # DDIM's own grid checks its steps, as always
             raise UserError(f"steps={self.steps!r}: the network evaluations of --sampler {self.sampler.value} must be "
                             f"an integer from 1 to T={T}")
         intervals = (self.steps + 1) // 2 if self.sampler is Sampler.HEUN else self.steps

@@ -18,7 +18,7 @@ from ..io.folders import foreign_entries, usable_folder
 from ..io.prepared import CACHE, MEMORY, STREAM, PreparedSet, is_prepared, placement
 from ..network.fast import describe_precision
 from ..network.unet import summary
-from ..process.sampling import Sampler, SamplerSpec
+from ..process.sampling import SamplerSpec
 from ..run.config import RunConfig
 from ..run.folder import is_run_folder
 from ..run.load import ModelSpec, load_run
