@@ -100,6 +100,18 @@ def report(args) -> None:
     lines, summary = table(doc["records"])
     print(f"{doc['command']}\n{doc['machine']}, {doc['date']}\n")
     print("\n".join(lines))
+    for pair in args.pair or ():
+        # Every sampler starts image i from the same x_T, so two rows of one seed set are paired:
+        # their per-set difference is far less noisy than either FID.
+        (a, na), (b, nb) = (p.split("@") for p in pair.split(","))
+        by_set = {}
+        for r in doc["records"]:
+            for key, name, n in (("a", a, na), ("b", b, nb)):
+                if r["sampler"] == name and r["steps"] == int(n):
+                    by_set.setdefault(r["set"], {})[key] = r["fid"]
+        diffs = [v["a"] - v["b"] for _, v in sorted(by_set.items()) if len(v) == 2]
+        print(f"paired: FID {a} at {na} − {b} at {nb}, per seed set: " + ", ".join(f"{x:+.2f}" for x in diffs)
+              + (f"; mean {np.mean(diffs):+.2f}" if diffs else ""))
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
@@ -139,6 +151,8 @@ def main() -> None:
     q = sub.add_parser("report")
     q.add_argument("results")
     q.add_argument("--plot", default=None)
+    q.add_argument("--pair", action="append", metavar="A@N,B@M",
+                   help="also the per-seed-set difference FID(A at N) − FID(B at M), e.g. dpm++2m@20,ddim@100")
     args = p.parse_args()
     run(args) if args.cmd == "run" else report(args)
 
