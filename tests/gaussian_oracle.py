@@ -33,6 +33,18 @@ def oracle_for(betas=PAPER_BETAS):
     return Oracle(betas)
 
 
+def assert_follows_law(x, m: float, V: float, label: str) -> None:
+    """Samples x (any shape, iid pixels) have the law N(m, V): mean and variance within 5 standard
+    errors (of the mean √(V/n), of the variance V·√(2/n)); and the law's mean is the data's μ."""
+    x = x.double()
+    n = x.numel()
+    mean, var = x.mean().item(), x.var().item()
+    print(f"{label}: mean {mean:.4f} (law {m:.4f}, data {MU}), var/s² {var / S**2:.4f} (law {V / S**2:.4f})")
+    assert abs(mean - m) < 5 * math.sqrt(V / n)
+    assert abs(var - V) < 5 * V * math.sqrt(2 / n)
+    assert abs(m - MU) < 1e-3
+
+
 def bin_probabilities(mu: float, s: float) -> np.ndarray:
     """Mass of each of the 256 grid values once x_0 ~ N(μ, s²) is rounded to the grid (edges to ±∞)."""
     phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
