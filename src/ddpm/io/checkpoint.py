@@ -71,9 +71,11 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_snapshot",
     "load_weights",
     "rng_state_problem",
     "save_checkpoint",
+    "save_snapshot",
     "save_weights",
     "set_rng_state",
     "unflatten",
@@ -81,6 +83,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "ddpm-checkpoint"
 WEIGHTS_FORMAT = "ddpm-weights"
+SNAPSHOT_FORMAT = "ddpm-phema-snapshot"  # the tracked power-function EMAs at one step (post-hoc EMA)
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"ckpt-(\d{8,})\.safetensors")
 _CHUNK = 64 << 20  # bytes per os.write / hash update
@@ -358,6 +361,9 @@ def _read_verified(path: Path, expected_format: str) -> tuple[dict, dict[str, to
             )
         if fmt == WEIGHTS_FORMAT:
             raise UserError(f"{path} holds exported weights, not a training checkpoint; pass it as weights instead")
+        if fmt == SNAPSHOT_FORMAT:
+            raise UserError(f"{path} is a post-hoc EMA snapshot, not a model; make weights from the snapshots with "
+                            f"`ddpm phema RUN --sigma-rel 0.05` (or give --weights phema:0.05)")
         raise CorruptCheckpointError(path, f"unknown ddpm format {fmt!r}", damaged)
     return meta, tensors
 
@@ -420,12 +426,9 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     path = checkpoint_path(run_dir, step)
 
-    tensors, tree = flatten(state)
-    meta_json = json.dumps({"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "step": step, "tree": tree})
-    metadata = {"ddpm": meta_json, "ddpm_sha256": _content_hash(meta_json, tensors)}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_file(path, tensors, metadata)
+        _write_state(path, step, state, CHECKPOINT_FORMAT)
     except OSError as e:
         earlier = [p.name for s, p in list_checkpoints(run_dir) if s != step]
         previous = f"the previous checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
@@ -434,6 +437,44 @@ def save_checkpoint(
     remove_stale_temps(run_dir)
     _prune(run_dir, step, keep_last, milestone_every)
     return path
+
+
+def _write_state(path: Path, step: int, state: Mapping[str, Any], fmt: str) -> None:
+    """A nested state as one checksummed safetensors file of format `fmt`, atomically."""
+    tensors, tree = flatten(state)
+    meta_json = json.dumps({"format": fmt, "version": FORMAT_VERSION, "step": step, "tree": tree})
+    _write_file(path, tensors, {"ddpm": meta_json, "ddpm_sha256": _content_hash(meta_json, tensors)})
+
+
+def _read_state(path: Path, fmt: str) -> dict[str, Any]:
+    """The nested state of a file `_write_state` wrote, verified (CorruptCheckpointError otherwise)."""
+    meta, tensors = _read_verified(path, fmt)
+    try:
+        state = unflatten(tensors, get_field(meta, "tree", dict, "its ddpm header", need="a state (a JSON object)"))
+        unused = set(tensors) - _tensor_names(meta["tree"])
+        if unused:
+            raise ValueError(f"tensors {sorted(unused)[:3]} are not part of the state")
+        get_field(state, "step", int, "its state", ok=lambda v: v >= 0, need="an integer >= 0", default=0)
+    except (KeyError, ValueError, TypeError) as e:  # UserError is a ValueError
+        raise CorruptCheckpointError(path, f"inconsistent ddpm header ({e})", "delete it or restore it from a backup") from e
+    return state
+
+
+def save_snapshot(path: str | os.PathLike, step: int, state: Mapping[str, Any]) -> Path:
+    """Write a post-hoc EMA snapshot (the tracked averages at `step`, run/phema.py) like a checkpoint:
+    one checksummed safetensors file, atomically; CheckpointWriteError if it cannot be written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_state(path, step, state, SNAPSHOT_FORMAT)
+    except OSError as e:
+        raise _write_error(path, e, "the earlier snapshots are intact") from e
+    return path
+
+
+def load_snapshot(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and verify a snapshot `save_snapshot` wrote: the state as it was passed, tensors on the CPU."""
+    return _read_state(Path(path), SNAPSHOT_FORMAT)
 
 
 def _prune(run_dir: Path, step: int, keep_last: int, milestone_every: int | None) -> None:
@@ -454,21 +495,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     checkpoint; UserError if it does not exist or is a weights file.
     """
     path = Path(path)
-    meta, tensors = _read_verified(path, CHECKPOINT_FORMAT)
-    damaged = "delete it or restore it from a backup"
-    try:
-        tree = get_field(meta, "tree", dict, "its ddpm header", need="a state (a JSON object)")
-        state = unflatten(tensors, tree)
-        unused = set(tensors) - _tensor_names(tree)
-        if unused:
-            raise ValueError(f"tensors {sorted(unused)[:3]} are not part of the state")
-        # the state is a dict (get_field refuses anything else), and its parts have their kinds
-        get_field(state, "step", int, "its state", ok=lambda v: v >= 0, need="an integer >= 0", default=0)
+    state = _read_state(path, CHECKPOINT_FORMAT)
+    try:  # the parts of a training state have their kinds
         get_field(state, "config", dict, "its state", default=None)
         for part in ("model", "ema"):
             get_field(state, part, dict, "its state", need="a dict of tensors", default=None)
-    except (KeyError, ValueError, TypeError) as e:  # UserError is a ValueError
-        raise CorruptCheckpointError(path, f"inconsistent ddpm header ({e})", damaged) from e
+    except UserError as e:
+        raise CorruptCheckpointError(path, f"inconsistent ddpm header ({e})", "delete it or restore it from a backup") from e
     return state
 
 
