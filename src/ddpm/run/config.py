@@ -25,6 +25,7 @@ from ..network.fast import Precision, Switch
 from ..io.inception_weights import OFFICIAL
 from ..network.unet import UNetConfig
 from ..process.diffusion import DiffusionConfig
+from ..process.ema import check_sigma_rel
 from ..process.grids import Spacing
 from ..process.sampling import Sampler, SamplerSpec
 from .presets import PRESETS, RENAMED
@@ -48,6 +49,12 @@ class TrainConfig(Config):
     # each share of N images, then average, as the official TPU code did (docs/MATH.md § Training recipe)
     clip_granularity: str = "batch"
     ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + s) / (10 + s)) at step s, as many codebases do (off: the paper's)
+    # Post-hoc EMA (docs/MATH.md § Averaging the weights): power-function EMAs of these relative
+    # widths tracked beside the paper's EMA, written to RUN/phema/ every phema_every steps (0: off)
+    # and at the last step; `ddpm phema` makes any other width from them after training.
+    phema_every: int = 0
+    phema_sigma_rels: tuple[float, ...] = (0.05, 0.10)
     # A class-conditional model (model.num_classes > 0) sees "no class" instead of the label at this
     # rate, so it also learns p(x) for classifier-free guidance (docs/MATH.md § Classes and guidance)
     label_dropout: float = 0.1
@@ -97,7 +104,7 @@ class TrainConfig(Config):
                 raise UserError(f"train.{name}={v!r} must be a positive integer")
         for name in ("batch_size", "sample_n", "microbatch"):  # each sizes an allocation
             check_count(getattr(self, name), f"train.{name}", MAX_BATCH, least=0)
-        for name in ("warmup", "sample_every", "milestone_every", "seed", "fid_every", "microbatch"):
+        for name in ("warmup", "sample_every", "milestone_every", "seed", "fid_every", "microbatch", "phema_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise UserError(f"train.{name}={v!r} must be an integer >= 0")
@@ -126,6 +133,12 @@ class TrainConfig(Config):
         self.loggers  # parses `logger`, or one line
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (the paper uses 0.9999)")
+        if not isinstance(self.ema_warmup, bool):
+            raise UserError(f"train.ema_warmup={self.ema_warmup!r} is not valid; give true or false")
+        widths = [check_sigma_rel(s, "train.phema_sigma_rels") for s in self.phema_sigma_rels]
+        if not widths or len(set(widths)) != len(widths):
+            raise UserError(f"train.phema_sigma_rels={list(self.phema_sigma_rels)!r}: give one or more different "
+                            f"relative widths, e.g. 0.05,0.10 (EDM2's)")
         self.fid_sampler_spec  # parses the FID sampler, or one line
 
 

@@ -51,11 +51,13 @@ from ..network.fast import (autocast, compile_or_eager, describe_precision, matc
                             to_channels_last, training_trial)
 from ..network.unet import UNet
 from ..process.diffusion import GaussianDiffusion
+from ..process.ema import ema_decay_at
 from ..process.scaling import to_model_range, to_uint8
 from ..run.config import RunConfig, TrainConfig, check_resume_compatible, config_changes, is_resumable
 from ..run.folder import (CONFIG_NAME, METRICS_NAME, append_metrics, check_run_folder, claim_run_folder, read_run_record, truncate_metrics,
                           write_run_record)
 from ..run.load import initial_weights, state_dict_problem
+from ..run.phema import PowerEMAs, drop_snapshots_after
 from .evaluate import TrainingFID
 from .sample import Images, Loop, sample
 
@@ -226,13 +228,14 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
     diffusion = GaussianDiffusion.from_config(run.diffusion)
     model, ema, opt = _build(run, device, dist)
     params, ema_params = list(model.parameters()), list(ema.parameters())
+    phema = PowerEMAs(model, cfg.phema_sigma_rels) if cfg.phema_every else None  # post-hoc EMA's tracked averages
     # The data's fingerprint, kept in every checkpoint; rank 0 writes and checks it (hashing once).
     classes = class_record(images) if run.model.num_classes else None
     data_print = dict(sha256=images.fingerprint(), n=len(images), source=images.source_description,
                       **(dict(labels_sha256=classes["labels_sha256"]) if classes else {})) if dist.is_main else None
 
     # ---- Resume: the newest checkpoint this run can use, its data checked, the history recorded
-    found = _resume(run_dir, run, record, changes, model, ema, opt, dist, data_print, accept_new_data)
+    found = _resume(run_dir, run, record, changes, model, ema, opt, phema, dist, data_print, accept_new_data)
     start = int(found[1]["step"]) if found is not None else 0
     barrier()
 
@@ -296,7 +299,9 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
         scaler.step(opt)  # opt.step(), unless fp16 gradients overflowed
         scaler.update()
         applied = torch.isfinite(grad_norm).float() if fp16 else None
-        ema_update(ema_params, params, cfg.ema_decay, applied)
+        ema_update(ema_params, params, ema_decay_at(cfg.ema_decay, step, cfg.ema_warmup), applied)
+        if phema is not None:
+            phema.update(params, step + 1)
         tallies.commit(grad_norm, applied)
 
         # ---- After the step: the log (a host sync every log_every steps), a checkpoint, a stop
@@ -314,11 +319,13 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
             tallies.reset()
         bar.update(1)
         stopping = stop.requested(dist, done, cfg.log_every)
+        if phema is not None and dist.is_main and (done % cfg.phema_every == 0 or done == cfg.steps):
+            phema.save_snapshot(run_dir, done, run.to_dict(), _class_counts(classes))  # before the checkpoint of `done`
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or (stopping and saved_at != done):
             # Never write a checkpoint from a diverged state (one sync per checkpoint).
             if not (tallies.finite() and (fp16 or torch.isfinite(loss))):
                 raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
-            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print, scaler, classes)
+            _save(run_dir, done, model, ema, opt, phema, run, cfg, dist, data_print, scaler, classes)
             saved_at = done
         if stopping:
             bar.close()
@@ -426,8 +433,8 @@ def _build(run: RunConfig, device: torch.device, dist: DistInfo):
     return model, ema, opt
 
 
-def _resume(run_dir: Path, run: RunConfig, record, changes: list, model, ema, opt, dist: DistInfo,
-            data_print: Optional[dict], accept_new_data: bool) -> Optional[tuple]:
+def _resume(run_dir: Path, run: RunConfig, record, changes: list, model, ema, opt, phema: Optional[PowerEMAs],
+            dist: DistInfo, data_print: Optional[dict], accept_new_data: bool) -> Optional[tuple]:
     """Restore the newest checkpoint this run can use into model, EMA and optimizer (and this
     rank's RNG states), after checking that the data are those it was trained on; record in
     config.json's history what changed (data, config, initial weights); start the metrics log
@@ -438,7 +445,7 @@ def _resume(run_dir: Path, run: RunConfig, record, changes: list, model, ema, op
     resuming = record is not None and bool(ckpt.list_checkpoints(run_dir))
     history = list(record.history) if resuming else []
     start = 0
-    found = ckpt.latest_checkpoint(run_dir, check=lambda path, state: _unfit(path, state, run, model, opt, dist))
+    found = ckpt.latest_checkpoint(run_dir, check=lambda path, state: _unfit(path, state, run, model, opt, phema, dist))
     if found is not None:
         path, state = found
         saved_data = state.get("data")
@@ -455,6 +462,8 @@ def _resume(run_dir: Path, run: RunConfig, record, changes: list, model, ema, op
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         match_layout_(opt)  # checkpoints hold the moments contiguous; give them the parameters' layout
+        if phema is not None:
+            phema.load_state_dict(state["phema"])
         start = int(state["step"])
         rng = state.get("rng", {}).get(f"rank{dist.rank}")
         if rng:
@@ -472,6 +481,9 @@ def _resume(run_dir: Path, run: RunConfig, record, changes: list, model, ema, op
             _log(f"changed {k} from {old!r} to {new!r} at step {start} (recorded in {run_dir / CONFIG_NAME})")
         write_run_record(run_dir, run, history)
         truncate_metrics(run_dir / METRICS_NAME, start)
+        dropped = drop_snapshots_after(run_dir, start)  # to be written again by the steps after `start`
+        if dropped:
+            _log(f"removed the post-hoc EMA snapshots of steps {', '.join(map(str, dropped))}, newer than step {start}")
     return found
 
 
@@ -582,7 +594,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _unfit(path: Path, state: dict, run: RunConfig, model, opt, dist: DistInfo) -> str:
+def _unfit(path: Path, state: dict, run: RunConfig, model, opt, phema: Optional[PowerEMAs], dist: DistInfo) -> str:
     """Why a verified checkpoint cannot be resumed from in this run, or "" (see latest_checkpoint)."""
     missing = [k for k in ("step", "model", "ema", "optimizer", "config") if k not in state]
     if missing:
@@ -601,6 +613,8 @@ def _unfit(path: Path, state: dict, run: RunConfig, model, opt, dist: DistInfo) 
     problem = _optimizer_problem(state["optimizer"], opt)
     if problem:
         return f"its optimizer state does not fit ({problem})"
+    if phema is not None and phema.problem(state.get("phema")):
+        return phema.problem(state.get("phema"))
     rng = state.get("rng", {})
     return ckpt.rng_state_problem(rng.get(f"rank{dist.rank}", {})) if isinstance(rng, dict) else "its RNG state is not a mapping"
 
@@ -680,8 +694,8 @@ class _StopSignals:
                                         f"to resume")
 
 
-def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist: DistInfo, data_print: dict,
-          scaler: torch.amp.GradScaler, classes: Optional[dict]) -> None:
+def _save(run_dir, step, model, ema, opt, phema: Optional[PowerEMAs], run: RunConfig, cfg: TrainConfig, dist: DistInfo,
+          data_print: dict, scaler: torch.amp.GradScaler, classes: Optional[dict]) -> None:
     # Every rank's RNG state goes into the one file rank 0 writes.
     mine = ckpt.get_rng_state()
     rng = {f"rank{r}": {} for r in range(dist.world_size)}
@@ -692,9 +706,15 @@ def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist
         state = dict(step=step, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=rng,
                      data_position=step * cfg.batch_size, config=run.to_dict(), data=data_print,
                      **(dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}),
-                     **(dict(classes=dict(names=classes["names"], counts=classes["counts"])) if classes else {}))
+                     **(dict(phema=phema.state_dict()) if phema is not None else {}),
+                     **(dict(classes=_class_counts(classes)) if classes else {}))
         ckpt.save_checkpoint(run_dir, step, state, keep_last=cfg.keep_last, milestone_every=cfg.milestone_every or None)
     barrier()
+
+
+def _class_counts(classes: Optional[dict]) -> Optional[dict]:
+    """What a checkpoint (and a post-hoc EMA snapshot) keeps of a conditional run's classes."""
+    return dict(names=classes["names"], counts=classes["counts"]) if classes else None
 
 
 def _clip_share(params: list, shares: list, clip: float, first: bool) -> torch.Tensor:
