@@ -39,6 +39,7 @@ from .process.sampling import SAMPLERS, Sampler, SamplerSpec
 from .run.config import model_config, resolve_run_config
 from .run.folder import read_run_record
 from .run.load import ModelSpec
+from .run.phema import reconstruct
 from .run.options import ClassChoice, GuidanceSpec, InceptionSpec
 from .run.presets import PRESETS
 from .workflows.demo import run_demo
@@ -180,8 +181,9 @@ def _model_args(p, seed: bool = True, required: bool = True):
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--run", metavar="RUN_DIR", help="a run directory (its newest valid checkpoint is used)")
     src.add_argument("--checkpoint", metavar="FILE", help="a checkpoint file (ckpt-*.safetensors)")
-    p.add_argument("--weights", default=ModelSpec.weights.value, choices=("ema", "model"),
-                   help="EMA weights (the paper's, default) or the trained ones")
+    p.add_argument("--weights", default=ModelSpec.weights, metavar="ema|model|phema:WIDTH",
+                   help="EMA weights (the paper's, default), the trained ones, or a post-hoc EMA of relative width "
+                        "WIDTH made from the run's snapshots (phema:0.05; phema:0.05@STEP as of an earlier snapshot)")
     _device_arg(p)
     _fast_arg(p)
     _precision_arg(p)
@@ -364,8 +366,8 @@ def _export_args(p):
     p.add_argument("run", metavar="RUN", help="a run directory (its newest valid checkpoint) or a checkpoint file")
     p.add_argument("out", metavar="OUT", help="the folder to write (new or empty, or an earlier export)")
     p.add_argument("--to", default="diffusers", choices=("diffusers",), help="diffusers: a DDPMPipeline folder (default)")
-    p.add_argument("--weights", default=ModelSpec.weights.value, choices=("ema", "model"),
-                   help="EMA weights (default) or the trained ones")
+    p.add_argument("--weights", default=ModelSpec.weights, metavar="ema|model|phema:WIDTH",
+                   help="EMA weights (default), the trained ones, or a post-hoc EMA (phema:0.05; see ddpm phema)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="then upload the folder to the Hugging Face Hub (needs huggingface_hub and a login)")
     p.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository (default private)")
@@ -487,6 +489,29 @@ def _report_args(p):
 @command("report", "one self-contained HTML page of a run: config, loss curves, sample grids, evaluations", _report_args)
 def cmd_report(args):
     _say(f"wrote {write_report(args.run, args.out)}")
+
+
+def _phema_args(p):
+    p.add_argument("run", metavar="RUN_DIR", help="a run trained with train.phema_every > 0 (its snapshots in RUN_DIR/phema)")
+    p.add_argument("--sigma-rel", required=True, metavar="W[,W…]",
+                   help="relative EMA widths to make, comma-separated, each in (0, 0.2887], e.g. 0.03,0.05,0.1")
+    p.add_argument("--at", type=int, default=None, metavar="STEP",
+                   help="as of the snapshot of this step (default the newest)")
+
+
+@command("phema", "post-hoc EMA: make the weight average of any relative width from a run's snapshots (EDM2); "
+                  "every command then takes --weights phema:WIDTH", _phema_args)
+def cmd_phema(args):
+    widths = []
+    for v in args.sigma_rel.split(","):
+        try:
+            widths.append(float(v))
+        except ValueError:
+            raise UserError(f"--sigma-rel {args.sigma_rel!r}: {v.strip()!r} is not a number; give widths separated "
+                            f"by commas, e.g. 0.03,0.05,0.1") from None
+    for r in reconstruct(args.run, widths, args.at, log=lambda msg: None):
+        _say(f"phema:{r.sigma_rel:g} at step {r.step}: {r.path} ({r.snapshots} snapshots; the profile is matched "
+             f"within {100 * r.profile_error:.2f}% in L2)")
 
 
 def _demo_args(p):

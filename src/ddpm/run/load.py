@@ -30,12 +30,35 @@ from ..network.fast import Precision, prepare_model, resolve_precision
 from ..network.interop import diffusion_from_diffusers_scheduler
 from ..network.unet import UNet
 from ..process.diffusion import GaussianDiffusion
+from ..process.ema import SIGMA_REL_DECIMALS
 from .config import RunConfig
+from .phema import parse_phema, reconstruct
 
 
 class Weights(Choice):
     EMA = "ema"  # the exponential moving average: what the paper evaluates
     MODEL = "model"  # the trained weights themselves
+    # and "phema:WIDTH[@STEP]": the post-hoc EMA of that relative width (run/phema.py)
+
+
+def check_weights(value) -> str:
+    """Which weights of a run: "ema", "model" or "phema:WIDTH[@STEP]", or one line listing them."""
+    if isinstance(value, Weights):
+        return value.value
+    if isinstance(value, str) and value.startswith("phema:"):
+        parse_phema(value)
+        return value
+    if value not in tuple(w.value for w in Weights):
+        raise UserError(f"weights={value!r} is not valid; choose 'ema' (the paper's EMA), 'model' (the trained "
+                        f"weights) or 'phema:WIDTH' (a post-hoc EMA, e.g. phema:0.05; `ddpm phema`)")
+    return value
+
+
+def describe_weights(weights: str) -> str:
+    """The weights in words, for logs and model cards."""
+    if weights.startswith("phema:"):
+        return f"post-hoc EMA ({weights})"
+    return "EMA" if weights == "ema" else "trained (not EMA)"
 
 
 class Fast(Choice):
@@ -50,7 +73,8 @@ class ModelSpec(Config):
 
     :param run: a run directory (its newest valid checkpoint), a checkpoint file, or a diffusers
         pipeline folder.
-    :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
+    :param weights: "ema" (what the paper evaluates), "model" (the trained weights) or
+        "phema:WIDTH[@STEP]" (a post-hoc EMA of the run's snapshots: run/phema.py).
     :param device: "auto" (CUDA when there is one), "cpu" or "cuda"; under torchrun, this process's.
     :param fast: "auto": the device's fast paths (network/fast.py `prepare_model`); "off": the plain network.
     :param precision: "fp32" (the paper's), "bf16" or "auto" (bf16 where the device computes it
@@ -58,14 +82,17 @@ class ModelSpec(Config):
     """
 
     run: Union[str, os.PathLike]
-    weights: Weights = Weights.EMA
+    weights: str = "ema"  # or "model", or "phema:WIDTH[@STEP]" (check_weights)
     device: Device = Device.AUTO
     fast: Fast = Fast.AUTO
     precision: Precision = Precision.FP32
 
+    def validate(self):
+        object.__setattr__(self, "weights", check_weights(self.weights))
+
     def open(self) -> "OpenedRun":
         """The model loaded on this process's device of the process group (`open_run`)."""
-        return open_run(self.run, self.weights.value, self.device.value, self.fast.value, self.precision.value)
+        return open_run(self.run, self.weights, self.device.value, self.fast.value, self.precision.value)
 
 
 class LoadedRun(NamedTuple):
@@ -76,7 +103,7 @@ class LoadedRun(NamedTuple):
     diffusion: GaussianDiffusion
     checkpoint: Path
     sha256: str  # the checkpoint's content hash: names the model wherever the file lives
-    weights: Weights
+    weights: str  # "ema", "model", or "phema:WIDTH@STEP" (the post-hoc EMA's file is `checkpoint`)
     classes: Optional[dict] = None  # a conditional run's data classes: {"names": [...], "counts": [...]}
     precision: Precision = ModelSpec.precision  # what the network computes in (resolved: never "auto")
 
@@ -86,7 +113,7 @@ class LoadedRun(NamedTuple):
         precision where it is not fp32 (bf16 computes another function, within a few per cent).
         Results folders record it and refuse a rerun with another model (io/results.py)."""
         extra = "" if self.precision is Precision.FP32 else f", {self.precision.value}"
-        return f"sha256:{self.sha256} [{self.weights.value}{extra}]"
+        return f"sha256:{self.sha256} [{self.weights}{extra}]"
 
     @property
     def class_info(self) -> tuple[tuple[str, ...], Optional[list[int]]]:
@@ -115,19 +142,23 @@ def load_run(path, weights: str = ModelSpec.weights, device="cpu", fast: str = "
     a diffusers pipeline folder (`ddpm export`'s, or any DDPM-layout UNet2DModel with a linear
     DDPMScheduler).
 
-    :param weights: "ema" (what the paper evaluates) or "model" (the trained weights).
+    :param weights: "ema" (what the paper evaluates), "model" (the trained weights) or
+        "phema:WIDTH[@STEP]": the post-hoc EMA of that relative width as of the snapshot of STEP
+        (default the newest), made from the run's snapshots and kept beside them (run/phema.py).
     :param device, fast: a notebook's: the CPU, and the plain network ("auto": the network wrapped by
         `network.fast.prepare_model` with the device's fast paths, for sampling and bits/dim); the
         commands' are `ModelSpec`'s.
     :param precision: "fp32", "bf16" (autocast of the network; the diffusion math stays in float32)
         or "auto" (bf16 where `device` computes it natively: network/fast.py).
     """
-    weights = Weights.parse(weights, "weights")
+    weights = check_weights(weights)
     fast = Fast.parse(fast, "fast")
     precision = resolve_precision(precision, device)
     path = Path(path)
     if (path / "model_index.json").is_file():
         return _load_pipeline(path, weights, device, fast, precision)
+    if weights.startswith("phema:"):
+        return _load_phema(path, weights, device, fast, precision)
     if path.is_dir():
         found = ckpt.latest_checkpoint(path)
         if found is None:
@@ -139,11 +170,11 @@ def load_run(path, weights: str = ModelSpec.weights, device="cpu", fast: str = "
         raise UserError(f"{path}: no such run directory or checkpoint file")
     run = RunConfig.from_dict(state.get("config", {}), where=str(file))
     net = UNet.from_config(run.model)
-    problem = state_dict_problem(state.get(weights.value), net.state_dict())
+    problem = state_dict_problem(state.get(weights), net.state_dict())
     if problem:
-        raise UserError(f"{file}: its {weights.value} weights do not fit the network its config describes ({problem}); "
+        raise UserError(f"{file}: its {weights} weights do not fit the network its config describes ({problem}); "
                         f"the file is damaged or was not written by ddpm train")
-    net.load_state_dict(state[weights.value])
+    net.load_state_dict(state[weights])
     return LoadedRun(run, _ready(net, device, fast, precision), GaussianDiffusion.from_config(run.diffusion), file,
                      ckpt.checkpoint_sha256(file), weights, state.get("classes"), precision)
 
@@ -159,7 +190,28 @@ def _ready(net: torch.nn.Module, device, fast: Fast, precision: Precision) -> to
     return net
 
 
-def _load_pipeline(path: Path, weights: Weights, device, fast: Fast, precision: Precision) -> LoadedRun:
+def _load_phema(path: Path, weights: str, device, fast: Fast, precision: Precision) -> LoadedRun:
+    """The post-hoc EMA `weights` ("phema:WIDTH[@STEP]") of the run directory `path`, made from its
+    snapshots once (`reconstruct`) and read from the weights file that keeps it."""
+    if not path.is_dir():
+        raise UserError(f"--weights {weights}: {path} is not a run directory; post-hoc EMA weights are made from the "
+                        f"snapshots in RUN/phema/, so give the run directory")
+    sigma_rel, at = parse_phema(weights)
+    made = reconstruct(path, [sigma_rel], at)[0]
+    sd, config = ckpt.load_weights(made.path)
+    run = RunConfig.from_dict({k: v for k, v in config.items() if k not in ("phema", "classes")}, where=str(made.path))
+    net = UNet.from_config(run.model)
+    problem = state_dict_problem(sd, net.state_dict())
+    if problem:
+        raise UserError(f"{made.path}: its weights do not fit the network its config describes ({problem}); the file "
+                        f"is damaged; delete it and it is made again from the snapshots")
+    net.load_state_dict(sd)
+    return LoadedRun(run, _ready(net, device, fast, precision), GaussianDiffusion.from_config(run.diffusion), made.path,
+                     ckpt.checkpoint_sha256(made.path), f"phema:{made.sigma_rel:.{SIGMA_REL_DECIMALS}f}@{made.step}",
+                     config.get("classes"), precision)
+
+
+def _load_pipeline(path: Path, weights: str, device, fast: Fast, precision: Precision) -> LoadedRun:
     """A diffusers pipeline folder: its U-Net, and the run config `ddpm export` recorded beside it
     (or, for another pipeline, the process its DDPMScheduler config describes)."""
     file = path / "unet" / DIFFUSERS_WEIGHTS
@@ -171,9 +223,9 @@ def _load_pipeline(path: Path, weights: Weights, device, fast: Fast, precision: 
         where = path / PIPELINE_CONFIG
         for key, kind in (("weights", str), ("config", dict), ("classes", (list, type(None)))):
             get_field(record, key, kind, where, default=None, advice="export the run again")
-        if weights.value != record.get("weights", "ema"):
+        if weights != record.get("weights", "ema"):
             raise UserError(f"{path}: this pipeline holds the {record.get('weights')} weights of its run only; use "
-                            f"--weights {record.get('weights')}, or export the run again with --weights {weights.value}")
+                            f"--weights {record.get('weights')}, or export the run again with --weights {weights}")
         run = RunConfig.from_dict(record.get("config", {}), where=str(path / PIPELINE_CONFIG))
         run = run.replace(model=net.config)  # the weights' own config decides the network
     else:

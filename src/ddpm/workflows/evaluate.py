@@ -42,7 +42,7 @@ from ..network.inception import FEATURE_DIM, NUM_CLASSES, InceptionV3
 from ..process.guidance import conditioned
 from ..process.scaling import to_uint8
 from ..process.sampling import SamplerSpec
-from ..run.load import ModelSpec, Weights, load_run
+from ..run.load import ModelSpec, LoadedRun, describe_weights, load_run
 from ..run.options import GuidanceSpec, InceptionSpec
 from ..version import __version__
 from .fid import IS_SPLITS, FeatureStats, FIDStats, ISStats, fid_from_stats, is_stats_file, load_stats, save_stats
@@ -422,6 +422,15 @@ class EvalSpec(Config):
             check_count(value, flag, MAX_BATCH)
 
 
+EMA_RECORD = "ema (the paper evaluates the EMA weights)"  # eval.json's "weights" for the paper's EMA
+
+
+def eval_folder_name(loaded: LoadedRun, sampler: SamplerSpec) -> str:
+    """RUN/eval/<this>: the checkpoint's name (a post-hoc EMA's file name: phema-WIDTH-STEP), "-model"
+    for the trained weights, and the sampler's tag."""
+    return loaded.checkpoint.stem + ("-model" if loaded.weights == "model" else "") + sampler.tag
+
+
 def evaluate_run(model: ModelSpec, spec: EvalSpec = EvalSpec(), *, out_dir=None, sampler: SamplerSpec = SamplerSpec(),
                  guidance: GuidanceSpec = GuidanceSpec(), inception: InceptionSpec = InceptionSpec(), dist=None,
                  progress: bool = True) -> dict:
@@ -458,9 +467,6 @@ def evaluate_run(model: ModelSpec, spec: EvalSpec = EvalSpec(), *, out_dir=None,
     n, seed, seed_sets, batch = spec.n, spec.seed, spec.seed_sets, spec.batch
     bpd_n, bpd_batch, ref_train, ref_test = spec.bpd_n, spec.bpd_batch, spec.ref_train, spec.ref_test
     _check_batch(inception.batch)
-    if model.weights is not Weights.EMA:
-        raise UserError(f"weights={model.weights.value!r}: ddpm eval measures the EMA weights (the paper's protocol); "
-                        f"give weights='ema'")
     if guidance.classes.given():
         raise UserError("ddpm eval samples a conditional model's classes in the training set's proportions; give "
                         "the guidance weight only")
@@ -469,10 +475,11 @@ def evaluate_run(model: ModelSpec, spec: EvalSpec = EvalSpec(), *, out_dir=None,
             load_stats(ref)
     dist = dist or dist_init(model.device.value)
     run_dir = Path(model.run)
-    loaded = load_run(run_dir, weights="ema", device=dist.device, fast=model.fast.value, precision=model.precision.value)
+    loaded = load_run(run_dir, weights=model.weights, device=dist.device, fast=model.fast.value,
+                      precision=model.precision.value)
     run, ema, diffusion, ckpt_file = loaded.run, loaded.model, loaded.diffusion, loaded.checkpoint
     base = run_dir if run_dir.is_dir() else run_dir.parent
-    out_dir = Path(out_dir) if out_dir is not None else base / "eval" / (ckpt_file.stem + sampler.tag)
+    out_dir = Path(out_dir) if out_dir is not None else base / "eval" / eval_folder_name(loaded, sampler)
     check_folder(out_dir, _is_evaluation, "an evaluation")  # created below, once the rest is checked
     m = run.model
     shape = (m.in_channels, *m.size)
@@ -487,16 +494,16 @@ def evaluate_run(model: ModelSpec, spec: EvalSpec = EvalSpec(), *, out_dir=None,
     if labels is None:
         conditioned(ema, None, 0, guidance)  # a weight for an unconditional model: one line
     claim_folder(out_dir, _is_evaluation, "an evaluation")
-    log(f"eval: {total} EMA samples (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}"
+    log(f"eval: {total} samples of the {describe_weights(loaded.weights)} weights (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}"
         + (f", {seed_sets} sets of {n}" if seed_sets > 1 else ""))
     res = sample_to_dir(ema, diffusion, out_dir / "samples", SampleSet(shape, total, seed, batch, labels, classes, guidance),
                         sampler=sampler, dist=dist, progress=progress, provenance=Provenance.of(loaded))
     every = open_images(Path(res["npz"]))  # the PNGs' pixels, read back from the files
     sets = [every if seed_sets == 1 else Subset(every, k * n, (k + 1) * n) for k in range(seed_sets)]
     stats, is_ = samples_stats(sets[0], inception, batch=inception_batch, dist=dist, progress=progress,
-                               run=str(base), checkpoint=str(ckpt_file), weights="ema", seed=seed,
+                               run=str(base), checkpoint=str(ckpt_file), weights=loaded.weights, seed=seed,
                                sampler={**sampler.record(clip=False), "T": diffusion.num_timesteps})
-    report = dict(run=str(base), checkpoint=str(ckpt_file), checkpoint_sha256=loaded.sha256, weights="ema (the paper evaluates the EMA weights)",
+    report = dict(run=str(base), checkpoint=str(ckpt_file), checkpoint_sha256=loaded.sha256, weights=EMA_RECORD if loaded.weights == "ema" else loaded.weights,
                   precision=loaded.precision.value, n_samples=n, seed=seed, samples_dir=str(out_dir / "samples"), protocol=PROTOCOL,
                   inception=dict(inception.info), inception_score=is_, samples_pixels_sha256=stats.provenance["pixels_sha256"])
     notes = [] if is_ is not None else [no_inception_score(inception.info)]

@@ -28,7 +28,7 @@ from ..io.weights import write_unet
 from ..network.interop import diffusers_sampler_config
 from ..network.unet import count_parameters
 from ..process.sampling import Sampler, SamplerSpec
-from ..run.load import PIPELINE_CONFIG, ModelSpec, load_run
+from ..run.load import PIPELINE_CONFIG, ModelSpec, describe_weights, load_run
 from ..version import __version__
 from .evaluate import read_eval_report
 
@@ -58,7 +58,7 @@ def export_run(run, out, *, to: str = "diffusers", weights: str = ModelSpec.weig
         pass
     files.append(write_json(out / "model_index.json", index))
     record = dict(format=PIPELINE_FORMAT, ddpm_version=__version__, config=loaded.run.to_dict(),
-                  weights=loaded.weights.value, checkpoint=str(loaded.checkpoint), checkpoint_sha256=loaded.sha256,
+                  weights=loaded.weights, checkpoint=str(loaded.checkpoint), checkpoint_sha256=loaded.sha256,
                   classes=loaded.classes)
     files.append(write_json(out / PIPELINE_CONFIG, record))
     files.append(write_text(out / "README.md", model_card(loaded, _evaluation(loaded), sampler, steps)))
@@ -116,7 +116,7 @@ def model_card(loaded, evaluation: Optional[dict], sampler: SamplerSpec = Sample
              f"A denoising diffusion probabilistic model (Ho, Jain & Abbeel 2020) trained with "
              f"[ddpm](https://pypi.org/project/ddpm/) {__version__}, exported with `ddpm export`. "
              f"The U-Net has {n_params:,} parameters; these are its "
-             f"{'EMA' if loaded.weights.value == 'ema' else 'trained (not EMA)'} weights.", "",
+             f"{describe_weights(loaded.weights)} weights.", "",
              "## Use", "", "```python", use, "```", "",
              "## Training", "",
              f"- data: {markdown_text(run.data.source)} (split {markdown_text(run.data.split)}, {h}x{w}, random flips "

@@ -21,9 +21,9 @@ from ..network.unet import summary
 from ..process.sampling import SamplerSpec
 from ..run.config import RunConfig
 from ..run.folder import is_run_folder
-from ..run.load import ModelSpec, load_run
+from ..run.load import ModelSpec, describe_weights, load_run
 from ..run.options import GuidanceSpec
-from .evaluate import EvalSpec
+from .evaluate import EvalSpec, eval_folder_name
 from .sample import sample_labels
 from .train import resolve_model
 
@@ -87,11 +87,11 @@ def plan_train(run_dir, run: RunConfig) -> list[str]:
 def plan_sample(model: ModelSpec, out_dir, n: Optional[int], sampler: SamplerSpec = SamplerSpec(),
                 guidance: GuidanceSpec = GuidanceSpec()) -> list[str]:
     """`ddpm sample --dry-run`: what `sample_run` with the same options would do."""
-    loaded = load_run(model.run, model.weights.value, "cpu", fast="off")
+    loaded = load_run(model.run, model.weights, "cpu", fast="off")
     labels, n, record = sample_labels(guidance.classes, n, loaded.run.model.num_classes, *loaded.class_info)
     out = usable_folder(out_dir)
     have = sum(1 for i in range(n) if (out / f"{i:06d}.png").is_file()) if out.is_dir() else 0
-    lines = [f"checkpoint: {loaded.checkpoint} ({loaded.weights.value} weights)", *_model_lines(loaded.run.model),
+    lines = [f"checkpoint: {loaded.checkpoint} ({loaded.weights} weights)", *_model_lines(loaded.run.model),
              "precision: " + describe_precision(model.precision.value, pick_device(model.device.value)),
              f"would draw {n - have} of {n} images ({have} already in {out}) with {sampler.describe(loaded.diffusion)} "
              f"each"
@@ -105,16 +105,16 @@ def plan_sample(model: ModelSpec, out_dir, n: Optional[int], sampler: SamplerSpe
 def plan_eval(model: ModelSpec, spec: EvalSpec = EvalSpec(), out_dir=None, guidance: GuidanceSpec = GuidanceSpec(),
               sampler: SamplerSpec = SamplerSpec()) -> list[str]:
     """`ddpm eval --dry-run`: what `evaluate_run` with the same options would do."""
-    loaded = load_run(model.run, "ema", "cpu", fast="off")
+    loaded = load_run(model.run, model.weights, "cpu", fast="off")
     run_dir = Path(model.run)
     base = run_dir if run_dir.is_dir() else run_dir.parent
-    out = Path(out_dir) if out_dir is not None else base / "eval" / (loaded.checkpoint.stem + sampler.tag)
+    out = Path(out_dir) if out_dir is not None else base / "eval" / eval_folder_name(loaded, sampler)
     labels, _, record = sample_labels(GuidanceSpec.classes, spec.n, loaded.run.model.num_classes, *loaded.class_info)
     data = loaded.run.data
     cached = f"computed from {data.source} and cached in {base / 'eval'}"
     refs = [f"{split}: {given or cached}" for split, given in (("train", spec.ref_train), ("test", spec.ref_test))]
     bpd_n = spec.bpd_n
-    return [f"checkpoint: {loaded.checkpoint} (EMA weights)", *_model_lines(loaded.run.model),
+    return [f"checkpoint: {loaded.checkpoint} ({describe_weights(loaded.weights)} weights)", *_model_lines(loaded.run.model),
             "precision: " + describe_precision(model.precision.value, pick_device(model.device.value)),
             f"would draw {spec.n:,} samples ({sampler.describe(loaded.diffusion)})"
             + (f", classes {record.get('classes')}, guidance {guidance.weight:g}" if labels is not None else ""),
