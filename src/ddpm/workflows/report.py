@@ -171,6 +171,46 @@ def _evaluation(reports: list[tuple[Path, dict]]) -> list[str]:
     return parts
 
 
+_PHEMA_WEIGHTS = re.compile(r"phema:(\d*\.?\d+)@(\d+)")
+
+
+def _phema_curve(reports: list[tuple[Path, dict]]) -> list[str]:
+    """FID against the relative width of the post-hoc EMA, one curve per step and sampler, with the
+    paper's EMA and the trained weights of the same step and sampler as horizontal lines (EDM2 Fig. 5)."""
+    curves: dict[tuple[int, str], dict] = {}
+    for path, rep in reports:
+        fid = (rep.get("fid") or {}).get("train")
+        ckpt_name = Path(str(rep.get("checkpoint") or "")).stem
+        tag = path.parent.name[len(ckpt_name):] if path.parent.name.startswith(ckpt_name) else None
+        if not isinstance(fid, (int, float)) or tag is None:
+            continue
+        weights = str(rep.get("weights") or "")
+        m = _PHEMA_WEIGHTS.fullmatch(weights)
+        if m:
+            curves.setdefault((int(m.group(2)), tag), {}).setdefault("points", []).append((float(m.group(1)), fid))
+        elif (step := ckpt.checkpoint_step(ckpt_name + ".safetensors")) is not None:
+            which = "trained weights" if tag.startswith("-model") else "EMA"
+            curves.setdefault((step, tag[len("-model"):] if which != "EMA" else tag), {})[which] = fid
+    out = []
+    for (step, tag), c in sorted(curves.items()):
+        if len(c.get("points", ())) < 2:
+            continue
+
+        def draw(fig, c=c, step=step, tag=tag):
+            ax = fig.add_subplot()
+            pts = sorted(c["points"])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="post-hoc EMA")
+            for (name, style) in (("EMA", "--"), ("trained weights", ":")):
+                if name in c:
+                    ax.axhline(c[name], linestyle=style, color="gray", label=f"{name} ({c[name]:.2f})")
+            ax.set(xlabel="relative EMA width σ_rel", ylabel="FID (train split)",
+                   title=plot_text(f"FID against the EMA width at step {step:,}{' (' + tag.strip('-') + ')' if tag else ''}"))
+            ax.legend(fontsize=7)
+
+        out.append(_figure(draw, f"Post-hoc EMA: FID against σ_rel at step {step:,}"))
+    return out
+
+
 def _memorization(folder: Path, mem: Optional[dict]) -> list[str]:
     """The memorization check of `ddpm eval`: the samples closest to a training image beside their
     nearest training images, and nearest-neighbour distances of samples against held-out images."""
@@ -243,7 +283,7 @@ def write_report(run_dir, out: Optional[Path] = None) -> Path:
     if pictures:
         body += ["<h2>Samples</h2>", *pictures]
     body += ["<h2>Training</h2>", *(_training_plots(recs) or ["<p>No metrics logged yet.</p>"])]
-    evaluation = _evaluation(reports)
+    evaluation = _phema_curve(reports) + _evaluation(reports)
     if evaluation:
         body += ["<h2>Evaluation (ddpm eval)</h2>", *evaluation]
     body += ["<h2>Configuration</h2>", f"<pre>{html.escape(json.dumps(record.config, indent=2))}</pre>"]
