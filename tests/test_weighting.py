@@ -1,7 +1,9 @@
 """Weighting the times (docs/MATH.md § Weighting the times): min-SNR-γ and soft-min-SNR loss weights
-against their closed forms from the paper's betas, and the optimum they leave in place (the
-Gaussian oracle)."""
+against their closed forms from the paper's betas, the optimum they leave in place (the Gaussian
+oracle), and importance sampling of t against its definition (improved-diffusion's resample.py,
+re-implemented here pair by pair) and its unbiasedness."""
 
+import collections
 import math
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 
 from ddpm.errors import UserError
 from ddpm.process.diffusion import GaussianDiffusion
-from ddpm.process.weighting import LossWeighting, LossWeights
+from ddpm.process.weighting import LossSecondMomentResampler, LossWeighting, LossWeights
 from gaussian_oracle import MU, PAPER_BETAS, S, Oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,3 +176,82 @@ def test_a_bad_loss_weight_is_one_line_listing_the_valid_ones(text, needle):
     with pytest.raises(UserError, match=needle) as e:
         LossWeighting.parse(text)
     assert "\n" not in str(e.value) and "soft_min_snr" in str(e.value)
+
+
+# ------------------------------------------------------------------ importance sampling of t
+def _filled(T: int, rows: np.ndarray) -> LossSecondMomentResampler:
+    """A resampler whose history at t = 1 … T is rows[t - 1] (10 losses each), fed through `update`."""
+    r = LossSecondMomentResampler(T)
+    t = torch.arange(1, T + 1).repeat(10)
+    r.update(t, torch.from_numpy(rows.T.reshape(-1)))
+    return r
+
+
+def test_the_importance_weighted_loss_is_an_unbiased_estimate_of_the_uniform_mean():
+    """E_{t~p}[L_t / (T p_t)] = (1/T) Σ_t L_t, for a fixed table L_t and p from a skewed history:
+    n = 200,000 draws, the mean within 5 standard errors."""
+    T, n = 50, 200_000
+    rng = np.random.default_rng(5)
+    rows = rng.gamma(0.5, 1.0, (T, 1)) * rng.uniform(0.5, 1.5, (T, 10))
+    r = _filled(T, rows)
+    L = torch.from_numpy(rows.mean(axis=1) * rng.uniform(0.5, 1.5, T))  # losses like those of the history
+    p = r.probabilities()
+    assert p.max() / p.min() > 10  # far from uniform: the weights matter
+    t = 1 + torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(6))
+    est = L[t - 1] * r.importance_weights(t, p)
+    mean, se = est.mean().item(), est.std().item() / math.sqrt(n)
+    print(f"E[L_t/(T p_t)] = {mean:.4f} ± {se:.4f}, (1/T) Σ L_t = {L.mean().item():.4f}")
+    assert abs(mean - L.mean().item()) < 5 * se
+    plain = L[t - 1].mean().item()  # without the weights: the mean under p, visibly not the uniform one
+    assert abs(plain - L.mean().item()) > 5 * se
+
+
+def test_with_a_full_history_the_probabilities_are_the_rms_mixed_with_the_uniform_law():
+    T = 20
+    rows = np.random.default_rng(7).uniform(0.0, 3.0, (T, 10))
+    p = _filled(T, rows).probabilities().numpy()
+    rms = np.sqrt((rows**2).mean(axis=1))
+    expected = rms / rms.sum() * (1 - 0.001) + 0.001 / T  # improved-diffusion's weights()
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+    assert abs(p.sum() - 1) < 1e-12
+
+
+def test_until_every_t_has_ten_losses_t_is_uniform():
+    T = 6
+    r = LossSecondMomentResampler(T)
+    assert torch.equal(r.probabilities(), torch.full((T,), 1 / T, dtype=torch.float64))
+    t = torch.tensor([t for t in range(1, T + 1) for _ in range(10)])[:-1]  # t = 6 has 9
+    r.update(t, torch.arange(1.0, len(t) + 1))
+    assert torch.equal(r.probabilities(), torch.full((T,), 1 / T, dtype=torch.float64))
+    assert torch.equal(r.importance_weights(t, r.probabilities()), torch.ones(len(t), dtype=torch.float64))
+    r.update(torch.tensor([6]), torch.tensor([1.0]))
+    assert not torch.equal(r.probabilities(), torch.full((T,), 1 / T, dtype=torch.float64))
+
+
+def test_the_ring_buffer_keeps_what_a_deque_fed_pair_by_pair_keeps():
+    """improved-diffusion's update_with_all_losses, written out: a deque of maxlen 10 per t, fed
+    (t, loss) pair by pair in batch order. Batches of 40 over T = 6 repeat each t many times (more
+    than 10 in one batch too); a non-finite loss (an fp16 overflow) is not recorded."""
+    T, rng = 6, np.random.default_rng(8)
+    r = LossSecondMomentResampler(T)
+    ref = {t: collections.deque(maxlen=10) for t in range(1, T + 1)}
+    seen = collections.Counter()
+    for step in range(12):
+        t = rng.integers(1, T + 1 if step % 3 else 3, 40)  # every third batch: only t = 1, 2 (20 each)
+        losses = rng.uniform(0, 2, 40)
+        if step == 5:
+            losses[[3, 17]] = [np.inf, np.nan]
+        r.update(torch.from_numpy(t), torch.from_numpy(losses))
+        for ti, li in zip(t.tolist(), losses.tolist()):
+            if math.isfinite(li):
+                ref[ti].append(li)
+                seen[ti] += 1
+        for ti in range(1, T + 1):
+            k = min(seen[ti], 10)
+            ring = r.history[ti].numpy()
+            assert r.counts[ti].item() == seen[ti], (step, ti)
+            assert sorted(ring[:k].tolist()) == sorted(ref[ti]), (step, ti)
+            assert (ring[k:] == 0).all()
+            np.testing.assert_allclose((ring[:k] ** 2).mean() if k else 0.0, np.mean(np.square(ref[ti])) if k else 0.0,
+                                       rtol=1e-15)
+    assert (r.history[0] == 0).all() and r.counts[0] == 0  # the sink holds nothing
