@@ -255,3 +255,84 @@ def test_the_ring_buffer_keeps_what_a_deque_fed_pair_by_pair_keeps():
             np.testing.assert_allclose((ring[:k] ** 2).mean() if k else 0.0, np.mean(np.square(ref[ti])) if k else 0.0,
                                        rtol=1e-15)
     assert (r.history[0] == 0).all() and r.counts[0] == 0  # the sink holds nothing
+
+
+# ------------------------------------------------------------------ in the training loop
+def test_the_training_step_weights_each_loss_and_draws_t_from_the_history(tmp_path, monkeypatch):
+    """`ddpm train` with loss_weight=min_snr:5 and t_sampling=importance (T = 8, batch 8, 24 steps,
+    past the 10 losses per t that importance sampling waits for): each step hands training_losses
+    the closed-form weight of its t; the loss it differentiates is the mean of L_i / (T p_{t_i}),
+    p computed here from the history the step started with; and the history in the last checkpoint
+    is what a deque per t fed with every step's (t, loss) pairs keeps."""
+    from ddpm.io.checkpoint import latest_checkpoint
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
+
+    T, B, steps = 8, 8, 24
+    rng = np.random.default_rng(9)
+    np.savez(tmp_path / "data.npz", x=rng.integers(0, 256, (16, 32, 32), dtype=np.uint8))
+    run = RunConfig.from_preset("tiny", data=str(tmp_path / "data.npz")).with_overrides(
+        [f"diffusion.T={T}", f"train.batch_size={B}", f"train.steps={steps}", "train.checkpoint_every=100",
+         "train.loss_weight=min_snr:5", "train.t_sampling=importance"])
+    calls, starts, differentiated = [], [], []
+    plain_losses, plain_probabilities = GaussianDiffusion.training_losses, LossSecondMomentResampler.probabilities
+    plain_scale = torch.amp.GradScaler.scale
+
+    def losses(self, model, x0, t, noise=None, mse_weight=None):
+        out = plain_losses(self, model, x0, t, noise, mse_weight=mse_weight)
+        calls.append((t.clone(), None if mse_weight is None else mse_weight.clone(), out["loss"].detach().clone()))
+        return out
+
+    def probabilities(self):
+        starts.append((self.history.clone(), self.counts.clone()))
+        return plain_probabilities(self)
+
+    def scale(self, loss):
+        differentiated.append(loss.detach().clone())
+        return plain_scale(self, loss)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", losses)
+    monkeypatch.setattr(LossSecondMomentResampler, "probabilities", probabilities)
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", scale)
+    train(tmp_path / "run", run, progress=False)
+    assert len(calls) == len(starts) == len(differentiated) == steps
+
+    betas = np.linspace(1e-4, 0.02, T)  # the linear schedule at T = 8
+    snr = np.cumprod(1 - betas) / (1 - np.cumprod(1 - betas))
+    w_eps = np.minimum(snr, 5.0) / snr
+    history = {t: collections.deque(maxlen=10) for t in range(1, T + 1)}
+    skewed = 0
+    for (t, w, L), (h, counts), loss in zip(calls, starts, differentiated):
+        assert w is not None
+        np.testing.assert_allclose(w.numpy(), w_eps[t.numpy() - 1], rtol=1e-6)
+        h, counts = h.numpy()[1:], counts.numpy()[1:]
+        if (counts >= 10).all():
+            rms = np.sqrt((h**2).mean(axis=1))
+            p = rms / rms.sum() * (1 - 0.001) + 0.001 / T
+            skewed += 1
+        else:
+            p = np.full(T, 1 / T)
+        expected = np.mean(L.double().numpy() / (T * p[t.numpy() - 1]))
+        np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
+        for ti, li in zip(t.tolist(), L.tolist()):
+            history[ti].append(li)
+    assert skewed >= 4  # the last steps drew t by importance
+    saved = latest_checkpoint(tmp_path / "run")[1]["t_sampler"]
+    for ti in range(1, T + 1):
+        assert sorted(saved["history"][ti].tolist()) == sorted(history[ti]), ti
+
+
+def test_the_step_draws_t_from_the_probabilities_it_is_given():
+    """draw_step with p: over 500 steps of 8 (n = 4,000 draws) each t's share lies within 5 standard
+    errors √(p(1−p)/n) of p_t; a t of probability 0 is never drawn; and the draw is a function of
+    (seed, step, p)."""
+    from ddpm.workflows.train import draw_step
+
+    T, B = 6, 8
+    p = torch.tensor([0.5, 0.0, 0.1, 0.2, 0.05, 0.15], dtype=torch.float64)
+    t = torch.cat([draw_step(0, s, (B, 1, 2, 2), T, t_probs=p).t for s in range(500)])
+    n = len(t)
+    share = torch.bincount(t, minlength=T + 1)[1:].double() / n
+    assert (share[p == 0] == 0).all()
+    assert ((share - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), share
+    assert torch.equal(draw_step(0, 3, (B, 1, 2, 2), T, t_probs=p).t, draw_step(0, 3, (B, 1, 2, 2), T, t_probs=p).t)

@@ -52,6 +52,7 @@ from ..network.fast import (autocast, compile_or_eager, describe_precision, matc
 from ..network.unet import UNet
 from ..process.diffusion import GaussianDiffusion
 from ..process.scaling import to_model_range, to_uint8
+from ..process.weighting import LossSecondMomentResampler, LossWeights, importance_sampler
 from ..run.config import RunConfig, TrainConfig, check_resume_compatible, config_changes, is_resumable
 from ..run.folder import (CONFIG_NAME, METRICS_NAME, append_metrics, check_run_folder, claim_run_folder, read_run_record, truncate_metrics,
                           write_run_record)
@@ -234,6 +235,13 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
     # ---- Resume: the newest checkpoint this run can use, its data checked, the history recorded
     found = _resume(run_dir, run, record, changes, model, ema, opt, dist, data_print, accept_new_data)
     start = int(found[1]["step"]) if found is not None else 0
+    # Weighting the times (docs/MATH.md § Weighting the times): a weight of L_simple per t, and
+    # importance sampling of t whose loss history is in every checkpoint
+    weighting = cfg.loss_weighting
+    mse_weights = LossWeights(weighting, diffusion.alphas_cumprod, run.diffusion.mean_type) if weighting.active else None
+    resampler = importance_sampler(cfg.t_sampling, diffusion.num_timesteps, device)
+    if resampler is not None and found is not None:
+        resampler.load_state_dict(found[1]["t_sampler"])
     barrier()
 
     # ---- The step's shape: this rank's share of the global batch, in micro-batches
@@ -262,9 +270,13 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
     stop.stepping = True
     for step in range(start, cfg.steps):
         # ---- The step's draws (Algorithm 1, lines 2-4): a function of (seed, step), for the global batch
-        drawn = draw_step(cfg.seed, step, (cfg.batch_size, *images.shape), T, generator=gen_device,
-                          labels=feed.labels(step, device), num_classes=K,
-                          label_dropout=cfg.label_dropout).rank_share(lo, hi, device)
+        t_probs = resampler.probabilities() if resampler is not None else None
+        whole = draw_step(cfg.seed, step, (cfg.batch_size, *images.shape), T, generator=gen_device,
+                          labels=feed.labels(step, device), num_classes=K, label_dropout=cfg.label_dropout,
+                          t_probs=t_probs)
+        drawn = whole.rank_share(lo, hi, device)
+        if resampler is not None:  # 1/(T p_t): the loss stays an unbiased estimate of the uniform one
+            importance, step_losses = resampler.importance_weights(drawn.t, t_probs), []
         torch.manual_seed(derive_seed(cfg.seed, step, dist.rank))  # dropout
         x0 = to_model_range(feed.images(step).to(device, non_blocking=True))
         if run.data.random_flip:
@@ -279,8 +291,13 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
             with ddp.no_sync() if ddp is not model and not last else contextlib.nullcontext():
                 with autocast(device, cfg.precision):
                     fn = functools.partial(net, y=drawn.y[part]) if K else net
-                    losses = diffusion.training_losses(fn, x0[part], drawn.t[part], drawn.noise[part])
-                loss = losses["loss"].mean() if len(chunks) == 1 or cfg.clip_share else losses["loss"].sum() / local
+                    weight = dict(mse_weight=mse_weights(drawn.t[part])) if mse_weights is not None else {}
+                    losses = diffusion.training_losses(fn, x0[part], drawn.t[part], drawn.noise[part], **weight)
+                per_image = losses["loss"]
+                if resampler is not None:
+                    step_losses.append(per_image.detach())
+                    per_image = per_image * importance[part].to(per_image.dtype)
+                loss = per_image.mean() if len(chunks) == 1 or cfg.clip_share else per_image.sum() / local
                 scaler.scale(loss).backward()
             tallies.add(losses["loss"], drawn.t[part], drawn.y_true[part] if K else None)
             if cfg.clip_share:
@@ -298,6 +315,8 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
         applied = torch.isfinite(grad_norm).float() if fp16 else None
         ema_update(ema_params, params, cfg.ema_decay, applied)
         tallies.commit(grad_norm, applied)
+        if resampler is not None:  # the losses of the whole global batch, not importance-weighted, on the device
+            resampler.update(whole.t, torch.cat(all_gather_tensor(torch.cat(step_losses), dist, on_device=True)))
 
         # ---- After the step: the log (a host sync every log_every steps), a checkpoint, a stop
         # asked for, sample grids and FID, in that order
@@ -318,7 +337,8 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
             # Never write a checkpoint from a diverged state (one sync per checkpoint).
             if not (tallies.finite() and (fp16 or torch.isfinite(loss))):
                 raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
-            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print, scaler, classes)
+            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print, scaler, classes,
+                  t_sampler=resampler.state_dict() if resampler is not None else None)
             saved_at = done
         if stopping:
             bar.close()
@@ -493,7 +513,8 @@ class StepDraws:
 
 
 def draw_step(seed: int, step: int, shape, T: int, *, generator: Optional[torch.Generator] = None,
-              labels: Optional[torch.Tensor] = None, num_classes: int = 0, label_dropout: float = 0.0) -> StepDraws:
+              labels: Optional[torch.Tensor] = None, num_classes: int = 0, label_dropout: float = 0.0,
+              t_probs: Optional[torch.Tensor] = None) -> StepDraws:
     """The step's draws for the whole global batch of `shape` [B, C, H, W], a function of (seed,
     step) alone, so that a resumed run draws what an uninterrupted one did and each process,
     slicing its rows, sees what it would at any number of processes.
@@ -502,10 +523,15 @@ def draw_step(seed: int, step: int, shape, T: int, *, generator: Optional[torch.
         then stay on the device; CUDA and the CPU give different, equally valid streams).
     :param labels: the true classes of the step's images (a conditional model of `num_classes`
         classes), in batch order; each is replaced by "no class" (K) at rate `label_dropout`.
+    :param t_probs: p_t for t = 1 … T [T] on the generator's device, to draw t ~ p instead of
+        uniformly (importance sampling, process/weighting.py).
     """
     batch = shape[0]
     g = (generator if generator is not None else torch.Generator()).manual_seed(derive_seed(seed, step))
-    t = 1 + torch.randint(0, T, (batch,), generator=g, device=g.device)  # t ~ U{1 … T}
+    if t_probs is None:
+        t = 1 + torch.randint(0, T, (batch,), generator=g, device=g.device)  # t ~ U{1 … T}
+    else:  # t ~ p (Nichol & Dhariwal 2021)
+        t = 1 + torch.multinomial(t_probs, batch, replacement=True, generator=g)
     noise = torch.randn(shape, generator=g, device=g.device)
     flip = torch.rand(batch, generator=g, device=g.device) < 0.5
     y = None if labels is None else drop_labels(labels, label_dropout, num_classes, g)
@@ -601,6 +627,10 @@ def _unfit(path: Path, state: dict, run: RunConfig, model, opt, dist: DistInfo) 
     problem = _optimizer_problem(state["optimizer"], opt)
     if problem:
         return f"its optimizer state does not fit ({problem})"
+    if run.train.t_sampling == "importance":  # the loss history importance sampling draws t from
+        problem = LossSecondMomentResampler(run.diffusion.T).problem(state.get("t_sampler"))
+        if problem:
+            return problem
     rng = state.get("rng", {})
     return ckpt.rng_state_problem(rng.get(f"rank{dist.rank}", {})) if isinstance(rng, dict) else "its RNG state is not a mapping"
 
@@ -681,7 +711,7 @@ class _StopSignals:
 
 
 def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist: DistInfo, data_print: dict,
-          scaler: torch.amp.GradScaler, classes: Optional[dict]) -> None:
+          scaler: torch.amp.GradScaler, classes: Optional[dict], t_sampler: Optional[dict] = None) -> None:
     # Every rank's RNG state goes into the one file rank 0 writes.
     mine = ckpt.get_rng_state()
     rng = {f"rank{r}": {} for r in range(dist.world_size)}
@@ -692,6 +722,7 @@ def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist
         state = dict(step=step, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=rng,
                      data_position=step * cfg.batch_size, config=run.to_dict(), data=data_print,
                      **(dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}),
+                     **(dict(t_sampler=t_sampler) if t_sampler is not None else {}),
                      **(dict(classes=dict(names=classes["names"], counts=classes["counts"])) if classes else {}))
         ckpt.save_checkpoint(run_dir, step, state, keep_last=cfg.keep_last, milestone_every=cfg.milestone_every or None)
     barrier()
