@@ -674,9 +674,13 @@ TRAIN_SETS = [
     ("model.num_classes=3", ("labels", "num_classes")), ("train.label_dropout=1", "label_dropout"),
     ("train.label_dropout=-0.1", "label_dropout"), ("train.logger=mlflow", "logger"),
     ("train.fid_sampler=dpm", "fid_sampler"), ("train.fid_spacing=linear", "fid_spacing"),
+    ("train.loss_weight=min_snr:0", "loss_weight"), ("train.loss_weight=max_snr:5", "loss_weight"),
+    ("train.t_sampling=sometimes", "t_sampling"),
 ]
 for s, needle in TRAIN_SETS:
     add(f"train/set-{s}", lambda tmp, fx, s=s: _train(tmp, fx) + ["--set", s], needle)
+add("train/set-loss_weight-with-loss_type-kl", lambda tmp, fx: _train(tmp, fx) + [
+    "--set", "train.loss_weight=min_snr:5", "--set", "diffusion.loss_type=kl"], "loss_weight")
 add("train/init-from-missing", lambda tmp, fx: _train(tmp, fx) + ["--init-from", tmp / "no-such-run"], "no-such-run")
 add("train/init-from-other-shape", lambda tmp, fx: _train(tmp, fx) + ["--init-from", fx.run, "--set", "model.ch=64"],
     "temb.dense.0.weight")

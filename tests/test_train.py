@@ -118,6 +118,24 @@ def _tiny(npz, **train):
     return run.replace(train=run.train.replace(**train))
 
 
+def test_resume_with_importance_sampling_and_min_snr_equals_an_uninterrupted_run(npz, tmp_path):
+    """t_sampling=importance and loss_weight=min_snr:5 (T = 8, batch 8): stopped at step 20, after
+    importance sampling has begun (every t has 10 losses), and resumed to 28, the run ends bitwise
+    where one that was never stopped does; the loss history comes back from the checkpoint."""
+    sets = ["diffusion.T=8", "train.t_sampling=importance", "train.loss_weight=min_snr:5"]
+    ref, stopped = tmp_path / "ref", tmp_path / "stopped"
+    train(ref, _tiny(npz, steps=28, checkpoint_every=4).with_overrides(sets), progress=False)
+    train(stopped, _tiny(npz, steps=20, checkpoint_every=4).with_overrides(sets), progress=False)
+    assert (_final_state(stopped)["t_sampler"]["counts"][1:] >= 10).all()  # the resume draws t by importance
+    train(stopped, _tiny(npz, steps=28, checkpoint_every=4).with_overrides(sets), progress=False)
+    a, b = _final_state(ref), _final_state(stopped)
+    assert_states_equal(a, b)
+    for k in ("history", "counts"):
+        assert torch.equal(a["t_sampler"][k], b["t_sampler"][k]), k
+    with pytest.raises(UserError, match="train.t_sampling='importance', now 'uniform'"):  # another run, not a resume
+        train(stopped, _tiny(npz, steps=32).with_overrides(sets[:1] + ["train.loss_weight=min_snr:5"]), progress=False)
+
+
 def test_ema_follows_its_definition_and_is_never_swapped_in(npz, tmp_path):
     d = 0.7
     train(tmp_path, _tiny(npz, steps=3, checkpoint_every=1, keep_last=5, ema_decay=d), progress=False)

@@ -87,15 +87,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_gather_tensor(x: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
-    """Every rank's copy of a same-shaped tensor, in rank order ([x] in one process)."""
+def all_gather_tensor(x: torch.Tensor, info: DistInfo, on_device: bool = False) -> list[torch.Tensor]:
+    """Every rank's copy of a same-shaped tensor, in rank order ([x] in one process); on the CPU, or
+    with `on_device` where the collective left them (the device under NCCL: no host sync)."""
     if info.world_size == 1:
         return [x]
     # NCCL only moves CUDA tensors; gloo only CPU ones.
     src = x.to(info.device) if info.device.type == "cuda" else x.cpu()
     out = [torch.empty_like(src) for _ in range(info.world_size)]
     dist.all_gather(out, src)
-    return [o.cpu() for o in out]
+    return out if on_device else [o.cpu() for o in out]
 
 
 def broadcast_object(obj, info: DistInfo):

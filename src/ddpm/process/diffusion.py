@@ -335,17 +335,24 @@ class GaussianDiffusion:
         decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / np.log(2.0)
         return dict(output=torch.where(t == 1, decoder_nll, kl), pred_x0=out["pred_x0"], out=out)
 
-    def training_losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> dict:
+    def training_losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                        mse_weight: Optional[torch.Tensor] = None) -> dict:
         """Per-example training loss at t ∈ 1 … T (Algorithm 1 for 'mse') -> dict(loss=[B], and its parts).
 
         'mse': L_simple = ‖target − network(x_t, t)‖², mean over pixels, target ε / x_0 / μ̃ / v.
         'kl': the term of the true bound at t in bits/dim (unclipped x̂_0, as the official code).
         'hybrid': L_simple + λ·T·L_{t-1} with the mean detached inside the bound (Nichol & Dhariwal).
+
+        :param mse_weight: [B], a weight per example on the L_simple term only (process/weighting.py,
+            docs/MATH.md § Weighting the times); not with 'kl', whose bound is a fixed objective.
         """
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
         if self.loss_type is LossType.KL:
+            if mse_weight is not None:
+                raise UserError("loss_type='kl' trains the bound, which has no L_simple term to weight; "
+                                "use loss_type='mse' or 'hybrid' with a loss weight, or no weight")
             vb = self.vb_terms_bpd(model, x0, x_t, t, clip_denoised=False)["output"]
             return dict(loss=vb, vb=vb)
         model_output = model(x_t, t)
@@ -359,6 +366,8 @@ class GaussianDiffusion:
         else:
             target = self.v_target(x0, t, noise)
         mse = mean_flat((target - model_output[:, :C].to(target.dtype)) ** 2)
+        if mse_weight is not None:
+            mse = mse * mse_weight.to(mse.dtype)
         if self.loss_type is LossType.MSE:
             return dict(loss=mse, mse=mse)
         # hybrid: the bound only trains the variance; the mean's gradient comes from L_simple alone.

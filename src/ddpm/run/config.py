@@ -28,6 +28,7 @@ from ..process.diffusion import DiffusionConfig
 from ..process.ema import check_sigma_rel
 from ..process.grids import Spacing
 from ..process.sampling import Sampler, SamplerSpec
+from ..process.weighting import LossWeighting, TimeSampling
 from .presets import PRESETS, RENAMED
 
 
@@ -59,6 +60,11 @@ class TrainConfig(Config):
     # rate, so it also learns p(x) for classifier-free guidance (docs/MATH.md § Classes and guidance)
     label_dropout: float = 0.1
     adam_eps: float = 1e-8
+    # The weight of L_simple at t (docs/MATH.md § Weighting the times): "none" (the paper),
+    # "min_snr:γ" (Hang et al. 2023) or "soft_min_snr:γ" (Crowson et al. 2024), e.g. min_snr:5
+    loss_weight: str = "none"
+    # How t is drawn: "uniform" (Algorithm 1) or "importance" (Nichol & Dhariwal 2021's resampler)
+    t_sampling: TimeSampling = TimeSampling.UNIFORM
     seed: int = 0
     checkpoint_every: int = 5000
     keep_last: int = 3
@@ -115,6 +121,7 @@ class TrainConfig(Config):
         if not isinstance(self.checkpointing, bool):
             raise UserError(f"train.checkpointing={self.checkpointing!r} is not valid; give true or false")
         self.clip_share  # parses clip_granularity, or one line
+        self.loss_weighting  # parses loss_weight, or one line
         if self.clip_share and self.batch_size % self.clip_share:
             raise UserError(f"train.clip_granularity={self.clip_granularity}: the batch of {self.batch_size} does not "
                             f"split into shares of {self.clip_share}; give a divisor of train.batch_size")
@@ -169,6 +176,11 @@ class TrainConfig(Config):
         return tuple(v for v in LOGGERS if v in chosen and v != "jsonl")
 
     @property
+    def loss_weighting(self) -> LossWeighting:
+        """The weight of L_simple, from loss_weight ("none", "min_snr:5", "soft_min_snr:5")."""
+        return LossWeighting.parse(self.loss_weight, "train.loss_weight")
+
+    @property
     def clip_share(self) -> int:
         """Images per clipped share: 0 for "batch", N for "replica:N"."""
         g = self.clip_granularity
@@ -205,6 +217,13 @@ class RunConfig:
     diffusion: DiffusionConfig
     data: DataConfig
     train: TrainConfig
+
+    def __post_init__(self):
+        # Settings of two sections that cannot work together: one line that says what would.
+        if self.train.loss_weighting.active and self.diffusion.loss_type == "kl":
+            raise UserError(f"train.loss_weight={self.train.loss_weight!r} weights L_simple, but diffusion.loss_type='kl' "
+                            f"trains the bound, a fixed objective with no L_simple term; use loss_type='mse' (or "
+                            f"'hybrid', where it weights the L_simple term), or train.loss_weight=none")
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k).to_dict() for k in SECTIONS}

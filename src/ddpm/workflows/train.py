@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from ..network.unet import UNet
 from ..process.diffusion import GaussianDiffusion
 from ..process.ema import ema_decay_at
 from ..process.scaling import to_model_range, to_uint8
+from ..process.weighting import LossWeights, importance_sampler
 from ..run.config import RunConfig, TrainConfig, check_resume_compatible, config_changes, is_resumable
 from ..run.folder import (CONFIG_NAME, METRICS_NAME, append_metrics, check_run_folder, claim_run_folder, read_run_record, truncate_metrics,
                           write_run_record)
@@ -228,14 +229,21 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
     diffusion = GaussianDiffusion.from_config(run.diffusion)
     model, ema, opt = _build(run, device, dist)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    phema = PowerEMAs(model, cfg.phema_sigma_rels) if cfg.phema_every else None  # post-hoc EMA's tracked averages
+    # Weighting the times (docs/MATH.md § Weighting the times): a weight of L_simple per t, and
+    # importance sampling of t from a loss history; post-hoc EMA's tracked averages (§ Averaging the weights)
+    weighting = cfg.loss_weighting
+    mse_weights = LossWeights(weighting, diffusion.alphas_cumprod, run.diffusion.mean_type) if weighting.active else None
+    resampler = importance_sampler(cfg.t_sampling, diffusion.num_timesteps, device)
+    phema = PowerEMAs(model, cfg.phema_sigma_rels) if cfg.phema_every else None
+    # the options' states, in every checkpoint under these names (state_dict, load_state_dict, problem)
+    extras = {name: s for name, s in (("phema", phema), ("t_sampler", resampler)) if s is not None}
     # The data's fingerprint, kept in every checkpoint; rank 0 writes and checks it (hashing once).
     classes = class_record(images) if run.model.num_classes else None
     data_print = dict(sha256=images.fingerprint(), n=len(images), source=images.source_description,
                       **(dict(labels_sha256=classes["labels_sha256"]) if classes else {})) if dist.is_main else None
 
     # ---- Resume: the newest checkpoint this run can use, its data checked, the history recorded
-    found = _resume(run_dir, run, record, changes, model, ema, opt, phema, dist, data_print, accept_new_data)
+    found = _resume(run_dir, run, record, changes, (model, ema, opt, extras), dist, data_print, accept_new_data)
     start = int(found[1]["step"]) if found is not None else 0
     barrier()
 
@@ -265,9 +273,13 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
     stop.stepping = True
     for step in range(start, cfg.steps):
         # ---- The step's draws (Algorithm 1, lines 2-4): a function of (seed, step), for the global batch
-        drawn = draw_step(cfg.seed, step, (cfg.batch_size, *images.shape), T, generator=gen_device,
-                          labels=feed.labels(step, device), num_classes=K,
-                          label_dropout=cfg.label_dropout).rank_share(lo, hi, device)
+        t_probs = resampler.probabilities() if resampler is not None else None
+        whole = draw_step(cfg.seed, step, (cfg.batch_size, *images.shape), T if t_probs is None else t_probs,
+                          generator=gen_device, labels=feed.labels(step, device), num_classes=K,
+                          label_dropout=cfg.label_dropout)
+        drawn = whole.rank_share(lo, hi, device)
+        if resampler is not None:  # 1/(T p_t): the loss stays an unbiased estimate of the uniform one
+            importance, step_losses = resampler.importance_weights(drawn.t, t_probs), []
         torch.manual_seed(derive_seed(cfg.seed, step, dist.rank))  # dropout
         x0 = to_model_range(feed.images(step).to(device, non_blocking=True))
         if run.data.random_flip:
@@ -282,8 +294,13 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
             with ddp.no_sync() if ddp is not model and not last else contextlib.nullcontext():
                 with autocast(device, cfg.precision):
                     fn = functools.partial(net, y=drawn.y[part]) if K else net
-                    losses = diffusion.training_losses(fn, x0[part], drawn.t[part], drawn.noise[part])
-                loss = losses["loss"].mean() if len(chunks) == 1 or cfg.clip_share else losses["loss"].sum() / local
+                    weight = dict(mse_weight=mse_weights(drawn.t[part])) if mse_weights is not None else {}
+                    losses = diffusion.training_losses(fn, x0[part], drawn.t[part], drawn.noise[part], **weight)
+                per_image = losses["loss"]
+                if resampler is not None:
+                    step_losses.append(per_image.detach())
+                    per_image = per_image * importance[part].to(per_image.dtype)
+                loss = per_image.mean() if len(chunks) == 1 or cfg.clip_share else per_image.sum() / local
                 scaler.scale(loss).backward()
             tallies.add(losses["loss"], drawn.t[part], drawn.y_true[part] if K else None)
             if cfg.clip_share:
@@ -303,6 +320,8 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
         if phema is not None:
             phema.update(params, step + 1)
         tallies.commit(grad_norm, applied)
+        if resampler is not None:  # the losses of the whole global batch, not importance-weighted, on the device
+            resampler.update(whole.t, torch.cat(all_gather_tensor(torch.cat(step_losses), dist, on_device=True)))
 
         # ---- After the step: the log (a host sync every log_every steps), a checkpoint, a stop
         # asked for, sample grids and FID, in that order
@@ -325,7 +344,8 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
             # Never write a checkpoint from a diverged state (one sync per checkpoint).
             if not (tallies.finite() and (fp16 or torch.isfinite(loss))):
                 raise TrainingDiverged(_diverged_message(run_dir, done, cfg, start))
-            _save(run_dir, done, model, ema, opt, phema, run, cfg, dist, data_print, scaler, classes)
+            _save(run_dir, done, model, ema, opt, run, cfg, dist, data_print, scaler, classes,
+                  extra={name: part.state_dict() for name, part in extras.items()})
             saved_at = done
         if stopping:
             bar.close()
@@ -433,19 +453,22 @@ def _build(run: RunConfig, device: torch.device, dist: DistInfo):
     return model, ema, opt
 
 
-def _resume(run_dir: Path, run: RunConfig, record, changes: list, model, ema, opt, phema: Optional[PowerEMAs],
-            dist: DistInfo, data_print: Optional[dict], accept_new_data: bool) -> Optional[tuple]:
+def _resume(run_dir: Path, run: RunConfig, record, changes: list, states: tuple, dist: DistInfo,
+            data_print: Optional[dict], accept_new_data: bool) -> Optional[tuple]:
     """Restore the newest checkpoint this run can use into model, EMA and optimizer (and this
     rank's RNG states), after checking that the data are those it was trained on; record in
     config.json's history what changed (data, config, initial weights); start the metrics log
     afresh from the checkpoint's step. -> latest_checkpoint's (path, state), or None for a new run.
 
-    :param changes: check_resume_compatible's (key, old, new) of the config, when `record` is resumed."""
+    :param changes: check_resume_compatible's (key, old, new) of the config, when `record` is resumed.
+    :param states: (model, EMA, optimizer, {name: the state of an option, e.g. post-hoc EMA's averages}),
+        restored from the checkpoint."""
     cfg = run.train
+    model, ema, opt, extras = states
     resuming = record is not None and bool(ckpt.list_checkpoints(run_dir))
     history = list(record.history) if resuming else []
     start = 0
-    found = ckpt.latest_checkpoint(run_dir, check=lambda path, state: _unfit(path, state, run, model, opt, phema, dist))
+    found = ckpt.latest_checkpoint(run_dir, check=lambda path, state: _unfit(path, state, run, model, opt, extras, dist))
     if found is not None:
         path, state = found
         saved_data = state.get("data")
@@ -462,8 +485,8 @@ def _resume(run_dir: Path, run: RunConfig, record, changes: list, model, ema, op
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         match_layout_(opt)  # checkpoints hold the moments contiguous; give them the parameters' layout
-        if phema is not None:
-            phema.load_state_dict(state["phema"])
+        for name, part in extras.items():
+            part.load_state_dict(state[name])
         start = int(state["step"])
         rng = state.get("rng", {}).get(f"rank{dist.rank}")
         if rng:
@@ -504,12 +527,14 @@ class StepDraws:
                          None if self.y is None else self.y[lo:hi], None if self.y_true is None else self.y_true[lo:hi])
 
 
-def draw_step(seed: int, step: int, shape, T: int, *, generator: Optional[torch.Generator] = None,
+def draw_step(seed: int, step: int, shape, T: Union[int, torch.Tensor], *, generator: Optional[torch.Generator] = None,
               labels: Optional[torch.Tensor] = None, num_classes: int = 0, label_dropout: float = 0.0) -> StepDraws:
     """The step's draws for the whole global batch of `shape` [B, C, H, W], a function of (seed,
     step) alone, so that a resumed run draws what an uninterrupted one did and each process,
     slicing its rows, sees what it would at any number of processes.
 
+    :param T: the number of steps, t uniform on 1 … T (Algorithm 1), or p_t for t = 1 … T, a [T]
+        tensor on the generator's device, to draw t ~ p (importance sampling, process/weighting.py).
     :param generator: the generator to draw from, reseeded here (a CUDA one on a GPU: the draws
         then stay on the device; CUDA and the CPU give different, equally valid streams).
     :param labels: the true classes of the step's images (a conditional model of `num_classes`
@@ -517,7 +542,10 @@ def draw_step(seed: int, step: int, shape, T: int, *, generator: Optional[torch.
     """
     batch = shape[0]
     g = (generator if generator is not None else torch.Generator()).manual_seed(derive_seed(seed, step))
-    t = 1 + torch.randint(0, T, (batch,), generator=g, device=g.device)  # t ~ U{1 … T}
+    if isinstance(T, int):
+        t = 1 + torch.randint(0, T, (batch,), generator=g, device=g.device)  # t ~ U{1 … T}
+    else:  # t ~ p (importance sampling, Nichol & Dhariwal 2021)
+        t = 1 + torch.multinomial(T, batch, replacement=True, generator=g)
     noise = torch.randn(shape, generator=g, device=g.device)
     flip = torch.rand(batch, generator=g, device=g.device) < 0.5
     y = None if labels is None else drop_labels(labels, label_dropout, num_classes, g)
@@ -594,7 +622,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _unfit(path: Path, state: dict, run: RunConfig, model, opt, phema: Optional[PowerEMAs], dist: DistInfo) -> str:
+def _unfit(path: Path, state: dict, run: RunConfig, model, opt, extras: dict, dist: DistInfo) -> str:
     """Why a verified checkpoint cannot be resumed from in this run, or "" (see latest_checkpoint)."""
     missing = [k for k in ("step", "model", "ema", "optimizer", "config") if k not in state]
     if missing:
@@ -613,8 +641,10 @@ def _unfit(path: Path, state: dict, run: RunConfig, model, opt, phema: Optional[
     problem = _optimizer_problem(state["optimizer"], opt)
     if problem:
         return f"its optimizer state does not fit ({problem})"
-    if phema is not None and phema.problem(state.get("phema")):
-        return phema.problem(state.get("phema"))
+    for name, part in extras.items():  # post-hoc EMA's averages, importance sampling's loss history
+        problem = part.problem(state.get(name))
+        if problem:
+            return problem
     rng = state.get("rng", {})
     return ckpt.rng_state_problem(rng.get(f"rank{dist.rank}", {})) if isinstance(rng, dict) else "its RNG state is not a mapping"
 
@@ -694,8 +724,10 @@ class _StopSignals:
                                         f"to resume")
 
 
-def _save(run_dir, step, model, ema, opt, phema: Optional[PowerEMAs], run: RunConfig, cfg: TrainConfig, dist: DistInfo,
-          data_print: dict, scaler: torch.amp.GradScaler, classes: Optional[dict]) -> None:
+def _save(run_dir, step, model, ema, opt, run: RunConfig, cfg: TrainConfig, dist: DistInfo, data_print: dict,
+          scaler: torch.amp.GradScaler, classes: Optional[dict], extra: dict) -> None:
+    """The checkpoint of `step`; `extra`: the states of the options that have one (post-hoc EMA's
+    averages "phema", importance sampling's loss history "t_sampler")."""
     # Every rank's RNG state goes into the one file rank 0 writes.
     mine = ckpt.get_rng_state()
     rng = {f"rank{r}": {} for r in range(dist.world_size)}
@@ -706,8 +738,7 @@ def _save(run_dir, step, model, ema, opt, phema: Optional[PowerEMAs], run: RunCo
         state = dict(step=step, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=rng,
                      data_position=step * cfg.batch_size, config=run.to_dict(), data=data_print,
                      **(dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}),
-                     **(dict(phema=phema.state_dict()) if phema is not None else {}),
-                     **(dict(classes=_class_counts(classes)) if classes else {}))
+                     **extra, **(dict(classes=_class_counts(classes)) if classes else {}))
         ckpt.save_checkpoint(run_dir, step, state, keep_last=cfg.keep_last, milestone_every=cfg.milestone_every or None)
     barrier()
 
