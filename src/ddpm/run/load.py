@@ -49,7 +49,7 @@ def check_weights(value) -> str:
         parse_phema(value)
         return value
     if value not in tuple(w.value for w in Weights):
-        raise UserError(f"weights={value!r} is not valid; choose 'ema' (the paper's EMA), 'model' (the trained "
+        raise UserError(f"--weights {value!r} is not valid; choose 'ema' (the paper's EMA), 'model' (the trained "
                         f"weights) or 'phema:WIDTH' (a post-hoc EMA, e.g. phema:0.05; `ddpm phema`)")
     return value
 
