@@ -6,6 +6,7 @@ p(τ) = (γ+1) τ^γ / t^(γ+1) on [0, t], its relative width σ_rel = √((γ+1
 directly over a synthetic sequence of "weights" (a scalar random walk), never ddpm's output.
 """
 
+import json
 import math
 import signal
 import subprocess
@@ -219,3 +220,21 @@ def test_phema_problems_are_one_line(npz, tmp_path):
         load_run(tmp_path / "run", "phema:wide")
     with pytest.raises(UserError, match="post-hoc EMA snapshot, not a model"):
         load_checkpoint(list_snapshots(tmp_path / "run")[-1][1])
+
+
+def test_the_report_draws_fid_against_the_width_once_two_widths_are_measured(npz, tmp_path):
+    from ddpm.workflows.report import write_report
+
+    train(tmp_path, _run(npz, steps=2, checkpoint_every=2, phema_every=1), progress=False)
+
+    def evaluated(folder, weights, checkpoint, fid):
+        (tmp_path / "eval" / folder).mkdir(parents=True)
+        (tmp_path / "eval" / folder / "eval.json").write_text(json.dumps(
+            dict(weights=weights, checkpoint=str(checkpoint), n_samples=50, fid=dict(train=fid, test=None))))
+
+    evaluated("ckpt-00000002-dpm++2m-20", "ema", tmp_path / "ckpt-00000002.safetensors", 30.0)
+    evaluated("phema-0.050-00000002-dpm++2m-20", "phema:0.050@2", tmp_path / "phema/phema-0.050-00000002.safetensors", 20.0)
+    caption = "Post-hoc EMA: FID against σ_rel at step 2"
+    assert caption not in write_report(tmp_path).read_text()  # one width is no curve
+    evaluated("phema-0.100-00000002-dpm++2m-20", "phema:0.100@2", tmp_path / "phema/phema-0.100-00000002.safetensors", 25.0)
+    assert caption in write_report(tmp_path).read_text()
