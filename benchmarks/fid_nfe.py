@@ -39,6 +39,23 @@ ROWS = [("ddim", "quad"), ("dpm++2m", "logsnr"), ("dpm++2m-sde", "logsnr"), ("un
 NFES = [10, 20, 50, 100]
 
 
+def sample_fid(loaded, sampler: SamplerSpec, seed: int, images: range, batch: int, inception, ref: FIDStats,
+               where: str) -> float:
+    """FID against `ref` of the images `images` (image i from seed (seed, i)) that `loaded` draws with
+    `sampler`, `batch` at a time; the images stay in memory."""
+    idx = list(images)
+
+    def batches():
+        for s in range(0, len(idx), batch):
+            part = idx[s:s + batch]
+            yield part, to_uint8(sample(loaded.model, loaded.diffusion, loaded.shape, Images(seed, part), device="cpu",
+                                        sampler=sampler))
+
+    m = measure_batches(batches(), len(idx), inception)
+    stats = FIDStats.from_features(m.stats, {"inception": inception.info}, m.features, m.index)
+    return compare(stats, ref, where=where)["fid"]
+
+
 def run(args) -> None:
     torch.manual_seed(0)
     out = Path(args.out)
@@ -47,7 +64,6 @@ def run(args) -> None:
     loaded, dist, _ = ModelSpec(args.run, device="cpu", precision=args.precision).open()
     inception = load_inception(args.inception_weights, device=torch.device("cpu"))
     ref = load_stats(args.ref)
-    shape = loaded.shape
     configs = [("ancestral", "uniform", loaded.diffusion.num_timesteps)] if args.ancestral else []
     configs = [(s, g, n) for n in args.nfe for s, g in ROWS if s in args.samplers] + configs
     for name, grid, nfe in configs:
@@ -57,18 +73,8 @@ def run(args) -> None:
             if (name, grid, nfe, k) in done:
                 continue
             t0 = time.time()
-            idx = list(range(k * args.n, (k + 1) * args.n))
-
-            def batches():
-                for s in range(0, len(idx), args.batch):
-                    part = idx[s:s + args.batch]
-                    x = to_uint8(sample(loaded.model, loaded.diffusion, shape, Images(args.seed, part), device="cpu",
-                                        sampler=spec))
-                    yield part, x
-
-            m = measure_batches(batches(), len(idx), inception)
-            stats = FIDStats.from_features(m.stats, {"inception": inception.info}, m.features, m.index)
-            fid = compare(stats, ref, where=args.ref)["fid"]
+            fid = sample_fid(loaded, spec, args.seed, range(k * args.n, (k + 1) * args.n), args.batch, inception, ref,
+                             args.ref)
             rec = dict(sampler=name, spacing=grid, steps=nfe, nfe=spec.nfe(times), set=k, n=args.n, fid=fid,
                        seconds=round(time.time() - t0, 1))
             records.append(rec)
