@@ -41,14 +41,12 @@ import torch
 from ddpm.io.atomic import write_json
 from ddpm.io.inception_weights import load_inception
 from ddpm.process.sampling import SamplerSpec
-from ddpm.process.scaling import to_uint8
 from ddpm.run.config import RunConfig
 from ddpm.run.load import ModelSpec
-from ddpm.workflows.evaluate import compare, measure_batches
-from ddpm.workflows.fid import FIDStats, load_stats
+from ddpm.workflows.fid import load_stats
 from ddpm.workflows.nll import nll_run
-from ddpm.workflows.sample import Images, sample
 from ddpm.workflows.train import train
+from fid_nfe import sample_fid  # benchmarks/fid_nfe.py: the same measurement
 
 BASE = dict(
     model=dict(in_channels=1, out_channels=1, ch=32, ch_mult=[1, 2, 2], num_res_blocks=2, attn_resolutions=[],
@@ -103,19 +101,10 @@ def cmd_fid(args) -> None:
             if (run, weights, k) in done:
                 continue
             t0 = time.time()
-            idx = list(range(k * args.n, (k + 1) * args.n))
-
-            def batches():
-                for s in range(0, len(idx), args.batch):
-                    part = idx[s:s + args.batch]
-                    yield part, to_uint8(sample(loaded.model, loaded.diffusion, loaded.shape, Images(0, part),
-                                                device="cpu", sampler=SAMPLER))
-
-            m = measure_batches(batches(), len(idx), inception)
-            stats = FIDStats.from_features(m.stats, {"inception": inception.info}, m.features, m.index)
-            rec = dict(run=run, weights=weights, resolved=loaded.weights, set=k, n=args.n,
-                       fid=compare(stats, ref, where=args.ref)["fid"], sampler=SAMPLER.describe(loaded.diffusion),
-                       seconds=round(time.time() - t0, 1))
+            fid = sample_fid(loaded, SAMPLER, 0, range(k * args.n, (k + 1) * args.n), args.batch, inception, ref,
+                             args.ref)
+            rec = dict(run=run, weights=weights, resolved=loaded.weights, set=k, n=args.n, fid=fid,
+                       sampler=SAMPLER.describe(loaded.diffusion), seconds=round(time.time() - t0, 1))
             records.append(rec)
             print(json.dumps(rec), flush=True)
             _save(out, records)
