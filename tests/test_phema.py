@@ -238,3 +238,11 @@ def test_the_report_draws_fid_against_the_width_once_two_widths_are_measured(npz
     assert caption not in write_report(tmp_path).read_text()  # one width is no curve
     evaluated("phema-0.100-00000002-dpm++2m-20", "phema:0.100@2", tmp_path / "phema/phema-0.100-00000002.safetensors", 25.0)
     assert caption in write_report(tmp_path).read_text()
+
+
+def test_a_dry_run_says_where_the_snapshots_go(npz, tmp_path):
+    from ddpm.workflows.plan import plan_train
+
+    assert not any("phema/snapshot" in line for line in plan_train(tmp_path / "a", _run(npz)))
+    assert any("phema/snapshot-*.safetensors every 7 steps" in line and "0.05, 0.1" in line
+               for line in plan_train(tmp_path / "b", _run(npz, phema_every=7)))

@@ -80,7 +80,9 @@ def plan_train(run_dir, run: RunConfig) -> list[str]:
     lines.append(f"would write: config.json, metrics.jsonl, ckpt-*.safetensors every {cfg.checkpoint_every:,} steps "
                  f"(the last {cfg.keep_last}" + (f", and every {cfg.milestone_every:,}th for good" if cfg.milestone_every
                                                  else "") + ")"
-                 + (f", samples/step-*.png every {cfg.sample_every:,} steps" if cfg.sample_every else ""))
+                 + (f", samples/step-*.png every {cfg.sample_every:,} steps" if cfg.sample_every else "")
+                 + (f", phema/snapshot-*.safetensors every {cfg.phema_every:,} steps (post-hoc EMA of widths "
+                    f"{', '.join(f'{w:g}' for w in cfg.phema_sigma_rels)})" if cfg.phema_every else ""))
     return lines
 
 
