@@ -19,9 +19,10 @@ same seed, so two runs differ only in the option named:
 `fid` measures FID (train split, `--n` samples a set, `--seed-sets` disjoint sets; image i of
 every set comes from seed (0, i), so the weights compared start from the same x_T and their
 per-set differences are paired) of the base run's raw weights, its EMA and post-hoc EMAs of
-several widths, and of the min_snr5 run's raw and post-hoc weights, with DPM-Solver++(2M) at 20
-network evaluations (logsnr grid). `bpd` measures bits/dim of the first `--n` test images for the
-two hybrid runs (EMA weights), with the standard error over images. Both append records as they
+several widths, and of the min_snr5 run's raw and post-hoc weights, with DPM-Solver++(2M) SDE at
+20 network evaluations (logsnr grid): on this model it matches Algorithm 2's FID with the least
+spread between seed sets (BENCHMARKS.md § Few-step samplers). `bpd` measures bits/dim of the
+first `--n` test images for the two hybrid runs (EMA weights), with the standard error over images. Both append records as they
 go (rerun to resume); `report` prints the tables and draws FID against σ_rel.
 """
 
@@ -63,10 +64,10 @@ RUNS = {
 }
 WIDTHS = [0.02, 0.04, 0.07, 0.10, 0.15, 0.25]
 # (run, weights) measured by `fid`: the base run's raw weights, EMA and post-hoc widths; min-SNR's
-# raw weights and the base run's best-measured width class (0.10) for the paired comparison
+# raw weights and post-hoc EMA of width 0.10, against the base run's, paired
 FID_ROWS = ([("base", "model"), ("base", "ema")] + [("base", f"phema:{w}") for w in WIDTHS]
             + [("min_snr5", "model"), ("min_snr5", "phema:0.1")])
-SAMPLER = SamplerSpec("dpm++2m", steps=20, spacing="logsnr")
+SAMPLER = SamplerSpec("dpm++2m-sde", steps=20, spacing="logsnr")
 
 
 def machine() -> str:
