@@ -163,7 +163,8 @@ def test_the_paper_ema_warmup_follows_its_definition(npz, tmp_path):
 
 def test_a_resumed_run_tracks_and_snapshots_as_an_uninterrupted_one(npz, tmp_path):
     """kill -9 in step 7, with checkpoints of steps 4 and snapshots of steps 1 … 6 on disk: the resumed
-    run drops the snapshots after step 4, and its snapshots and tracked averages equal bit for bit
+    run drops the snapshots after step 4 (and weights made from them), and its snapshots and
+    tracked averages equal bit for bit
     those of a run that was never interrupted."""
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
@@ -172,9 +173,10 @@ def test_a_resumed_run_tracks_and_snapshots_as_an_uninterrupted_one(npz, tmp_pat
                        env=env, capture_output=True)
     assert r.returncode == -signal.SIGKILL
     assert [s for s, _ in list_snapshots(killed)] == [1, 2, 3, 4, 5, 6]
+    (made,) = reconstruct(killed, [0.07])  # weights made from snapshots that are about to be replaced
     r = subprocess.run(_cmd(npz, killed), env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "snapshots of steps 5, 6" in r.stderr
+    assert "snapshots of steps 5, 6" in r.stderr and not made.path.exists()
     assert [s for s, _ in list_snapshots(ref)] == [s for s, _ in list_snapshots(killed)] == list(range(1, 9))
     for (_, a), (_, b) in zip(list_snapshots(ref), list_snapshots(killed)):
         sa, sb = load_snapshot(a), load_snapshot(b)
@@ -201,6 +203,8 @@ def test_weights_of_any_width_every_command_takes(npz, tmp_path):
     assert loaded.weights == "phema:0.070@6" and loaded.checkpoint.name == "phema-0.070-00000006.safetensors"
     assert loaded.tag.startswith("sha256:") and "[phema:0.070@6]" in loaded.tag
     assert load_run(tmp_path, "phema:0.07@4").checkpoint.name == "phema-0.070-00000004.safetensors"
+    (near,) = reconstruct(tmp_path, [0.0704])  # a width is what its file name says, no more
+    assert near.sigma_rel == 0.07 and near.path == loaded.checkpoint
     a, b = last["averages"]
     net = dict(loaded.model.named_parameters())
     for k in a:

@@ -31,6 +31,7 @@ from ..process.ema import (SIGMA_REL_DECIMALS, check_sigma_rel, phema_coefficien
 
 PHEMA_DIR = "phema"
 _SNAPSHOT_RE = re.compile(r"snapshot-(\d{8,})\.safetensors")
+_WEIGHTS_RE = re.compile(r"phema-\d+\.\d+-(\d{8,})\.safetensors")
 
 
 def snapshot_path(run_dir, step: int) -> Path:
@@ -102,11 +103,15 @@ class PowerEMAs:
 
 
 def drop_snapshots_after(run_dir, step: int) -> list[int]:
-    """Remove the snapshots newer than `step`, the checkpoint a run resumes from: they belong to the
-    steps about to be trained again. Returns their steps."""
+    """Remove the snapshots newer than `step`, the checkpoint a run resumes from, and the weights
+    made from them: they belong to the steps about to be trained again. Returns their steps."""
     gone = [(s, p) for s, p in list_snapshots(run_dir) if s > step]
     for _, p in gone:
         remove_quietly(p, "post-hoc EMA snapshot")
+    folder = Path(run_dir) / PHEMA_DIR
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if (m := _WEIGHTS_RE.fullmatch(p.name)) and int(m.group(1)) > step:
+            remove_quietly(p, "post-hoc EMA weights of a removed snapshot")
     return [s for s, _ in gone]
 
 
@@ -123,6 +128,15 @@ def parse_phema(value: str, where: str = "--weights") -> tuple[float, Optional[i
         raise UserError(f"{where} {value!r}: write phema:WIDTH or phema:WIDTH@STEP, e.g. phema:0.05 (the relative EMA "
                         f"width) or phema:0.05@20000 (as of the snapshot of step 20000)")
     return check_sigma_rel(sigma, f"{where} phema width"), step
+
+
+def _named_width(value) -> float:
+    """A width as its file names it (SIGMA_REL_DECIMALS decimals), so that a file is only reused for
+    the width it holds."""
+    w = round(check_sigma_rel(value, "--sigma-rel"), SIGMA_REL_DECIMALS)
+    if w == 0:
+        raise UserError(f"--sigma-rel {value!r} rounds to 0 at {SIGMA_REL_DECIMALS} decimals; give a wider one")
+    return w
 
 
 @dataclass(frozen=True)
@@ -143,7 +157,7 @@ def reconstruct(run_dir, sigma_rels: Sequence[float], at: Optional[int] = None, 
     written as RUN/phema/phema-{width}-{step}.safetensors (a ddpm weights file whose config is the
     run's, plus a "phema" record of how it was made). A file already there is reused."""
     run_dir = Path(run_dir)
-    widths = [check_sigma_rel(s, "--sigma-rel") for s in sigma_rels]
+    widths = [_named_width(s) for s in sigma_rels]
     found = list_snapshots(run_dir)
     if not found:
         raise UserError(f"{run_dir}: no post-hoc EMA snapshots in {run_dir / PHEMA_DIR}; train with "
