@@ -22,8 +22,11 @@ per-set differences are paired) of the base run's raw weights, its EMA and post-
 several widths, and of the min_snr5 run's raw and post-hoc weights, with DPM-Solver++(2M) SDE at
 20 network evaluations (logsnr grid): on this model it matches Algorithm 2's FID with the least
 spread between seed sets (BENCHMARKS.md § Few-step samplers). `bpd` measures bits/dim of the
-first `--n` test images for the two hybrid runs (EMA weights), with the standard error over images. Both append records as they
-go (rerun to resume); `report` prints the tables and draws FID against σ_rel.
+first `--n` images of the Fashion-MNIST test split (Debian's dataset-fashion-mnist, at 16x16) for
+the two hybrid runs (`--weights`, post-hoc EMA 0.10 by default: the EMA of 0.9999 is noise after
+1,500 steps), with the standard error over images, and their per-image difference (the same
+images with the same noise: paired). Both append records as they go (rerun to resume); `report`
+prints the tables and draws FID against σ_rel.
 """
 
 from __future__ import annotations
@@ -115,16 +118,26 @@ def cmd_bpd(args) -> None:
     out = Path(args.out)
     records = json.loads(out.read_text())["records"] if out.is_file() else []
     for run in ("hybrid", "hybrid_importance"):
-        if any(r["run"] == run for r in records):
+        if any(r["run"] == run and r["weights"] == args.weights for r in records):
             continue
         t0 = time.time()
-        res = nll_run(ModelSpec(str(Path(args.root) / run), device="cpu", precision="fp32"), "fashion-mnist-10k",
-                      Path(args.root) / run / "nll", split="test", n=args.n, batch=args.batch, progress=False)
-        with np.load(Path(args.root) / run / "nll" / "bpd.npz") as z:
+        folder = Path(args.root) / run / f"nll-{args.weights.replace(':', '')}"
+        res = nll_run(ModelSpec(str(Path(args.root) / run), weights=args.weights, device="cpu", precision="fp32"),
+                      "fashion-mnist", folder, split="test", n=args.n, batch=args.batch, progress=False)
+        with np.load(folder / "bpd.npz") as z:
             total = z["total_bpd"]
-        records.append(dict(run=run, n=int(len(total)), bpd=float(total.mean()),
+        records.append(dict(run=run, weights=args.weights, n=int(len(total)), bpd=float(total.mean()),
                             sem=float(total.std(ddof=1) / np.sqrt(len(total))), summary=res,
                             seconds=round(time.time() - t0, 1)))
+        print(json.dumps(records[-1]), flush=True)
+        _save(out, records)
+    # the same images with the same noise at every t: the per-image difference is paired
+    folders = [Path(args.root) / run / f"nll-{args.weights.replace(':', '')}" for run in ("hybrid", "hybrid_importance")]
+    if all((f / "bpd.npz").is_file() for f in folders) and not any(r["run"] == "paired" for r in records):
+        a, b = (np.load(f / "bpd.npz")["total_bpd"] for f in folders)
+        d = b - a
+        records.append(dict(run="paired", weights=args.weights, n=int(len(d)), bpd=float(d.mean()),
+                            sem=float(d.std(ddof=1) / np.sqrt(len(d))), what="hybrid_importance − hybrid, per image"))
         print(json.dumps(records[-1]), flush=True)
         _save(out, records)
 
@@ -146,9 +159,9 @@ def cmd_report(args) -> None:
             print(f"paired per seed set: FID {a} − FID {b}: {', '.join(f'{x:+.2f}' for x in d)}; mean {np.mean(d):+.2f}")
     if args.bpd:
         bpd = json.loads(Path(args.bpd).read_text())
-        print(f"\n{bpd['command']}\n{bpd['machine']}, {bpd['date']}\n\n| run | test images | bits/dim ± s.e. |\n|---|---|---|")
+        print(f"\n{bpd['command']}\n{bpd['machine']}, {bpd['date']}\n\n| run | weights | test images | bits/dim ± s.e. |\n|---|---|---|---|")
         for r in bpd["records"]:
-            print(f"| {r['run']} | {r['n']} | {r['bpd']:.4f} ± {r['sem']:.4f} |")
+            print(f"| {r['run']} | {r['weights']} | {r['n']} | {r['bpd']:.4f} ± {r['sem']:.4f} |")
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
@@ -159,11 +172,17 @@ def cmd_report(args) -> None:
         ax.errorbar([p[0] for p in pts], [np.mean(p[1]) for p in pts],
                     yerr=[np.std(p[1], ddof=1) if len(p[1]) > 1 else 0 for p in pts], marker="o", capsize=3,
                     label="post-hoc EMA (one run, reconstructed)")
-        for (w, style) in (("ema", "--"), ("model", ":")):
-            if ("base", w) in by:
-                v = list(by[("base", w)].values())
-                ax.axhline(np.mean(v), linestyle=style, color="gray",
-                           label={"ema": "the paper's EMA (0.9999)", "model": "raw weights"}[w] + f": {np.mean(v):.1f}")
+        top = max(np.mean(p[1]) for p in pts)
+        lines = [(f"{'the paper' + chr(39) + 's EMA (0.9999)' if w == 'ema' else 'raw weights'}",
+                  float(np.mean(list(by[("base", w)].values()))), style)
+                 for w, style in (("ema", "--"), ("model", ":")) if ("base", w) in by]
+        lines += [(label, float(value), "-.") for label, value in (x.rsplit("=", 1) for x in args.line or ())]
+        top = max([top] + [v for _, v, _ in lines if v < 2 * top])
+        for label, value, style in lines:
+            above = value > 1.1 * top  # drawn as an arrow at the top edge, its value in the legend
+            ax.axhline(min(value, 1.1 * top), linestyle=style, color="gray", alpha=0.4 if above else 1.0,
+                       label=f"{label}: {value:.1f}" + (" (above the plot)" if above else ""))
+        ax.set_ylim(top=1.12 * top)
         ax.set(xlabel="relative EMA width σ_rel", ylabel="FID (train split)",
                title="FID against the EMA width, 1,500 steps, 16x16 Fashion-MNIST")
         ax.legend(fontsize=8)
@@ -192,11 +211,15 @@ def main() -> None:
     b.add_argument("--root", required=True)
     b.add_argument("--n", type=int, default=200)
     b.add_argument("--batch", type=int, default=100)
+    b.add_argument("--weights", default="phema:0.1", help="which weights of each run (the EMA of 0.9999 is not "
+                                                          "yet meaningful after 1,500 steps)")
     b.add_argument("--out", required=True)
     r = sub.add_parser("report")
     r.add_argument("fid")
     r.add_argument("bpd", nargs="?")
     r.add_argument("--plot", default=None)
+    r.add_argument("--line", action="append", metavar="LABEL=FID",
+                   help="a horizontal line for a FID measured elsewhere on the same weights and seeds")
     args = p.parse_args()
     dict(train=cmd_train, fid=cmd_fid, bpd=cmd_bpd, report=cmd_report)[args.cmd](args)
 
