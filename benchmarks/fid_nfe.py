@@ -119,22 +119,29 @@ def report(args) -> None:
         print(f"paired: FID {a} at {na} − {b} at {nb}, per seed set: " + ", ".join(f"{x:+.2f}" for x in diffs)
               + (f"; mean {np.mean(diffs):+.2f}" if diffs else ""))
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for (s, g), by in summary.items():
-            nfes = sorted(by)
-            ax.errorbar(nfes, [by[n][0] for n in nfes], yerr=[by[n][1] or 0 for n in nfes], marker="o", capsize=3,
-                        label=f"{s} ({g})")
-        ax.set_xscale("log")
-        ax.set_xlabel("network evaluations (NFE)")
-        ax.set_ylabel("FID")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"wrote {args.plot}")
+        def draw(ax):
+            for (s, g), by in summary.items():
+                nfes = sorted(by)
+                ax.errorbar(nfes, [by[n][0] for n in nfes], yerr=[by[n][1] or 0 for n in nfes], marker="o",
+                            capsize=3, label=f"{s} ({g})")
+            ax.set(xscale="log", xlabel="network evaluations (NFE)", ylabel="FID")
+
+        save_plot(args.plot, draw)
+
+
+def save_plot(path, draw) -> None:
+    """One 6x4 figure: `draw(ax)` fills it, then a legend and a light grid, written as a PNG at `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw(ax)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def main() -> None:

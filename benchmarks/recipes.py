@@ -50,7 +50,7 @@ from ddpm.run.load import ModelSpec
 from ddpm.workflows.fid import load_stats
 from ddpm.workflows.nll import nll_run
 from ddpm.workflows.train import train
-from fid_nfe import sample_fid  # benchmarks/fid_nfe.py: the same measurement
+from fid_nfe import sample_fid, save_plot  # benchmarks/fid_nfe.py: the same measurement and figure
 
 BASE = dict(
     model=dict(in_channels=1, out_channels=1, ch=32, ch_mult=[1, 2, 2], num_res_blocks=2, attn_resolutions=[],
@@ -163,33 +163,31 @@ def cmd_report(args) -> None:
         for r in bpd["records"]:
             print(f"| {r['run']} | {r['weights']} | {r['n']} | {r['bpd']:.4f} ± {r['sem']:.4f} |")
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        pts = sorted((float(w.split(":")[1]), [s[k] for k in sorted(s)]) for (run, w), s in by.items()
-                     if run == "base" and w.startswith("phema:"))
-        ax.errorbar([p[0] for p in pts], [np.mean(p[1]) for p in pts],
-                    yerr=[np.std(p[1], ddof=1) if len(p[1]) > 1 else 0 for p in pts], marker="o", capsize=3,
-                    label="post-hoc EMA (one run, reconstructed)")
-        top = max(np.mean(p[1]) for p in pts)
-        lines = [(f"{'the paper' + chr(39) + 's EMA (0.9999)' if w == 'ema' else 'raw weights'}",
-                  float(np.mean(list(by[("base", w)].values()))), style)
-                 for w, style in (("ema", "--"), ("model", ":")) if ("base", w) in by]
-        lines += [(label, float(value), "-.") for label, value in (x.rsplit("=", 1) for x in args.line or ())]
-        top = max([top] + [v for _, v, _ in lines if v < 2 * top])
-        for label, value, style in lines:
-            above = value > 1.1 * top  # drawn as an arrow at the top edge, its value in the legend
-            ax.axhline(min(value, 1.1 * top), linestyle=style, color="gray", alpha=0.4 if above else 1.0,
-                       label=f"{label}: {value:.1f}" + (" (above the plot)" if above else ""))
-        ax.set_ylim(top=1.12 * top)
-        ax.set(xlabel="relative EMA width σ_rel", ylabel="FID (train split)",
-               title="FID against the EMA width, 1,500 steps, 16x16 Fashion-MNIST")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"wrote {args.plot}")
+        save_plot(args.plot, lambda ax: _draw_widths(ax, by, args.line or ()))
+
+
+def _draw_widths(ax, by: dict, extra_lines) -> None:
+    """FID against σ_rel of the base run, with its EMA, its raw weights and `extra_lines` ("LABEL=FID",
+    measured elsewhere on the same weights and seeds) as horizontal lines; a line far above the
+    curve is drawn at the top edge, its value in the legend."""
+    pts = sorted((float(w.split(":")[1]), [s[k] for k in sorted(s)]) for (run, w), s in by.items()
+                 if run == "base" and w.startswith("phema:"))
+    ax.errorbar([p[0] for p in pts], [np.mean(p[1]) for p in pts],
+                yerr=[np.std(p[1], ddof=1) if len(p[1]) > 1 else 0 for p in pts], marker="o", capsize=3,
+                label="post-hoc EMA (one run, reconstructed)")
+    top = max(np.mean(p[1]) for p in pts)
+    lines = [(f"{'the paper' + chr(39) + 's EMA (0.9999)' if w == 'ema' else 'raw weights'}",
+              float(np.mean(list(by[("base", w)].values()))), style)
+             for w, style in (("ema", "--"), ("model", ":")) if ("base", w) in by]
+    lines += [(label, float(value), "-.") for label, value in (x.rsplit("=", 1) for x in extra_lines)]
+    top = max([top] + [v for _, v, _ in lines if v < 2 * top])
+    for label, value, style in lines:
+        above = value > 1.1 * top
+        ax.axhline(min(value, 1.1 * top), linestyle=style, color="gray", alpha=0.4 if above else 1.0,
+                   label=f"{label}: {value:.1f}" + (" (above the plot)" if above else ""))
+    ax.set_ylim(top=1.12 * top)
+    ax.set(xlabel="relative EMA width σ_rel", ylabel="FID (train split)",
+           title="FID against the EMA width, 1,500 steps, 16x16 Fashion-MNIST")
 
 
 def main() -> None:
