@@ -1,5 +1,6 @@
 """Small helpers shared by the tests of the network and of training."""
 
+import numpy as np
 import torch
 
 from ddpm.network.unet import UNet, default_init_
@@ -35,3 +36,10 @@ def preset_model(name: str, **overrides):
 
 def preset_net(name: str, **overrides) -> UNet:
     return UNet.from_config(preset_model(name, **overrides))
+
+
+def noise_npz(folder, shape, seed: int):
+    """`folder`/noise.npz: uniform random uint8 gray images of `shape` [N, H, W], from `seed`."""
+    p = folder / "noise.npz"
+    np.savez(p, x=np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
+    return p

@@ -21,6 +21,7 @@ from ddpm.run.load import ModelSpec
 from ddpm.workflows.nll import nll_run
 from ddpm.workflows.sample import sample_run
 from ddpm.workflows.train import train
+from helpers import noise_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the references run here, like the subprocesses: 1 thread
 
@@ -31,11 +32,7 @@ SIGKILL_RC = -9
 
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory):
-    rng = np.random.default_rng(1)
-    x = rng.integers(0, 256, (16, 32, 32), dtype=np.uint8)
-    p = tmp_path_factory.mktemp("data") / "noise.npz"
-    np.savez(p, x=x)
-    return p
+    return noise_npz(tmp_path_factory.mktemp("data"), (16, 32, 32), seed=1)
 
 
 def _args(npz, out, steps):

@@ -25,6 +25,7 @@ from ddpm.run.config import RunConfig
 from ddpm.run.load import load_run
 from ddpm.run.phema import PowerEMAs, list_snapshots, reconstruct
 from ddpm.workflows.train import train
+from helpers import noise_npz
 
 PY = sys.executable
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,11 +134,7 @@ def test_the_warmup_decay_is_the_usual_formula():
 
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (16, 16, 16), dtype=np.uint8)
-    p = tmp_path_factory.mktemp("data") / "noise.npz"
-    np.savez(p, x=x)
-    return p
+    return noise_npz(tmp_path_factory.mktemp("data"), (16, 16, 16), seed=0)
 
 
 def _run(npz, **train_fields):
