@@ -10,8 +10,11 @@ that `folders.claim_folder` accepted: new, empty, or holding this record already
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Mapping, NamedTuple, Optional
+
+import torch
 
 from ..config import parse_json
 from ..errors import UserError
@@ -56,3 +59,14 @@ def check_settings(path, meta: dict, info: Optional[Mapping] = None, what: str =
                             f"rerun with the same settings to resume, or write to a new --out folder")
     else:
         write_json(path, {**meta, **({"recorded": dict(info)} if info else {})})
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """The content hash of tensors (their shapes and values), as a results record names the inputs
+    it was made from: "sha256:…"."""
+    h = hashlib.sha256()
+    for x in tensors:
+        a = x.detach().cpu().contiguous().numpy()
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
