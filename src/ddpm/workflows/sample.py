@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import queue
+import warnings
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,8 +29,9 @@ from ..io.atomic import write_npz_rows
 from ..io.distributed import DistInfo, barrier, broadcast_object, check_seed, derive_seed, shard
 from ..io.folders import usable_folder
 from ..io.images import make_class_grid, make_grid, read_png, write_png
+from ..io.latents import latent_sampler, read_latents
 from ..io.progress import loop_progress, progress_bar
-from ..io.results import Provenance, check_settings
+from ..io.results import Provenance, check_settings, tensor_digest
 from ..process.diffusion import GaussianDiffusion
 from ..process.guidance import check_weight, conditioned
 from ..process.sampling import SamplerSpec
@@ -246,11 +248,13 @@ def _count(n) -> int:
 
 
 def sample(model, diffusion: GaussianDiffusion, shape, images: Images, *, device, sampler: SamplerSpec = SamplerSpec(),
-           loop: Loop = Loop()) -> torch.Tensor:
+           loop: Loop = Loop(), x_T: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Samples for `images` (one per index) in [-1, 1], float [len(images.indices), C, H, W].
 
     :param shape: (C, H, W) of one image.
     :param images: their seed, indices and (a class-conditional model's) labels and guidance weight.
+    :param x_T: the images' start [len(indices), C, H, W] instead of their seeds' first draw (a
+        latent that `ddpm invert` found; the chain's noise, if it draws any, is still the seeds').
     """
     device = torch.device(device)
     seed, indices, labels, guidance = images
@@ -258,7 +262,8 @@ def sample(model, diffusion: GaussianDiffusion, shape, images: Images, *, device
     times, step = sampler.chain(diffusion)
     prefetch = device.type == "cuda" if loop.prefetch_noise is None else loop.prefetch_noise
     noise = ImageNoise(seed, indices, "cpu" if prefetch else device)
-    x_T = noise(torch.Size((len(indices), *shape))).to(device)
+    first = noise(torch.Size((len(indices), *shape))).to(device)
+    x_T = first if x_T is None else x_T.to(device, first.dtype)
     if prefetch:
         noise = PrefetchNoise(noise, device, limit=len(times) - 1)
     try:
@@ -318,6 +323,7 @@ class SampleSet(NamedTuple):
     classes: Optional[dict] = None
     guidance: float = GuidanceSpec.weight
     grid_n: int = 64
+    latents: Optional[torch.Tensor] = None  # [n, C, H, W]: image i starts from latents[i] (`sample`'s x_T)
 
 
 def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, images: SampleSet, *, sampler: SamplerSpec = SamplerSpec(),
@@ -342,7 +348,7 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, images: SampleSe
     `000000.png` is never taken for a sample.
     :return: dict(out_dir, n, generated (by all processes), skipped, npz, grid).
     """
-    shape, n, seed, batch, labels, classes, guidance, grid_n = images
+    shape, n, seed, batch, labels, classes, guidance, grid_n, latents = images
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise UserError(f"n={n!r}: give the number of samples to draw, at least 1")
     if isinstance(batch, bool) or int(batch) != batch or batch < 1:
@@ -356,6 +362,40 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, images: SampleSe
         if labels.shape != (int(n),):
             raise ValueError(f"sample_to_dir: {tuple(labels.shape)} labels for n={n} images")
     conditioned(model, labels, num_classes_of(model), guidance)  # an unconditional model given classes: one line
+    meta = dict(seed=int(seed), shape=[int(v) for v in shape], T=diffusion.num_timesteps, model=provenance.tag,
+                **sampler.record())
+    if labels is not None:
+        meta.update(classes=classes or {}, guidance=check_weight(guidance))
+    if latents is not None:
+        if tuple(latents.shape) != (n, *map(int, shape)):
+            raise ValueError(f"sample_to_dir: latents of shape {tuple(latents.shape)} for n={n} images of {tuple(shape)}")
+        meta["latents"] = tensor_digest(latents.float())
+
+    def draw(idx, device, show):
+        return sample(model, diffusion, shape, Images(seed, idx, None if labels is None else labels[idx], guidance),
+                      device=device, sampler=sampler, loop=Loop(progress=show),
+                      x_T=None if latents is None else latents[idx])
+
+    res = draw_to_dir(out_dir, shape, n, batch, draw, meta, labels=labels, grid_n=grid_n, dist=dist, progress=progress,
+                      provenance=provenance)
+    return dict(res, **(dict(classes=classes or {}, guidance=float(guidance)) if labels is not None else {}))
+
+
+def draw_to_dir(out_dir, shape, n: int, batch: int, draw: Callable, meta: dict, *, record: str = SAMPLES_META,
+                what: str = "samples", labels: Optional[torch.Tensor] = None, grid_n: int = 64, dist=None,
+                progress: bool = True, provenance: Provenance = Provenance()) -> dict:
+    """Images 0 … n-1 into `out_dir`, one PNG each, then `samples.npz` and `grid.png`: the folder
+    of `ddpm sample` and of the editing commands. Run it again to resume.
+
+    `draw(indices, device, show_progress)` makes images `indices` (float [len, C, H, W] in [-1, 1]);
+    it must depend on the indices alone, not on which others share its batch. The settings `meta`
+    are recorded in `out_dir/record` (with `provenance`) and compared on a rerun (`check_settings`),
+    which is refused if they differ. Indices whose PNG exists and is readable are skipped; the
+    missing ones are split over the processes of `dist` (contiguous blocks), `batch` at a time;
+    rank 0 then writes the .npz (uint8 NHWC "x", "indices", and "labels" when given) and the grid
+    (the first `grid_n`; with labels one class per row, its first 8 images).
+    :return: dict(out_dir, n, generated (by all processes), skipped, npz, grid).
+    """
     dist = dist or DistInfo()
     device = dist.device
     out_dir = usable_folder(out_dir)
@@ -364,20 +404,16 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, images: SampleSe
 
     todo = None
     if dist.is_main:
-        meta = dict(seed=int(seed), shape=list(shape), T=diffusion.num_timesteps, model=provenance.tag, **sampler.record())
-        if labels is not None:
-            meta.update(classes=classes or {}, guidance=check_weight(guidance))
-        check_settings(out_dir / SAMPLES_META, meta, provenance.recorded, what="samples")
+        check_settings(out_dir / record, meta, provenance.recorded, what=what)
         have = _existing_indices(out_dir, n, shape)
         todo = [i for i in range(n) if i not in have]
     todo = broadcast_object(todo, dist)
     mine = shard(todo, dist.rank, dist.world_size)
 
-    bar = progress_bar(len(mine), desc="sampling", unit="img", enabled=progress and dist.is_main)
+    bar = progress_bar(len(mine), desc=what, unit="img", enabled=progress and dist.is_main)
     for start in range(0, len(mine), batch):
         idx = mine[start:start + batch]
-        x = sample(model, diffusion, shape, Images(seed, idx, None if labels is None else labels[idx], guidance),
-                   device=device, sampler=sampler, loop=Loop(progress=progress and dist.is_main))
+        x = draw(idx, device, progress and dist.is_main)
         pics = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         for i, pic in zip(idx, pics):
             write_png(pic, out_dir / png_name(i))
@@ -407,22 +443,41 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, images: SampleSe
         grid = make_grid(first, nrow=8) if labels is None else make_class_grid(first, labels[shown], per_row=per_row)
         write_png(grid, grid_path)
     barrier()
-    return dict(out_dir=str(out_dir), n=n, generated=len(todo), skipped=n - len(todo), npz=str(npz_path), grid=str(grid_path),
-                **(dict(classes=classes or {}, guidance=float(guidance)) if labels is not None else {}))
+    return dict(out_dir=str(out_dir), n=n, generated=len(todo), skipped=n - len(todo), npz=str(npz_path), grid=str(grid_path))
 
 
 def sample_run(model: ModelSpec, out_dir, n: Optional[int], *, batch: int = 64, seed: int = 0,
-               sampler: SamplerSpec = SamplerSpec(), guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
+               sampler: SamplerSpec = SamplerSpec(), guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True,
+               latents=None) -> dict:
     """`ddpm sample`: images 0 … n-1 of a trained run into `out_dir`, split over torchrun's
     processes; run it again to resume (see `sample_to_dir`).
 
     A class-conditional run samples the classes `guidance.classes` chooses (`sample_labels`; by
-    default in its training set's proportions) with guidance weight `guidance.weight`."""
+    default in its training set's proportions) with guidance weight `guidance.weight`.
+
+    :param latents: a latents file of `ddpm invert` (`FILE.npz`, `FILE.npz@K`): its latents decoded
+        by the deterministic DDIM chain it records (n: how many, all by default), instead of
+        `sampler`, which must then be left at its default."""
     if n is not None:
         check_count(n, "--n", MAX_SAMPLES, why=SAMPLE_NAMES)
     check_count(batch, "--batch", MAX_BATCH)
     loaded, dist, _ = model.open()
+    x_T = None
+    if latents is not None:
+        if sampler != SamplerSpec():
+            raise UserError("--from-latent decodes with the DDIM chain the latents were inverted on; leave --sampler, "
+                            "--steps, --eta and --spacing out")
+        x_T, record = read_latents(latents, loaded.shape)
+        sampler = latent_sampler(record)
+        if record.get("model") != loaded.tag:
+            warnings.warn(f"{latents}: these latents were inverted by {record.get('model')} and are decoded by "
+                          f"{loaded.tag}; only the same model brings them back to their images")
+        if n is not None and n > len(x_T):
+            raise UserError(f"--n {n}: {latents} holds {len(x_T)} latents")
+        n = len(x_T) if n is None else n
+        x_T = x_T[:n]
     labels, n, record = sample_labels(guidance.classes, n, loaded.run.model.num_classes, *loaded.class_info)
     return sample_to_dir(loaded.model, loaded.diffusion, out_dir,
-                         SampleSet(loaded.shape, n, seed, batch, labels, record, guidance.weight), sampler=sampler,
-                         dist=dist, progress=progress, provenance=Provenance.of(loaded))
+                         SampleSet(loaded.shape, n, seed, batch, labels, record, guidance.weight, latents=x_T),
+                         sampler=sampler, dist=dist, progress=progress, provenance=Provenance.of(loaded))
+

@@ -1,0 +1,331 @@
+"""Editing the user's images with a trained model, no retraining: inpainting, image-to-image, inversion.
+
+- `inpaint`: RePaint (Lugmayr et al. 2022): the unknown pixels of an image generated, the known
+  ones (mask white = keep) imposed at every step, with RePaint's resampling.
+- `img2img`: SDEdit (Meng et al. 2022): the image noised to t0 = s·T, then the sampler back to 0.
+- `invert`: DDIM inversion: the latent x_T that the deterministic DDIM sampler decodes back to the
+  image (`ddpm sample --from-latent`, `ddpm interpolate` with two latents).
+
+The math is process/editing.py's (docs/MATH.md § Editing). Images come in through the package's one
+preprocessing rule (io/images.py `read_image`: converted to the model's channels, the largest
+centred region of its aspect ratio resized to its size). Image i of an edit draws all its noise
+from seed (S, i) as sampling does (its x_T is `ddpm sample`'s image i), so a result does not depend
+on the batch; the known region's noise and RePaint's jumps draw from a second per-image stream.
+The results folder is `ddpm sample`'s (000000.png …, samples.npz, grid.png; resumable; the model
+recorded by content hash), with `edit.json` for its settings and `compare.png`: one row per image,
+the input, the mask (inpainting) and the output side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..config import MAX_BATCH, MAX_SAMPLES, check_count
+from ..errors import UserError
+from ..files import regular_file
+from ..io.atomic import write_json
+from ..io.distributed import check_seed, derive_seed
+from ..io.folders import claim_folder
+from ..io.images import make_grid, read_image, write_png
+from ..io.progress import loop_progress
+from ..process.diffusion import GaussianDiffusion
+from ..io.latents import write_latents
+from ..io.results import Provenance, tensor_digest
+from ..process.editing import (INVERT_SPACING, REPAINT_JUMP, REPAINT_RESAMPLE, KnownRegion, chain_from, check_repaint,
+                               ddim_invert, invert_sampler, repaint, repaint_nfe, sdedit_time)
+from ..process.guidance import conditioned
+from ..process.sampling import Sampler, SamplerSpec
+from ..process.scaling import to_model_range, to_uint8
+from ..run.load import ModelSpec
+from ..run.options import GuidanceSpec
+from .sample import ImageNoise, Images, Loop, draw_to_dir, num_classes_of, sample_labels
+
+EDIT_RECORD = "edit.json"
+INVERT_RECORD = "invert.json"
+LATENTS_NAME = "latents.npz"
+MASK_SHAPES = ("center", "half", "random-strokes")
+COMPARE_ROWS = 16  # images shown in compare.png
+
+# Salts that keep the seed streams of different roles apart.
+_KNOWN = 0x4B4E4F57  # the known region's draws of q(x_t | x_0) and RePaint's jumps
+_STROKES = 0x5354524B  # the random-strokes masks
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and masks
+# ---------------------------------------------------------------------------------------------
+
+
+def load_inputs(paths: Sequence, shape) -> torch.Tensor:
+    """The image files as the model's data: uint8 [n, C, H, W] by the package's preprocessing rule."""
+    if not paths:
+        raise UserError("give at least one image file")
+    check_count(len(paths), "images", MAX_SAMPLES)
+    c, h, w = shape
+    return torch.stack([read_image(p, c, (h, w)) for p in paths])
+
+
+def shape_mask(kind: str, size: tuple[int, int], seed: int = 0, index: int = 0) -> torch.Tensor:
+    """A built-in mask, bool [1, H, W], True = keep: 'center' hides the centred square of half the
+    height and width, 'half' the lower half, 'random-strokes' a few thick random brush strokes drawn
+    from seed (seed, index) (about a quarter to a half of the image)."""
+    h, w = size
+    keep = torch.ones(1, h, w, dtype=torch.bool)
+    if kind == "center":
+        keep[:, h // 4: h // 4 + (h + 1) // 2, w // 4: w // 4 + (w + 1) // 2] = False
+    elif kind == "half":
+        keep[:, h // 2:, :] = False
+    elif kind == "random-strokes":
+        rng = np.random.default_rng(derive_seed(seed, _STROKES, index))
+        yy, xx = np.mgrid[0:h, 0:w]
+        hide = np.zeros((h, w), dtype=bool)
+        radius = max(1.0, min(h, w) / 10)
+        for _ in range(rng.integers(2, 5)):  # 2–4 strokes of 3–5 segments each
+            p = rng.uniform([0, 0], [h, w])
+            for _ in range(rng.integers(3, 6)):
+                angle, length = rng.uniform(0, 2 * math.pi), rng.uniform(0.15, 0.4) * max(h, w)
+                q = np.clip(p + length * np.array([math.sin(angle), math.cos(angle)]), 0, [h - 1, w - 1])
+                for s in np.linspace(0, 1, int(length) + 2):
+                    c = p + s * (q - p)
+                    hide |= (yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= radius ** 2
+                p = q
+        keep[0] = torch.from_numpy(~hide)
+    else:
+        raise UserError(f"mask {kind!r}: give PNG files (white = keep) or one of {', '.join(MASK_SHAPES)}")
+    return keep
+
+
+def load_masks(masks: Sequence[str], n: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """The masks of n images, bool [n, 1, H, W], True = keep: one built-in shape (`shape_mask`) for
+    all, or PNG files (white = keep, black = inpaint; gray levels ≥ 128 count as white), one for all
+    images or one each, brought to the model's size by the same rule as the images."""
+    masks = [str(m) for m in masks] or ["center"]
+    if len(masks) == 1 and masks[0] in MASK_SHAPES:
+        return torch.stack([shape_mask(masks[0], size, seed, i) for i in range(n)])
+    if len(masks) not in (1, n):
+        raise UserError(f"--mask: {len(masks)} masks for {n} images; give one mask for all, one per image, or a shape "
+                        f"({', '.join(MASK_SHAPES)})")
+    for m in masks:
+        if m in MASK_SHAPES:
+            raise UserError(f"--mask {m}: a built-in shape is given alone, not among files")
+        if not regular_file(Path(m)).is_file():
+            raise UserError(f"--mask {m}: no such file; give PNG masks (white = keep) or one of {', '.join(MASK_SHAPES)}")
+    keep = torch.stack([read_image(m, 1, size) >= 128 for m in masks])
+    return keep.expand(n, -1, -1, -1).clone() if len(masks) == 1 else keep
+
+
+# ---------------------------------------------------------------------------------------------
+# The edits on tensors (a notebook's entry points)
+# ---------------------------------------------------------------------------------------------
+
+
+def inpaint_images(model, diffusion: GaussianDiffusion, x0: torch.Tensor, keep: torch.Tensor, images: Images, *,
+                   device, sampler: SamplerSpec = SamplerSpec(), jump: int = REPAINT_JUMP,
+                   resample: int = REPAINT_RESAMPLE, loop: Loop = Loop()) -> torch.Tensor:
+    """RePaint: images x0 (float [B, C, H, W] in [-1, 1]) with their pixels where `keep` is False
+    (bool [B, 1 or C, H, W]) generated, the others kept -> float [B, C, H, W].
+
+    Image k's draws come from seed (images.seed, images.indices[k]) (its x_T is `sample`'s), the
+    known region's and the jumps' from a second stream of the same image; labels and guidance as
+    in `sample`. The sampler's chain is walked with RePaint's jumps of `jump` steps and `resample`
+    walks of each block (`process.editing.repaint_path`; resample = 1: replacement only).
+    """
+    device = torch.device(device)
+    seed, indices, labels, guidance = images
+    model = conditioned(model, labels, num_classes_of(model), guidance)
+    times, step = sampler.chain(diffusion)
+    x0, keep = x0.to(device), keep.to(device)
+    noise = ImageNoise(seed, indices, device)
+    region = KnownRegion(step, diffusion, x0, keep, ImageNoise(derive_seed(seed, _KNOWN), indices, device))
+    x_T = noise(x0.shape)
+    return repaint(diffusion, model, x_T, times, step, region, noise, jump, resample,
+                   progress=loop_progress("inpainting", loop.progress), callback=loop.callback)
+
+
+def img2img_images(model, diffusion: GaussianDiffusion, x0: torch.Tensor, strength: float, images: Images, *, device,
+                   sampler: SamplerSpec = SamplerSpec(), loop: Loop = Loop()) -> torch.Tensor:
+    """SDEdit: images x0 (float [B, C, H, W] in [-1, 1]) noised to x_{t0} ~ q(x_{t0} | x_0), t0 =
+    round(strength·T), then the sampler's chain from t0 to 0 (`process.editing.chain_from`).
+
+    Image k's noise is `sample`'s for image indices[k]: its first draw ε gives x_{t0} = √ᾱ x_0 +
+    √(1 − ᾱ) ε, the rest are the chain's z. Strength 0 returns x0; a t0 at or above the sampler's
+    first time starts from ε itself, the prior's draw, so strength 1 is `sample`'s image exactly.
+    """
+    device = torch.device(device)
+    seed, indices, labels, guidance = images
+    model = conditioned(model, labels, num_classes_of(model), guidance)
+    times, step = sampler.chain(diffusion)
+    t0 = sdedit_time(diffusion.num_timesteps, strength)
+    x0 = x0.to(device)
+    if t0 == 0:
+        return x0.clone()
+    noise = ImageNoise(seed, indices, device)
+    eps = noise(x0.shape)
+    chain = chain_from(times, t0)
+    x = eps if chain[0] == times[0] and t0 >= times[0] else diffusion.q_sample(
+        x0, torch.full((x0.shape[0],), t0, device=device, dtype=torch.long), eps)
+    return diffusion.reverse_loop(model, x, chain, step, noise_fn=noise, callback=loop.callback,
+                                  progress=loop_progress("editing", loop.progress))
+
+
+def invert_images(model, diffusion: GaussianDiffusion, x0: torch.Tensor, sampler: SamplerSpec = invert_sampler(), *,
+                  progress: bool = False) -> torch.Tensor:
+    """DDIM inversion of images x0 (float [B, C, H, W] in [-1, 1]) -> latents x_T [B, C, H, W] that
+    `decode_latents` with the same `sampler` (DDIM, η = 0) brings back to x0."""
+    _check_invert_sampler(sampler)
+    times, _ = sampler.chain(diffusion)
+    return ddim_invert(diffusion, model, x0, times, progress=loop_progress("inverting", progress))
+
+
+def decode_latents(model, diffusion: GaussianDiffusion, x_T: torch.Tensor, sampler: SamplerSpec = invert_sampler(), *,
+                   progress: bool = False) -> torch.Tensor:
+    """Latents x_T -> images, by the deterministic DDIM chain of `sampler` (what `invert_images` inverts)."""
+    _check_invert_sampler(sampler)
+    times, step = sampler.chain(diffusion)
+    return diffusion.reverse_loop(model, x_T, times, step, progress=loop_progress("decoding", progress))
+
+
+def _check_invert_sampler(sampler: SamplerSpec) -> None:
+    if sampler.sampler is not Sampler.DDIM or sampler.eta != 0:
+        raise UserError(f"inversion and decoding walk DDIM with η = 0, not {sampler.sampler.value} (η={sampler.eta:g}); "
+                        f"use invert_sampler(steps, spacing)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands: a trained run and image files in, a results folder out
+# ---------------------------------------------------------------------------------------------
+
+
+def _open(model: ModelSpec, paths: Sequence, guidance: GuidanceSpec, seed: int, batch: int):
+    seed = check_seed(seed)
+    check_count(batch, "--batch", MAX_BATCH)
+    loaded, dist, _ = model.open()
+    u8 = load_inputs(paths, loaded.shape)
+    labels, n, classes = sample_labels(guidance.classes, len(u8), loaded.run.model.num_classes, *loaded.class_info)
+    if n != len(u8):
+        raise UserError(f"{n} classes for {len(u8)} images; give one class choice that covers the images")
+    conditioned(loaded.model, labels, num_classes_of(loaded.model), guidance.weight)  # one line for a bad class choice
+    cond = dict(classes=classes, guidance=guidance.weight) if labels is not None else {}
+    return loaded, dist, u8, labels, cond, seed
+
+
+def _compare(out_dir: Path, columns: Sequence[torch.Tensor]) -> str:
+    """compare.png: one row per image (the first COMPARE_ROWS), the columns (uint8 [n, C, H, W]) side by side."""
+    k = min(COMPARE_ROWS, len(columns[0]))
+    cells = torch.stack([c[:k] for c in columns], dim=1).flatten(0, 1)
+    return str(write_png(make_grid(cells, nrow=len(columns)), out_dir / "compare.png"))
+
+
+def _shown(keep: torch.Tensor, u8: torch.Tensor) -> torch.Tensor:
+    """The input as the model sees it: the pixels to inpaint in mid-gray."""
+    return torch.where(keep.expand_as(u8), u8, torch.full_like(u8, 128))
+
+
+def inpaint(model: ModelSpec, images: Sequence, out_dir, *, masks: Sequence[str] = ("center",), seed: int = 0,
+            batch: int = 16, sampler: SamplerSpec = SamplerSpec(), jump: int = REPAINT_JUMP,
+            resample: int = REPAINT_RESAMPLE, guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
+    """`ddpm inpaint`: the image files `images` inpainted where their masks are black, into `out_dir`
+    (`ddpm sample`'s folder, `edit.json`, `compare.png`: input, masked input, output). Run it again
+    to resume.
+
+    :param masks: PNG files (white = keep), one for all images or one each, or one of MASK_SHAPES.
+    :param jump, resample: RePaint's jump length j and resamplings r (its defaults 10 and 10; r = 1:
+        no resampling). The cost is `repaint_nfe` network evaluations, about r times the sampler's.
+    """
+    check_repaint(jump, resample)
+    loaded, dist, u8, labels, cond, seed = _open(model, images, guidance, seed, batch)
+    keep = load_masks(masks, len(u8), loaded.shape[1:], seed)
+    x0 = to_model_range(u8)
+    times, _ = sampler.chain(loaded.diffusion)
+    meta = dict(edit="inpaint", method="RePaint", inputs=tensor_digest(u8), masks=tensor_digest(keep.to(torch.uint8)),
+                seed=seed, shape=list(loaded.shape), T=loaded.diffusion.num_timesteps, model=loaded.tag,
+                **sampler.record(), jump=jump, resample=resample, nfe=repaint_nfe(times, jump, resample), **cond)
+
+    def draw(idx, device, show):
+        return inpaint_images(loaded.model, loaded.diffusion, x0[idx], keep[idx],
+                              Images(seed, idx, None if labels is None else labels[idx], guidance.weight),
+                              device=device, sampler=sampler, jump=jump, resample=resample, loop=Loop(progress=show))
+
+    return _edit_folder(out_dir, loaded, dist, u8, draw, meta, batch, progress, labels,
+                        dict(images=[str(p) for p in images], masks=[str(m) for m in masks]),
+                        lambda out: [u8, _shown(keep, u8), out])
+
+
+def img2img(model: ModelSpec, images: Sequence, out_dir, *, strength: float = 0.5, seed: int = 0, batch: int = 16,
+            sampler: SamplerSpec = SamplerSpec(), guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
+    """`ddpm img2img`: SDEdit of the image files `images` at `strength` (0: the image, 1: a sample that
+    ignores it) into `out_dir` (`ddpm sample`'s folder, `edit.json`, `compare.png`: input, output)."""
+    loaded, dist, u8, labels, cond, seed = _open(model, images, guidance, seed, batch)
+    t0 = sdedit_time(loaded.diffusion.num_timesteps, strength)
+    times, _ = sampler.chain(loaded.diffusion)
+    x0 = to_model_range(u8)
+    meta = dict(edit="img2img", method="SDEdit", inputs=tensor_digest(u8), strength=float(strength), t0=t0, seed=seed,
+                shape=list(loaded.shape), T=loaded.diffusion.num_timesteps, model=loaded.tag, **sampler.record(),
+                nfe=sampler.nfe(chain_from(times, t0)) if t0 else 0, **cond)
+
+    def draw(idx, device, show):
+        return img2img_images(loaded.model, loaded.diffusion, x0[idx], strength,
+                              Images(seed, idx, None if labels is None else labels[idx], guidance.weight),
+                              device=device, sampler=sampler, loop=Loop(progress=show))
+
+    return _edit_folder(out_dir, loaded, dist, u8, draw, meta, batch, progress, labels,
+                        dict(images=[str(p) for p in images]), lambda out: [u8, out])
+
+
+def _edit_folder(out_dir, loaded, dist, u8, draw, meta: dict, batch: int, progress: bool, labels, recorded: dict,
+                 columns) -> dict:
+    res = draw_to_dir(out_dir, loaded.shape, len(u8), batch, draw, meta, record=EDIT_RECORD, what=f"{meta['edit']} results",
+                      labels=labels, dist=dist, progress=progress,
+                      provenance=Provenance(loaded.tag, dict(checkpoint=str(loaded.checkpoint), **recorded)))
+    if dist.is_main:
+        out = torch.from_numpy(np.load(res["npz"])["x"]).permute(0, 3, 1, 2)
+        res["compare"] = _compare(Path(res["out_dir"]), columns(out))
+    return dict(res, nfe=meta["nfe"])
+
+
+def invert(model: ModelSpec, images: Sequence, out_dir, *, steps: int = 50, spacing: str = INVERT_SPACING,
+           batch: int = 16, verify: bool = False, progress: bool = True) -> dict:
+    """`ddpm invert`: the DDIM latents x_T of the image files `images` into OUT/latents.npz ("x_T"
+    float32 [n, C, H, W], "indices", and "record": the model and the sampler that decodes them), with
+    OUT/invert.json and OUT/compare.png (input, latent, and with `verify` the latent decoded back).
+
+    :param verify: decode the latents back (twice the cost) and record each image's error.
+    """
+    sampler = invert_sampler(steps, spacing)
+    check_count(batch, "--batch", MAX_BATCH)
+    out_dir = claim_folder(out_dir, [INVERT_RECORD], "inverted latents")
+    loaded, dist, _ = model.open()
+    if dist.world_size > 1:
+        raise UserError("ddpm invert runs in one process; start it without torchrun")
+    if loaded.run.model.num_classes:
+        raise UserError("ddpm invert inverts an unconditional model's DDIM chain; this model is class-conditional")
+    u8 = load_inputs(images, loaded.shape)
+    x0 = to_model_range(u8)
+    times, _ = sampler.chain(loaded.diffusion)
+    latents, back = [], []
+    for s in range(0, len(x0), batch):
+        z = invert_images(loaded.model, loaded.diffusion, x0[s:s + batch].to(dist.device), sampler, progress=progress)
+        latents.append(z.float().cpu())
+        if verify:
+            back.append(decode_latents(loaded.model, loaded.diffusion, z, sampler, progress=progress).float().cpu())
+    x_T = torch.cat(latents)
+    record = dict(model=loaded.tag, checkpoint=str(loaded.checkpoint), shape=list(loaded.shape),
+                  T=loaded.diffusion.num_timesteps, inputs=tensor_digest(u8), images=[str(p) for p in images],
+                  steps=steps, spacing=spacing, **sampler.record())
+    settings = dict(record, nfe=sampler.nfe(times) * (2 if verify else 1),
+                    latent_mean=float(x_T.mean()), latent_std=float(x_T.std()))
+    columns = [u8, to_uint8((x_T / 3).clamp(-1, 1))]  # the latent shown at ±3σ
+    if verify:
+        y = torch.cat(back)
+        err = (y - x0).flatten(1)
+        settings.update(round_trip_rmse=err.pow(2).mean(1).sqrt().tolist(), round_trip_max=err.abs().max(1).values.tolist(),
+                        round_trip_pixel_levels_max=(to_uint8(y).int() - u8.int()).abs().flatten(1).max(1).values.tolist())
+        columns.append(to_uint8(y))
+    npz = write_latents(out_dir / LATENTS_NAME, x_T, record)
+    res = dict(out_dir=str(out_dir), n=len(x_T), npz=str(npz), compare=_compare(out_dir, columns), **settings)
+    write_json(out_dir / INVERT_RECORD, settings)
+    return res
