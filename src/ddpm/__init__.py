@@ -9,6 +9,9 @@ Everything the command line does is one call from here:
     # a class-conditional run: ddpm.Images(0, range(16), labels=torch.tensor([3] * 16), guidance=3.0);
     # DDIM: ddpm.sample(..., sampler=ddpm.SamplerSpec("ddim", steps=50))
     ddpm.sample_run(ddpm.ModelSpec("runs/demo"), "samples/", 64)            # what `ddpm sample` does
+    ddpm.inpaint(ddpm.ModelSpec("runs/demo"), ["a.png"], "edits/a", masks=["center"])   # `ddpm inpaint`
+    ddpm.img2img(ddpm.ModelSpec("runs/demo"), ["a.png"], "edits/b", strength=0.5)       # `ddpm img2img`
+    ddpm.invert(ddpm.ModelSpec("runs/demo"), ["a.png"], "edits/c", steps=50)            # `ddpm invert`
 
 The options that travel together are typed, frozen configs, checked when built: `ModelSpec`
 (which run, weights, device, fast paths, precision), `SamplerSpec` (sampler, steps, η, spacing,
@@ -40,6 +43,8 @@ from .run.options import ClassChoice, GuidanceSpec, InceptionSpec
 from .run.presets import PRESETS
 from .version import __version__
 from .workflows.demo import run_demo
+from .workflows.edit import (decode_latents, img2img, img2img_images, inpaint, inpaint_images, invert, invert_images,
+                             load_masks)
 from .workflows.evaluate import EvalSpec, compare, evaluate_run, fid_report, memorization_check
 from .workflows.experiments import (interpolate, interpolate_run, progressive_generation, progressive_run, reconstruct,
                                     reconstruct_run, shared_latent_samples, shared_run)
@@ -62,5 +67,6 @@ __all__ = [
     "inception_score", "load_stats", "save_stats", "evaluate_nll", "load_bpd", "nll_run", "rate_distortion",
     "rate_distortion_run", "ClassChoice", "ImageNoise", "proportional_labels", "sample", "sample_labels", "sample_run",
     "sample_to_dir", "train", "Sampler", "SamplerSpec", "ModelSpec", "GuidanceSpec", "InceptionSpec", "EvalSpec",
-    "Images", "Loop", "SampleSet", "NLLImages", "Provenance",
+    "Images", "Loop", "SampleSet", "NLLImages", "Provenance", "inpaint", "img2img", "invert", "inpaint_images",
+    "img2img_images", "invert_images", "decode_latents", "load_masks",
 ]
