@@ -35,6 +35,7 @@ from .io.streaming import check_stream_out, write_stream
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .io.inception_weights import ARCHIVE_NAME, OFFICIAL, PACKAGE, WEIGHTS_NAME
 from .network.unet import summary
+from .process.editing import INVERT_SPACING, REPAINT_JUMP, REPAINT_RESAMPLE
 from .process.sampling import SAMPLERS, Sampler, SamplerSpec
 from .run.config import model_config, resolve_run_config
 from .run.folder import read_run_record
@@ -43,6 +44,7 @@ from .run.phema import reconstruct
 from .run.options import ClassChoice, GuidanceSpec, InceptionSpec
 from .run.presets import PRESETS
 from .workflows.demo import run_demo
+from .workflows.edit import MASK_SHAPES, img2img, inpaint, invert
 from .workflows.evaluate import EvalSpec, evaluate_run, fid_ref_run, fid_run
 from .workflows.export import export_run
 from .workflows.experiments import interpolate_run, progressive_run, reconstruct_run, shared_run
@@ -537,19 +539,28 @@ def _sample_args(p):
     p.add_argument("--batch", type=int, default=64, help="images per forward pass, per process")
     _sampler_args(p)
     _class_args(p)
+    p.add_argument("--from-latent", default=None, metavar="LATENTS.npz",
+                   help="decode the latents `ddpm invert` wrote (FILE.npz, or FILE.npz@K for latent K alone) with the "
+                        "DDIM chain they were inverted on, instead of drawing x_T from the seed; --n: the first N")
     _dry_run_arg(p)
 
 
 @command("sample", "draw samples into a folder: 000000.png …, samples.npz, grid.png; run again to resume", _sample_args)
 def cmd_sample(args):
-    if args.n is None and args.per_class is None:
+    if args.n is None and args.per_class is None and args.from_latent is None:
         raise UserError("ddpm sample needs --n N (how many samples), or --per-class N for a class-conditional model")
+    if args.dry_run and args.from_latent is not None:
+        raise UserError("--dry-run does not read --from-latent; leave one of them out")
     if args.dry_run:
         _say(*plan_sample(_model_spec(args), args.out, args.n, _sampler_spec(args), _guidance(args)))
         return
     res = sample_run(_model_spec(args), args.out, args.n, batch=args.batch, seed=args.seed, sampler=_sampler_spec(args),
-                     guidance=_guidance(args), progress=not args.no_progress)
+                     guidance=_guidance(args), progress=not args.no_progress, latents=args.from_latent)
     cond = f", classes {res['classes'].get('classes')}, guidance {res['guidance']:g}" if "classes" in res else ""
+    if args.from_latent is not None:
+        _say(f"decoded {res['generated']} latents of {args.from_latent} ({res['skipped']} already there) by the DDIM "
+             f"chain they were inverted on{cond}: {res['n']} PNGs in {res['out_dir']}, {res['npz']}, {res['grid']}")
+        return
     _say(f"sampled {res['generated']} images ({res['skipped']} already there) with {args.sampler}, seed {args.seed}"
          f"{cond}: {res['n']} PNGs in {res['out_dir']}, {res['npz']}, {res['grid']}")
 
@@ -619,12 +630,94 @@ def cmd_progressive(args):
          f"(columns): wrote {res['png']} and {res['npz']}")
 
 
-def _interpolate_args(p):
-    p.add_argument("a", metavar="A.png")
-    p.add_argument("b", metavar="B.png")
+def _edit_args(p, what: str):
+    p.add_argument("images", nargs="+", metavar="IMAGE", help=f"the image files to {what} (any size: converted to the "
+                                                                 "model's channels, the largest centred region of its "
+                                                                 "aspect ratio resized to its size)")
     _model_args(p)
-    p.add_argument("--t", default="500", help="the time t, diffusion steps before mixing (0 … T); comma-separated "
-                                              "for rows")
+    p.add_argument("--batch", type=int, default=16, help="images per forward pass, per process (default 16)")
+
+
+def _edit_done(res: dict, what: str) -> None:
+    _say(f"{what} {res['generated']} images ({res['skipped']} already there), {res['nfe']:,} network evaluations each: "
+         f"{res['n']} PNGs in {res['out_dir']}, {res['npz']}, {res['grid']}, {res['compare']}")
+
+
+def _inpaint_args(p):
+    _edit_args(p, "inpaint")
+    p.add_argument("--mask", nargs="+", default=["center"], metavar="MASK",
+                   help="PNG masks, white = keep and black = inpaint (gray levels from 128 count as white), one for all "
+                        f"images or one each; or a shape: {', '.join(MASK_SHAPES)} (random strokes from seed (SEED, i)); "
+                        "default center")
+    p.add_argument("--jumps", type=int, default=REPAINT_JUMP, metavar="J",
+                   help=f"RePaint's jump length j: after each block of J steps the chain goes back up J steps "
+                        f"(default {REPAINT_JUMP}, the paper's)")
+    p.add_argument("--resample", type=int, default=REPAINT_RESAMPLE, metavar="R",
+                   help=f"RePaint's resamplings r: each block is walked R times, so inpainting costs about R times "
+                        f"sampling (default {REPAINT_RESAMPLE}, the paper's; 1: no resampling)")
+    _sampler_args(p)
+    _class_args(p)
+
+
+@command("inpaint", "fill the black region of each image's mask (RePaint, Lugmayr et al. 2022) into a folder like "
+                    "ddpm sample's, with compare.png (input, mask, output); run again to resume", _inpaint_args)
+def cmd_inpaint(args):
+    res = inpaint(_model_spec(args), args.images, args.out, masks=args.mask, seed=args.seed, batch=args.batch,
+                  sampler=_sampler_spec(args), jump=args.jumps, resample=args.resample, guidance=_guidance(args),
+                  progress=not args.no_progress)
+    _edit_done(res, "inpainted")
+
+
+def _img2img_args(p):
+    _edit_args(p, "edit")
+    p.add_argument("--strength", type=float, required=True, metavar="S",
+                   help="how far the image is noised, t0 = S·T: 0 returns the image, 1 ignores it (a sample); "
+                        "SDEdit's range for a sketch or a corrupted image is about 0.3 to 0.6")
+    _sampler_args(p)
+    _class_args(p)
+
+
+@command("img2img", "noise each image to t0 = S·T and bring it back with the sampler (SDEdit, Meng et al. 2022), into "
+                    "a folder like ddpm sample's, with compare.png; run again to resume", _img2img_args)
+def cmd_img2img(args):
+    res = img2img(_model_spec(args), args.images, args.out, strength=args.strength, seed=args.seed, batch=args.batch,
+                  sampler=_sampler_spec(args), guidance=_guidance(args), progress=not args.no_progress)
+    _edit_done(res, "edited")
+
+
+def _invert_args(p):
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="the image files to invert (brought to the model's "
+                                                              "size as ddpm inpaint does)")
+    _model_args(p, seed=False)
+    p.add_argument("--steps", type=int, default=50, metavar="N", help="DDIM steps of the chain inverted (and of "
+                                                                      "its decoding; default 50)")
+    p.add_argument("--spacing", default=INVERT_SPACING, metavar="GRID", help="its time grid, as for ddpm sample "
+                                                                             f"(default {INVERT_SPACING})")
+    p.add_argument("--batch", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--verify", action="store_true", help="decode the latents back too (twice the cost) and record "
+                                                          "each image's error in invert.json")
+
+
+@command("invert", "find each image's latent x_T by DDIM inversion, into OUT/latents.npz, which ddpm sample "
+                   "--from-latent and ddpm interpolate decode", _invert_args)
+def cmd_invert(args):
+    res = invert(_model_spec(args), args.images, args.out, steps=args.steps, spacing=args.spacing, batch=args.batch,
+                 verify=args.verify, progress=not args.no_progress)
+    check = ""
+    if "round_trip_rmse" in res:
+        check = (f"; decoded back: RMSE at most {max(res['round_trip_rmse']):.4f}, pixel levels off by at most "
+                 f"{max(res['round_trip_pixel_levels_max'])}")
+    _say(f"inverted {res['n']} images with {args.steps} DDIM steps ({res['nfe']:,} network evaluations each): latents "
+         f"mean {res['latent_mean']:+.3f}, std {res['latent_std']:.3f}{check}; wrote {res['npz']} and {res['compare']}")
+
+
+def _interpolate_args(p):
+    p.add_argument("a", metavar="A", help="an image file, or latents of ddpm invert (FILE.npz: its first latent; "
+                                         "FILE.npz@K: latent K), decoded by DDIM after slerp (the DDIM paper's)")
+    p.add_argument("b", metavar="B", help="the other end, of the same kind as A")
+    _model_args(p)
+    p.add_argument("--t", default="500", help="images: the time t, diffusion steps before mixing (0 … T); "
+                                              "comma-separated for rows")
     p.add_argument("--steps", type=int, default=11, metavar="K", help="values of λ from 0 to 1 (default 11)")
     _class_args(p, several=False)
 
@@ -634,6 +727,9 @@ def _interpolate_args(p):
 def cmd_interpolate(args):
     res = interpolate_run(_model_spec(args), (args.a, args.b), args.out, t=_ints(args.t, "--t"), steps=args.steps,
                           seed=args.seed, guidance=_guidance(args), progress=not args.no_progress)
+    if not res["t"]:
+        _say(f"decoded {args.steps} slerps of the two latents, λ = 0 … 1: wrote {res['png']} and {res['npz']}")
+        return
     _say(f"interpolated at t = {', '.join(map(str, res['t']))} (rows) over λ = 0 … 1 in {args.steps} steps "
          f"(columns, between the two inputs): wrote {res['png']} and {res['npz']}")
 

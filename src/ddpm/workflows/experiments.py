@@ -5,6 +5,7 @@
 - `progressive_generation`: x̂_0 predicted along sampling chains (Fig. 6).
 - `shared_latent_samples`: several samples continued from one shared x_t (Fig. 7).
 - `interpolate`: mix two images' x_t linearly, decode (Fig. 8 and the coarse-to-fine figure).
+- `interpolate_latents`: slerp between two latents of DDIM inversion, decoded (the DDIM paper's § 5.3).
 - `reconstruct`: one image noised to x_t and brought back, for several t.
 
 Time is the paper's t everywhere (docs/MATH.md § Time and indexing): x_t ~ q(x_t | x_0) after t
@@ -19,6 +20,7 @@ batch size or the number of processes.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,7 +34,9 @@ from ..io.folders import check_folder, claim_folder
 from ..io.distributed import check_seed, derive_seed
 from ..io.images import make_grid, read_image, write_png
 from ..io.progress import loop_progress
+from ..io.latents import latent_sampler, read_latents
 from ..process.diffusion import GaussianDiffusion, check_time
+from ..process.editing import slerp
 from ..process.guidance import conditioned
 from ..process.sampling import SamplerSpec
 from ..process.scaling import to_model_range, to_uint8
@@ -152,6 +156,26 @@ def interpolate(model, diffusion: GaussianDiffusion, ends: tuple[torch.Tensor, t
         rows.append(diffusion.p_sample_loop(model, x_t=x_t, t=t, noise_fn=decode_noise, clip_denoised=clip_denoised,
                                             progress=loop_progress("decoding", progress)).float().cpu())
     return dict(t=ts, lambdas=lam.cpu().tolist(), images=torch.stack(rows))
+
+
+def interpolate_latents(model, diffusion: GaussianDiffusion, ends: tuple[torch.Tensor, torch.Tensor],
+                        lambdas: Sequence[float], sampler: SamplerSpec, *, progress: bool = False) -> dict:
+    """The DDIM paper's interpolation (§ 5.3): two latents x_T (`ddpm invert`'s, [C, H, W]) mixed by
+    `slerp` for each λ and decoded by the deterministic chain of `sampler` (the one they were
+    inverted on). -> dict(lambdas, images [1, len(lambdas), C, H, W]) in [-1, 1]."""
+    z_a, z_b = ends
+    lam = [float(v) for v in lambdas]
+    if not lam:
+        raise UserError("give at least one λ")
+    z = torch.stack([slerp(z_a, z_b, v) for v in lam])
+    times, step = sampler.chain(diffusion)
+    x = diffusion.reverse_loop(model, z, times, step, progress=loop_progress("decoding", progress))
+    return dict(lambdas=lam, images=x.float().cpu()[None])
+
+
+def is_latents_path(path) -> bool:
+    """Whether a path names latents of `ddpm invert` (FILE.npz or FILE.npz@K) rather than an image."""
+    return re.search(r"\.npz(@\d+)?$", str(path), re.IGNORECASE) is not None
 
 
 def reconstruct(model, diffusion: GaussianDiffusion, x0: torch.Tensor, ts: Sequence[int], seed: int, *,
@@ -313,7 +337,9 @@ def shared_run(model: ModelSpec, out_dir, share_t: Sequence[int], *, k: int = 8,
 
 def interpolate_run(model: ModelSpec, images: tuple, out_dir, *, t: Sequence[int] = (500,), steps: int = 11,
                     seed: int = 0, guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
-    """`ddpm interpolate`: Fig. 8 for two image files `images` (A, B), into OUT/interpolation.png and .npz.
+    """`ddpm interpolate`: Fig. 8 for two image files `images` (A, B), into OUT/interpolation.png and .npz;
+    or, for two latents files of `ddpm invert` (`is_latents_path`), their slerps decoded by the DDIM
+    chain they were inverted on (`interpolate_latents`; `t` and `seed` unused).
 
     :param t: times t, one row each. :param steps: values of λ from 0 to 1.
     :param guidance: a conditional run's class for the decoding (`classes.class_`, default none) and the guidance weight.
@@ -322,10 +348,24 @@ def interpolate_run(model: ModelSpec, images: tuple, out_dir, *, t: Sequence[int
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise UserError(f"--steps {steps}: give at least 2 values of λ (λ = 0 and 1)")
     check_count(steps, "--steps", MAX_FIGURE, why="values of λ, one column each")
+    latents = [is_latents_path(p) for p in images]
+    if latents[0] != latents[1]:
+        raise UserError(f"{image_a}, {image_b}: give two image files or two latents files of ddpm invert, not one of each")
     _check(out_dir)
     seed = check_seed(seed)
     loaded, dist, _ = model.open()
     net, cls = _one_class(loaded, guidance)
+    if latents[0]:
+        (z_a, rec_a), (z_b, rec_b) = (read_latents(p, loaded.shape) for p in images)
+        sampler = latent_sampler(rec_a)
+        if latent_sampler(rec_b) != sampler:
+            raise UserError(f"{image_a} and {image_b} were inverted on different DDIM chains ({rec_a['steps']} and "
+                            f"{rec_b['steps']} steps, {rec_a['spacing']} and {rec_b['spacing']}); invert both alike")
+        res = interpolate_latents(net, loaded.diffusion, (z_a[0].to(dist.device), z_b[0].to(dist.device)),
+                                  np.linspace(0, 1, steps), sampler, progress=progress)
+        settings = dict(latents=[str(image_a), str(image_b)], steps=steps, **sampler.record(), **cls)
+        return dict(res, t=[], **_write(out_dir, "interpolation", make_grid(to_uint8(res["images"][0]), nrow=steps),
+                                        loaded, settings, lambdas=np.array(res["lambdas"]), images=_nhwc(res["images"])))
     a, b = (_model_input(p, loaded.shape, dist.device) for p in (image_a, image_b))
     res = interpolate(net, loaded.diffusion, (a, b), t, np.linspace(0, 1, steps), seed, progress=progress)
     settings = dict(images=[str(image_a), str(image_b)], t=[int(v) for v in res["t"]], steps=steps, seed=seed, **cls)
