@@ -406,6 +406,23 @@ def test_cli_inpaint_keeps_the_known_pixels_and_resumes(tiny_run, tmp_path, caps
     assert rc == 2 and "resample=2, now 3" in err
 
 
+def test_report_shows_the_edits_inside_the_run(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    for cmd, extra in (("inpaint", ["--jumps", 5, "--resample", 1]), ("img2img", ["--strength", 0.5])):
+        rc, _, err = _run(capsys, cmd, tiny_run / "img0.png", "--run", run, "--out", run / "edits" / cmd, *extra,
+                          "--no-progress")
+        assert rc == 0, err
+    assert _run(capsys, "report", run)[0] == 0
+    page = (run / "report.html").read_text()
+    assert "<h2>Editing (ddpm inpaint, img2img, invert)</h2>" in page
+    assert "edits/inpaint: inpainting (RePaint, jump 5, 1 resamplings" in page and "edits/img2img: image-to-image" in page
+    section = page.split("<h2>Editing")[1].split("<h2>")[0]
+    assert section.count("data:image/png;base64,") == 2
+
+
 def test_cli_img2img_strength_zero_returns_the_images(tiny_run, tmp_path, capsys):
     a, b = tiny_run / "img0.png", tiny_run / "img1.png"
     rc, out, err = _run(capsys, "img2img", a, b, "--strength", 0, "--run", tiny_run / "run", "--out", tmp_path, "--no-progress")

@@ -60,6 +60,33 @@ def _image(path: Path, caption: str) -> str:
             f"<figcaption>{html_text(caption)}</figcaption></figure>")
 
 
+def _edits(run_dir: Path) -> list[str]:
+    """The editing folders inside the run folder (one or two levels down), each as its compare.png
+    (inputs, masks, outputs side by side) with a caption from its record."""
+    out = []
+    for record in sorted([*run_dir.glob("*/edit.json"), *run_dir.glob("*/*/edit.json"),
+                          *run_dir.glob("*/invert.json"), *run_dir.glob("*/*/invert.json")]):
+        picture = record.parent / "compare.png"
+        try:
+            d = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not picture.is_file() or not isinstance(d, dict):
+            continue
+        where = record.parent.relative_to(run_dir)
+        if record.name == "invert.json":
+            caption = (f"{where}: DDIM inversion, {d.get('steps')} steps; columns: input, latent x_T (±3σ shown)"
+                       f"{', decoded back' if 'round_trip_rmse' in d else ''}")
+        elif d.get("edit") == "inpaint":
+            caption = (f"{where}: inpainting (RePaint, jump {d.get('jump')}, {d.get('resample')} resamplings, "
+                       f"{d.get('sampler')}, {d.get('nfe'):,} network evaluations); columns: input, masked input, output")
+        else:
+            caption = (f"{where}: image-to-image (SDEdit, strength {d.get('strength')}, t0 = {d.get('t0')}, "
+                       f"{d.get('sampler')}); columns: input, output")
+        out.append(_image(picture, caption))
+    return out
+
+
 def _series(recs: list[dict], key: str) -> tuple[list, list]:
     pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -282,6 +309,9 @@ def write_report(run_dir, out: Optional[Path] = None) -> Path:
     pictures += [_image(p, f"EMA samples at step {step:,}") for step, p in grids[-6:]]
     if pictures:
         body += ["<h2>Samples</h2>", *pictures]
+    edits = _edits(run_dir)
+    if edits:
+        body += ["<h2>Editing (ddpm inpaint, img2img, invert)</h2>", *edits]
     body += ["<h2>Training</h2>", *(_training_plots(recs) or ["<p>No metrics logged yet.</p>"])]
     evaluation = _phema_curve(reports) + _evaluation(reports)
     if evaluation:
