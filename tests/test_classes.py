@@ -390,6 +390,21 @@ def test_experiments_take_a_class(cond_run, tmp_path):
     assert json.loads((out / "interpolation.json").read_text())["label"] == 1
 
 
+def test_edits_take_a_class_and_default_to_none(cond_run, tmp_path):
+    # img2img at strength 1 is the sample of the same class, seed and weight; inpainting records the class
+    from PIL import Image
+    img = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(img)
+    common = ["--run", str(cond_run), "--seed", "3", "--guidance", "2.5", "--no-progress"]
+    assert main(["sample", "--n", "1", "--class", "1", "--out", str(tmp_path / "s"), *common]) == 0
+    assert main(["img2img", str(img), "--strength", "1", "--class", "1", "--out", str(tmp_path / "e"), *common]) == 0
+    assert np.array_equal(np.load(tmp_path / "e" / "samples.npz")["x"], np.load(tmp_path / "s" / "samples.npz")["x"])
+    assert main(["inpaint", str(img), "--resample", "1", "--out", str(tmp_path / "n"), *common]) == 0
+    rec = json.loads((tmp_path / "n" / "edit.json").read_text())
+    assert rec["classes"] == {"classes": "none"} and rec["guidance"] == 2.5
+    assert np.load(tmp_path / "n" / "samples.npz")["labels"].tolist() == [2]  # K = 2: "no class"
+
+
 def test_each_experiment_runs_its_network_with_the_class_and_the_weight():
     # the experiments take any model(x_t, t); a conditional network conditioned on class 1 with
     # weight 2 is run once per step on the class and "no class" together

@@ -205,9 +205,13 @@ def _open(model: ModelSpec, paths: Sequence, guidance: GuidanceSpec, seed: int, 
     check_count(batch, "--batch", MAX_BATCH)
     loaded, dist, _ = model.open()
     u8 = load_inputs(paths, loaded.shape)
-    labels, n, classes = sample_labels(guidance.classes, len(u8), loaded.run.model.num_classes, *loaded.class_info)
-    if n != len(u8):
-        raise UserError(f"{n} classes for {len(u8)} images; give one class choice that covers the images")
+    K = loaded.run.model.num_classes
+    if K and not guidance.classes.given():  # a conditional model edits with no class unless one is chosen
+        labels, classes = torch.full((len(u8),), K, dtype=torch.long), dict(classes="none")
+    else:
+        labels, n, classes = sample_labels(guidance.classes, len(u8), K, *loaded.class_info)
+        if n != len(u8):
+            raise UserError(f"{n} classes for {len(u8)} images; give --class K for all, or --classes with one per image")
     conditioned(loaded.model, labels, num_classes_of(loaded.model), guidance.weight)  # one line for a bad class choice
     cond = dict(classes=classes, guidance=guidance.weight) if labels is not None else {}
     return loaded, dist, u8, labels, cond, seed
