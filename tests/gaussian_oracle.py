@@ -94,3 +94,47 @@ class ClassOracle:
         b = torch.arange(x.shape[0])
         cond = eps[y.clamp(max=self.K - 1), b]
         return torch.where((y == self.K).view(-1, *([1] * (x.ndim - 1))), self.unconditional(x, t), cond)
+
+
+# Correlated data: x_0 ~ N(μ, Σ) over the D = C·H·W pixels of an image, with a dense Σ.
+def grid_covariance(h: int, w: int, s: float, rho: float) -> np.ndarray:
+    """Σ_ij = s² ρ^(|Δrow| + |Δcol|) over the pixels of an h×w image (row-major): the product of two
+    one-dimensional exponential kernels, so positive definite for |ρ| < 1; neighbours correlate by ρ."""
+    r, c = np.divmod(np.arange(h * w), w)
+    return s**2 * rho ** (np.abs(r[:, None] - r[None]) + np.abs(c[:, None] - c[None])).astype(np.float64)
+
+
+def gaussian_conditional(mu, cov, known, x_known):
+    """The law of the unknown pixels given the known ones, x_u | x_k ~ N(μ_u + Σ_uk Σ_kk⁻¹ (x_k − μ_k),
+    Σ_uu − Σ_uk Σ_kk⁻¹ Σ_ku) (float64; `known` a bool mask over the D pixels) -> (mean, cov)."""
+    mu, cov, k = np.asarray(mu, np.float64), np.asarray(cov, np.float64), np.asarray(known, bool)
+    u = ~k
+    gain = np.linalg.solve(cov[np.ix_(k, k)], cov[np.ix_(k, u)]).T  # Σ_uk Σ_kk⁻¹
+    return mu[u] + gain @ (np.asarray(x_known, np.float64) - mu[k]), cov[np.ix_(u, u)] - gain @ cov[np.ix_(k, u)]
+
+
+class CovOracle:
+    """model(x_t, t) = E[ε | x_t] for x_0 ~ N(μ, Σ) over the pixels of an image (any dense Σ):
+    x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε is jointly Gaussian with ε, so E[ε | x_t] = √(1−ᾱ_t) (ᾱ_t Σ + (1−ᾱ_t) I)⁻¹
+    (x_t − √ᾱ_t μ). The matrices are formed in float64 with numpy for every t ∈ 1 … T (ᾱ from the
+    β's, as `Oracle`); called with the paper's t, on x [B, C, H, W] with C·H·W = D. Counts images."""
+
+    def __init__(self, mu, cov, betas=PAPER_BETAS):
+        self.abar = np.cumprod(1 - np.asarray(betas, np.float64))
+        self.mu = np.asarray(mu, np.float64).ravel()
+        self.cov = np.asarray(cov, np.float64)
+        D = len(self.mu)
+        assert self.cov.shape == (D, D)
+        self.gain = torch.from_numpy(np.stack([math.sqrt(1 - a) * np.linalg.inv(a * self.cov + (1 - a) * np.eye(D))
+                                               for a in self.abar]))  # [T, D, D]
+        self.images = 0
+
+    def __call__(self, x, t):
+        self.images += x.shape[0]
+        a = torch.from_numpy(self.abar).to(x.device)[t - 1]  # [B] float64
+        y = x.flatten(1).double() - a.sqrt()[:, None] * torch.from_numpy(self.mu).to(x.device)
+        if bool((t == t[0]).all()):  # one time for the batch, as in sampling: one matrix
+            eps = y @ self.gain[int(t[0]) - 1].to(x.device).T
+        else:
+            eps = torch.einsum("bij,bj->bi", self.gain.to(x.device)[t - 1], y)
+        return eps.view_as(x).to(x.dtype)
