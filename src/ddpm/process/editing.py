@@ -160,12 +160,9 @@ def sdedit_time(T: int, strength) -> int:
 
 def chain_from(times: Sequence[int], t0: int) -> list[int]:
     """A sampler's descending chain started at t0 instead of its first time: t0, then the chain's
-    times below t0 (for Algorithm 2: t0, t0 − 1, …, 0). A t0 at or above the chain's first time
-    gives the whole chain."""
-    times = [int(t) for t in times]
-    if t0 >= times[0]:
-        return times
-    return [t0] + [t for t in times if t < t0]
+    times below t0 (for Algorithm 2: t0, t0 − 1, …, 0; for a DDIM grid whose first time is 901, t0 =
+    950 gives 950, 901, 801, …)."""
+    return [int(t0)] + [int(t) for t in times if t < t0]
 
 
 def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor, times: Sequence[int],
@@ -201,8 +198,8 @@ def invert_sampler(steps: int = 50, spacing: str = INVERT_SPACING) -> SamplerSpe
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
-    """Spherical interpolation between two latents (the DDIM paper's, § 5.3): sin((1−λ)θ)/sin θ · a
-    + sin(λθ)/sin θ · b, θ the angle between them; linear where θ is near 0."""
+    """Spherical interpolation between two latents (the DDIM paper's, § 5.3; M39): sin((1−λ)θ)/sin θ
+    · a + sin(λθ)/sin θ · b, θ the angle between them; linear where θ is near 0."""
     cos = torch.sum(a.double() * b.double()) / (a.double().norm() * b.double().norm())
     theta = float(torch.arccos(cos.clamp(-1.0, 1.0)))
     if theta < 1e-6:

@@ -152,8 +152,8 @@ def img2img_images(model, diffusion: GaussianDiffusion, x0: torch.Tensor, streng
     round(strength·T), then the sampler's chain from t0 to 0 (`process.editing.chain_from`).
 
     Image k's noise is `sample`'s for image indices[k]: its first draw ε gives x_{t0} = √ᾱ x_0 +
-    √(1 − ᾱ) ε, the rest are the chain's z. Strength 0 returns x0; a t0 at or above the sampler's
-    first time starts from ε itself, the prior's draw, so strength 1 is `sample`'s image exactly.
+    √(1 − ᾱ) ε, the rest are the chain's z. Strength 0 returns x0; strength 1 (t0 = T) starts the
+    sampler's whole chain from ε itself, the prior's draw, so it is `sample`'s image exactly.
     """
     device = torch.device(device)
     seed, indices, labels, guidance = images
@@ -165,9 +165,9 @@ def img2img_images(model, diffusion: GaussianDiffusion, x0: torch.Tensor, streng
         return x0.clone()
     noise = ImageNoise(seed, indices, device)
     eps = noise(x0.shape)
-    chain = chain_from(times, t0)
-    x = eps if chain[0] == times[0] and t0 >= times[0] else diffusion.q_sample(
-        x0, torch.full((x0.shape[0],), t0, device=device, dtype=torch.long), eps)
+    T = diffusion.num_timesteps
+    chain = times if t0 == T else chain_from(times, t0)
+    x = eps if t0 == T else diffusion.q_sample(x0, torch.full((x0.shape[0],), t0, device=device, dtype=torch.long), eps)
     return diffusion.reverse_loop(model, x, chain, step, noise_fn=noise, callback=loop.callback,
                                   progress=loop_progress("editing", loop.progress))
 
@@ -269,7 +269,8 @@ def img2img(model: ModelSpec, images: Sequence, out_dir, *, strength: float = 0.
     x0 = to_model_range(u8)
     meta = dict(edit="img2img", method="SDEdit", inputs=tensor_digest(u8), strength=float(strength), t0=t0, seed=seed,
                 shape=list(loaded.shape), T=loaded.diffusion.num_timesteps, model=loaded.tag, **sampler.record(),
-                nfe=sampler.nfe(chain_from(times, t0)) if t0 else 0, **cond)
+                nfe=(sampler.nfe(times) if t0 == loaded.diffusion.num_timesteps else sampler.nfe(chain_from(times, t0)))
+                if t0 else 0, **cond)
 
     def draw(idx, device, show):
         return img2img_images(loaded.model, loaded.diffusion, x0[idx], strength,
