@@ -528,27 +528,6 @@ def test_bad_masks_are_one_line(tmp_path, masks, n, needle):
 # ------------------------------------------------------------------------------------------------
 # The commands on a tiny trained run: results folder, resume, refusal, latents
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from ddpm.run.config import RunConfig
-    from ddpm.workflows.train import train
-
-    root = tmp_path_factory.mktemp("tiny-edit")
-    rng = np.random.default_rng(0)
-    x = np.full((8, 16, 16), 30, np.uint8)
-    for i in range(8):
-        r, c = rng.integers(0, 10, 2)
-        x[i, r:r + 6, c:c + 6] = 220
-    np.savez(root / "squares.npz", x=x)
-    for i in range(3):
-        Image.fromarray(x[i]).save(root / f"img{i}.png")
-    run = RunConfig.from_preset("tiny", data=str(root / "squares.npz"))
-    run = run.replace(model=run.model.replace(resolution=16), data=run.data.replace(resolution=16),
-                      diffusion=run.diffusion.replace(T=20), train=run.train.replace(steps=2, checkpoint_every=2))
-    train(root / "run", run, progress=False)
-    return root
-
-
 def test_inpaint_and_img2img_folders(tiny_run, tmp_path):
     spec = ModelSpec(str(tiny_run / "run"), device="cpu")
     paths = [tiny_run / f"img{i}.png" for i in range(3)]

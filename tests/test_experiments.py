@@ -265,27 +265,6 @@ def test_load_image_crops_resizes_and_converts(tmp_path):
 
 
 # ---------------------------------------------------------------- the commands, on a tiny model
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from ddpm.run.config import RunConfig
-    from ddpm.workflows.train import train
-
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    x = np.full((8, 16, 16), 30, np.uint8)
-    for i in range(8):
-        r, c = rng.integers(0, 10, 2)
-        x[i, r:r + 6, c:c + 6] = 220
-    np.savez(root / "squares.npz", x=x)
-    for i in (0, 1):
-        Image.fromarray(x[i]).save(root / f"img{i}.png")
-    run = RunConfig.from_preset("tiny", data=str(root / "squares.npz"))
-    run = run.replace(model=run.model.replace(resolution=16), data=run.data.replace(resolution=16),
-                      diffusion=run.diffusion.replace(T=20), train=run.train.replace(steps=2, checkpoint_every=2))
-    train(root / "run", run, progress=False)
-    return root
-
-
 def _run(capsys, *argv):
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
