@@ -199,7 +199,8 @@ def invert_sampler(steps: int = 50, spacing: str = INVERT_SPACING) -> SamplerSpe
 
 def slerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     """Spherical interpolation between two latents (the DDIM paper's, § 5.3; M39): sin((1−λ)θ)/sin θ
-    · a + sin(λθ)/sin θ · b, θ the angle between them; linear where θ is near 0."""
+    · a + sin(λθ)/sin θ · b, θ the angle between them; linear where θ is near 0. One pair: θ is
+    taken over the whole tensors (a batch of pairs needs one call each)."""
     cos = torch.sum(a.double() * b.double()) / (a.double().norm() * b.double().norm())
     theta = float(torch.arccos(cos.clamp(-1.0, 1.0)))
     if theta < 1e-6:

@@ -328,7 +328,9 @@ def invert(model: ModelSpec, images: Sequence, out_dir, *, steps: int = 50, spac
         y = torch.cat(back)
         err = (y - x0).flatten(1)
         settings.update(round_trip_rmse=err.pow(2).mean(1).sqrt().tolist(), round_trip_max=err.abs().max(1).values.tolist(),
-                        round_trip_pixel_levels_max=(to_uint8(y).int() - u8.int()).abs().flatten(1).max(1).values.tolist())
+                        round_trip_pixel_levels_max=(to_uint8(y).int() - u8.int()).abs().flatten(1).max(1).values.tolist(),
+                        round_trip_pixel_levels_rmse=(to_uint8(y).float() - u8.float()).flatten(1).pow(2).mean(1).sqrt()
+                        .tolist())
         columns.append(to_uint8(y))
     npz = write_latents(out_dir / LATENTS_NAME, x_T, record)
     res = dict(out_dir=str(out_dir), n=len(x_T), npz=str(npz), compare=_compare(out_dir, columns), **settings)
