@@ -21,7 +21,7 @@ the commands bring them to 16x16 by the package's rule.
 - `ddpm.img2img` at strengths 0.3, 0.5, 0.7 (Algorithm 2 from t0 = s·T), timed, with each output's
   RMSE from its input;
 - `ddpm.invert(verify=True)` of 64 held-out images at 50 and 200 DDIM steps: the round-trip errors
-  the command records, and the latents decoded again by `ddpm.sample_run(latents=...)` (what
+  the command records, and the latents decoded again by `ddpm.decode_run` (what
   `ddpm sample --from-latent` does) compared with the inputs in pixel levels.
 Each step's record is appended to ROOT/records.json as it finishes (rerun to resume; a step that
 did not finish is redone from an empty folder, so its time is a whole run's); the results file is
@@ -187,8 +187,8 @@ def cmd_measure(args) -> None:
 
     for r in (10, 1):
         def inpaint(folder, r=r):
-            res = ddpm.inpaint(spec, edit_imgs, folder, masks=["center"], seed=SEED, batch=BATCH, sampler=sampler,
-                               jump=10, resample=r, progress=False)
+            res = ddpm.inpaint(spec, ddpm.EditSet(edit_imgs, SEED, BATCH), folder, masks=["center"],
+                               walk=ddpm.RePaintSpec(10, r), sampler=sampler, progress=False)
             out = _outputs(folder)
             assert torch.equal(out[..., ~hidden[0]], u8[..., ~hidden[0]]), "the known pixels changed"
             return dict(n=res["n"], nfe=res["nfe"], nfe_check=repaint_nfe(times, 10, r), jump=10, resample=r,
@@ -197,7 +197,7 @@ def cmd_measure(args) -> None:
 
     for s in STRENGTHS:
         def img2img(folder, s=s):
-            res = ddpm.img2img(spec, edit_imgs, folder, strength=s, seed=SEED, batch=BATCH, sampler=sampler,
+            res = ddpm.img2img(spec, ddpm.EditSet(edit_imgs, SEED, BATCH), folder, strength=s, sampler=sampler,
                                progress=False)
             return dict(n=res["n"], nfe=res["nfe"], strength=s, rmse_from_input=_rmse(_outputs(folder), u8))
         rec.run(f"img2img_{s}", e / f"img2img-{s}", img2img)
@@ -212,8 +212,7 @@ def cmd_measure(args) -> None:
         inv = rec.run(f"invert_{steps}", e / f"invert-{steps}", invert)
 
         def decode(folder, steps=steps):  # `ddpm sample --from-latent` of the saved latents, against the inputs
-            res = ddpm.sample_run(spec, folder, None, batch=BATCH, latents=str(e / f"invert-{steps}" / "latents.npz"),
-                                  progress=False)
+            res = ddpm.decode_run(spec, str(e / f"invert-{steps}" / "latents.npz"), folder, batch=BATCH, progress=False)
             out, x = _outputs(folder), load_inputs(inv_imgs, shape)
             d = (out.int() - x.int()).abs().flatten(1)
             return dict(n=res["n"], pixel_rmse=d.double().pow(2).mean(1).sqrt().tolist(),

@@ -24,14 +24,14 @@ from PIL import Image
 from ddpm import GaussianDiffusion, UserError, make_betas
 from gaussian_oracle import MU, PAPER_BETAS, S, CovOracle, Oracle, gaussian_conditional, grid_covariance
 from ddpm.process.diffusion import ddim_timesteps
-from ddpm.process.editing import (chain_from, ddim_invert, invert_sampler, q_jump, repaint_nfe, repaint_path,
-                                  sdedit_time, slerp)
+from ddpm.process.editing import (RePaintSpec, chain_from, ddim_invert, invert_sampler, q_jump, repaint_nfe,
+                                  repaint_path, sdedit_time, slerp)
 from ddpm.process.sampling import SamplerSpec
 from ddpm.process.scaling import to_model_range, to_uint8
 from ddpm.run.load import ModelSpec
-from ddpm.workflows.edit import (decode_latents, img2img, img2img_images, inpaint, inpaint_images, invert,
-                                 invert_images, load_masks, shape_mask)
-from ddpm.workflows.sample import Images, sample, sample_run
+from ddpm.workflows.edit import (EditSet, decode_latents, decode_run, img2img, img2img_images, inpaint, inpaint_images,
+                                 invert, invert_images, load_masks, shape_mask)
+from ddpm.workflows.sample import Images, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -221,8 +221,8 @@ def test_repaint_follows_the_exact_conditional_law():
     figures = {}
     for r in (5, 1):
         out = inpaint_images(oracle, d, torch.from_numpy(x0).view(1, 1, 4, 4).expand(N, -1, -1, -1),
-                             keep.expand(N, -1, -1, -1), Images(2, range(N)), device="cpu", sampler=sampler, jump=jump,
-                             resample=r)
+                             keep.expand(N, -1, -1, -1), Images(2, range(N)), sampler=sampler,
+                             walk=RePaintSpec(jump, r))
         xu = out.flatten(1).double().numpy()[:, ~k]
         m_hat, C_hat = xu.mean(0), np.cov(xu.T)
         m_law, C_law = repaint_exact_law(times, mu, cov, k, x0, jump, r)
@@ -257,8 +257,7 @@ def test_known_pixels_are_the_input_exactly():
     keep = load_masks(["random-strokes"], 6, (16, 16), seed=4)
     assert 0 < (~keep).sum() < keep.numel()
     for sampler in (SamplerSpec(), SamplerSpec("ddim", steps=7, eta=1.0)):
-        out = inpaint_images(ORACLE20, D20, x0, keep, Images(1, range(6)), device="cpu", sampler=sampler, jump=2,
-                             resample=3)
+        out = inpaint_images(ORACLE20, D20, x0, keep, Images(1, range(6)), sampler=sampler, walk=RePaintSpec(2, 3))
         k = keep.expand_as(x0)
         assert torch.equal(out[k], x0[k])
         assert torch.equal(to_uint8(out)[k], u8[k])
@@ -269,15 +268,15 @@ def test_keeping_nothing_without_resampling_is_sampling():
     x0 = data_images(4, (1, 8, 8), seed=1)
     nothing = torch.zeros(4, 1, 8, 8, dtype=torch.bool)
     for sampler in (SamplerSpec(), SamplerSpec("ddim", steps=7, eta=1.0), SamplerSpec("ddim", steps=5)):
-        got = inpaint_images(ORACLE20, D20, x0, nothing, Images(9, [3, 0, 7, 1]), device="cpu", sampler=sampler,
-                             resample=1)
+        got = inpaint_images(ORACLE20, D20, x0, nothing, Images(9, [3, 0, 7, 1]), sampler=sampler,
+                             walk=RePaintSpec(resample=1))
         assert torch.equal(got, sample(ORACLE20, D20, (1, 8, 8), Images(9, [3, 0, 7, 1]), device="cpu", sampler=sampler))
 
 
 def test_inpainting_does_not_depend_on_the_batch():
     x0 = data_images(8, (1, 8, 8), seed=2)
     keep = load_masks(["random-strokes"], 8, (8, 8), seed=5)
-    opts = dict(device="cpu", sampler=SamplerSpec("ddim", steps=10, eta=1.0), jump=3, resample=3)
+    opts = dict(sampler=SamplerSpec("ddim", steps=10, eta=1.0), walk=RePaintSpec(3, 3))
     whole = inpaint_images(ORACLE20, D20, x0, keep, Images(5, range(8)), **opts)
     parts = torch.cat([inpaint_images(ORACLE20, D20, x0[idx], keep[idx], Images(5, idx), **opts)
                        for idx in ([0, 1, 2, 3], [4, 5, 6, 7])])
@@ -330,7 +329,7 @@ def test_sdedit_follows_the_law_of_the_chain_from_t0(strength, sampler):
     # (t0 = 0) or started from the wrong time fails.
     d = GaussianDiffusion(PAPER_BETAS)
     x0 = data_images(32, (1, 32, 32), seed=11, dtype=torch.float64)
-    out = img2img_images(Oracle(), d, x0, strength, Images(4, range(32)), device="cpu", sampler=sampler)
+    out = img2img_images(Oracle(), d, x0, strength, Images(4, range(32)), sampler=sampler)
     times, _ = sampler.chain(d)
     t0 = round(strength * 1000)
     chain = [t0] + [t for t in times if t < t0]
@@ -359,7 +358,7 @@ def test_sdedit_near_1_still_starts_from_the_image():
     sampler = SamplerSpec("ddim", steps=5, eta=0.0, clip_denoised=False)
     assert sampler.chain(D20)[0][0] < 19
     a, b = data_images(2, (1, 8, 8), seed=5, dtype=torch.float64).split(1)
-    out = [img2img_images(ORACLE20, D20, x, 0.95, Images(0, [0]), device="cpu", sampler=sampler) for x in (a, b)]
+    out = [img2img_images(ORACLE20, D20, x, 0.95, Images(0, [0]), sampler=sampler) for x in (a, b)]
     c = (out[0] - out[1]) / (a - b)
     assert c.min() > 0.05 and c.max() - c.min() < 1e-9
 
@@ -368,12 +367,12 @@ def test_sdedit_strength_0_and_1_and_the_batch():
     x0 = data_images(6, (1, 8, 8), seed=3)
     for sampler in (SamplerSpec(), SamplerSpec("ddim", steps=7, eta=1.0), SamplerSpec("ddim", steps=5, spacing="trailing")):
         m = Oracle(BETAS20)
-        assert torch.equal(img2img_images(m, D20, x0, 0.0, Images(2, range(6)), device="cpu", sampler=sampler), x0)
+        assert torch.equal(img2img_images(m, D20, x0, 0.0, Images(2, range(6)), sampler=sampler), x0)
         assert m.images == 0  # nothing to do
-        got = img2img_images(ORACLE20, D20, x0, 1.0, Images(2, range(6)), device="cpu", sampler=sampler)
+        got = img2img_images(ORACLE20, D20, x0, 1.0, Images(2, range(6)), sampler=sampler)
         assert torch.equal(got, sample(ORACLE20, D20, (1, 8, 8), Images(2, range(6)), device="cpu", sampler=sampler))
-        whole = img2img_images(ORACLE20, D20, x0, 0.45, Images(2, range(6)), device="cpu", sampler=sampler)
-        parts = torch.cat([img2img_images(ORACLE20, D20, x0[i:i + 3], 0.45, Images(2, range(i, i + 3)), device="cpu",
+        whole = img2img_images(ORACLE20, D20, x0, 0.45, Images(2, range(6)), sampler=sampler)
+        parts = torch.cat([img2img_images(ORACLE20, D20, x0[i:i + 3], 0.45, Images(2, range(i, i + 3)),
                                           sampler=sampler) for i in (0, 3)])
         assert torch.equal(whole, parts)
         assert not torch.equal(whole, got)
@@ -532,10 +531,10 @@ def test_inpaint_and_img2img_folders(tiny_run, tmp_path):
     spec = ModelSpec(str(tiny_run / "run"), device="cpu")
     paths = [tiny_run / f"img{i}.png" for i in range(3)]
     inputs = np.stack([np.asarray(Image.open(p)) for p in paths])[..., None]  # [3, 16, 16, 1]
-    opts = dict(masks=("center",), seed=3, batch=2, sampler=SamplerSpec("ddim", steps=10, eta=1.0), jump=2, resample=2,
-                progress=False)
+    inputs3 = EditSet(paths, seed=3, batch=2)
+    opts = dict(masks=("center",), sampler=SamplerSpec("ddim", steps=10, eta=1.0), walk=RePaintSpec(2, 2), progress=False)
     out = tmp_path / "inpaint"
-    res = inpaint(spec, paths, out, **opts)
+    res = inpaint(spec, inputs3, out, **opts)
     assert res["generated"] == 3
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["000000.png", "000001.png", "000002.png", "compare.png", "edit.json",
                                                      "grid.png", "samples.npz"]
@@ -547,22 +546,24 @@ def test_inpaint_and_img2img_folders(tiny_run, tmp_path):
     assert meta["edit"] == "inpaint" and (meta["jump"], meta["resample"]) == (2, 2)
     assert meta["nfe"] == repaint_nfe(ddim_timesteps(20, 10), 2, 2) == res["nfe"]
     assert Image.open(out / "compare.png").size == (3 * 18 + 2, 3 * 18 + 2)  # input, masked input, output
-    again = inpaint(spec, paths, out, **opts)
+    again = inpaint(spec, inputs3, out, **opts)
     assert again["generated"] == 0 and np.array_equal(np.load(out / "samples.npz")["x"], x)
-    for change in (dict(masks=("half",)), dict(resample=3), dict(seed=4)):
+    for change in (dict(masks=("half",)), dict(walk=RePaintSpec(2, 3))):
         with pytest.raises(UserError, match="rerun with the same settings"):
-            inpaint(spec, paths, out, **{**opts, **change})
+            inpaint(spec, inputs3, out, **{**opts, **change})
     with pytest.raises(UserError, match="rerun with the same settings"):
-        inpaint(spec, paths[:2] + [tiny_run / "img0.png"], out, **opts)  # other images
+        inpaint(spec, inputs3._replace(seed=4), out, **opts)
+    with pytest.raises(UserError, match="rerun with the same settings"):
+        inpaint(spec, inputs3._replace(paths=paths[:2] + [tiny_run / "img0.png"]), out, **opts)  # other images
 
     out = tmp_path / "img2img"
-    opts = dict(strength=0.5, seed=1, batch=3, sampler=SamplerSpec("ddim", steps=10, eta=1.0), progress=False)
-    res = img2img(spec, paths, out, **opts)
+    opts = dict(strength=0.5, sampler=SamplerSpec("ddim", steps=10, eta=1.0), progress=False)
+    res = img2img(spec, EditSet(paths, seed=1, batch=3), out, **opts)
     assert res["generated"] == 3 and (out / "compare.png").is_file()
     assert json.loads((out / "edit.json").read_text())["t0"] == 10
-    assert img2img(spec, paths, out, **opts)["generated"] == 0
+    assert img2img(spec, EditSet(paths, seed=1, batch=3), out, **opts)["generated"] == 0
     with pytest.raises(UserError, match="strength=0.5, now 0.6"):
-        img2img(spec, paths, out, **{**opts, "strength": 0.6})
+        img2img(spec, EditSet(paths, seed=1), out, **{**opts, "strength": 0.6})
 
 
 def test_invert_then_decode_the_latents(tiny_run, tmp_path):
@@ -571,7 +572,7 @@ def test_invert_then_decode_the_latents(tiny_run, tmp_path):
     inputs = np.stack([np.asarray(Image.open(p)) for p in paths])[..., None]
     res = invert(spec, paths, tmp_path / "inv", steps=10, batch=2, verify=True, progress=False)
     assert (tmp_path / "inv" / "latents.npz").is_file() and (tmp_path / "inv" / "invert.json").is_file()
-    dec = sample_run(spec, tmp_path / "dec", None, latents=str(tmp_path / "inv" / "latents.npz"), batch=2, progress=False)
+    dec = decode_run(spec, str(tmp_path / "inv" / "latents.npz"), tmp_path / "dec", batch=2, progress=False)
     assert dec["n"] == 3
     x = np.load(tmp_path / "dec" / "samples.npz")["x"]
     levels = np.abs(x.astype(int) - inputs.astype(int))

@@ -33,6 +33,7 @@ from .network.fast import prepare_model
 from .network.interop import unet_from_diffusers, unet_to_diffusers
 from .network.unet import UNet, UNetConfig
 from .process.diffusion import DiffusionConfig, GaussianDiffusion, LossType, MeanType, VarType, ddim_timesteps
+from .process.editing import RePaintSpec
 from .process.guidance import Guided
 from .process.scaling import to_model_range, to_uint8
 from .process.sampling import Sampler, SamplerSpec
@@ -43,8 +44,8 @@ from .run.options import ClassChoice, GuidanceSpec, InceptionSpec
 from .run.presets import PRESETS
 from .version import __version__
 from .workflows.demo import run_demo
-from .workflows.edit import (decode_latents, img2img, img2img_images, inpaint, inpaint_images, invert, invert_images,
-                             load_masks)
+from .workflows.edit import (EditSet, decode_latents, decode_run, img2img, img2img_images, inpaint, inpaint_images, invert,
+                             invert_images, load_masks)
 from .workflows.evaluate import EvalSpec, compare, evaluate_run, fid_report, memorization_check
 from .workflows.experiments import (interpolate, interpolate_run, progressive_generation, progressive_run, reconstruct,
                                     reconstruct_run, shared_latent_samples, shared_run)
@@ -68,5 +69,5 @@ __all__ = [
     "rate_distortion_run", "ClassChoice", "ImageNoise", "proportional_labels", "sample", "sample_labels", "sample_run",
     "sample_to_dir", "train", "Sampler", "SamplerSpec", "ModelSpec", "GuidanceSpec", "InceptionSpec", "EvalSpec",
     "Images", "Loop", "SampleSet", "NLLImages", "Provenance", "inpaint", "img2img", "invert", "inpaint_images",
-    "img2img_images", "invert_images", "decode_latents", "load_masks",
+    "img2img_images", "invert_images", "decode_latents", "load_masks", "decode_run", "EditSet", "RePaintSpec",
 ]

@@ -35,7 +35,7 @@ from .io.streaming import check_stream_out, write_stream
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .io.inception_weights import ARCHIVE_NAME, OFFICIAL, PACKAGE, WEIGHTS_NAME
 from .network.unet import summary
-from .process.editing import INVERT_SPACING, REPAINT_JUMP, REPAINT_RESAMPLE
+from .process.editing import INVERT_SPACING, RePaintSpec
 from .process.sampling import SAMPLERS, Sampler, SamplerSpec
 from .run.config import model_config, resolve_run_config
 from .run.folder import read_run_record
@@ -44,7 +44,7 @@ from .run.phema import reconstruct
 from .run.options import ClassChoice, GuidanceSpec, InceptionSpec
 from .run.presets import PRESETS
 from .workflows.demo import run_demo
-from .workflows.edit import MASK_SHAPES, img2img, inpaint, invert
+from .workflows.edit import MASK_SHAPES, EditSet, decode_run, img2img, inpaint, invert
 from .workflows.evaluate import EvalSpec, evaluate_run, fid_ref_run, fid_run
 from .workflows.export import export_run
 from .workflows.experiments import interpolate_run, progressive_run, reconstruct_run, shared_run
@@ -554,13 +554,18 @@ def cmd_sample(args):
     if args.dry_run:
         _say(*plan_sample(_model_spec(args), args.out, args.n, _sampler_spec(args), _guidance(args)))
         return
-    res = sample_run(_model_spec(args), args.out, args.n, batch=args.batch, seed=args.seed, sampler=_sampler_spec(args),
-                     guidance=_guidance(args), progress=not args.no_progress, latents=args.from_latent)
-    cond = f", classes {res['classes'].get('classes')}, guidance {res['guidance']:g}" if "classes" in res else ""
     if args.from_latent is not None:
+        if _sampler_spec(args) != SamplerSpec() or _class_choice(args).given() or args.guidance != GuidanceSpec.weight:
+            raise UserError("--from-latent decodes with the DDIM chain the latents were inverted on, unconditionally; "
+                            "leave --sampler, --steps, --eta, --spacing and the class options out")
+        res = decode_run(_model_spec(args), args.from_latent, args.out, n=args.n, batch=args.batch,
+                         progress=not args.no_progress)
         _say(f"decoded {res['generated']} latents of {args.from_latent} ({res['skipped']} already there) by the DDIM "
-             f"chain they were inverted on{cond}: {res['n']} PNGs in {res['out_dir']}, {res['npz']}, {res['grid']}")
+             f"chain they were inverted on: {res['n']} PNGs in {res['out_dir']}, {res['npz']}, {res['grid']}")
         return
+    res = sample_run(_model_spec(args), args.out, args.n, batch=args.batch, seed=args.seed, sampler=_sampler_spec(args),
+                     guidance=_guidance(args), progress=not args.no_progress)
+    cond = f", classes {res['classes'].get('classes')}, guidance {res['guidance']:g}" if "classes" in res else ""
     _say(f"sampled {res['generated']} images ({res['skipped']} already there) with {args.sampler}, seed {args.seed}"
          f"{cond}: {res['n']} PNGs in {res['out_dir']}, {res['npz']}, {res['grid']}")
 
@@ -649,12 +654,12 @@ def _inpaint_args(p):
                    help="PNG masks, white = keep and black = inpaint (gray levels from 128 count as white), one for all "
                         f"images or one each; or a shape: {', '.join(MASK_SHAPES)} (random strokes from seed (SEED, i)); "
                         "default center")
-    p.add_argument("--jumps", type=int, default=REPAINT_JUMP, metavar="J",
+    p.add_argument("--jumps", type=int, default=RePaintSpec.jump, metavar="J",
                    help=f"RePaint's jump length j: after each block of J steps the chain goes back up J steps "
-                        f"(default {REPAINT_JUMP}, the paper's)")
-    p.add_argument("--resample", type=int, default=REPAINT_RESAMPLE, metavar="R",
+                        f"(default {RePaintSpec.jump}, the paper's)")
+    p.add_argument("--resample", type=int, default=RePaintSpec.resample, metavar="R",
                    help=f"RePaint's resamplings r: each block is walked R times, so inpainting costs about R times "
-                        f"sampling (default {REPAINT_RESAMPLE}, the paper's; 1: no resampling)")
+                        f"sampling (default {RePaintSpec.resample}, the paper's; 1: no resampling)")
     _sampler_args(p)
     _class_args(p)
 
@@ -662,8 +667,8 @@ def _inpaint_args(p):
 @command("inpaint", "fill the black region of each image's mask (RePaint, Lugmayr et al. 2022) into a folder like "
                     "ddpm sample's, with compare.png (input, mask, output); run again to resume", _inpaint_args)
 def cmd_inpaint(args):
-    res = inpaint(_model_spec(args), args.images, args.out, masks=args.mask, seed=args.seed, batch=args.batch,
-                  sampler=_sampler_spec(args), jump=args.jumps, resample=args.resample, guidance=_guidance(args),
+    res = inpaint(_model_spec(args), EditSet(args.images, args.seed, args.batch), args.out, masks=args.mask,
+                  walk=RePaintSpec(args.jumps, args.resample), sampler=_sampler_spec(args), guidance=_guidance(args),
                   progress=not args.no_progress)
     _edit_done(res, "inpainted")
 
@@ -681,7 +686,7 @@ def _img2img_args(p):
 @command("img2img", "noise each image to t0 = S·T and bring it back with the sampler (SDEdit, Meng et al. 2022), into "
                     "a folder like ddpm sample's, with compare.png; run again to resume", _img2img_args)
 def cmd_img2img(args):
-    res = img2img(_model_spec(args), args.images, args.out, strength=args.strength, seed=args.seed, batch=args.batch,
+    res = img2img(_model_spec(args), EditSet(args.images, args.seed, args.batch), args.out, strength=args.strength,
                   sampler=_sampler_spec(args), guidance=_guidance(args), progress=not args.no_progress)
     _edit_done(res, "edited")
 
@@ -690,8 +695,8 @@ def _invert_args(p):
     p.add_argument("images", nargs="+", metavar="IMAGE", help="the image files to invert (brought to the model's "
                                                               "size as ddpm inpaint does)")
     _model_args(p, seed=False)
-    p.add_argument("--steps", type=int, default=50, metavar="N", help="DDIM steps of the chain inverted (and of "
-                                                                      "its decoding; default 50)")
+    p.add_argument("--steps", type=int, default=SamplerSpec.steps, metavar="N",
+                   help=f"DDIM steps of the chain inverted (and of its decoding; default {SamplerSpec.steps})")
     p.add_argument("--spacing", default=INVERT_SPACING, metavar="GRID", help="its time grid, as for ddpm sample "
                                                                              f"(default {INVERT_SPACING})")
     p.add_argument("--batch", type=int, default=16, help="images per forward pass (default 16)")

@@ -19,17 +19,16 @@ No network is trained or changed; each method only walks the reverse process dif
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..config import Config
 from ..errors import UserError
 from .diffusion import GaussianDiffusion, Model, NoiseFn, Progress, Step, check_time
 from .sampling import Sampler, SamplerSpec
 
-# The deterministic sampler that inversion inverts and decoding walks: DDIM, η = 0, x̂_0 unclipped
-# (clipping is not invertible), on DDIM's own grid.
-INVERT_SPACING = "uniform"
 
 # RePaint's published settings (Lugmayr et al. 2022, § 4 and App. B): jumps of j = 10 steps,
 # each block walked r = 10 times.
@@ -52,6 +51,18 @@ def check_repaint(jump, resample) -> tuple[int, int]:
             raise UserError(f"RePaint's {name} {v!r} must be an integer of at least 1 (RePaint's defaults: jump length "
                             f"{REPAINT_JUMP}, {REPAINT_RESAMPLE} resamplings; --resample 1 is no resampling)")
     return jump, resample
+
+
+@dataclass(frozen=True)
+class RePaintSpec(Config):
+    """RePaint's walk (`repaint_path`): blocks of `jump` steps, each walked `resample` times
+    (RePaint's published 10 and 10; resample = 1 is replacement alone)."""
+
+    jump: int = REPAINT_JUMP
+    resample: int = REPAINT_RESAMPLE
+
+    def validate(self) -> None:
+        check_repaint(self.jump, self.resample)
 
 
 def repaint_path(times: Sequence[int], jump: int = REPAINT_JUMP, resample: int = REPAINT_RESAMPLE) -> list[list[int]]:
@@ -192,7 +203,12 @@ def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor, ti
     return x
 
 
-def invert_sampler(steps: int = 50, spacing: str = INVERT_SPACING) -> SamplerSpec:
+# The deterministic sampler that inversion inverts and decoding walks: DDIM, η = 0, x̂_0 unclipped
+# (clipping is not invertible), on the samplers' default grid.
+INVERT_SPACING = SamplerSpec.spacing
+
+
+def invert_sampler(steps: int = SamplerSpec.steps, spacing: str = INVERT_SPACING) -> SamplerSpec:
     """The sampler of a DDIM inversion and of its decoding: DDIM with η = 0 and x̂_0 unclipped."""
     return SamplerSpec(Sampler.DDIM, steps=steps, eta=0.0, spacing=spacing, clip_denoised=False)
 

@@ -19,8 +19,9 @@ the input, the mask (inpainting) and the output side by side.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,16 +35,17 @@ from ..io.folders import claim_folder
 from ..io.images import make_grid, read_image, write_png
 from ..io.progress import loop_progress
 from ..process.diffusion import GaussianDiffusion
-from ..io.latents import write_latents
+from ..io.latents import latent_sampler, read_latents, write_latents
 from ..io.results import Provenance, tensor_digest
-from ..process.editing import (INVERT_SPACING, REPAINT_JUMP, REPAINT_RESAMPLE, KnownRegion, chain_from, check_repaint,
-                               ddim_invert, invert_sampler, repaint, repaint_nfe, sdedit_time)
+from ..process.editing import (INVERT_SPACING, KnownRegion, RePaintSpec, chain_from, ddim_invert, invert_sampler,
+                               repaint, repaint_nfe, sdedit_time)
 from ..process.guidance import conditioned
 from ..process.sampling import Sampler, SamplerSpec
 from ..process.scaling import to_model_range, to_uint8
 from ..run.load import ModelSpec
 from ..run.options import GuidanceSpec
-from .sample import ImageNoise, Images, Loop, draw_to_dir, num_classes_of, sample_labels
+from .sample import (ImageFolder, ImageNoise, Images, Loop, SampleSet, draw_to_dir, num_classes_of, sample_labels,
+                     sample_to_dir)
 
 EDIT_RECORD = "edit.json"
 INVERT_RECORD = "invert.json"
@@ -124,46 +126,45 @@ def load_masks(masks: Sequence[str], n: int, size: tuple[int, int], seed: int = 
 
 
 def inpaint_images(model, diffusion: GaussianDiffusion, x0: torch.Tensor, keep: torch.Tensor, images: Images, *,
-                   device, sampler: SamplerSpec = SamplerSpec(), jump: int = REPAINT_JUMP,
-                   resample: int = REPAINT_RESAMPLE, loop: Loop = Loop()) -> torch.Tensor:
-    """RePaint: images x0 (float [B, C, H, W] in [-1, 1]) with their pixels where `keep` is False
-    (bool [B, 1 or C, H, W]) generated, the others kept -> float [B, C, H, W].
+                   sampler: SamplerSpec = SamplerSpec(), walk: RePaintSpec = RePaintSpec(),
+                   loop: Loop = Loop()) -> torch.Tensor:
+    """RePaint: images x0 (float [B, C, H, W] in [-1, 1], on the model's device) with their pixels
+    where `keep` is False (bool [B, 1 or C, H, W]) generated, the others kept -> float [B, C, H, W].
 
     Image k's draws come from seed (images.seed, images.indices[k]) (its x_T is `sample`'s), the
     known region's and the jumps' from a second stream of the same image; labels and guidance as
-    in `sample`. The sampler's chain is walked with RePaint's jumps of `jump` steps and `resample`
-    walks of each block (`process.editing.repaint_path`; resample = 1: replacement only).
+    in `sample`. The sampler's chain is walked in RePaint's blocks (`walk`: jumps of `jump` steps,
+    each block walked `resample` times; `process.editing.repaint_path`).
     """
-    device = torch.device(device)
+    device = x0.device
     seed, indices, labels, guidance = images
     model = conditioned(model, labels, num_classes_of(model), guidance)
     times, step = sampler.chain(diffusion)
-    x0, keep = x0.to(device), keep.to(device)
-    noise = ImageNoise(seed, indices, device)
-    region = KnownRegion(step, diffusion, x0, keep, ImageNoise(derive_seed(seed, _KNOWN), indices, device))
+    noise = ImageNoise(seed, indices, device, x0.dtype)
+    region = KnownRegion(step, diffusion, x0, keep.to(device), ImageNoise(derive_seed(seed, _KNOWN), indices, device,
+                                                                            x0.dtype))
     x_T = noise(x0.shape)
-    return repaint(diffusion, model, x_T, times, step, region, noise, jump, resample,
+    return repaint(diffusion, model, x_T, times, step, region, noise, walk.jump, walk.resample,
                    progress=loop_progress("inpainting", loop.progress), callback=loop.callback)
 
 
-def img2img_images(model, diffusion: GaussianDiffusion, x0: torch.Tensor, strength: float, images: Images, *, device,
+def img2img_images(model, diffusion: GaussianDiffusion, x0: torch.Tensor, strength: float, images: Images, *,
                    sampler: SamplerSpec = SamplerSpec(), loop: Loop = Loop()) -> torch.Tensor:
-    """SDEdit: images x0 (float [B, C, H, W] in [-1, 1]) noised to x_{t0} ~ q(x_{t0} | x_0), t0 =
+    """SDEdit: images x0 (float [B, C, H, W] in [-1, 1], on the model's device) noised to x_{t0} ~ q(x_{t0} | x_0), t0 =
     round(strength·T), then the sampler's chain from t0 to 0 (`process.editing.chain_from`).
 
     Image k's noise is `sample`'s for image indices[k]: its first draw ε gives x_{t0} = √ᾱ x_0 +
     √(1 − ᾱ) ε, the rest are the chain's z. Strength 0 returns x0; strength 1 (t0 = T) starts the
     sampler's whole chain from ε itself, the prior's draw, so it is `sample`'s image exactly.
     """
-    device = torch.device(device)
+    device = x0.device
     seed, indices, labels, guidance = images
     model = conditioned(model, labels, num_classes_of(model), guidance)
     times, step = sampler.chain(diffusion)
     t0 = sdedit_time(diffusion.num_timesteps, strength)
-    x0 = x0.to(device)
     if t0 == 0:
         return x0.clone()
-    noise = ImageNoise(seed, indices, device)
+    noise = ImageNoise(seed, indices, device, x0.dtype)
     eps = noise(x0.shape)
     T = diffusion.num_timesteps
     chain = times if t0 == T else chain_from(times, t0)
@@ -200,11 +201,29 @@ def _check_invert_sampler(sampler: SamplerSpec) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open(model: ModelSpec, paths: Sequence, guidance: GuidanceSpec, seed: int, batch: int):
-    seed = check_seed(seed)
-    check_count(batch, "--batch", MAX_BATCH)
+class EditSet(NamedTuple):
+    """The images an edit takes: image files (any size: brought to the model's by `load_inputs`),
+    image i's noise from seed (seed, i), edited `batch` at a time per process."""
+
+    paths: Sequence
+    seed: int = 0
+    batch: int = 16
+
+    @classmethod
+    def of(cls, images) -> "EditSet":
+        """An `EditSet`, or image files for one with the default seed and batch."""
+        if isinstance(images, EditSet):
+            return images
+        if isinstance(images, (str, Path)):
+            return cls([images])
+        return cls(list(images))
+
+
+def _open(model: ModelSpec, inputs: EditSet, guidance: GuidanceSpec):
+    seed = check_seed(inputs.seed)
+    check_count(inputs.batch, "--batch", MAX_BATCH)
     loaded, dist, _ = model.open()
-    u8 = load_inputs(paths, loaded.shape)
+    u8 = load_inputs(inputs.paths, loaded.shape)
     K = loaded.run.model.num_classes
     if K and not guidance.classes.given():  # a conditional model edits with no class unless one is chosen
         labels, classes = torch.full((len(u8),), K, dtype=torch.long), dict(classes="none")
@@ -229,41 +248,43 @@ def _shown(keep: torch.Tensor, u8: torch.Tensor) -> torch.Tensor:
     return torch.where(keep.expand_as(u8), u8, torch.full_like(u8, 128))
 
 
-def inpaint(model: ModelSpec, images: Sequence, out_dir, *, masks: Sequence[str] = ("center",), seed: int = 0,
-            batch: int = 16, sampler: SamplerSpec = SamplerSpec(), jump: int = REPAINT_JUMP,
-            resample: int = REPAINT_RESAMPLE, guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
-    """`ddpm inpaint`: the image files `images` inpainted where their masks are black, into `out_dir`
-    (`ddpm sample`'s folder, `edit.json`, `compare.png`: input, masked input, output). Run it again
-    to resume.
+def inpaint(model: ModelSpec, images, out_dir, *, masks: Sequence[str] = ("center",), walk: RePaintSpec = RePaintSpec(),
+            sampler: SamplerSpec = SamplerSpec(), guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
+    """`ddpm inpaint`: the images inpainted where their masks are black, into `out_dir` (`ddpm
+    sample`'s folder, `edit.json`, `compare.png`: input, masked input, output). Run it again to resume.
 
+    :param images: image files, or an `EditSet` (the files, the seed, the batch).
     :param masks: PNG files (white = keep), one for all images or one each, or one of MASK_SHAPES.
-    :param jump, resample: RePaint's jump length j and resamplings r (its defaults 10 and 10; r = 1:
-        no resampling). The cost is `repaint_nfe` network evaluations, about r times the sampler's.
+    :param walk: RePaint's jump length and resamplings (its defaults 10 and 10; resample = 1: none).
+        The cost is `repaint_nfe` network evaluations, about `resample` times the sampler's.
     """
-    check_repaint(jump, resample)
-    loaded, dist, u8, labels, cond, seed = _open(model, images, guidance, seed, batch)
+    inputs = EditSet.of(images)
+    loaded, dist, u8, labels, cond, seed = _open(model, inputs, guidance)
     keep = load_masks(masks, len(u8), loaded.shape[1:], seed)
     x0 = to_model_range(u8)
     times, _ = sampler.chain(loaded.diffusion)
     meta = dict(edit="inpaint", method="RePaint", inputs=tensor_digest(u8), masks=tensor_digest(keep.to(torch.uint8)),
                 seed=seed, shape=list(loaded.shape), T=loaded.diffusion.num_timesteps, model=loaded.tag,
-                **sampler.record(), jump=jump, resample=resample, nfe=repaint_nfe(times, jump, resample), **cond)
+                **sampler.record(), jump=walk.jump, resample=walk.resample,
+                nfe=repaint_nfe(times, walk.jump, walk.resample), **cond)
 
     def draw(idx, device, show):
-        return inpaint_images(loaded.model, loaded.diffusion, x0[idx], keep[idx],
+        return inpaint_images(loaded.model, loaded.diffusion, x0[idx].to(device), keep[idx],
                               Images(seed, idx, None if labels is None else labels[idx], guidance.weight),
-                              device=device, sampler=sampler, jump=jump, resample=resample, loop=Loop(progress=show))
+                              sampler=sampler, walk=walk, loop=Loop(progress=show))
 
-    return _edit_folder(out_dir, loaded, dist, u8, draw, meta, batch, progress, labels,
-                        dict(images=[str(p) for p in images], masks=[str(m) for m in masks]),
+    return _edit_folder(out_dir, loaded, dist, u8, draw, meta, inputs.batch, progress, labels,
+                        dict(images=[str(p) for p in inputs.paths], masks=[str(m) for m in masks]),
                         lambda out: [u8, _shown(keep, u8), out])
 
 
-def img2img(model: ModelSpec, images: Sequence, out_dir, *, strength: float = 0.5, seed: int = 0, batch: int = 16,
-            sampler: SamplerSpec = SamplerSpec(), guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
-    """`ddpm img2img`: SDEdit of the image files `images` at `strength` (0: the image, 1: a sample that
-    ignores it) into `out_dir` (`ddpm sample`'s folder, `edit.json`, `compare.png`: input, output)."""
-    loaded, dist, u8, labels, cond, seed = _open(model, images, guidance, seed, batch)
+def img2img(model: ModelSpec, images, out_dir, *, strength: float = 0.5, sampler: SamplerSpec = SamplerSpec(),
+            guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
+    """`ddpm img2img`: SDEdit of the images (files, or an `EditSet`) at `strength` (0: the image, 1:
+    a sample that ignores it) into `out_dir` (`ddpm sample`'s folder, `edit.json`, `compare.png`:
+    input, output). Run it again to resume."""
+    inputs = EditSet.of(images)
+    loaded, dist, u8, labels, cond, seed = _open(model, inputs, guidance)
     t0 = sdedit_time(loaded.diffusion.num_timesteps, strength)
     times, _ = sampler.chain(loaded.diffusion)
     x0 = to_model_range(u8)
@@ -273,18 +294,18 @@ def img2img(model: ModelSpec, images: Sequence, out_dir, *, strength: float = 0.
                 if t0 else 0, **cond)
 
     def draw(idx, device, show):
-        return img2img_images(loaded.model, loaded.diffusion, x0[idx], strength,
+        return img2img_images(loaded.model, loaded.diffusion, x0[idx].to(device), strength,
                               Images(seed, idx, None if labels is None else labels[idx], guidance.weight),
-                              device=device, sampler=sampler, loop=Loop(progress=show))
+                              sampler=sampler, loop=Loop(progress=show))
 
-    return _edit_folder(out_dir, loaded, dist, u8, draw, meta, batch, progress, labels,
-                        dict(images=[str(p) for p in images]), lambda out: [u8, out])
+    return _edit_folder(out_dir, loaded, dist, u8, draw, meta, inputs.batch, progress, labels,
+                        dict(images=[str(p) for p in inputs.paths]), lambda out: [u8, out])
 
 
 def _edit_folder(out_dir, loaded, dist, u8, draw, meta: dict, batch: int, progress: bool, labels, recorded: dict,
                  columns) -> dict:
-    res = draw_to_dir(out_dir, loaded.shape, len(u8), batch, draw, meta, record=EDIT_RECORD, what=f"{meta['edit']} results",
-                      labels=labels, dist=dist, progress=progress,
+    folder = ImageFolder(out_dir, loaded.shape, len(u8), record=EDIT_RECORD, what=f"{meta['edit']} results", labels=labels)
+    res = draw_to_dir(folder, draw, meta, batch=batch, dist=dist, progress=progress,
                       provenance=Provenance(loaded.tag, dict(checkpoint=str(loaded.checkpoint), **recorded)))
     if dist.is_main:
         out = torch.from_numpy(np.load(res["npz"])["x"]).permute(0, 3, 1, 2)
@@ -292,7 +313,7 @@ def _edit_folder(out_dir, loaded, dist, u8, draw, meta: dict, batch: int, progre
     return dict(res, nfe=meta["nfe"])
 
 
-def invert(model: ModelSpec, images: Sequence, out_dir, *, steps: int = 50, spacing: str = INVERT_SPACING,
+def invert(model: ModelSpec, images: Sequence, out_dir, *, steps: int = SamplerSpec.steps, spacing: str = INVERT_SPACING,
            batch: int = 16, verify: bool = False, progress: bool = True) -> dict:
     """`ddpm invert`: the DDIM latents x_T of the image files `images` into OUT/latents.npz ("x_T"
     float32 [n, C, H, W], "indices", and "record": the model and the sampler that decodes them), with
@@ -336,3 +357,25 @@ def invert(model: ModelSpec, images: Sequence, out_dir, *, steps: int = 50, spac
     res = dict(out_dir=str(out_dir), n=len(x_T), npz=str(npz), compare=_compare(out_dir, columns), **settings)
     write_json(out_dir / INVERT_RECORD, settings)
     return res
+
+
+def decode_run(model: ModelSpec, latents, out_dir, *, n: Optional[int] = None, batch: int = 16,
+               progress: bool = True) -> dict:
+    """`ddpm sample --from-latent`: the latents of `ddpm invert` (`FILE.npz`, or `FILE.npz@K` for
+    latent K alone; the first `n`) decoded by the deterministic DDIM chain they record, into
+    `out_dir` (`ddpm sample`'s folder, its record naming the latents by content hash). A model other
+    than the one that inverted them is warned about: only the same model brings them back."""
+    check_count(batch, "--batch", MAX_BATCH)
+    loaded, dist, _ = model.open()
+    x_T, record = read_latents(latents, loaded.shape)
+    if record.get("model") != loaded.tag:
+        warnings.warn(f"{latents}: these latents were inverted by {record.get('model')} and are decoded by "
+                      f"{loaded.tag}; only the same model brings them back to their images")
+    if n is not None and not 1 <= n <= len(x_T):
+        raise UserError(f"--n {n}: {latents} holds {len(x_T)} latents; give 1 to {len(x_T)}, or leave --n out")
+    x_T = x_T[:n]
+    if loaded.run.model.num_classes:
+        raise UserError("ddpm invert's latents decode with an unconditional model; this one is class-conditional")
+    return sample_to_dir(loaded.model, loaded.diffusion, out_dir,
+                         SampleSet(loaded.shape, len(x_T), 0, batch, latents=x_T), sampler=latent_sampler(record),
+                         dist=dist, progress=progress, provenance=Provenance.of(loaded))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import queue
-import warnings
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +28,6 @@ from ..io.atomic import write_npz_rows
 from ..io.distributed import DistInfo, barrier, broadcast_object, check_seed, derive_seed, shard
 from ..io.folders import usable_folder
 from ..io.images import make_class_grid, make_grid, read_png, write_png
-from ..io.latents import latent_sampler, read_latents
 from ..io.progress import loop_progress, progress_bar
 from ..io.results import Provenance, check_settings, tensor_digest
 from ..process.diffusion import GaussianDiffusion
@@ -376,26 +374,40 @@ def sample_to_dir(model, diffusion: GaussianDiffusion, out_dir, images: SampleSe
                       device=device, sampler=sampler, loop=Loop(progress=show),
                       x_T=None if latents is None else latents[idx])
 
-    res = draw_to_dir(out_dir, shape, n, batch, draw, meta, labels=labels, grid_n=grid_n, dist=dist, progress=progress,
-                      provenance=provenance)
+    res = draw_to_dir(ImageFolder(out_dir, shape, n, labels=labels, grid_n=grid_n), draw, meta, batch=batch, dist=dist,
+                      progress=progress, provenance=provenance)
     return dict(res, **(dict(classes=classes or {}, guidance=float(guidance)) if labels is not None else {}))
 
 
-def draw_to_dir(out_dir, shape, n: int, batch: int, draw: Callable, meta: dict, *, record: str = SAMPLES_META,
-                what: str = "samples", labels: Optional[torch.Tensor] = None, grid_n: int = 64, dist=None,
-                progress: bool = True, provenance: Provenance = Provenance()) -> dict:
-    """Images 0 … n-1 into `out_dir`, one PNG each, then `samples.npz` and `grid.png`: the folder
+class ImageFolder(NamedTuple):
+    """A results folder of images 0 … n-1 of shape (C, H, W): one PNG each, `samples.npz`,
+    `grid.png` (the first `grid_n`; with `labels` one class per row, its first 8 images) and the
+    settings record `record`; `what` names its images in messages."""
+
+    path: Union[str, Path]
+    shape: Sequence[int]
+    n: int
+    record: str = SAMPLES_META
+    what: str = "samples"
+    labels: Optional[torch.Tensor] = None
+    grid_n: int = 64
+
+
+def draw_to_dir(folder: ImageFolder, draw: Callable, meta: dict, *, batch: int, dist=None, progress: bool = True,
+                provenance: Provenance = Provenance()) -> dict:
+    """Images 0 … n-1 into `folder`, one PNG each, then `samples.npz` and `grid.png`: the folder
     of `ddpm sample` and of the editing commands. Run it again to resume.
 
     `draw(indices, device, show_progress)` makes images `indices` (float [len, C, H, W] in [-1, 1]);
     it must depend on the indices alone, not on which others share its batch. The settings `meta`
-    are recorded in `out_dir/record` (with `provenance`) and compared on a rerun (`check_settings`),
-    which is refused if they differ. Indices whose PNG exists and is readable are skipped; the
-    missing ones are split over the processes of `dist` (contiguous blocks), `batch` at a time;
-    rank 0 then writes the .npz (uint8 NHWC "x", "indices", and "labels" when given) and the grid
-    (the first `grid_n`; with labels one class per row, its first 8 images).
+    are recorded in the folder's record (with `provenance`) and compared on a rerun
+    (`check_settings`), which is refused if they differ. Indices whose PNG exists and is readable
+    are skipped; the missing ones are split over the processes of `dist` (contiguous blocks),
+    `batch` at a time; rank 0 then writes the .npz (uint8 NHWC "x", "indices", and "labels" when
+    given) and the grid.
     :return: dict(out_dir, n, generated (by all processes), skipped, npz, grid).
     """
+    out_dir, shape, n, record, what, labels, grid_n = folder
     dist = dist or DistInfo()
     device = dist.device
     out_dir = usable_folder(out_dir)
@@ -447,37 +459,17 @@ def draw_to_dir(out_dir, shape, n: int, batch: int, draw: Callable, meta: dict, 
 
 
 def sample_run(model: ModelSpec, out_dir, n: Optional[int], *, batch: int = 64, seed: int = 0,
-               sampler: SamplerSpec = SamplerSpec(), guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True,
-               latents=None) -> dict:
+               sampler: SamplerSpec = SamplerSpec(), guidance: GuidanceSpec = GuidanceSpec(), progress: bool = True) -> dict:
     """`ddpm sample`: images 0 … n-1 of a trained run into `out_dir`, split over torchrun's
     processes; run it again to resume (see `sample_to_dir`).
 
     A class-conditional run samples the classes `guidance.classes` chooses (`sample_labels`; by
-    default in its training set's proportions) with guidance weight `guidance.weight`.
-
-    :param latents: a latents file of `ddpm invert` (`FILE.npz`, `FILE.npz@K`): its latents decoded
-        by the deterministic DDIM chain it records (n: how many, all by default), instead of
-        `sampler`, which must then be left at its default."""
+    default in its training set's proportions) with guidance weight `guidance.weight`."""
     if n is not None:
         check_count(n, "--n", MAX_SAMPLES, why=SAMPLE_NAMES)
     check_count(batch, "--batch", MAX_BATCH)
     loaded, dist, _ = model.open()
-    x_T = None
-    if latents is not None:
-        if sampler != SamplerSpec():
-            raise UserError("--from-latent decodes with the DDIM chain the latents were inverted on; leave --sampler, "
-                            "--steps, --eta and --spacing out")
-        x_T, record = read_latents(latents, loaded.shape)
-        sampler = latent_sampler(record)
-        if record.get("model") != loaded.tag:
-            warnings.warn(f"{latents}: these latents were inverted by {record.get('model')} and are decoded by "
-                          f"{loaded.tag}; only the same model brings them back to their images")
-        if n is not None and n > len(x_T):
-            raise UserError(f"--n {n}: {latents} holds {len(x_T)} latents")
-        n = len(x_T) if n is None else n
-        x_T = x_T[:n]
     labels, n, record = sample_labels(guidance.classes, n, loaded.run.model.num_classes, *loaded.class_info)
     return sample_to_dir(loaded.model, loaded.diffusion, out_dir,
-                         SampleSet(loaded.shape, n, seed, batch, labels, record, guidance.weight, latents=x_T),
-                         sampler=sampler, dist=dist, progress=progress, provenance=Provenance.of(loaded))
-
+                         SampleSet(loaded.shape, n, seed, batch, labels, record, guidance.weight), sampler=sampler,
+                         dist=dist, progress=progress, provenance=Provenance.of(loaded))
