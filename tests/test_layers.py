@@ -14,7 +14,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ddpm"
 LAYERS = ["base", "process", "network", "io", "run", "workflows", "cli", "package"]
-BASE = {"ddpm.errors", "ddpm.config", "ddpm.version", "ddpm.files"}
+BASE = {"ddpm.errors", "ddpm.config", "ddpm.version", "ddpm.threads", "ddpm.files"}
 # Packages that are optional (extras, or only needed by one command): importing them where they
 # are used keeps `import ddpm` working without them. Nothing else is imported inside a function.
 OPTIONAL = {"diffusers", "lmdb", "torch_fidelity", "tensorboard", "torch.utils.tensorboard", "litdata", "matplotlib", "wandb", "huggingface_hub"}

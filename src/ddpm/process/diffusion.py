@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
+from .. import threads
 from ..config import MAX_TIMESTEPS, Choice, Config, check_count
 from ..errors import UserError
 from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
@@ -403,6 +404,7 @@ class GaussianDiffusion:
             x0_mse[:, t_int - 1] = mean_flat((terms["pred_x0"] - x0) ** 2)
             eps = self.predict_eps_from_x0(x_t, t, terms["pred_x0"])
             mse[:, t_int - 1] = mean_flat((eps - noise) ** 2)
+            threads.adapt()
         prior = self.prior_bpd(x0)
         return dict(total_bpd=vb.sum(dim=1) + prior, prior_bpd=prior, vb=vb, mse=mse, x0_mse=x0_mse)
 
@@ -456,6 +458,7 @@ class GaussianDiffusion:
             if callback is not None:
                 callback(t_int, out)
             x = out["sample"]
+            threads.adapt()  # fewer CPU threads while other programs use the cores (ddpm/threads.py)
         return x
 
     def ancestral(self, clip_denoised: bool = True) -> "AncestralStep":

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import threads
 from ..config import Config
 from ..errors import UserError
 from .diffusion import GaussianDiffusion, Model, NoiseFn, Progress, Step, check_time
@@ -200,6 +201,7 @@ def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor, ti
             a_t, a_u = diffusion.alpha_bar(t), diffusion.alpha_bar(u)
             x0_hat = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
             x = math.sqrt(a_u) * x0_hat + math.sqrt(1 - a_u) * eps
+            threads.adapt()
     return x
 
 

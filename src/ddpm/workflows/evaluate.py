@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .. import threads
 from ..config import MAX_BATCH, MAX_SAMPLES, REQUIRED, Config, check_count, get_field, load_json, parse_json, size_value
 from ..errors import UserError
 from ..files import read_text
@@ -137,6 +138,7 @@ def measure_batches(batches, n_total: int, inception: InceptionV3, dist=None, sp
     h, expect = hashlib.sha256(), 0
     for idx, images in batches:
         pool3, logits = inception(images)
+        threads.adapt()  # fewer CPU threads while other programs use the cores
         fs.update(pool3)
         if iss is not None:
             iss.update(logits, idx)

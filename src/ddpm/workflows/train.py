@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import threads
 from ..config import size_value
 from ..errors import Interrupted, UserError
 from ..io import checkpoint as ckpt
@@ -323,8 +324,10 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
         if resampler is not None:  # the losses of the whole global batch, not importance-weighted, on the device
             resampler.update(whole.t, torch.cat(all_gather_tensor(torch.cat(step_losses), dist, on_device=True)))
 
-        # ---- After the step: the log (a host sync every log_every steps), a checkpoint, a stop
-        # asked for, sample grids and FID, in that order
+        # ---- After the step: fewer CPU threads if other programs took cores (ddpm/threads.py), the
+        # log (a host sync every log_every steps), a checkpoint, a stop asked for, sample grids and
+        # FID, in that order
+        threads.adapt()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             rec = tallies.record(done, lr_at(step, cfg), cfg.batch_size, classes, scaler, dist)
