@@ -5,11 +5,23 @@ from pathlib import Path
 import pytest
 
 from ddpm import threads
+from ddpm.cli import main
 
 
 def test_the_wait_policy_is_libgomps_or_the_users():
     assert threads.describe({}).startswith("libgomp's default")
     assert threads.describe({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": " "}) == "OMP_WAIT_POLICY=PASSIVE (yours)"
+
+
+def test_info_device_says_what_a_run_would_use(capsys):
+    assert main(["info", "--device", "cpu", "--preset", "cifar10"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "cpu (cifar10, width 128):"
+    keys = [line.strip().split(":")[0] for line in out[1:]]
+    assert keys == ["threads", "wait policy", "precision", "winograd", "channels-last", "compile", "cuda-graphs"]
+    assert "channels-last: on" in out[5] and "compile: off" in out[6]
+    assert main(["info", "--device", "cpu", "--preset", "demo"]) == 0
+    assert "channels-last: off" in capsys.readouterr().out  # the demo's width 32
 
 
 # ---------------------------------------------------------------- fewer threads while others use the cores
@@ -144,3 +156,9 @@ def test_cpu_times_reads_this_machine():
     busy, own = got
     assert busy > 0 and own > 0
 
+
+def test_what_info_says_of_the_thread_count():
+    assert threads.describe_adapting({"OMP_NUM_THREADS": "3"}) == "fixed by OMP_NUM_THREADS=3"
+    assert threads.describe_adapting({threads.OFF_VARIABLE: "off"}).startswith("fixed: DDPM_THREAD_POLICY=off")
+    if threads.cpu_times() is not None:
+        assert threads.describe_adapting({}).startswith("fewer while other programs keep cores busy")

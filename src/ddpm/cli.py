@@ -27,13 +27,14 @@ import torch
 from .errors import Interrupted, UserError, os_error_line
 from .config import parse_size
 from .io.data import Channels, Crop, DataConfig, OnError, Split
-from .io.distributed import is_main_process
+from .io.distributed import is_main_process, pick_device
 from .io.folders import usable_folder
 from .io.prepared import DEFAULT_SHARD_BYTES, PreparedSet, open_data, prepare
 from .io.stopping import SignalWatchdog, handled
 from .io.streaming import check_stream_out, write_stream
 from .io.weights import READ_FORMATS, WRITE_FORMATS, convert_file
 from .io.inception_weights import ARCHIVE_NAME, OFFICIAL, PACKAGE, WEIGHTS_NAME
+from .network.fast import describe_device
 from .network.unet import summary
 from .process.editing import INVERT_SPACING, RePaintSpec
 from .process.sampling import SAMPLERS, Sampler, SamplerSpec
@@ -329,6 +330,10 @@ def _say(*lines: str, err: bool = False) -> None:
 
 
 def _info_args(p):
+    p.add_argument("--device", nargs="?", const="auto", default=None, choices=("auto", "cpu", "cuda"),
+                   help="instead: what a run would use on this device (auto: CUDA if present, else the CPU): threads, "
+                        "their wait policy, precision, Winograd, channels-last, compile, one line each with why; "
+                        "with --preset or --config, for that network")
     p.add_argument("--preset", help=f"a preset name: {PRESET_NAMES}")
     p.add_argument("--config", metavar="JSON", help="a UNetConfig JSON (or a run config with a 'model' section)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model field (repeatable)")
@@ -336,6 +341,15 @@ def _info_args(p):
 
 @command("info", "print a network's resolved config, parameter count and forward GFLOPs per image", _info_args)
 def cmd_info(args):
+    if args.device is not None:
+        width = model_config(args.preset, args.config, args.set).ch if (args.preset or args.config) else None
+        device = pick_device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: this machine has no CUDA device torch can use; give --device cpu or auto")
+        print(f"{device.type}{f' ({args.preset or args.config}, width {width})' if width else ''}:")
+        for line in describe_device(device, width):
+            print(f"  {line}")
+        return
     s = summary(model_config(args.preset, args.config, args.set))
     source = f"preset {args.preset}" if args.preset else args.config
     cfg = s["config"]

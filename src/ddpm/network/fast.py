@@ -69,6 +69,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .. import threads
 from ..config import Choice
 from ..errors import UserError
 from . import winograd
@@ -189,6 +190,42 @@ def describe_precision(precision: str, device) -> str:
     if Precision.parse(precision, "precision") is not Precision.AUTO:
         return used.value
     return f"auto -> {used.value} ({torch.device(device).type}: {native_bf16(device)[1]})"
+
+
+def describe_device(device, width: Optional[int] = None) -> list[str]:
+    """What the network would run with on `device` ("cpu" or "cuda"), one line each with the reason:
+    threads, their wait policy, precision ("auto"), and the fast paths' "auto" (`ddpm info --device`).
+
+    :param width: the network's base width ch (decides channels_last on the CPU); None: not known.
+    """
+    device = torch.device(device)
+    kind = device.type
+    lines = []
+    if kind == "cpu":
+        n = torch.get_num_threads()
+        why = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" if os.environ.get("OMP_NUM_THREADS", "").strip()
+               else f"torch's default for the {os.cpu_count()} CPUs this process may use")
+        lines += [f"threads: {n} ({why}); {threads.describe_adapting()}", f"wait policy: {threads.describe()}"]
+    else:
+        lines.append(f"device: {torch.cuda.get_device_name(device) if torch.cuda.is_available() else 'no CUDA device'}")
+    lines.append(f"precision: {describe_precision('auto', device)} (--precision auto; the default is fp32, the paper's)")
+    reasons = {
+        "winograd": ("3x3 convolutions of >= 128 channels on >= 16x16 pixels by Winograd F(4x4, 3x3), measured "
+                     "faster than direct ones on the CPU" if kind == "cpu" else "a CPU path"),
+        "channels_last": ("NHWC, measured faster for wide networks and slower for narrow ones" if kind == "cpu" else
+                          "cuDNN's fast convolution layout"),
+        "compile": ("off on the CPU: minutes of compilation, measured not to pay back" if kind == "cpu" else
+                    "fuses GroupNorm + SiLU and the adds; falls back to eager if it fails"),
+        "cuda_graphs": "sampling replays one graph per batch shape" if kind == "cuda" else "CUDA only",
+    }
+    for name, why in reasons.items():
+        if name == "channels_last" and kind == "cpu" and width is None:
+            state = f"on from width {CPU_CHANNELS_LAST_MIN_WIDTH} up"
+        else:
+            model = None if width is None else type("M", (), {"config": type("C", (), {"ch": width})})()
+            state = "on" if resolve_switch(name, "auto", device, model) else "off"
+        lines.append(f"{name.replace('_', '-')}: {state} ({why})")
+    return lines
 
 
 def autocast(device, precision: str):
