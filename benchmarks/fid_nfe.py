@@ -144,22 +144,29 @@ def save_plot(path, draw) -> None:
     print(f"wrote {path}")
 
 
+def add_fid_args(p, seed_sets: int) -> None:
+    """The flags of a FID measurement by `sample_fid`, shared by this script and recipes.py: the
+    reference, `--seed-sets` disjoint sets of `--n` images, the batch, the network's precision and
+    the Inception weights."""
+    p.add_argument("--ref", required=True, help="reference statistics (ddpm fid-ref) of the model's training data")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--seed-sets", type=int, default=seed_sets)
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"),
+                   help="the network's (auto: bf16 where the CPU computes it natively); the solvers stay fp32")
+    p.add_argument("--inception-weights", default=None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--run", required=True)
-    r.add_argument("--ref", required=True, help="reference statistics (ddpm fid-ref) of the run's data")
-    r.add_argument("--n", type=int, default=500)
-    r.add_argument("--seed-sets", type=int, default=1)
+    add_fid_args(r, seed_sets=1)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--batch", type=int, default=250)
     r.add_argument("--nfe", type=int, nargs="+", default=NFES)
     r.add_argument("--samplers", nargs="+", default=[s for s, _ in ROWS])
     r.add_argument("--ancestral", action="store_true", help="also Algorithm 2 with its T evaluations")
-    r.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"),
-                   help="the network's (auto: bf16 where the CPU computes it natively); the solvers stay fp32")
-    r.add_argument("--inception-weights", default=None)
     r.add_argument("--out", required=True)
     q = sub.add_parser("report")
     q.add_argument("results")

@@ -50,7 +50,7 @@ from ddpm.run.load import ModelSpec
 from ddpm.workflows.fid import load_stats
 from ddpm.workflows.nll import nll_run
 from ddpm.workflows.train import train
-from fid_nfe import sample_fid, save_plot  # benchmarks/fid_nfe.py: the same measurement and figure
+from fid_nfe import add_fid_args, sample_fid, save_plot  # benchmarks/fid_nfe.py: the same measurement and figure
 
 BASE = dict(
     model=dict(in_channels=1, out_channels=1, ch=32, ch_mult=[1, 2, 2], num_res_blocks=2, attn_resolutions=[],
@@ -198,12 +198,7 @@ def main() -> None:
     t.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     f = sub.add_parser("fid")
     f.add_argument("--root", required=True)
-    f.add_argument("--ref", required=True, help="reference statistics (ddpm fid-ref) of the training data")
-    f.add_argument("--n", type=int, default=500)
-    f.add_argument("--seed-sets", type=int, default=2)
-    f.add_argument("--batch", type=int, default=250)
-    f.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"))
-    f.add_argument("--inception-weights", default=None)
+    add_fid_args(f, seed_sets=2)
     f.add_argument("--out", required=True)
     b = sub.add_parser("bpd")
     b.add_argument("--root", required=True)
