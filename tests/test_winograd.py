@@ -63,6 +63,20 @@ def test_the_f43_matrices_are_minimal_filtering_of_a_correlation():
         assert torch.allclose(AT @ ((G @ g) * (BT @ d)), want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["BT", "AT", "A"])
+def test_each_transform_applies_its_matrix(name):
+    # The tile transforms run as sums shared between rows (B^T, A^T, A) or row by row (G): applied to
+    # the unit vectors along an axis, each must give the columns of the matrix it stands for.
+    mat = winograd._transpose(winograd.AT) if name == "A" else getattr(winograd, name)
+    want = torch.tensor(mat, dtype=torch.float64)
+    got = winograd._contract(mat, torch.eye(want.shape[1], dtype=torch.float64), 0)
+    assert torch.equal(got, want)
+    # and along an inner axis of a strided batch of them, as the convolution applies them
+    batch = torch.randn(3, want.shape[1], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = winograd._contract(mat, batch.transpose(0, 2), 1)
+    assert torch.allclose(got, torch.einsum("ik,bkc->cib", want, batch), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape, layout", [
     ((2, 5, 7, 16, 16), torch.contiguous_format),
     ((1, 3, 4, 17, 22), torch.channels_last),  # sizes not divisible by the 4x4 tiles: partial tiles

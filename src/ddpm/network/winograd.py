@@ -30,7 +30,10 @@ No library offers this for PyTorch on these CPUs: PyTorch always asks oneDNN for
 algorithm (oneDNN's opt-in x64 Winograd kernels were written for AVX-512 only), and PyTorch's
 NNPACK fails to run on these machines (`torch._nnpack_spatial_convolution` raises), so it is
 written here with torch operations: the transforms as scaled adds that skip the matrices' zeros
-(small matrix products are the slowest shapes for a BLAS), the products as one `torch.bmm`.
+and share the sums that rows have in common (small matrix products are the slowest shapes for a
+BLAS: a [36 x 36] transform as one GEMM ran 2.4x slower than these adds), the products as one
+`torch.bmm` (MKL's sgemm; oneDNN's 1x1 convolutions were not faster at these shapes,
+BENCHMARKS.md § The CPU's roof).
 """
 
 from __future__ import annotations
@@ -81,26 +84,83 @@ def _contract(mat, src: torch.Tensor, dim: int, out: torch.Tensor | None = None)
     applied along one axis, as scaled adds over whole slices that skip the matrix's zeros.
 
     Each operation is a pass over memory and, with several threads, a parallel region (on a CPU
-    whose idle threads sleep, waking them costs more than a small operation): a row's first two
-    terms share one `torch.add` where one coefficient is 1, as every row of B^T, A^T and A has."""
+    whose idle threads sleep, waking them costs more than a small operation). B^T, A^T and A, the
+    transforms of every tile, go through their factored forms (`_FACTORED`: 12, 10 and 10 passes
+    instead of 16, 17 and 18); any other matrix row by row, a row's first two terms sharing one
+    `torch.add` where one coefficient is 1."""
     if out is None:  # the new axis outermost, so that every slice written is contiguous
         shape = list(src.shape)
         del shape[dim]
         out = src.new_empty([len(mat)] + shape).movedim(0, dim)
+    d = [src.select(dim, k) for k in range(len(mat[0]))]
+    o = [out.select(dim, i) for i in range(len(mat))]
+    factored = _FACTORED.get(mat)
+    if factored is not None:
+        factored(d, o, lambda role: _empty(role, o[0].shape, o[0]))
+        return out
     for i, row in enumerate(mat):
-        o = out.select(dim, i)
-        terms = sorted(((c, src.select(dim, k)) for k, c in enumerate(row) if c != 0), key=lambda cs: cs[0] != 1)
+        terms = sorted(((c, d[k]) for k, c in enumerate(row) if c != 0), key=lambda cs: cs[0] != 1)
         (c0, s0), rest = terms[0], terms[1:]
         if c0 == 1 and rest:
             (c1, s1), rest = rest[0], rest[1:]
-            torch.add(s0, s1, alpha=c1, out=o)
+            torch.add(s0, s1, alpha=c1, out=o[i])
         elif c0 == 1:
-            o.copy_(s0)
+            o[i].copy_(s0)
         else:
-            torch.mul(s0, c0, out=o)
+            torch.mul(s0, c0, out=o[i])
         for c, t in rest:
-            o.add_(t, alpha=c)
+            o[i].add_(t, alpha=c)
     return out
+
+
+# The factored forms share the sums that pairs of rows have in common (the rows of B^T for the
+# points +-1 and +-2, of A^T for +-1 and +-2 as well); `tmp(role)` is a scratch slice. Each equals
+# its matrix (tests/test_winograd.py applies it to unit vectors).
+
+def _bt_rows(d, o, tmp):
+    """o = B^T d."""
+    t = tmp("cse_a")
+    torch.add(d[4], d[2], alpha=-5, out=o[0]).add_(d[0], alpha=4)  # 4 d0 - 5 d2 + d4
+    torch.add(d[4], d[2], alpha=-4, out=o[1])  # d4 - 4 d2
+    torch.add(d[3], d[1], alpha=-4, out=t)  # d3 - 4 d1
+    torch.add(o[1], t, alpha=-1, out=o[2])  # -> 4 d1 - 4 d2 - d3 + d4
+    o[1].add_(t)  # -> -4 d1 - 4 d2 + d3 + d4
+    torch.add(d[4], d[2], alpha=-1, out=o[3])  # d4 - d2
+    torch.add(d[3], d[1], alpha=-1, out=t)  # d3 - d1
+    torch.add(o[3], t, alpha=-2, out=o[4])  # -> 2 d1 - d2 - 2 d3 + d4
+    o[3].add_(t, alpha=2)  # -> -2 d1 - d2 + 2 d3 + d4
+    torch.add(d[5], d[3], alpha=-5, out=o[5]).add_(d[1], alpha=4)  # 4 d1 - 5 d3 + d5
+
+
+def _at_rows(m, o, tmp):
+    """o = A^T m."""
+    s, t = tmp("cse_a"), tmp("cse_b")
+    torch.add(m[1], m[2], out=o[2])  # m1 + m2
+    torch.add(m[1], m[2], alpha=-1, out=o[1])  # m1 - m2
+    torch.add(m[3], m[4], out=s)  # m3 + m4
+    torch.add(m[3], m[4], alpha=-1, out=t)  # m3 - m4
+    torch.add(m[0], o[2], out=o[0]).add_(s)  # m0 + m1 + m2 + m3 + m4
+    o[2].add_(s, alpha=4)  # m1 + m2 + 4 (m3 + m4)
+    torch.add(o[1], t, alpha=8, out=o[3]).add_(m[5])  # m1 - m2 + 8 (m3 - m4) + m5
+    o[1].add_(t, alpha=2)  # m1 - m2 + 2 (m3 - m4)
+
+
+def _a_rows(g, o, tmp):
+    """o = A g (the adjoint of A^T)."""
+    t = tmp("cse_a")
+    o[0].copy_(g[0])
+    o[5].copy_(g[3])
+    torch.add(g[0], g[2], out=o[1])  # g0 + g2
+    torch.add(g[1], g[3], out=t)  # g1 + g3
+    torch.add(o[1], t, alpha=-1, out=o[2])  # -> g0 - g1 + g2 - g3
+    o[1].add_(t)  # -> g0 + g1 + g2 + g3
+    torch.add(g[0], g[2], alpha=4, out=o[3])  # g0 + 4 g2
+    torch.add(g[1], g[3], alpha=4, out=t)  # g1 + 4 g3
+    torch.add(o[3], t, alpha=-2, out=o[4])  # -> g0 - 2 g1 + 4 g2 - 8 g3
+    o[3].add_(t, alpha=2)  # -> g0 + 2 g1 + 4 g2 + 8 g3
+
+
+_FACTORED = {BT: _bt_rows, AT: _at_rows, _transpose(AT): _a_rows}
 
 
 def _tiles(h: int, w: int) -> tuple[int, int]:
