@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm.network import winograd
+from threads_bench import cpu_name  # benchmarks/ is this script's directory, so on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 # (C_in, C_out, H = W): the CIFAR-10 U-Net's convolutions that take the Winograd path (bench_winograd.py's)
@@ -81,16 +81,6 @@ def winograd_bf16(x: torch.Tensor, w: torch.Tensor, m: int) -> torch.Tensor:
 
 def rms_rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def cpu_flags() -> list[str]:
