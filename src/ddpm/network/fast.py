@@ -24,8 +24,10 @@ tensor-core GPUs and have not been measured yet, because no GPU was available wh
 | winograd        | on   | -    | the CPU's 3x3 convolutions of >= 128 channels on >= 16x16 pixels by       |
 |                 |      |      | Winograd F(4x4, 3x3) (winograd.py): 4x fewer multiplications than         |
 |                 |      |      | direct convolutions, which already run at the cores' FMA peak.            |
-|                 |      |      | CIFAR-10 net, 1-2 threads: forward 1.2-1.4x, training step 1.5-1.6x       |
-|                 |      |      | faster than direct. Rounds differently (about 1e-5 of the largest value,  |
+|                 |      |      | CIFAR-10 net, 1-2 threads, forward and training step against direct:      |
+|                 |      |      | Zen 3 1.2-1.6x, Zen 4 1.2x, Sapphire Rapids 1.0-1.15x (the faster the     |
+|                 |      |      | direct convolution, the less is left: BENCHMARKS.md § The CPU's roof).    |
+|                 |      |      | Rounds differently (about 1e-5 of the largest value,                      |
 |                 |      |      | tests/test_winograd.py)                                                   |
 
 Precision is a setting of its own, `precision`: "fp32", "bf16" (autocast of the network; the
