@@ -1,6 +1,7 @@
-"""ddpm against diffusers' UNet2DModel, side by side, in one process.
+"""ddpm against diffusers' UNet2DModel, side by side, in one process (or in processes of their own).
 
     python benchmarks/bench.py --device cpu  --batch 8                      # the CPU targets
+    python benchmarks/bench.py --device cpu  --batch 8 --separate 3         # each in its own process, 3 rounds
     python benchmarks/bench.py --device cuda --batch 128 --precision bf16   # training, one GPU
     python benchmarks/bench.py --device cuda --batch 256 --precision bf16 --tasks forward,sample
 
@@ -9,7 +10,10 @@ inside the same harness: the same inputs, the same loss, optimizer, EMA and samp
 same precision; only the network's implementation and its fast-path switches differ. The
 implementations are measured alternately, several repetitions in turn (the order rotates every
 repetition), and each result is the median; ratios are medians over medians. Load from other
-processes therefore slows both sides alike.
+processes therefore slows both sides alike. With --separate ROUNDS each implementation runs alone in
+a fresh process instead, the processes alternating: how a user runs one of them. On a 2-core Zen 4
+ddpm's fp32 training step ran 1.3-1.5 s alone and 1.4-2.1 s beside diffusers' network, optimizer
+and EMA in one process (BENCHMARKS.md § The CPU's roof), so for CPU ratios report both.
 
 Tasks, per implementation:
 - forward: one network evaluation at batch B, in eval mode without gradients, as sampling and
@@ -58,6 +62,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -448,6 +453,9 @@ def main(argv=None) -> int:
     p.add_argument("--omp-wait-policy", default="default", choices=OMP_POLICIES,
                    help="OpenMP's wait policy, written --omp-wait-policy=X (default: libgomp's own; see the top of this file)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--separate", type=int, default=0, metavar="ROUNDS",
+                   help="instead of one process: each implementation in a fresh process of its own, ROUNDS times, "
+                        "the order rotating, its repetitions pooled (what a user running one of them sees)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>-<precision>-<date>.json)")
     args = p.parse_args(argv)
 
@@ -473,6 +481,9 @@ def main(argv=None) -> int:
             p.error(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
         if precision not in PRECISIONS:
             p.error(f"unknown precision {precision!r} in {i!r}; choose from {', '.join(PRECISIONS)}")
+
+    if args.separate:
+        return run_separately(args, impls, argv)
 
     torch.manual_seed(args.seed)
     cfg = RunConfig.from_preset(args.preset).model
@@ -528,12 +539,69 @@ def main(argv=None) -> int:
                date=started.isoformat(timespec="seconds"), machine=meta, preset=args.preset, batch=args.batch,
                precision=args.precision, reps=args.reps, gflop_per_image_forward=fwd_gflop, peak_tflops=peak,
                results=results)
+    write(out, args, device.type, started)
+    return 0
+
+
+def write(out: dict, args, device_type: str, started: datetime.datetime) -> None:
+    """The JSON file (--out, or benchmarks/results/<device>-<precision>-b<batch>-<date>.json) and the Markdown."""
     path = Path(args.out or Path(__file__).resolve().parent / "results" /
-                f"{device.type}-{args.precision}-b{args.batch}-{started.strftime('%Y%m%d-%H%M%S')}.json")
+                f"{device_type}-{args.precision}-b{args.batch}-{started.strftime('%Y%m%d-%H%M%S')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(markdown(out))
     print(f"\nwritten: {path}", file=sys.stderr)
+
+
+def run_separately(args, impls: list[str], argv) -> int:
+    """--separate: each implementation alone in a fresh process (this script with --impls X), args.separate
+    rounds with the order rotating; each (task, implementation)'s repetitions are pooled over the rounds,
+    its rates rescaled to the pooled median, and the ratios taken between pooled medians. Measured this
+    way, nothing of one implementation (its heap, its caches) is left in the process the other runs in."""
+    child = ["--device", args.device, "--preset", args.preset, "--batch", str(args.batch), "--precision", args.precision,
+             "--tasks", args.tasks, "--reps", str(args.reps), "--warmup", str(args.warmup), "--min-rep-s", str(args.min_rep_s),
+             "--sample-steps", str(args.sample_steps), f"--omp-wait-policy={args.omp_wait_policy}", "--seed", str(args.seed)]
+    child += (["--threads", str(args.threads)] if args.threads else []) + ([] if args.memory else ["--no-memory"])
+    child += ["--profile"] if args.profile else []
+    started = datetime.datetime.now(datetime.timezone.utc)
+    runs: dict[tuple, list] = {}
+    meta = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.separate):
+            for impl in impls[k % len(impls):] + impls[:k % len(impls)]:
+                path = Path(tmp) / f"{k}-{impl}.json"
+                subprocess.run([sys.executable, __file__, *child, "--impls", impl, "--out", str(path)], check=True,
+                               stdout=subprocess.DEVNULL)
+                child_out = json.loads(path.read_text())
+                meta = meta or child_out["machine"]
+                for r in child_out["results"]:
+                    runs.setdefault((r["task"], r["impl"]), []).append(r)
+    results = []
+    for (task, impl), rs in runs.items():
+        r = dict(rs[0], times_s=[t for x in rs for t in x["times_s"]], cpu_times_s=[t for x in rs for t in x["cpu_times_s"]])
+        r["median_s"], r["median_cpu_s"] = statistics.median(r["times_s"]), statistics.median(r["cpu_times_s"])
+        scale = rs[0]["median_s"] / r["median_s"]  # the rates of the first round, at the pooled median
+        for key in ("img_per_s", "img_per_s_1000_steps", "tflops", "fraction_of_peak"):
+            if key in r:
+                r[key] *= scale
+        if "steps_per_s" in r:
+            r["steps_per_s"] = 1.0 / r["median_s"]
+        if "step_s" in r:
+            r["step_s"] = r["median_s"] / r["sample_steps_timed"]
+        r["processes"] = len(rs)
+        results.append(r)
+    tasks = args.tasks.split(",")
+    results.sort(key=lambda r: (tasks.index(r["task"]), impls.index(r["impl"])))
+    for r in results:
+        base = next((b for b in results if b["task"] == r["task"] and b["impl"] == BASELINE), None)
+        if base is not None:
+            r["speedup_vs_diffusers"] = base["median_s"] / r["median_s"]
+            r["speedup_cpu_time_vs_diffusers"] = base["median_cpu_s"] / r["median_cpu_s"]
+    meta = dict(meta, separate_processes=args.separate, loadavg_end=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    out = dict(command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+               date=started.isoformat(timespec="seconds"), machine=meta, preset=args.preset, batch=args.batch,
+               precision=args.precision, reps=args.reps * args.separate, results=results)
+    write(out, args, args.device, started)
     return 0
 
 
