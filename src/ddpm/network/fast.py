@@ -18,7 +18,8 @@ tensor-core GPUs and have not been measured yet, because no GPU was available wh
 |                 |      |      | ch=32 network on 28x28 runs 15-20% slower in NHWC)                        |
 | compile         | off  | on   | torch.compile (inductor): fuses GroupNorm+SiLU, the time-embedding add    |
 |                 |      |      | and the residual adds. Off on CPU: 2-5 minutes of compilation on 2 cores, |
-|                 |      |      | then forward 0-3% faster and training 1-4% slower than eager              |
+|                 |      |      | then fp32 forward 0-3% faster and training 1-4% slower than eager, bf16   |
+|                 |      |      | training 7-11% slower (Zen 4)                                             |
 | cuda_graphs     | off  | on   | sampling only: one CUDA graph per batch shape replays the whole network,  |
 |                 |      |      | so 1000 steps cost 1000 launches instead of ~300,000                      |
 | winograd        | on   | -    | the CPU's 3x3 convolutions of >= 128 channels on >= 16x16 pixels by       |
