@@ -12,7 +12,9 @@ channels_last, batch 8):
   (a quarter of the direct algorithm's);
 - gain: the direct convolution's time over the products' (what Winograd could at most save, before
   its tile transforms);
-- the same fp32 products by oneDNN instead of MKL: 36 1x1 convolutions, or one grouped one.
+- the same fp32 products by oneDNN instead of MKL: 36 1x1 convolutions, or one grouped one;
+- the direct convolution's backward kernels (input gradient, weight gradient), which are two thirds
+  of a training step's convolution work, in GFLOP/s, fp32 and bf16.
 Then one large GEMM (2048 x 512 x 512) for the BLAS's best rate here, and the rounding error, against
 float64, of a bf16 convolution done directly and by Winograd F(4x4, 3x3) and F(2x2, 3x3) with bf16
 products: the reason ddpm's bf16 path has no Winograd. Timings alternate, medians of --reps.
@@ -79,6 +81,12 @@ def winograd_bf16(x: torch.Tensor, w: torch.Tensor, m: int) -> torch.Tensor:
     return y.reshape(b, h, wd, -1).permute(0, 3, 1, 2)
 
 
+def backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, which: int):
+    """One of a 3x3 convolution's (padding 1) backward kernels: 0 the input's gradient, 1 the weight's."""
+    return torch.ops.aten.convolution_backward(grad, x, w, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1,
+                                               (which == 0, which == 1, False))
+
+
 def rms_rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
 
@@ -136,6 +144,14 @@ def main(argv=None) -> int:
         r["gflops"].update(products_fp32_bmm_again=product_flop / t_alt[0] / 1e9,
                            products_fp32_onednn_1x1=product_flop / t_alt[1] / 1e9,
                            products_fp32_onednn_grouped=product_flop / t_alt[2] / 1e9)
+        # the backward kernels of the direct convolution (each the forward's work)
+        gy = torch.randn(args.batch, c_out, s, s, generator=gen).contiguous(memory_format=torch.channels_last)
+        gyb = gy.bfloat16()
+        with torch.no_grad():
+            t_bwd = alternate([lambda: backward(gy, x, w, 0), lambda: backward(gy, x, w, 1),
+                               lambda: backward(gyb, xb, wb, 0), lambda: backward(gyb, xb, wb, 1)], args.reps)
+        r["gflops"].update(zip(("input_grad_fp32", "weight_grad_fp32", "input_grad_bf16", "weight_grad_bf16"),
+                               (direct_flop / t / 1e9 for t in t_bwd)))
         rows.append(r)
         g = r["gflops"]
         lines.append(f"| {c_in} -> {c_out} @ {s}x{s} | {t[0] * 1e3:.2f} ms, {g['direct_fp32']:.0f} GFLOP/s | "
@@ -149,6 +165,15 @@ def main(argv=None) -> int:
         g = r["gflops"]
         lines.append(f"| {r['shape'][0]} -> {r['shape'][1]} @ {r['shape'][2]}x{r['shape'][2]} | {g['products_fp32_bmm_again']:.0f} | "
                      f"{g['products_fp32_onednn_1x1']:.0f} | {g['products_fp32_onednn_grouped']:.0f} |")
+    lines += ["", "The direct convolution's backward kernels (oneDNN, channels_last; GFLOP/s of the direct algorithm's "
+              "work, the same as the forward's), beside its forward from the first table:", "",
+              "| C_in -> C_out @ HxW | forward fp32 | input grad fp32 | weight grad fp32 | forward bf16 | input grad bf16 "
+              "| weight grad bf16 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = r["gflops"]
+        lines.append(f"| {r['shape'][0]} -> {r['shape'][1]} @ {r['shape'][2]}x{r['shape'][2]} | " + " | ".join(
+            f"{g[k]:.0f}" for k in ("direct_fp32", "input_grad_fp32", "weight_grad_fp32", "direct_bf16",
+                                     "input_grad_bf16", "weight_grad_bf16")) + " |")
     a, b = torch.randn(2048, 512, generator=gen), torch.randn(512, 512, generator=gen)
     big = alternate([lambda: torch.mm(a, b), lambda: torch.mm(a.bfloat16(), b.bfloat16())], args.reps)
     big_gflops = [2 * 2048 * 512 * 512 / t / 1e9 for t in big]
