@@ -1531,6 +1531,8 @@ EVAL_REPORTS = [
     ("is-without-std", {"inception_score": {"is_mean": 1.0}}, "is_std"),
     ("bpd-a-number", {"bits_per_dim": 3.1}, "bits_per_dim"),
     ("bpd-total-a-list", {"bits_per_dim": {"total_bpd": [3]}}, "total_bpd"),
+    ("sampler-a-string", {"sampler": "ddim"}, "sampler"),
+    ("sampler-description-a-number", {"sampler": {"description": 5}}, "description"),
     ("a-list", [1], "eval.json"),
     ("nested-100000", DEEP_JSON, "eval.json"),
     ("not-json", "{", "eval.json"),

@@ -8,6 +8,7 @@ The Inception-v3 forward costs ~6 GFLOPs per image, so the network tests use a f
 import importlib.util
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -461,6 +462,7 @@ def test_eval_end_to_end_with_test_weights(tmp_path, weights, inception, capsys)
     assert rep["inception"]["weights_sha256"] == sha and rep["inception_score"]["is_mean"] >= 1.0 - 1e-9
     assert np.isfinite(rep["bits_per_dim"]["total_bpd"]) and rep["bits_per_dim"]["n"] == 2
     assert rep["weights"].startswith("ema") and rep["n_samples"] == 2
+    assert (rep["sampler"]["sampler"], rep["sampler"]["T"]) == ("ancestral", 5)  # Algorithm 2 over the run's T
     # the metric saw exactly the pixels of the saved PNG files
     pngs = open_images(out / "samples")
     assert len(pngs) == 2 and rep["samples_pixels_sha256"] == data_fingerprint(pngs.gather(torch.arange(2)))
@@ -635,6 +637,28 @@ def test_memorization_check_finds_samples_that_copy_training_images():
     assert 0.03 <= check["closer_than_heldout_p01"] <= 0.03 + 0.05
     assert sum(check["histogram"]["samples"]) == 100 and sum(check["histogram"]["heldout"]) == 200
     assert check["n_train_searched"] == 500 and check["samples_nn"]["0.001"] == 0.0
+
+
+@needs_torch_fidelity
+def test_eval_of_a_few_step_sampler_records_it_says_it_and_reports_it(tmp_path, weights, capsys):
+    from ddpm.cli import main
+
+    rng = np.random.default_rng(14)
+    _tiny_run(tmp_path, 4, x_train=rng.integers(0, 256, (4, 32, 32), dtype=np.uint8),
+              x_test=rng.integers(0, 256, (4, 32, 32), dtype=np.uint8))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run"), "--n", "2", "--batch", "2", "--bpd-n", "0", "--sampler", "ddim",
+                 "--steps", "2", *_flags(weights, 2)]) == 0
+    said = "".join(capsys.readouterr())
+    evals = list((tmp_path / "run" / "eval").glob("*/eval.json"))
+    assert len(evals) == 1 and "ddim" in evals[0].parent.name
+    rec = json.loads(evals[0].read_text())["sampler"]
+    assert (rec["sampler"], rec["ddim_steps"], rec["T"]) == ("ddim", 2, 4)
+    # two network evaluations of DDIM, not the 4 of Algorithm 2, in what it says and what the report shows
+    assert "ddim" in said and "Algorithm 2" not in said
+    assert main(["report", str(tmp_path / "run")]) == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert re.search(r"2 samples \(ddim, η = 0, 2 network evaluations", page)
 
 
 @needs_torch_fidelity

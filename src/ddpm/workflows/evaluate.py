@@ -496,7 +496,8 @@ def evaluate_run(model: ModelSpec, spec: EvalSpec = EvalSpec(), *, out_dir=None,
     if labels is None:
         conditioned(ema, None, 0, guidance)  # a weight for an unconditional model: one line
     claim_folder(out_dir, _is_evaluation, "an evaluation")
-    log(f"eval: {total} samples of the {describe_weights(loaded.weights)} weights (Algorithm 2, T={diffusion.num_timesteps}) of {ckpt_file} into {out_dir / 'samples'}"
+    chain = sampler.describe(diffusion)
+    log(f"eval: {total} samples of the {describe_weights(loaded.weights)} weights ({chain}) of {ckpt_file} into {out_dir / 'samples'}"
         + (f", {seed_sets} sets of {n}" if seed_sets > 1 else ""))
     res = sample_to_dir(ema, diffusion, out_dir / "samples", SampleSet(shape, total, seed, batch, labels, classes, guidance),
                         sampler=sampler, dist=dist, progress=progress, provenance=Provenance.of(loaded))
@@ -507,6 +508,7 @@ def evaluate_run(model: ModelSpec, spec: EvalSpec = EvalSpec(), *, out_dir=None,
                                sampler={**sampler.record(clip=False), "T": diffusion.num_timesteps})
     report = dict(run=str(base), checkpoint=str(ckpt_file), checkpoint_sha256=loaded.sha256, weights=EMA_RECORD if loaded.weights == "ema" else loaded.weights,
                   precision=loaded.precision.value, n_samples=n, seed=seed, samples_dir=str(out_dir / "samples"), protocol=PROTOCOL,
+                  sampler={**sampler.record(), "T": diffusion.num_timesteps, "description": chain},
                   inception=dict(inception.info), inception_score=is_, samples_pixels_sha256=stats.provenance["pixels_sha256"])
     notes = [] if is_ is not None else [no_inception_score(inception.info)]
     if labels is not None:
@@ -682,6 +684,9 @@ def read_eval_report(path) -> dict:
                 get_field(part, k, float, f"{path} [{key}]", ok=_number_or_null, need="a number",
                           default=None if key == "bits_per_dim" else REQUIRED, advice=advice)
     get_field(rep, "references", (dict, type(None)), path, default=None, advice=advice)
+    sampler = get_field(rep, "sampler", (dict, type(None)), path, default=None, advice=advice)  # none before it was recorded
+    if sampler:
+        get_field(sampler, "description", str, f"{path} [sampler]", default=None, advice=advice)
     for key, numbers in (("kid", ("kid_mean", "kid_std")), ("precision_recall", ("precision", "recall", "k"))):
         by_split = get_field(rep, key, (dict, type(None)), path, default=None, advice=advice) or {}
         for split, part in by_split.items():

@@ -177,7 +177,9 @@ def _evaluation(reports: list[tuple[Path, dict]]) -> list[str]:
             rows.append(f"<tr><th>bits/dim (test)</th><td>{bpd['total_bpd']:.4f}</td></tr>")
         refs = "; ".join(f"{html_text(k)}: {html_text(v.get('source_description') or v.get('path') or '')}"
                          for k, v in (rep.get("references") or {}).items() if isinstance(v, dict))
-        parts.append(f"<h3>{html_text(path.parent.name)}</h3><p>{html_text(rep.get('n_samples'))} samples; "
+        chain = (rep.get("sampler") or {}).get("description")
+        parts.append(f"<h3>{html_text(path.parent.name)}</h3><p>{html_text(rep.get('n_samples'))} samples"
+                     + (f" ({html_text(chain)})" if chain else "") + "; "
                      f"measured against "
                      f"{refs or 'the references recorded in eval.json'}</p><table>{''.join(rows)}</table>")
         parts += _memorization(path.parent, rep.get("memorization"))
