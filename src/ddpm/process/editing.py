@@ -39,7 +39,7 @@ REPAINT_RESAMPLE = 10
 
 def q_jump(diffusion: GaussianDiffusion, x: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor) -> torch.Tensor:
     """x_{t_to} ~ q(x_{t_to} | x_{t_from}) for t_to > t_from: the forward process (eq. 2) run for
-    t_to − t_from steps at once, N(√(ᾱ_{t_to}/ᾱ_{t_from}) x, (1 − ᾱ_{t_to}/ᾱ_{t_from}) I) (M36)."""
+    t_to − t_from steps at once, N(√(ᾱ_{t_to}/ᾱ_{t_from}) x, (1 − ᾱ_{t_to}/ᾱ_{t_from}) I) (M35)."""
     if not 0 <= t_from < t_to <= diffusion.num_timesteps:
         raise ValueError(f"q_jump goes up, from t={t_from} to t={t_to} in 0 … T={diffusion.num_timesteps}")
     ratio = diffusion.alpha_bar(t_to) / diffusion.alpha_bar(t_from)  # float64 on the host
@@ -103,7 +103,7 @@ def repaint_nfe(times: Sequence[int], jump: int = REPAINT_JUMP, resample: int = 
 class KnownRegion:
     """A `Step` that inpaints: `step`'s move to t_next, after which the known pixels (`keep`, True or
     1 = keep) take a fresh draw of q(x_{t_next} | x_0) of the image `x0` (RePaint, eq. 8–9 of
-    Lugmayr et al.; M37); at t_next = 0 they are x_0 itself, so the result holds the image's known
+    Lugmayr et al.; M34); at t_next = 0 they are x_0 itself, so the result holds the image's known
     pixels exactly.
 
     :param keep: bool, broadcastable to x (e.g. [B, 1, H, W]).
@@ -183,7 +183,7 @@ def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor, ti
     chain `times` (descending, ending at 0: the times the decoder walks down), x_0 → x_{times[0]}.
 
     From t to the next time u > t: x_u = √ᾱ_u x̂_0 + √(1 − ᾱ_u) ε̂ with ε̂ the network's ε at
-    (x_t, u) and x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t (M38): the decoder's step from u back to t, with
+    (x_t, u) and x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t (M36): the decoder's step from u back to t, with
     ε̂ read at x_t instead of the x_u it does not know yet (the approximation every DDIM inversion
     makes; its error falls with the step). x̂_0 is not clipped: clipping is not invertible.
     """
@@ -216,7 +216,7 @@ def invert_sampler(steps: int = SamplerSpec.steps, spacing: str = INVERT_SPACING
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
-    """Spherical interpolation between two latents (the DDIM paper's, § 5.3; M39): sin((1−λ)θ)/sin θ
+    """Spherical interpolation between two latents (the DDIM paper's, § 5.3; M37): sin((1−λ)θ)/sin θ
     · a + sin(λθ)/sin θ · b, θ the angle between them; linear where θ is near 0. One pair: θ is
     taken over the whole tensors (a batch of pairs needs one call each)."""
     cos = torch.sum(a.double() * b.double()) / (a.double().norm() * b.double().norm())

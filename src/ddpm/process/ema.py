@@ -30,13 +30,13 @@ SIGMA_REL_DECIMALS = 3
 
 def ema_decay_at(decay: float, step: int, warmup: bool = False) -> float:
     """The decay of the paper's EMA for the update after `step` earlier updates: `decay`, or with
-    the warm-up many codebases use, min(decay, (1 + step) / (10 + step)) (M30), so that the
+    the warm-up many codebases use, min(decay, (1 + step) / (10 + step)) (M28), so that the
     average of a short run is not dominated by the random initial weights."""
     return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """The relative width of the power-function profile of exponent γ (EDM2 § 3; M32):
+    """The relative width of the power-function profile of exponent γ (EDM2 § 3; M30):
     σ_rel = √((γ + 1) / ((γ + 2)² (γ + 3))), the standard deviation of τ/t under the profile."""
     g = float(gamma)
     return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
@@ -44,7 +44,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent γ ≥ 0 whose profile has relative width σ_rel ∈ (0, 1/√12]: the largest real root
-    of γ³ + 7γ² + (16 − σ⁻²)γ + (12 − σ⁻²) = 0, which is M32 solved for γ."""
+    of γ³ + 7γ² + (16 − σ⁻²)γ + (12 − σ⁻²) = 0, which is M30 solved for γ."""
     s = check_sigma_rel(sigma_rel, "sigma_rel")
     k = s ** -2.0
     roots = np.roots([1.0, 7.0, 16.0 - k, 12.0 - k])
@@ -63,14 +63,14 @@ def check_sigma_rel(value, where: str) -> float:
 
 
 def power_ema_beta(gamma: float, t: int) -> float:
-    """The decay of the power-function EMA at update t ≥ 1 (EDM2 App. C.2; M33): β_t = (1 − 1/t)^(γ+1).
+    """The decay of the power-function EMA at update t ≥ 1 (EDM2 App. C.2; M31): β_t = (1 − 1/t)^(γ+1).
     θ̂_t = β_t θ̂_{t−1} + (1 − β_t) θ_t gives θ_τ the weight (τ^(γ+1) − (τ−1)^(γ+1)) / t^(γ+1): the
     profile integrated over (τ−1, τ]. β_1 = 0, so the initial weights carry no weight."""
     return (1.0 - 1.0 / t) ** (float(gamma) + 1.0)
 
 
 def profile_inner(t_a, gamma_a, t_b, gamma_b) -> np.ndarray:
-    """∫₀^∞ p_a(τ) p_b(τ) dτ for power-function profiles p(τ) = (γ+1) τ^γ / t^(γ+1) on [0, t] (M34):
+    """∫₀^∞ p_a(τ) p_b(τ) dτ for power-function profiles p(τ) = (γ+1) τ^γ / t^(γ+1) on [0, t] (M32):
     (γ_a+1)(γ_b+1) / ((γ_a+γ_b+1) · max(t_a, t_b)) · (min / max)^γ of the profile that ends later.
     Broadcasts over its arguments."""
     t_a, g_a, t_b, g_b = (np.asarray(v, dtype=np.float64) for v in (t_a, gamma_a, t_b, gamma_b))
@@ -89,7 +89,7 @@ def _normal_equations(snapshots: Sequence[tuple[int, float]], t: int, gamma: flo
 
 
 def phema_coefficients(snapshots: Sequence[tuple[int, float]], t: int, gamma: float) -> np.ndarray:
-    """Post-hoc EMA (EDM2 App. C.3; M35): the coefficients x of the snapshots (step t_i, exponent
+    """Post-hoc EMA (EDM2 App. C.3; M33): the coefficients x of the snapshots (step t_i, exponent
     γ_i) whose combination Σ_i x_i p_i is closest, in L², to the profile of exponent `gamma` at
     step `t`: the least-squares solution of A x = b, A_ij = ⟨p_i, p_j⟩, b_i = ⟨p_i, p⟩. The weights
     θ̂ = Σ_i x_i θ̂_i then approximate that profile's average. float64 [len(snapshots)]."""
