@@ -1,8 +1,9 @@
-"""`--dry-run` on train, sample and eval: the plan must be what the command then does, and nothing is written.
+"""`--dry-run` on train, sample, eval, inpaint and img2img: the plan must be what the command then does, and nothing is written.
 
 The plan is checked against what is true outside it: the configuration that training saves, the
-parameters of the model it builds, the size of the data on disk, the checkpoints in the folder and
-the number of images sampling writes."""
+parameters of the model it builds, the size of the data on disk, the checkpoints in the folder, the
+number of images sampling writes and the network evaluations an edit spends (RePaint's and SDEdit's
+counts in closed form)."""
 
 import json
 import re
@@ -90,3 +91,35 @@ def test_eval_dry_run_writes_nothing(tmp_path, run, capsys):
     assert int(re.search(r"Algorithm 2, T = (\d+)", out).group(1)) == \
         json.loads((run / "config.json").read_text())["diffusion"]["T"] == 20
     assert not (run / "eval").exists() and _files(run) == before
+
+
+def test_edit_dry_runs_say_what_the_edits_spend_and_write_nothing(tmp_path, run, capsys):
+    from PIL import Image
+
+    img = tmp_path / "a.png"  # another size than the model's 32x32: brought to it as the edit does
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24), dtype=np.uint8)).save(img)
+    before = _files(run)
+    T = json.loads((run / "config.json").read_text())["diffusion"]["T"]
+    inpaint = ["inpaint", str(img), str(img), "--run", str(run), "--out", str(tmp_path / "in"), "--jumps", "2",
+               "--resample", "3", "--mask", "half", "--no-progress"]
+    img2img = ["img2img", str(img), "--run", str(run), "--out", str(tmp_path / "i2i"), "--strength", "0.5",
+               "--no-progress"]
+    plans = {}
+    for args in (inpaint, img2img):
+        capsys.readouterr()
+        assert main([*args, "--dry-run"]) == 0
+        plans[args[0]] = capsys.readouterr().out
+    assert not (tmp_path / "in").exists() and not (tmp_path / "i2i").exists() and _files(run) == before
+    cost = {k: re.search(r"would edit (\d+) of (\d+) images .*?([\d,]+) network evaluations each", v).groups()
+            for k, v in plans.items()}
+    # RePaint over Algorithm 2's T = 20 steps walks each block of 2 steps above positions 1, 3, …, 17 (9
+    # blocks) 3 times: T + 9·2·(3 − 1) evaluations. SDEdit at strength 0.5 starts Algorithm 2 at t0 = T/2.
+    assert tuple(map(int, cost["inpaint"])) == (2, 2, T + 9 * 2 * (3 - 1)) == (2, 2, 56)
+    assert tuple(map(int, cost["img2img"])) == (1, 1, T // 2) == (1, 1, 10)
+    assert "50.0% of the pixels to inpaint" in plans["inpaint"]  # the "half" mask
+    # what the edits then do: the images written and the evaluations their records count
+    for args, out in ((inpaint, "in"), (img2img, "i2i")):
+        assert main(args) == 0
+        rec = json.loads((tmp_path / out / "edit.json").read_text())
+        assert rec["nfe"] == int(cost[args[0]][2])
+        assert len(list((tmp_path / out).glob("0*.png"))) == int(cost[args[0]][1])

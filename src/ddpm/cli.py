@@ -50,7 +50,7 @@ from .workflows.evaluate import EvalSpec, evaluate_run, fid_ref_run, fid_run
 from .workflows.export import export_run
 from .workflows.experiments import interpolate_run, progressive_run, reconstruct_run, shared_run
 from .workflows.nll import nll_run, rate_distortion_run
-from .workflows.plan import plan_eval, plan_sample, plan_train
+from .workflows.plan import plan_edit, plan_eval, plan_sample, plan_train
 from .workflows.report import write_report
 from .workflows.sample import sample_run
 from .workflows.train import train
@@ -676,11 +676,16 @@ def _inpaint_args(p):
                         f"sampling (default {RePaintSpec.resample}, the paper's; 1: no resampling)")
     _sampler_args(p)
     _class_args(p)
+    _dry_run_arg(p)
 
 
 @command("inpaint", "fill the black region of each image's mask (RePaint, Lugmayr et al. 2022) into a folder like "
                     "ddpm sample's, with compare.png (input, mask, output); run again to resume", _inpaint_args)
 def cmd_inpaint(args):
+    if args.dry_run:
+        _say(*plan_edit(_model_spec(args), EditSet(args.images, args.seed, args.batch), args.out, masks=args.mask,
+                        walk=RePaintSpec(args.jumps, args.resample), sampler=_sampler_spec(args), guidance=_guidance(args)))
+        return
     res = inpaint(_model_spec(args), EditSet(args.images, args.seed, args.batch), args.out, masks=args.mask,
                   walk=RePaintSpec(args.jumps, args.resample), sampler=_sampler_spec(args), guidance=_guidance(args),
                   progress=not args.no_progress)
@@ -695,11 +700,16 @@ def _img2img_args(p):
                         "keeps the image's layout")
     _sampler_args(p)
     _class_args(p)
+    _dry_run_arg(p)
 
 
 @command("img2img", "noise each image to t0 = S·T and bring it back with the sampler (SDEdit, Meng et al. 2022), into "
                     "a folder like ddpm sample's, with compare.png; run again to resume", _img2img_args)
 def cmd_img2img(args):
+    if args.dry_run:
+        _say(*plan_edit(_model_spec(args), EditSet(args.images, args.seed, args.batch), args.out, strength=args.strength,
+                        sampler=_sampler_spec(args), guidance=_guidance(args)))
+        return
     res = img2img(_model_spec(args), EditSet(args.images, args.seed, args.batch), args.out, strength=args.strength,
                   sampler=_sampler_spec(args), guidance=_guidance(args), progress=not args.no_progress)
     _edit_done(res, "edited")

@@ -220,9 +220,16 @@ class EditSet(NamedTuple):
 
 
 def _open(model: ModelSpec, inputs: EditSet, guidance: GuidanceSpec):
-    seed = check_seed(inputs.seed)
     check_count(inputs.batch, "--batch", MAX_BATCH)
+    check_seed(inputs.seed)
     loaded, dist, _ = model.open()
+    return (loaded, dist, *edit_inputs(loaded, inputs, guidance))
+
+
+def edit_inputs(loaded, inputs: EditSet, guidance: GuidanceSpec):
+    """(the images as uint8 [n, C, H, W] at the model's size, their class labels or None, the
+    class record for edit.json, the seed), checked as every edit checks them (the dry run too)."""
+    seed = check_seed(inputs.seed)
     u8 = load_inputs(inputs.paths, loaded.shape)
     K = loaded.run.model.num_classes
     if K and not guidance.classes.given():  # a conditional model edits with no class unless one is chosen
@@ -233,7 +240,21 @@ def _open(model: ModelSpec, inputs: EditSet, guidance: GuidanceSpec):
             raise UserError(f"{n} classes for {len(u8)} images; give --class K for all, or --classes with one per image")
     conditioned(loaded.model, labels, num_classes_of(loaded.model), guidance.weight)  # one line for a bad class choice
     cond = dict(classes=classes, guidance=guidance.weight) if labels is not None else {}
-    return loaded, dist, u8, labels, cond, seed
+    return u8, labels, cond, seed
+
+
+def inpaint_nfe(diffusion: GaussianDiffusion, sampler: SamplerSpec, walk: RePaintSpec) -> int:
+    """Network evaluations per image of `inpaint`: RePaint's walk over the sampler's chain."""
+    times, _ = sampler.chain(diffusion)
+    return repaint_nfe(times, walk.jump, walk.resample)
+
+
+def img2img_nfe(diffusion: GaussianDiffusion, sampler: SamplerSpec, t0: int) -> int:
+    """Network evaluations per image of `img2img` from t0 (`sdedit_time`): the sampler's chain from t0."""
+    if not t0:
+        return 0
+    times, _ = sampler.chain(diffusion)
+    return sampler.nfe(times if t0 == diffusion.num_timesteps else chain_from(times, t0))
 
 
 def _compare(out_dir: Path, columns: Sequence[torch.Tensor]) -> str:
@@ -262,11 +283,10 @@ def inpaint(model: ModelSpec, images, out_dir, *, masks: Sequence[str] = ("cente
     loaded, dist, u8, labels, cond, seed = _open(model, inputs, guidance)
     keep = load_masks(masks, len(u8), loaded.shape[1:], seed)
     x0 = to_model_range(u8)
-    times, _ = sampler.chain(loaded.diffusion)
     meta = dict(edit="inpaint", method="RePaint", inputs=tensor_digest(u8), masks=tensor_digest(keep.to(torch.uint8)),
                 seed=seed, shape=list(loaded.shape), T=loaded.diffusion.num_timesteps, model=loaded.tag,
                 **sampler.record(), jump=walk.jump, resample=walk.resample,
-                nfe=repaint_nfe(times, walk.jump, walk.resample), **cond)
+                nfe=inpaint_nfe(loaded.diffusion, sampler, walk), **cond)
 
     def draw(idx, device, show):
         return inpaint_images(loaded.model, loaded.diffusion, x0[idx].to(device), keep[idx],
@@ -286,12 +306,10 @@ def img2img(model: ModelSpec, images, out_dir, *, strength: float = 0.5, sampler
     inputs = EditSet.of(images)
     loaded, dist, u8, labels, cond, seed = _open(model, inputs, guidance)
     t0 = sdedit_time(loaded.diffusion.num_timesteps, strength)
-    times, _ = sampler.chain(loaded.diffusion)
     x0 = to_model_range(u8)
     meta = dict(edit="img2img", method="SDEdit", inputs=tensor_digest(u8), strength=float(strength), t0=t0, seed=seed,
                 shape=list(loaded.shape), T=loaded.diffusion.num_timesteps, model=loaded.tag, **sampler.record(),
-                nfe=(sampler.nfe(times) if t0 == loaded.diffusion.num_timesteps else sampler.nfe(chain_from(times, t0)))
-                if t0 else 0, **cond)
+                nfe=img2img_nfe(loaded.diffusion, sampler, t0), **cond)
 
     def draw(idx, device, show):
         return img2img_images(loaded.model, loaded.diffusion, x0[idx].to(device), strength,

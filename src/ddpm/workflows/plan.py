@@ -1,4 +1,4 @@
-"""`--dry-run`: what `ddpm train`, `sample` and `eval` would do, found without doing it.
+"""`--dry-run`: what `ddpm train`, `sample`, `eval`, `inpaint` and `img2img` would do, found without doing it.
 
 Each function checks the inputs as the command would (configs, the run, the data), reads what it
 needs (a checkpoint, a data source's listing, a cache's manifest) and writes nothing: no folder is
@@ -18,11 +18,14 @@ from ..io.folders import foreign_entries, usable_folder
 from ..io.prepared import CACHE, MEMORY, STREAM, PreparedSet, is_prepared, placement
 from ..network.fast import describe_precision
 from ..network.unet import summary
+from ..config import MAX_BATCH, check_count
+from ..process.editing import RePaintSpec, sdedit_time
 from ..process.sampling import SamplerSpec
 from ..run.config import RunConfig
 from ..run.folder import is_run_folder
 from ..run.load import ModelSpec, describe_weights, load_run
 from ..run.options import GuidanceSpec
+from .edit import EditSet, edit_inputs, img2img_nfe, inpaint_nfe, load_masks
 from .evaluate import EvalSpec, eval_folder_name
 from .sample import sample_labels
 from .train import resolve_model
@@ -92,7 +95,7 @@ def plan_sample(model: ModelSpec, out_dir, n: Optional[int], sampler: SamplerSpe
     loaded = load_run(model.run, model.weights, "cpu", fast="off")
     labels, n, record = sample_labels(guidance.classes, n, loaded.run.model.num_classes, *loaded.class_info)
     out = usable_folder(out_dir)
-    have = sum(1 for i in range(n) if (out / f"{i:06d}.png").is_file()) if out.is_dir() else 0
+    have = _have(out, n)
     lines = [f"checkpoint: {loaded.checkpoint} ({loaded.weights} weights)", *_model_lines(loaded.run.model),
              "precision: " + describe_precision(model.precision.value, pick_device(model.device.value)),
              f"would draw {n - have} of {n} images ({have} already in {out}) with {sampler.describe(loaded.diffusion)} "
@@ -123,3 +126,42 @@ def plan_eval(model: ModelSpec, spec: EvalSpec = EvalSpec(), out_dir=None, guida
             "FID references: " + "; ".join(refs),
             "bits/dim: " + ("skipped" if bpd_n == 0 else f"the first {bpd_n} test images" if bpd_n else "all test images"),
             f"would write: {out}/eval.json, samples/, nll/"]
+
+
+def _have(out: Path, n: int) -> int:
+    """How many of images 0 … n−1 a results folder already holds (a rerun draws the rest)."""
+    return sum(1 for i in range(n) if (out / f"{i:06d}.png").is_file()) if out.is_dir() else 0
+
+
+def plan_edit(model: ModelSpec, images: EditSet, out_dir, *, masks=None, walk: RePaintSpec = RePaintSpec(),
+              strength: Optional[float] = None, sampler: SamplerSpec = SamplerSpec(),
+              guidance: GuidanceSpec = GuidanceSpec()) -> list[str]:
+    """`ddpm inpaint --dry-run` (with `masks`) and `ddpm img2img --dry-run` (with `strength`): the
+    images and masks read and checked as the command reads them, and the network evaluations it
+    would spend on each image."""
+    check_count(images.batch, "--batch", MAX_BATCH)
+    loaded = load_run(model.run, model.weights, "cpu", fast="off")
+    u8, labels, record, seed = edit_inputs(loaded, images, guidance)
+    n, diffusion = len(u8), loaded.diffusion
+    c, h, w = loaded.shape
+    lines = [f"checkpoint: {loaded.checkpoint} ({describe_weights(loaded.weights)} weights)",
+             *_model_lines(loaded.run.model),
+             "precision: " + describe_precision(model.precision.value, pick_device(model.device.value)),
+             f"inputs: {n} image file{'s' if n != 1 else ''}, each brought to {c}x{h}x{w}"]
+    if masks is not None:
+        keep = load_masks(masks, n, (h, w), seed)
+        lines.append(f"masks: {', '.join(map(str, masks))}; {1 - keep.float().mean().item():.1%} of the pixels to "
+                     f"inpaint")
+        cost = (f"{inpaint_nfe(diffusion, sampler, walk):,} network evaluations each: RePaint (jump {walk.jump}, "
+                f"resample {walk.resample}) over {sampler.describe(diffusion)}")
+    else:
+        t0 = sdedit_time(diffusion.num_timesteps, strength)
+        cost = (f"{img2img_nfe(diffusion, sampler, t0):,} network evaluations each: SDEdit from t0 = {t0} "
+                f"(strength {strength:g}) with {sampler.describe(diffusion)}")
+    if labels is not None:
+        lines.append(f"classes: {record.get('classes')}, guidance {guidance.weight:g}")
+    out = usable_folder(out_dir)
+    have = _have(out, n)
+    lines += [f"would edit {n - have} of {n} images ({have} already in {out}), {cost}",
+              f"would write: {out}/000000.png …, samples.npz, grid.png, edit.json, compare.png"]
+    return lines
