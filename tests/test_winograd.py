@@ -138,6 +138,47 @@ def test_reused_buffers_never_leak_into_returned_results():
     assert rel_err(y_big2, 2 * direct(big, wt, None)) < 1e-12
 
 
+def test_cached_kernels_give_the_same_result_and_follow_their_weights(monkeypatch):
+    # Inside cached_kernels a kernel is transformed once; the result is bit for bit the uncached one,
+    # and a weight changed in place or given new storage is transformed again: the convolution is
+    # linear in its kernel, and scaling by a power of two is exact in floating point.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 12, 12, generator=gen)
+    wt = torch.randn(8, 8, 3, 3, generator=gen)
+    transforms = []
+    real = winograd.transform_kernel
+    monkeypatch.setattr(winograd, "transform_kernel", lambda taps: transforms.append(1) or real(taps))
+    cache = winograd.KernelCache()
+    with torch.no_grad():
+        plain = winograd.conv3x3(x, wt)
+        with winograd.cached_kernels(cache):
+            first, again = winograd.conv3x3(x, wt), winograd.conv3x3(x, wt)
+            assert len(transforms) == 2 and len(cache) == 1  # one for `plain`, one for the cache's entry
+            wt.mul_(2)  # an optimizer's or EMA's step: in place
+            doubled = winograd.conv3x3(x, wt)
+            wt.data = wt.data * 2  # new storage under the same tensor (as `module.to(...)` gives)
+            quadrupled = winograd.conv3x3(x, wt)
+        outside = winograd.conv3x3(x, wt)  # the cache is used only inside the context
+    assert torch.equal(first, plain) and torch.equal(again, plain)
+    assert torch.equal(doubled, 2 * plain) and torch.equal(quadrupled, 4 * plain) and torch.equal(outside, quadrupled)
+    assert len(transforms) == 5
+
+
+def test_a_prepared_model_transforms_its_kernels_once(one_thread, monkeypatch):
+    # Sampling calls the prepared network T times with the same weights: the Winograd kernels are
+    # transformed at the first call only, and every call equals the network without the cache.
+    model = prepare_model(cifar_like(ch_mult=(1,), resolution=16), "cpu", winograd="on")
+    transforms = []
+    real = winograd.transform_kernel
+    monkeypatch.setattr(winograd, "transform_kernel", lambda taps: transforms.append(1) or real(taps))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    outs = [model(x, t) for _ in range(3)]
+    assert len(transforms) == 10  # 5 ResBlocks (1 down, 2 middle, 2 up) of 2 convolutions, once
+    with torch.no_grad():  # the same network called without the prepared model's cache
+        plain = model.model(x.contiguous(memory_format=torch.channels_last), t)
+    assert len(transforms) == 20 and all(torch.equal(o, plain) for o in outs)
+
+
 def test_winograd_switch_resolves_per_device_and_refuses_bad_values():
     assert resolve_switch("winograd", "auto", "cpu") is True
     assert resolve_switch("winograd", "auto", "cuda") is False
@@ -257,3 +298,25 @@ def test_training_with_winograd_resumes_exactly(tmp_path, one_thread, monkeypatc
     (_, a), (_, b) = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
     assert a["step"] == 4
     assert_states_equal(a, b)
+
+
+def test_training_samples_transform_the_emas_kernels_once_a_grid(tmp_path, one_thread, monkeypatch):
+    # The sample grid during training: T network calls with the EMA's weights unchanged, so each
+    # Winograd kernel is transformed once for it (and once each in a step's forward and backward).
+    import numpy as np
+
+    from ddpm.run.config import RunConfig
+    from ddpm.workflows.train import train
+
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).integers(0, 256, (8, 16, 16), dtype=np.uint8))
+    run = RunConfig.from_preset("tiny", data=str(tmp_path / "d.npz"))
+    run = run.replace(model=run.model.replace(ch=128, ch_mult=(1,), attn_resolutions=(), resolution=16),
+                      data=run.data.replace(resolution=16),
+                      diffusion=run.diffusion.replace(T=10),
+                      train=run.train.replace(steps=1, batch_size=2, sample_every=1, sample_n=2, checkpoint_every=1))
+    transforms = []
+    real = winograd.transform_kernel
+    monkeypatch.setattr(winograd, "transform_kernel", lambda taps: transforms.append(1) or real(taps))
+    train(tmp_path / "r", run, progress=False)
+    assert (tmp_path / "r" / "samples" / "step-00000001.png").is_file()
+    assert len(transforms) == 10 * 3  # 5 ResBlocks of 2 convolutions: forward, backward, the grid's T = 10 calls

@@ -13,7 +13,9 @@ with d a 6x6 input tile, g the 3x3 kernel and the standard matrices B^T (6x6), G
 from interpolation points 0, +-1, +-2 and infinity. The backward pass is Winograd as well: the
 input gradient is the same convolution of the output gradient with the flipped, transposed kernel,
 and the kernel gradient is the tile-wise product of the saved transformed input with the
-transformed output gradient. So training gets the same saving as sampling.
+transformed output gradient. So training gets the same saving as sampling. Sampling evaluates
+the same weights T times: a prepared model (fast.py `FastModel`) keeps their transformed kernels
+between calls (`KernelCache`), 4x the weights they come from.
 
 It is exact in real arithmetic; in float32 it rounds differently from a direct convolution (the
 transforms multiply by up to 8 and 1/24): relative errors of about 1e-5 of the output's largest
@@ -38,8 +40,10 @@ BENCHMARKS.md § The CPU's roof).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -311,9 +315,52 @@ def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
             and x.dim() == 4 and min(x.shape[-2:]) >= MIN_SIZE)
 
 
+class KernelCache:
+    """The transformed kernels U = G g G^T of weights that do not change between calls: sampling
+    evaluates the same network a thousand times, and transforming its kernels anew each time costs
+    10% of a 32x32 convolution and 40% of a 16x16 one (BENCHMARKS.md § The CPU's roof). It holds
+    4x the weights it has seen (36 values per 9); an entry is used only while its weight is the same
+    tensor with the same storage and version counter, so a weight changed in place (an optimizer or
+    EMA step, `load_state_dict`) is transformed again. Use it through `cached_kernels`."""
+
+    def __init__(self):
+        self._u: dict[int, tuple] = {}
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        key = id(weight)
+        stamp = (weight.data_ptr(), weight._version, weight.shape, weight.stride())
+        hit = self._u.get(key)
+        if hit is not None and hit[0]() is weight and hit[1] == stamp:
+            return hit[2]
+        u = transform_kernel(kernel_taps(weight, role="taps")).clone()
+        self._u[key] = (weakref.ref(weight), stamp, u)
+        return u
+
+    def __len__(self) -> int:
+        return len(self._u)
+
+
+_cache = threading.local()  # .active: the KernelCache that this thread's inference calls use, if any
+
+
+@contextlib.contextmanager
+def cached_kernels(cache: KernelCache):
+    """Within it, this thread's convolutions without gradients take their transformed kernels from
+    `cache` (the owner of the cache, e.g. a prepared model, keeps it between calls)."""
+    before = getattr(_cache, "active", None)
+    _cache.active = cache
+    try:
+        yield cache
+    finally:
+        _cache.active = before
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for a [C_out, C_in, 3, 3] kernel, by F(4x4, 3x3) Winograd;
-    differentiable in all three. The result is channels_last."""
+    differentiable in all three. The result is channels_last. Without gradients, inside
+    `cached_kernels`, the kernel's transform comes from the cache."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _Winograd3x3.apply(x, weight, bias)
-    return _conv(x, transform_kernel(kernel_taps(weight, role="taps")), bias)[0]
+    cache = getattr(_cache, "active", None)
+    u = cache.get(weight) if cache is not None else transform_kernel(kernel_taps(weight, role="taps"))
+    return _conv(x, u, bias)[0]

@@ -51,6 +51,7 @@ from ..network.memory import set_checkpointing
 from ..network.fast import (autocast, compile_or_eager, describe_precision, match_layout_, resolve_switch, set_winograd,
                             to_channels_last, training_trial)
 from ..network.unet import UNet
+from ..network.winograd import KernelCache, cached_kernels
 from ..process.diffusion import GaussianDiffusion
 from ..process.ema import ema_decay_at
 from ..process.scaling import to_model_range, to_uint8
@@ -354,11 +355,13 @@ def _train(run_dir: Path, run: RunConfig, images: DataSet, progress: bool, dist:
             bar.close()
             raise stop.interrupted(run_dir, done)
         if cfg.sample_every and done % cfg.sample_every == 0 and dist.is_main:
-            grid = write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png", cfg.sample_n,
-                                     cfg.seed, device)
+            with cached_kernels(KernelCache()):  # the EMA's weights hold still for the T steps of its samples
+                grid = write_sample_grid(ema, diffusion, run, run_dir / "samples" / f"step-{done:08d}.png",
+                                         cfg.sample_n, cfg.seed, device)
             logger.log_image(grid, done)
         if fid is not None and done % cfg.fid_every == 0:
-            logger.log(dict(step=done, **fid(ema, diffusion, images.shape)))
+            with cached_kernels(KernelCache()):
+                logger.log(dict(step=done, **fid(ema, diffusion, images.shape)))
     bar.close()
     logger.close()
     if check is not None:
