@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ..config import MAX_BATCH, check_count
 from ..io import checkpoint as ckpt
 from ..io.data import DataConfig, DataSet, load_images
 from ..io.distributed import pick_device
@@ -18,7 +19,6 @@ from ..io.folders import foreign_entries, usable_folder
 from ..io.prepared import CACHE, MEMORY, STREAM, PreparedSet, is_prepared, placement
 from ..network.fast import describe_precision
 from ..network.unet import summary
-from ..config import MAX_BATCH, check_count
 from ..process.editing import RePaintSpec, sdedit_time
 from ..process.sampling import SamplerSpec
 from ..run.config import RunConfig
