@@ -640,6 +640,32 @@ def test_memorization_check_finds_samples_that_copy_training_images():
 
 
 @needs_torch_fidelity
+def test_fid_ref_of_the_first_n_images_is_the_reference_of_those_images(tmp_path, weights, capsys):
+    from ddpm.cli import main
+
+    rng = np.random.default_rng(15)
+    x = rng.integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    np.savez(tmp_path / "all.npz", x_train=x)
+    np.savez(tmp_path / "first3.npz", x_train=x[:3])
+    flags = _flags(weights, 2)
+    for data, n, out in (("all.npz", ["--n", "3"], "sub.npz"), ("first3.npz", [], "own.npz")):
+        assert main(["fid-ref", "--data", str(tmp_path / data), "--out", str(tmp_path / out), *n, *flags]) == 0
+    sub, own = load_stats(tmp_path / "sub.npz"), load_stats(tmp_path / "own.npz")
+    assert sub.n == own.n == 3 and sub.provenance["n_images"] == 3
+    assert sub.provenance["data_sha256"] == own.provenance["data_sha256"]  # the same pixels
+    assert np.allclose(sub.mu, own.mu, rtol=0, atol=1e-12) and np.allclose(sub.sigma, own.sigma, rtol=0, atol=1e-12)
+    assert "images 0..2 of" in sub.provenance["source_description"]
+    # more than the split holds, or none: one line each, and nothing written
+    capsys.readouterr()
+    for bad in ("6", "0"):
+        assert main(["fid-ref", "--data", str(tmp_path / "all.npz"), "--out", str(tmp_path / "bad.npz"), "--n", bad,
+                     *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--n" in err[0], err
+    assert not (tmp_path / "bad.npz").exists()
+
+
+@needs_torch_fidelity
 def test_eval_of_a_few_step_sampler_records_it_says_it_and_reports_it(tmp_path, weights, capsys):
     from ddpm.cli import main
 

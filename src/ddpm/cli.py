@@ -791,6 +791,9 @@ def _fid_ref_args(p):
     p.add_argument("--resolution", default=None, metavar="N|HxW", help="resize as for training (default: the data's own size)")
     p.add_argument("--channels", default="auto", choices=[c.value for c in Channels])
     p.add_argument("--crop", default="center", choices=[c.value for c in Crop], help="as for training")
+    p.add_argument("--n", type=int, default=None, metavar="N",
+                   help="the first N images of the split only (default all; the paper's reference is the 50,000 "
+                        "training images, and FID against fewer is biased upwards)")
     _inception_args(p)
 
 
@@ -799,7 +802,7 @@ def _fid_ref_args(p):
 def cmd_fid_ref(args):
     data = DataConfig(source=args.data, split=args.split, resolution=args.resolution, channels=args.channels,
                       crop=args.crop)
-    p = fid_ref_run(data, args.out, inception=_inception_spec(args), device=args.device,
+    p = fid_ref_run(data, args.out, n=args.n, inception=_inception_spec(args), device=args.device,
                     progress=not args.no_progress).provenance
     is_ = f"the data's own IS {p['is_mean']:.3f} ± {p['is_std']:.3f}" if "is_mean" in p else "no IS (pool-3 weights)"
     _say(f"wrote {args.out}: {p['n_images']} images of {p['source_description']} (sha256 {p['data_sha256'][:12]}…), "

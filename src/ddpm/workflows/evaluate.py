@@ -732,16 +732,29 @@ def _check_batch(batch) -> None:
     check_count(batch, "--inception-batch", MAX_BATCH)
 
 
-def fid_ref_run(data: DataConfig, out, *, inception: InceptionSpec = InceptionSpec(), device: str = "auto",
-                progress: bool = True) -> FIDStats:
+def fid_ref_run(data: DataConfig, out, *, n: Optional[int] = None, inception: InceptionSpec = InceptionSpec(),
+                device: str = "auto", progress: bool = True) -> FIDStats:
     """`ddpm fid-ref`: the FID reference statistics of a data set, written to `out` (.npz), with the
-    Inception `inception`."""
+    Inception `inception`.
+
+    :param n: the first n images of the set only (None: all of them), e.g. a 10,000-image reference
+        for quick FIDs on a CPU; the statistics record which images they are.
+    """
     batch = inception.batch
     # every input is checked before the Inception weights are loaded; an existing file is replaced
     # only if it is reference statistics of ours
+    if n is not None:
+        check_count(n, "--n", MAX_SAMPLES)
     out = claim_file(out, is_stats_file, "reference statistics", "--out", ".npz")
     _check_batch(batch)
     images = open_data(data, progress=progress)
+    if n is not None:
+        if n > len(images):
+            raise UserError(f"--n {n}: the {data.split} split of {data.source} holds {len(images):,} images; give at "
+                            f"most that, or leave --n out for all of them")
+        first = Subset(images, 0, n)
+        first.skipped = images.skipped  # the files the set itself skipped, recorded with the statistics
+        images = first
     dist = dist_init(device)
     net = load_inception(inception.file, expected_sha256=inception.sha256, device=dist.device)
     stats = reference_stats(data, net, batch=batch, dist=dist, progress=progress, images=images)
