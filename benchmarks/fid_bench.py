@@ -148,19 +148,20 @@ def cmd_cifar10(args) -> None:
 
 
 def cmd_speed(args) -> None:
-    from ddpm.io.inception_weights import file_sha256
+    from ddpm.io.inception_weights import OFFICIAL, file_sha256, inception_state
     from ddpm.network.inception import _tf_module, build_network, write_random_weights
 
     device = torch.device(args.device)
     if args.weights == "random":  # the speed does not depend on the values: for machines without the package
         path = write_random_weights(Path(args.work) / "random-inception.pth")
-        ours = load_inception(path, expected_sha256=file_sha256(path), device=device)
+        sha = file_sha256(path)
     else:
-        ours = load_inception(device=device)
+        path, sha = None, OFFICIAL
+    ours = load_inception(path, expected_sha256=sha, device=device)
     # torch-fidelity's own pipeline: its network class, built and fed as its `calculate_metrics`
     # feeds it (uint8 batches into forward, its TF1 resize inside), with the same weights.
     theirs = build_network(logits=ours.has_logits)
-    theirs.load_state_dict(ours.net.state_dict())
+    theirs.load_state_dict(inception_state(path, expected_sha256=sha), strict=ours.has_logits)
     theirs = theirs.to(device).eval()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)

@@ -365,6 +365,27 @@ def test_weights_of_the_wrong_checksum_or_unreadable_give_one_line(tmp_path, cap
 
 
 @needs_torch_fidelity
+def test_the_cpu_network_folds_its_batch_norms_and_computes_the_same_features():
+    # On the CPU each convolution's batch norm is folded into it (and the layout is channels-last):
+    # the same function as the network as built, within float32 rounding, features and logits.
+    from ddpm.network.inception import build_network, make_inception
+
+    torch.manual_seed(0)
+    plain = build_network(logits=True).eval().requires_grad_(False)
+    for m in plain.modules():  # statistics and affine terms unlike the initial ones, as real weights have
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.3, 0.3)
+    fast = make_inception(plain.state_dict(), {}, "cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.net.modules())
+    x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8))
+    with torch.no_grad():
+        want = [o.double().numpy() for o in plain(x)]
+    for got, ref in zip(fast(x), want):
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), np.abs(got - ref).max() / np.abs(ref).max()
+
+
+@needs_torch_fidelity
 def test_weights_of_another_layout_give_one_line(tmp_path, weights):
     from ddpm.io.inception_weights import load_inception
 

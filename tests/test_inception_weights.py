@@ -133,8 +133,11 @@ def test_the_conversion_is_cached_checked_and_redone_when_damaged(real, cache, m
     iw._CACHE.clear()
     direct = iw.load_inception(target)
     assert direct.info["official"] and direct.info["weights_sha256"] == iw.ARCHIVE_SHA256
-    w = dict(direct.net.named_parameters())["Mixed_7c.branch_pool.conv.weight"]
-    assert torch.equal(w, iw.read_torchscript_tensors(ARCHIVE)["net.layers.mixed_10.tower_2_conv.weight"])
+    state, _, _ = iw._read_safetensors(target)  # the file holds the archive's tensors under our names
+    assert torch.equal(state["Mixed_7c.branch_pool.conv.weight"],
+                       iw.read_torchscript_tensors(ARCHIVE)["net.layers.mixed_10.tower_2_conv.weight"])
+    x = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    assert np.array_equal(direct(x)[0], again(x)[0])
 
 
 @needs_package

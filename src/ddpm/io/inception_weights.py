@@ -398,9 +398,47 @@ def load_inception(weights: Union[str, Path, None] = None, *, expected_sha256: O
         content hash); None skips the check (recorded as `verified: false`).
     """
     expected = _expected(expected_sha256)
+    device = torch.device(device)
+    found, sha, official, source, extra, load = _locate(weights, expected)
+    path = found.path
+    key = (sha, str(device))
+    if key not in _CACHE:
+        state = _checked(load(), path)
+        _CACHE.clear()  # one network at a time: ~100 MB each
+        _CACHE[key] = make_inception(state, {}, device).net
+    net = _CACHE[key]
+    logits = len(net.features_list) > 1
+    info = dict(weights_file=str(path), **extra, weights_sha256=sha, official=official, verified=expected is not None,
+                source=source, found_in=found.origin,
+                engine=f"torch-fidelity {torch_fidelity_version()} FeatureExtractorInceptionV3",
+                features="pool3 (2048)", is_logits="logits_unbiased (1008)" if logits else None,
+                resize="TF1 bilinear to 299x299, align_corners=False, no antialiasing")
+    if not official:
+        print(f"warning: Inception weights {path} are not the official 2015-12-05 ones (sha256 {sha[:8]}…): FID and "
+              f"IS measured with them are not comparable with published numbers", file=sys.stderr)
+    return InceptionV3(net, dict(info, has_logits=logits), device)
+
+
+def inception_state(weights: Union[str, Path, None] = None, *, expected_sha256: Optional[str] = OFFICIAL) -> dict:
+    """The weights `load_inception` would use, checked the same way, as the state dict of
+    torch-fidelity's network as built (`network.inception.build_network`): for tools that run that
+    network themselves (benchmarks/fid_bench.py runs torch-fidelity's own pipeline with them)."""
+    found, _, _, _, _, load = _locate(weights, _expected(expected_sha256))
+    return _checked(load(), found.path)
+
+
+def _checked(state: dict, path: Path) -> dict:
+    problem = state_problem(state)
+    if problem:
+        raise UserError(f"{path}: {problem}; {how_to_get()}")
+    return state
+
+
+def _locate(weights, expected):
+    """(the file found, its sha256, whether it is official, its description, extra provenance, a
+    function that reads its state dict), the hash checked against `expected`."""
     found = resolve_weights(weights)
     extra = {}
-    device = torch.device(device)
     path = found.path
     if found.kind == "pth":
         sha = file_sha256(path)
@@ -421,22 +459,4 @@ def load_inception(weights: Union[str, Path, None] = None, *, expected_sha256: O
         sha = ARCHIVE_SHA256 if official else content
         source = f"{path.name} ({config.get('source', 'safetensors')})"
         load = lambda: state  # noqa: E731
-    key = (sha, str(device))
-    if key not in _CACHE:
-        state = load()
-        problem = state_problem(state)
-        if problem:
-            raise UserError(f"{path}: {problem}; {how_to_get()}")
-        _CACHE.clear()  # one network at a time: ~100 MB each
-        _CACHE[key] = make_inception(state, {}, device).net
-    net = _CACHE[key]
-    logits = len(net.features_list) > 1
-    info = dict(weights_file=str(path), **extra, weights_sha256=sha, official=official, verified=expected is not None,
-                source=source, found_in=found.origin,
-                engine=f"torch-fidelity {torch_fidelity_version()} FeatureExtractorInceptionV3",
-                features="pool3 (2048)", is_logits="logits_unbiased (1008)" if logits else None,
-                resize="TF1 bilinear to 299x299, align_corners=False, no antialiasing")
-    if not official:
-        print(f"warning: Inception weights {path} are not the official 2015-12-05 ones (sha256 {sha[:8]}…): FID and "
-              f"IS measured with them are not comparable with published numbers", file=sys.stderr)
-    return InceptionV3(net, dict(info, has_logits=logits), device)
+    return found, sha, official, source, extra, load

@@ -28,6 +28,11 @@ What we write by hand, and why:
   computed and restored afterwards.
 * **Grayscale** images are repeated to 3 channels (what TF-GAN and PIL's `convert("RGB")` do);
   the network only takes RGB.
+* **Speed on the CPU.** Each convolution's batch norm (fixed statistics at evaluation) is folded
+  into the convolution's weights and bias (`torch.nn.utils.fusion.fuse_conv_bn_eval`), and the
+  network runs channels-last, oneDNN's fast layout: 1.6-1.7x the images a second on a 2-core Zen 4
+  (BENCHMARKS.md § FID), features within 3e-7 of the unfolded network's (float32 rounding,
+  tests/test_inception_weights.py). Not done on CUDA, where it has not been measured.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import UserError
 
@@ -285,7 +291,21 @@ def make_inception(state: dict, info: dict, device: Union[str, torch.device] = "
     net = build_network(logits=logits)
     net.load_state_dict(state, strict=logits)  # without logits: every key but fc.* (state_problem checked)
     device = torch.device(device)
-    return InceptionV3(net.to(device).eval().requires_grad_(False), dict(info, has_logits=logits), device)
+    net = net.to(device).eval().requires_grad_(False)
+    if device.type == "cpu":
+        net = fold_batch_norms(net).to(memory_format=torch.channels_last)
+    return InceptionV3(net, dict(info, has_logits=logits), device)
+
+
+def fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` (in eval mode) with every block's convolution and its batch norm (torch-fidelity's
+    BasicConv2d: conv, bn, relu) folded into one convolution, in place: the same function, one pass
+    over memory less per layer."""
+    for m in net.modules():
+        conv, bn = getattr(m, "conv", None), getattr(m, "bn", None)
+        if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+            m.conv, m.bn = fuse_conv_bn_eval(conv, bn), torch.nn.Identity()
+    return net
 
 
 @contextlib.contextmanager
