@@ -18,7 +18,7 @@ from ddpm.io.data import DataConfig, load_images
 from ddpm.process.scaling import to_model_range
 from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.network.fast import (Precision, match_layout_, native_bf16, prepare_model, resolve_precision, resolve_switch,
+from ddpm.network.fast import (Precision, adam, match_layout_, native_bf16, prepare_model, resolve_precision, resolve_switch,
                                to_channels_last)
 from ddpm.workflows.sample import PrefetchNoise
 from ddpm.run.config import TrainConfig
@@ -326,6 +326,28 @@ def test_optimizer_moments_follow_the_parameters_layout_after_a_load():
         assert torch.equal(opt2.state[conv][k], opt.state[conv][k])
 
 
+def test_the_training_optimizer_is_the_papers_adam_in_one_fused_kernel():
+    # Kingma & Ba's Algorithm 1 (bias-corrected moments, β = (0.9, 0.999)) in float64 by hand: the
+    # optimizer training builds follows it to float32 rounding, on channels-last parameters too,
+    # and it is torch's fused kernel, the fast one on a CPU (BENCHMARKS.md § The optimizer).
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(16, 8, 3, 3).to(memory_format=torch.channels_last))
+    grads = [torch.randn(16, 8, 3, 3) * 10.0 ** -k for k in range(4)]
+    lr, eps, (b1, b2) = 2e-4, 1e-8, (0.9, 0.999)
+    opt = adam([p], lr=lr, eps=eps)
+    assert opt.param_groups[0]["fused"] and opt.param_groups[0]["betas"] == (b1, b2)
+    want, m, v = p.detach().double().clone(), 0.0, 0.0
+    for n, g in enumerate(grads, start=1):
+        p.grad = g.to(memory_format=torch.channels_last)
+        opt.step()
+        g = g.double()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        want = (want - lr * (m / (1 - b1 ** n)) / ((v / (1 - b2 ** n)).sqrt() + eps)).float().double()
+    # the parameters are float32: each step's result is rounded to it, as the reference is here
+    ulp = torch.finfo(torch.float32).eps * want.abs()
+    assert ((p.detach().double() - want).abs() <= ulp).all()
+
+
 def test_data_order_on_a_device_is_the_same_order():
     a, b = DataOrder(10, 4, 3), DataOrder(10, 4, 3, device="cpu")
     for s in range(6):
@@ -354,4 +376,5 @@ def test_channels_last_training_resumes_exactly(tmp_path):
     train(tmp_path / "b", cfg(4), progress=False)
     (_, a), (_, b) = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
     assert a["step"] == 4
+    assert a["optimizer"]["param_groups"][0]["fused"] and b["optimizer"]["param_groups"][0]["fused"]
     assert_states_equal(a, b)

@@ -48,7 +48,7 @@ from ..io.prepared import open_data
 from ..io.progress import progress_bar
 from ..io.stopping import handled
 from ..network.memory import set_checkpointing
-from ..network.fast import (autocast, compile_or_eager, describe_precision, match_layout_, resolve_switch, set_winograd,
+from ..network.fast import (adam, autocast, compile_or_eager, describe_precision, match_layout_, resolve_switch, set_winograd,
                             to_channels_last, training_trial)
 from ..network.unet import UNet
 from ..network.winograd import KernelCache, cached_kernels
@@ -453,9 +453,7 @@ def _build(run: RunConfig, device: torch.device, dist: DistInfo):
         _log(f"train.precision={describe_precision(cfg.precision, device)}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # kept apart, never swapped in
     set_checkpointing(model, cfg.checkpointing)  # the training copy only: the EMA never runs a backward
-    # foreach Adam on CPU; fused on CUDA (one kernel for all parameters).
-    opt = torch.optim.Adam(list(model.parameters()), lr=cfg.lr, eps=cfg.adam_eps,
-                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    opt = adam(list(model.parameters()), lr=cfg.lr, eps=cfg.adam_eps)
     return model, ema, opt
 
 
