@@ -20,8 +20,9 @@ Tasks, per implementation:
   bits/dim call it (through ddpm.network.fast.FastModel, so CUDA graphs apply where switched on).
 - fwdbwd: forward + MSE + backward, train mode (dropout on), no optimizer.
 - train: the training step of ddpm.workflows.train: t, ε and flips drawn on the device, q_sample,
-  the network, L_simple, backward, global-norm clipping, Adam (fused on CUDA, foreach on CPU),
-  EMA lerp (foreach). steps/s and images/s.
+  the network, L_simple, backward, global-norm clipping, Adam (ddpm.network.fast.adam: fused, on
+  both sides; --adam foreach for torch's other multi-tensor implementation), EMA lerp (foreach).
+  steps/s and images/s.
 - sample: ancestral steps (Algorithm 2) from t = T down through GaussianDiffusion.reverse_loop;
   the time per step is measured over K steps and images/s at 1000 steps is B / (1000 x step).
   z is drawn on the device (torch.randn), the same for both sides.
@@ -81,7 +82,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from ddpm.process.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
-from ddpm.network.fast import FastModel, autocast, resolve_switch, set_winograd, to_channels_last  # noqa: E402
+from ddpm.network.fast import FastModel, adam, autocast, resolve_switch, set_winograd, to_channels_last  # noqa: E402
 from ddpm.network.unet import UNet, forward_flops  # noqa: E402
 from ddpm.run.config import RunConfig  # noqa: E402
 
@@ -292,8 +293,8 @@ class Workload:
         net, call = self.train_model(impl)
         params = list(net.parameters())
         ema = [p.detach().clone() for p in params]
-        cuda = self.device.type == "cuda"
-        opt = torch.optim.Adam(params, lr=2e-4, **({"fused": True} if cuda else {"foreach": True}))
+        opt = (adam(params, lr=2e-4, eps=1e-8) if self.args.adam == "fused" else
+               torch.optim.Adam(params, lr=2e-4, eps=1e-8, foreach=True))
         gen = torch.Generator(self.device).manual_seed(0)
         B, T, diffusion, data, dev = self.args.batch, self.diffusion.num_timesteps, self.diffusion, self.data, self.device
         precision = self.precision(impl)
@@ -447,6 +448,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation, graph capture, autotuning)")
     p.add_argument("--min-rep-s", type=float, default=1.0, help="CUDA: calls per repetition so that one lasts about this long")
     p.add_argument("--sample-steps", type=int, default=None, help="reverse steps timed per call of 'sample' (default 2 CPU, 50 CUDA)")
+    p.add_argument("--adam", default="fused", choices=("fused", "foreach"),
+                   help="the train task's Adam, for both sides (default fused, what ddpm's training uses)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
     p.add_argument("--profile", action="store_true", help="also profile one call of each (top ops, shares by category)")
@@ -560,7 +563,8 @@ def run_separately(args, impls: list[str], argv) -> int:
     way, nothing of one implementation (its heap, its caches) is left in the process the other runs in."""
     child = ["--device", args.device, "--preset", args.preset, "--batch", str(args.batch), "--precision", args.precision,
              "--tasks", args.tasks, "--reps", str(args.reps), "--warmup", str(args.warmup), "--min-rep-s", str(args.min_rep_s),
-             "--sample-steps", str(args.sample_steps), f"--omp-wait-policy={args.omp_wait_policy}", "--seed", str(args.seed)]
+             "--sample-steps", str(args.sample_steps), f"--omp-wait-policy={args.omp_wait_policy}", "--seed", str(args.seed),
+             "--adam", args.adam]
     child += (["--threads", str(args.threads)] if args.threads else []) + ([] if args.memory else ["--no-memory"])
     child += ["--profile"] if args.profile else []
     started = datetime.datetime.now(datetime.timezone.utc)
