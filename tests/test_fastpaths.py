@@ -354,13 +354,17 @@ def test_data_order_on_a_device_is_the_same_order():
         assert torch.equal(a.indices(s), b.indices(s))
 
 
-def test_channels_last_training_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("saved_by", ["fused", "foreach"])
+def test_channels_last_training_resumes_exactly(tmp_path, monkeypatch, saved_by):
     # train.py with channels_last on (the optimizer's moments are restored contiguous from the
     # checkpoint, then given the parameters' layout): 2 + 2 steps equal 4 uninterrupted, bit for bit.
+    # "foreach": the run began before training's Adam was fused; resumed now, it keeps the optimizer
+    # its checkpoint holds, so it still equals its uninterrupted self.
     import numpy as np
 
     from ddpm.io.checkpoint import latest_checkpoint
     from ddpm.run.config import RunConfig
+    from ddpm.workflows import train as train_module
     from ddpm.workflows.train import train
 
     rng = np.random.default_rng(0)
@@ -371,10 +375,13 @@ def test_channels_last_training_resumes_exactly(tmp_path):
     def cfg(steps):
         return run.replace(train=run.train.replace(steps=steps, checkpoint_every=2, channels_last="on", compile="off"))
 
-    train(tmp_path / "a", cfg(4), progress=False)
-    train(tmp_path / "b", cfg(2), progress=False)
+    with monkeypatch.context() as m:
+        if saved_by == "foreach":
+            m.setattr(train_module, "adam", lambda params, lr, eps: torch.optim.Adam(params, lr=lr, eps=eps, foreach=True))
+        train(tmp_path / "a", cfg(4), progress=False)
+        train(tmp_path / "b", cfg(2), progress=False)
     train(tmp_path / "b", cfg(4), progress=False)
     (_, a), (_, b) = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
     assert a["step"] == 4
-    assert a["optimizer"]["param_groups"][0]["fused"] and b["optimizer"]["param_groups"][0]["fused"]
+    assert [bool(c["optimizer"]["param_groups"][0]["fused"]) for c in (a, b)] == [saved_by == "fused"] * 2
     assert_states_equal(a, b)
